@@ -1,0 +1,33 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each creates .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PROTO_DIR := protos
+PROTOS := $(wildcard $(PROTO_DIR)/yolostream/v1/*.proto)
+
+.PHONY: venv test demo bench protos clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[server,dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) -m yolostream.server.demo
+
+bench: $(STAMP)
+	$(PY) -m yolostream.server.bench
+
+# Regenerate the committed stubs from the proto (tests fail when they are stale).
+protos: $(STAMP)
+	$(PY) -m yolostream.v1.regenerate
+
+clean:
+	rm -rf $(VENV) build dist .pytest_cache

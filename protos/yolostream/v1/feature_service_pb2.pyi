@@ -1,0 +1,294 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Dtype(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[Dtype]
+    DTYPE_FLOAT32: _ClassVar[Dtype]
+    DTYPE_FLOAT16: _ClassVar[Dtype]
+    DTYPE_BFLOAT16: _ClassVar[Dtype]
+
+class Pooling(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    POOLING_UNSPECIFIED: _ClassVar[Pooling]
+    POOLING_NONE: _ClassVar[Pooling]
+    POOLING_GLOBAL_AVG: _ClassVar[Pooling]
+    POOLING_GLOBAL_MAX: _ClassVar[Pooling]
+
+class LetterboxPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LETTERBOX_POLICY_UNSPECIFIED: _ClassVar[LetterboxPolicy]
+    LETTERBOX_POLICY_AUTO: _ClassVar[LetterboxPolicy]
+    LETTERBOX_POLICY_SQUARE: _ClassVar[LetterboxPolicy]
+
+class PixelFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PIXEL_FORMAT_UNSPECIFIED: _ClassVar[PixelFormat]
+    PIXEL_FORMAT_BGR: _ClassVar[PixelFormat]
+    PIXEL_FORMAT_RGB: _ClassVar[PixelFormat]
+    PIXEL_FORMAT_GRAY: _ClassVar[PixelFormat]
+
+class FrameStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FRAME_STATUS_UNSPECIFIED: _ClassVar[FrameStatus]
+    FRAME_STATUS_OK: _ClassVar[FrameStatus]
+    FRAME_STATUS_ERROR: _ClassVar[FrameStatus]
+    FRAME_STATUS_DROPPED: _ClassVar[FrameStatus]
+
+class LayerRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LAYER_ROLE_UNSPECIFIED: _ClassVar[LayerRole]
+    LAYER_ROLE_BACKBONE: _ClassVar[LayerRole]
+    LAYER_ROLE_NECK: _ClassVar[LayerRole]
+    LAYER_ROLE_DETECT: _ClassVar[LayerRole]
+DTYPE_UNSPECIFIED: Dtype
+DTYPE_FLOAT32: Dtype
+DTYPE_FLOAT16: Dtype
+DTYPE_BFLOAT16: Dtype
+POOLING_UNSPECIFIED: Pooling
+POOLING_NONE: Pooling
+POOLING_GLOBAL_AVG: Pooling
+POOLING_GLOBAL_MAX: Pooling
+LETTERBOX_POLICY_UNSPECIFIED: LetterboxPolicy
+LETTERBOX_POLICY_AUTO: LetterboxPolicy
+LETTERBOX_POLICY_SQUARE: LetterboxPolicy
+PIXEL_FORMAT_UNSPECIFIED: PixelFormat
+PIXEL_FORMAT_BGR: PixelFormat
+PIXEL_FORMAT_RGB: PixelFormat
+PIXEL_FORMAT_GRAY: PixelFormat
+FRAME_STATUS_UNSPECIFIED: FrameStatus
+FRAME_STATUS_OK: FrameStatus
+FRAME_STATUS_ERROR: FrameStatus
+FRAME_STATUS_DROPPED: FrameStatus
+LAYER_ROLE_UNSPECIFIED: LayerRole
+LAYER_ROLE_BACKBONE: LayerRole
+LAYER_ROLE_NECK: LayerRole
+LAYER_ROLE_DETECT: LayerRole
+
+class FeatureOptions(_message.Message):
+    __slots__ = ("layers", "dtype", "pooling", "letterbox", "imgsz")
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    POOLING_FIELD_NUMBER: _ClassVar[int]
+    LETTERBOX_FIELD_NUMBER: _ClassVar[int]
+    IMGSZ_FIELD_NUMBER: _ClassVar[int]
+    layers: _containers.RepeatedScalarFieldContainer[str]
+    dtype: Dtype
+    pooling: Pooling
+    letterbox: LetterboxPolicy
+    imgsz: int
+    def __init__(self, layers: _Optional[_Iterable[str]] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., letterbox: _Optional[_Union[LetterboxPolicy, str]] = ..., imgsz: _Optional[int] = ...) -> None: ...
+
+class StreamConfig(_message.Message):
+    __slots__ = ("options", "max_in_flight", "realtime")
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    REALTIME_FIELD_NUMBER: _ClassVar[int]
+    options: FeatureOptions
+    max_in_flight: int
+    realtime: bool
+    def __init__(self, options: _Optional[_Union[FeatureOptions, _Mapping]] = ..., max_in_flight: _Optional[int] = ..., realtime: _Optional[bool] = ...) -> None: ...
+
+class StreamRequest(_message.Message):
+    __slots__ = ("config", "frame")
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    FRAME_FIELD_NUMBER: _ClassVar[int]
+    config: StreamConfig
+    frame: Frame
+    def __init__(self, config: _Optional[_Union[StreamConfig, _Mapping]] = ..., frame: _Optional[_Union[Frame, _Mapping]] = ...) -> None: ...
+
+class StreamResponse(_message.Message):
+    __slots__ = ("result",)
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    result: FrameResult
+    def __init__(self, result: _Optional[_Union[FrameResult, _Mapping]] = ...) -> None: ...
+
+class ExtractRequest(_message.Message):
+    __slots__ = ("options", "frame")
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    FRAME_FIELD_NUMBER: _ClassVar[int]
+    options: FeatureOptions
+    frame: Frame
+    def __init__(self, options: _Optional[_Union[FeatureOptions, _Mapping]] = ..., frame: _Optional[_Union[Frame, _Mapping]] = ...) -> None: ...
+
+class GetModelInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Frame(_message.Message):
+    __slots__ = ("frame_id", "capture_timestamp_us", "encoded", "raw")
+    FRAME_ID_FIELD_NUMBER: _ClassVar[int]
+    CAPTURE_TIMESTAMP_US_FIELD_NUMBER: _ClassVar[int]
+    ENCODED_FIELD_NUMBER: _ClassVar[int]
+    RAW_FIELD_NUMBER: _ClassVar[int]
+    frame_id: int
+    capture_timestamp_us: int
+    encoded: bytes
+    raw: RawImage
+    def __init__(self, frame_id: _Optional[int] = ..., capture_timestamp_us: _Optional[int] = ..., encoded: _Optional[bytes] = ..., raw: _Optional[_Union[RawImage, _Mapping]] = ...) -> None: ...
+
+class RawImage(_message.Message):
+    __slots__ = ("data", "height", "width", "channels", "format")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    height: int
+    width: int
+    channels: int
+    format: PixelFormat
+    def __init__(self, data: _Optional[bytes] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ..., format: _Optional[_Union[PixelFormat, str]] = ...) -> None: ...
+
+class Tensor(_message.Message):
+    __slots__ = ("name", "layer_index", "stride", "dtype", "shape", "data")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LAYER_INDEX_FIELD_NUMBER: _ClassVar[int]
+    STRIDE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    layer_index: int
+    stride: int
+    dtype: Dtype
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, name: _Optional[str] = ..., layer_index: _Optional[int] = ..., stride: _Optional[int] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class LetterboxInfo(_message.Message):
+    __slots__ = ("original_height", "original_width", "input_height", "input_width", "resized_height", "resized_width", "ratio_w", "ratio_h", "pad_left", "pad_top", "pad_right", "pad_bottom")
+    ORIGINAL_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    ORIGINAL_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    INPUT_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    INPUT_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    RESIZED_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    RESIZED_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    RATIO_W_FIELD_NUMBER: _ClassVar[int]
+    RATIO_H_FIELD_NUMBER: _ClassVar[int]
+    PAD_LEFT_FIELD_NUMBER: _ClassVar[int]
+    PAD_TOP_FIELD_NUMBER: _ClassVar[int]
+    PAD_RIGHT_FIELD_NUMBER: _ClassVar[int]
+    PAD_BOTTOM_FIELD_NUMBER: _ClassVar[int]
+    original_height: int
+    original_width: int
+    input_height: int
+    input_width: int
+    resized_height: int
+    resized_width: int
+    ratio_w: float
+    ratio_h: float
+    pad_left: int
+    pad_top: int
+    pad_right: int
+    pad_bottom: int
+    def __init__(self, original_height: _Optional[int] = ..., original_width: _Optional[int] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., resized_height: _Optional[int] = ..., resized_width: _Optional[int] = ..., ratio_w: _Optional[float] = ..., ratio_h: _Optional[float] = ..., pad_left: _Optional[int] = ..., pad_top: _Optional[int] = ..., pad_right: _Optional[int] = ..., pad_bottom: _Optional[int] = ...) -> None: ...
+
+class Timings(_message.Message):
+    __slots__ = ("queued_us", "preprocess_us", "compute_us", "encode_us")
+    QUEUED_US_FIELD_NUMBER: _ClassVar[int]
+    PREPROCESS_US_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_US_FIELD_NUMBER: _ClassVar[int]
+    ENCODE_US_FIELD_NUMBER: _ClassVar[int]
+    queued_us: int
+    preprocess_us: int
+    compute_us: int
+    encode_us: int
+    def __init__(self, queued_us: _Optional[int] = ..., preprocess_us: _Optional[int] = ..., compute_us: _Optional[int] = ..., encode_us: _Optional[int] = ...) -> None: ...
+
+class FrameResult(_message.Message):
+    __slots__ = ("frame_id", "capture_timestamp_us", "status", "error_message", "letterbox", "tensors", "timings", "batch_size")
+    FRAME_ID_FIELD_NUMBER: _ClassVar[int]
+    CAPTURE_TIMESTAMP_US_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    LETTERBOX_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    frame_id: int
+    capture_timestamp_us: int
+    status: FrameStatus
+    error_message: str
+    letterbox: LetterboxInfo
+    tensors: _containers.RepeatedCompositeFieldContainer[Tensor]
+    timings: Timings
+    batch_size: int
+    def __init__(self, frame_id: _Optional[int] = ..., capture_timestamp_us: _Optional[int] = ..., status: _Optional[_Union[FrameStatus, str]] = ..., error_message: _Optional[str] = ..., letterbox: _Optional[_Union[LetterboxInfo, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., batch_size: _Optional[int] = ...) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("model_name", "source", "random_weights", "device", "dtype", "default_letterbox", "default_imgsz", "stride", "layers", "batching", "limits")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    RANDOM_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_LETTERBOX_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_IMGSZ_FIELD_NUMBER: _ClassVar[int]
+    STRIDE_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    BATCHING_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    source: str
+    random_weights: bool
+    device: str
+    dtype: str
+    default_letterbox: LetterboxPolicy
+    default_imgsz: int
+    stride: int
+    layers: _containers.RepeatedCompositeFieldContainer[LayerInfo]
+    batching: BatchingInfo
+    limits: Limits
+    def __init__(self, model_name: _Optional[str] = ..., source: _Optional[str] = ..., random_weights: _Optional[bool] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., default_letterbox: _Optional[_Union[LetterboxPolicy, str]] = ..., default_imgsz: _Optional[int] = ..., stride: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., batching: _Optional[_Union[BatchingInfo, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...
+
+class LayerInfo(_message.Message):
+    __slots__ = ("index", "type", "inputs", "params", "role", "out_channels", "stride", "output_shape", "aliases")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    OUT_CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    STRIDE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    ALIASES_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    type: str
+    inputs: _containers.RepeatedScalarFieldContainer[int]
+    params: int
+    role: LayerRole
+    out_channels: int
+    stride: int
+    output_shape: _containers.RepeatedScalarFieldContainer[int]
+    aliases: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, index: _Optional[int] = ..., type: _Optional[str] = ..., inputs: _Optional[_Iterable[int]] = ..., params: _Optional[int] = ..., role: _Optional[_Union[LayerRole, str]] = ..., out_channels: _Optional[int] = ..., stride: _Optional[int] = ..., output_shape: _Optional[_Iterable[int]] = ..., aliases: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class BatchingInfo(_message.Message):
+    __slots__ = ("max_batch", "max_delay_ms", "max_in_flight", "queue_capacity")
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    MAX_DELAY_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    max_batch: int
+    max_delay_ms: float
+    max_in_flight: int
+    queue_capacity: int
+    def __init__(self, max_batch: _Optional[int] = ..., max_delay_ms: _Optional[float] = ..., max_in_flight: _Optional[int] = ..., queue_capacity: _Optional[int] = ...) -> None: ...
+
+class Limits(_message.Message):
+    __slots__ = ("max_pixels", "max_frame_bytes", "max_message_bytes")
+    MAX_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_FRAME_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    max_pixels: int
+    max_frame_bytes: int
+    max_message_bytes: int
+    def __init__(self, max_pixels: _Optional[int] = ..., max_frame_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...

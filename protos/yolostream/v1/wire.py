@@ -1,0 +1,164 @@
+"""numpy <-> wire helpers shared by server and client (numpy and the generated messages only).
+
+Tensors travel as raw little-endian C-order bytes. Encoding costs one ``tobytes`` copy when the array
+already has the wire dtype; decoding float32/float16 is a zero-copy ``np.frombuffer`` view.
+
+bfloat16 has no numpy dtype. On the wire it is the upper 16 bits of the float32 bit pattern: encoding
+rounds a float32 to nearest, ties to even (any NaN becomes the quiet NaN 0x7FC0); decoding
+shifts the 16 bits back into the top of a float32, which is exact, so bfloat16 arrays decode to float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from yolostream.v1 import feature_service_pb2 as pb
+
+#: Wire dtypes that map one-to-one onto a numpy dtype (always little-endian).
+_NUMPY_DTYPES: dict[int, np.dtype] = {
+    pb.DTYPE_FLOAT32: np.dtype("<f4"),
+    pb.DTYPE_FLOAT16: np.dtype("<f2"),
+}
+
+#: Bytes per element of each wire dtype.
+ITEMSIZE: dict[int, int] = {pb.DTYPE_FLOAT32: 4, pb.DTYPE_FLOAT16: 2, pb.DTYPE_BFLOAT16: 2}
+
+#: Names used in configs, CLIs and ``ModelInfo.dtype``.
+DTYPE_NAMES: dict[str, int] = {
+    "float32": pb.DTYPE_FLOAT32,
+    "float16": pb.DTYPE_FLOAT16,
+    "bfloat16": pb.DTYPE_BFLOAT16,
+}
+
+_BF16_STORAGE = np.dtype("<u2")
+_BF16_QUIET_NAN = np.uint16(0x7FC0)
+
+#: Field names of ``LetterboxInfo``; the dict form used by the helpers below has exactly these keys.
+LETTERBOX_FIELDS: tuple[str, ...] = tuple(f.name for f in pb.LetterboxInfo.DESCRIPTOR.fields)
+
+
+def _check_dtype(dtype: int) -> int:
+    if dtype not in ITEMSIZE:
+        name = pb.Dtype.Name(dtype) if dtype in pb.Dtype.values() else repr(dtype)
+        raise ValueError(f"unsupported tensor dtype {name}")
+    return dtype
+
+
+def dtype_name(dtype: int) -> str:
+    """The name of a wire dtype, e.g. ``"float16"``."""
+    _check_dtype(dtype)
+    return next(name for name, value in DTYPE_NAMES.items() if value == dtype)
+
+
+def dtype_from_name(name: str) -> int:
+    """The wire dtype for ``"float32"``, ``"float16"`` or ``"bfloat16"``."""
+    try:
+        return DTYPE_NAMES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPE_NAMES)}") from None
+
+
+def dtype_to_numpy(dtype: int) -> np.dtype:
+    """The numpy dtype :func:`tensor_from_proto` returns for a wire dtype (float32 for bfloat16)."""
+    _check_dtype(dtype)
+    return _NUMPY_DTYPES.get(dtype, np.dtype("<f4"))
+
+
+def dtype_from_numpy(dtype: Any) -> int:
+    """The wire dtype holding a numpy float32 or float16 array as is (byte order aside)."""
+    dt = np.dtype(dtype)
+    for wire, np_dtype in _NUMPY_DTYPES.items():
+        if dt.kind == np_dtype.kind and dt.itemsize == np_dtype.itemsize:
+            return wire
+    raise ValueError(f"no wire dtype for numpy {dt}; pass float32 or float16, or an explicit dtype")
+
+
+def float32_to_bfloat16_bits(array: Any) -> np.ndarray:
+    """bfloat16 bit patterns (little-endian uint16) of ``array`` cast to float32, rounded to nearest even."""
+    f32 = np.asarray(array, dtype=np.float32)
+    bits = f32.reshape(-1).view(np.uint32)  # 1-d so the uint32 arithmetic wraps quietly, never as scalars
+    # Adding 0x7FFF plus the lowest kept bit rounds to nearest with ties to even; finite values too large
+    # for bfloat16 correctly become infinity. NaNs are set apart so the carry cannot turn them into inf.
+    rounded = ((bits + (np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1)))) >> 16).astype(_BF16_STORAGE)
+    rounded[np.isnan(f32.reshape(-1))] = _BF16_QUIET_NAN
+    return rounded.reshape(f32.shape)
+
+
+def bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    """float32 values of bfloat16 bit patterns (exact)."""
+    return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32)
+
+
+def tensor_to_proto(
+    name: str,
+    layer_index: int,
+    stride: int,
+    array: np.ndarray,
+    dtype: int | None = None,
+) -> pb.Tensor:
+    """Build a Tensor message holding ``array`` in wire dtype ``dtype`` (inferred when None).
+
+    An array already in the wire dtype (any byte order, any strides) costs a single ``tobytes`` copy;
+    anything else is converted first. For DTYPE_BFLOAT16, a uint16/int16 array is taken as ready bit
+    patterns (e.g. a torch bfloat16 tensor viewed as int16), and floats are rounded to nearest even.
+    """
+    arr = np.asarray(array)
+    if arr.dtype.kind not in "fiub":
+        raise ValueError(f"cannot send an array of dtype {arr.dtype} as a tensor")
+    if dtype is None or dtype == pb.DTYPE_UNSPECIFIED:
+        dtype = dtype_from_numpy(arr.dtype)
+    _check_dtype(dtype)
+    if dtype == pb.DTYPE_BFLOAT16:
+        if arr.dtype.kind in "iu" and arr.dtype.itemsize == 2:
+            wire = arr.astype(_BF16_STORAGE, copy=False)
+        else:
+            wire = float32_to_bfloat16_bits(arr)
+    else:
+        wire = arr.astype(_NUMPY_DTYPES[dtype], copy=False)
+    return pb.Tensor(
+        name=name,
+        layer_index=layer_index,
+        stride=stride,
+        dtype=dtype,
+        shape=arr.shape,
+        data=wire.tobytes(order="C"),
+    )
+
+
+def tensor_from_proto(tensor: pb.Tensor) -> np.ndarray:
+    """The array held by a Tensor message.
+
+    float32/float16 come back as a read-only ``np.frombuffer`` view of the message's bytes (no copy;
+    call ``.copy()`` to write to it); bfloat16 comes back as a new float32 array.
+    """
+    dtype = _check_dtype(tensor.dtype)
+    shape = tuple(tensor.shape)
+    if any(d < 0 for d in shape):
+        raise ValueError(f"tensor {tensor.name!r} has a negative dimension in shape {shape}")
+    data = tensor.data
+    expected = int(np.prod(shape, dtype=np.int64)) * ITEMSIZE[dtype]
+    if len(data) != expected:
+        raise ValueError(
+            f"tensor {tensor.name!r}: {len(data)} data bytes, but shape {shape} of "
+            f"{dtype_name(dtype)} needs {expected}"
+        )
+    if dtype == pb.DTYPE_BFLOAT16:
+        return bfloat16_bits_to_float32(np.frombuffer(data, dtype=_BF16_STORAGE)).reshape(shape)
+    return np.frombuffer(data, dtype=_NUMPY_DTYPES[dtype]).reshape(shape)
+
+
+def letterbox_to_proto(info: Mapping[str, Any]) -> pb.LetterboxInfo:
+    """A LetterboxInfo from a dict with exactly the message's field names (see LETTERBOX_FIELDS)."""
+    missing = set(LETTERBOX_FIELDS) - set(info)
+    unknown = set(info) - set(LETTERBOX_FIELDS)
+    if missing or unknown:
+        raise ValueError(f"letterbox dict: missing {sorted(missing)}, unknown {sorted(unknown)}")
+    return pb.LetterboxInfo(**{k: info[k] for k in LETTERBOX_FIELDS})
+
+
+def letterbox_from_proto(msg: pb.LetterboxInfo) -> dict[str, Any]:
+    """The dict form of a LetterboxInfo (ints for sizes and pads, floats for the ratios)."""
+    return {k: getattr(msg, k) for k in LETTERBOX_FIELDS}

@@ -1,0 +1,1 @@
+"""yolostream server: model, engine, batcher and gRPC service."""

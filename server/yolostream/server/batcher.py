@@ -1,0 +1,256 @@
+"""Micro-batching across every connected stream: one worker per device, a bounded queue, greedy batches.
+
+The worker takes whatever is queued when it frees up (up to ``max_batch``), optionally waiting ``max_delay_ms``
+for more. A batch holds frames of one input shape only (letterboxed frames of different aspect ratios cannot be
+stacked) and runs to the deepest layer any of its frames asked for; each frame gets back only its own layers,
+pooled and cast as its stream asked. The module knows nothing of torch or gRPC: it drives an engine through
+``forward`` and ``fetch`` and hands results to asyncio futures, so it can be tested with a stand-in engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+#: A fetched output: (layer index, pooling, dtype name).
+OutputKey = tuple[int, str, str]
+
+
+class BatchEngine(Protocol):
+    """What the batcher needs from an engine."""
+
+    def forward(self, batch: np.ndarray, indices: Sequence[int]) -> Any: ...
+
+    def fetch(self, outputs: Any, keys: Sequence[OutputKey]) -> dict[OutputKey, np.ndarray]: ...
+
+
+@dataclass(frozen=True)
+class BatcherConfig:
+    """Scheduling knobs; ``for_device`` gives defaults that suit a GPU or a CPU."""
+
+    max_batch: int = 8
+    max_delay_ms: float = 0.0
+    queue_capacity: int = 256
+
+    @staticmethod
+    def for_device(device_type: str) -> "BatcherConfig":
+        if device_type == "cuda":
+            return BatcherConfig(max_batch=32, max_delay_ms=2.0, queue_capacity=512)
+        return BatcherConfig(max_batch=8, max_delay_ms=0.0, queue_capacity=128)
+
+    def validated(self) -> "BatcherConfig":
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {self.max_batch}")
+        if self.max_delay_ms < 0:
+            raise ValueError(f"max_delay_ms must be non-negative, got {self.max_delay_ms}")
+        if self.queue_capacity < self.max_batch:
+            raise ValueError(f"queue_capacity ({self.queue_capacity}) must be at least max_batch ({self.max_batch})")
+        return self
+
+
+@dataclass(eq=False)
+class WorkItem:
+    """One preprocessed frame waiting for the device (compared by identity)."""
+
+    image: np.ndarray
+    outputs: tuple[OutputKey, ...]
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class BatchResult:
+    """One frame's outputs, in the order its ``outputs`` were requested, plus how it was computed."""
+
+    arrays: list[np.ndarray]
+    batch_size: int
+    queued_us: int
+    compute_us: int
+    fetch_us: int
+
+
+class ServerBusy(RuntimeError):
+    """The batcher is draining or stopped and takes no new work."""
+
+
+class MicroBatcher:
+    """Owns the device worker thread; ``submit`` is awaited from the event loop."""
+
+    def __init__(self, engine: BatchEngine, config: BatcherConfig | None = None) -> None:
+        self.engine = engine
+        self.config = (config or BatcherConfig()).validated()
+        self._queue: deque[WorkItem] = deque()
+        self._cond = threading.Condition()
+        self._accepting = True
+        self._stop = False
+        self._busy = False
+        self._space_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
+        self.batches_run = 0
+        self.frames_run = 0
+        self._thread = threading.Thread(target=self._work, name="yolostream-device", daemon=True)
+        self._thread.start()
+
+    @property
+    def queued(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    async def submit(self, image: np.ndarray, outputs: Sequence[OutputKey]) -> BatchResult:
+        """Queue one frame and wait for its outputs. Waits while the shared queue is full (back-pressure)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+        item = WorkItem(image, tuple(outputs), future, loop)
+        while True:
+            with self._cond:
+                if not self._accepting:
+                    raise ServerBusy("server is shutting down")
+                if len(self._queue) < self.config.queue_capacity:
+                    self._queue.append(item)
+                    self._cond.notify_all()
+                    break
+                space: asyncio.Future = loop.create_future()
+                self._space_waiters.append((loop, space))
+            await space
+        try:
+            return await future
+        except asyncio.CancelledError:
+            with self._cond:
+                if item in self._queue:
+                    self._queue.remove(item)
+                    self._wake_submitters()
+            raise
+
+    def close(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop accepting work; with ``drain`` finish what is queued first. Blocks until the worker exits."""
+        with self._cond:
+            self._accepting = False
+            self._wake_submitters()
+            if not drain:
+                for item in self._queue:
+                    item.loop.call_soon_threadsafe(_fail, item.future, ServerBusy("server stopped"))
+                self._queue.clear()
+            self._stop = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    def stop_accepting(self) -> None:
+        with self._cond:
+            self._accepting = False
+            self._wake_submitters()
+
+    def idle(self) -> bool:
+        with self._cond:
+            return not self._queue and not self._busy
+
+    def _work(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            try:
+                self._run(batch)
+            except BaseException as err:  # a failed batch fails its frames, never the worker
+                log.exception("batch of %d failed", len(batch))
+                for item in batch:
+                    item.loop.call_soon_threadsafe(_fail, item.future, err)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _take(self) -> list[WorkItem] | None:
+        cfg = self.config
+        with self._cond:
+            while True:
+                self._discard_cancelled()
+                if self._queue:
+                    break
+                if self._stop:
+                    return None
+                self._cond.wait()
+            shape = self._queue[0].image.shape
+            if cfg.max_delay_ms > 0 and not self._stop:
+                deadline = time.perf_counter() + cfg.max_delay_ms / 1000
+                while self._count(shape) < cfg.max_batch and not self._stop:
+                    left = deadline - time.perf_counter()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                self._discard_cancelled()
+                if not self._queue:
+                    return []
+                shape = self._queue[0].image.shape
+            batch, rest = [], deque()
+            while self._queue:
+                item = self._queue.popleft()
+                if len(batch) < cfg.max_batch and item.image.shape == shape:
+                    batch.append(item)
+                else:
+                    rest.append(item)
+            self._queue = rest
+            self._busy = True
+            self._wake_submitters()
+            return batch
+
+    def _wake_submitters(self) -> None:
+        """Called with the lock held whenever the queue shrinks: blocked ``submit`` calls retry."""
+        waiters, self._space_waiters = self._space_waiters, []
+        for loop, space in waiters:
+            loop.call_soon_threadsafe(_succeed, space, None)
+
+    def _count(self, shape: tuple[int, ...]) -> int:
+        return sum(1 for item in self._queue if item.image.shape == shape)
+
+    def _discard_cancelled(self) -> None:
+        """Frames whose stream went away are dropped before they cost device time."""
+        if any(item.future.cancelled() for item in self._queue):
+            self._queue = deque(item for item in self._queue if not item.future.cancelled())
+            self._wake_submitters()
+            self._cond.notify_all()
+
+    def _run(self, batch: list[WorkItem]) -> None:
+        batch = [item for item in batch if not item.future.cancelled()]
+        if not batch:
+            return
+        start = time.perf_counter()
+        keys = sorted({key for item in batch for key in item.outputs})
+        stacked = np.stack([item.image for item in batch]) if len(batch) > 1 else batch[0].image[None]
+        outputs = self.engine.forward(stacked, sorted({key[0] for key in keys}))
+        computed = time.perf_counter()
+        host = self.engine.fetch(outputs, keys)
+        fetched = time.perf_counter()
+        del outputs
+        n = len(batch)
+        self.batches_run += 1
+        self.frames_run += n
+        compute_us = int((computed - start) * 1e6)
+        fetch_us = int((fetched - computed) * 1e6 / n)
+        for row, item in enumerate(batch):
+            result = BatchResult(
+                arrays=[host[key][row] for key in item.outputs],
+                batch_size=n,
+                queued_us=int((start - item.enqueued) * 1e6),
+                compute_us=compute_us,
+                fetch_us=fetch_us,
+            )
+            item.loop.call_soon_threadsafe(_succeed, item.future, result)
+
+
+def _succeed(future: asyncio.Future, value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _fail(future: asyncio.Future, err: BaseException) -> None:
+    if not future.done():
+        future.set_exception(err)

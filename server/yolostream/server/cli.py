@@ -1,0 +1,157 @@
+"""The ``yolostream`` command. Subcommands import torch lazily, so ``yolostream --help`` stays instant.
+
+Every expected failure (missing weights, bad YAML, unknown layer, unreadable input) exits non-zero with one
+clear line, not a traceback; ``--verbose`` shows the traceback for bug reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+EXIT_USAGE = 2
+
+
+def _model_args(p: argparse.ArgumentParser, *, device: bool = True) -> None:
+    src = p.add_argument_group("model (default: built-in yolov5n with random weights)")
+    src.add_argument("--weights", help="official YOLOv5 .pt (local path, or a release name like yolov5s.pt to download), "
+                                       "or a plain state_dict file together with --cfg")
+    src.add_argument("--cfg", help="yolov5-format YAML, or a built-in name (yolov5n…x, yolov5n6…x6)")
+    src.add_argument("--imgsz", type=int, default=640, help="model input size, rounded up to the stride (default 640)")
+    if device:
+        src.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto: CUDA when present)")
+        src.add_argument("--half", action="store_true", help="float16 model (CUDA only)")
+    src.add_argument("--no-fuse", dest="fuse", action="store_false", help="keep BatchNorm unfused (for comparisons)")
+
+
+def _load_engine(args: argparse.Namespace, device: str | None = None):
+    from .engine import Engine
+    from .model.loader import load_model
+
+    loaded = load_model(args.weights, args.cfg)
+    return Engine(
+        loaded,
+        device=device or getattr(args, "device", "cpu"),
+        half=getattr(args, "half", False),
+        fuse=args.fuse,
+        imgsz=args.imgsz,
+        letterbox=getattr(args, "letterbox", "auto"),
+    )
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    engine = _load_engine(args, device="cpu")
+    rows = engine.catalogue()
+    h, w = engine.input_hw()
+    if args.json:
+        doc = {
+            "model": engine.name,
+            "source": engine.loaded.source,
+            "random_weights": engine.random_weights,
+            "imgsz": args.imgsz,
+            "input_hw": [h, w],
+            "stride": engine.stride,
+            "layers": [r.as_dict() for r in rows],
+        }
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(f"model {engine.name}  source {engine.loaded.source}  input {h}x{w}  stride {engine.stride}")
+    if engine.random_weights:
+        print("WARNING: RANDOM WEIGHTS - features are for testing only")
+    print(format_catalogue([r.as_dict() for r in rows]))
+    return 0
+
+
+def format_catalogue(rows: Sequence[dict]) -> str:
+    """A fixed-width table of catalogue rows (dicts as ``LayerInfo.as_dict`` gives them)."""
+    header = ("idx", "from", "type", "params", "role", "out_ch", "stride", "shape (C,H,W)", "names")
+    lines = [header]
+    for r in rows:
+        source = ",".join(str(j) for j in r["from"]) or "input"
+        shape = "x".join(str(d) for d in r["shape"]) or "-"
+        lines.append((str(r["index"]), source, r["type"], f"{r['params']:,}", r["role"], str(r["out_channels"]),
+                      str(r["stride"]), shape, " ".join(r["aliases"])))
+    widths = [max(len(line[c]) for line in lines) for c in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(widths[c]) for c, cell in enumerate(line)).rstrip() for line in lines)
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from .extract import run_extract
+
+    engine = _load_engine(args)
+    if engine.random_weights:
+        print("WARNING: RANDOM WEIGHTS - features are for testing only", file=sys.stderr)
+    layers = [s for s in args.layers.split(",") if s.strip()]
+    written = run_extract(engine, args.inputs, Path(args.out), layers, max_frames=args.max_frames, batch=args.batch)
+    print(f"wrote {len(written)} file(s) to {args.out}" + (" (RANDOM WEIGHTS)" if engine.random_weights else ""))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="yolostream", description="YOLOv5 feature server, client and tools.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("layers", help="print a model's layer catalogue")
+    _model_args(p, device=False)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_layers)
+
+    p = sub.add_parser("extract", help="extract features offline (no server) into one .npz per image/frame")
+    _model_args(p)
+    p.add_argument("--letterbox", choices=("auto", "square"), default="auto",
+                   help="auto: minimal stride-multiple rectangle (upstream detect.py); square: full imgsz square")
+    p.add_argument("--layers", default="backbone", help="comma list of indices or names: all, backbone, C3..C6, P3..P6")
+    p.add_argument("--max-frames", type=int, default=None, help="stop each video after N frames")
+    p.add_argument("--batch", type=int, default=8, help="frames per forward (default 8)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_VIDEO", help="image files, image folders or video files")
+    p.set_defaults(func=cmd_extract)
+
+    for name, register in _extra_commands():
+        register(sub.add_parser(name, help=_EXTRA_HELP[name]))
+    return parser
+
+
+_EXTRA_HELP = {"serve": "run the gRPC feature server", "stream": "stream a video source to a server",
+               "info": "print a server's model and layer catalogue"}
+
+
+def _extra_commands() -> list[tuple[str, Callable[[argparse.ArgumentParser], None]]]:
+    """Subcommands from the service and client packages, when they are installed."""
+    import importlib
+    import importlib.util
+
+    found = []
+    for name, module in (("serve", "yolostream.server.app"), ("stream", "yolostream.client.cli"),
+                         ("info", "yolostream.client.cli")):
+        if importlib.util.find_spec(module) is None:
+            continue
+        register = getattr(importlib.import_module(module), f"register_{name}", None)
+        if register is not None:
+            found.append((name, register))
+    return found
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s",
+                        stream=sys.stderr)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, OSError, RuntimeError, KeyError) as err:
+        if args.verbose:
+            raise
+        print(f"yolostream {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

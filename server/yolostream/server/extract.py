@@ -1,0 +1,156 @@
+"""Offline extraction: images and videos in, one ``.npz`` of features per image or video frame out, no server.
+
+File format (documented in the README): one float32 array per requested layer, keyed by the name as requested
+(``all`` → layer indices as strings), shape (C, H, W), plus ``meta_*`` entries: ``meta_ratio`` (rw, rh),
+``meta_pad`` (left, top, right, bottom), ``meta_orig_hw``, ``meta_input_hw``, ``meta_frame`` (index within the
+source), ``meta_model`` and ``meta_random_weights``. A feature cell (y, x) of a stride-s layer covers model-input
+pixels around (x·s, y·s); original pixel = (input pixel − pad) / ratio.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from .engine import Engine, FrameFeatures
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input: an image file, or a video read frame by frame."""
+
+    path: Path
+    is_video: bool
+
+
+def collect_sources(inputs: Sequence[str | Path]) -> list[Source]:
+    """Expand inputs (files or folders of images) and refuse two inputs that would write the same output name."""
+    sources: list[Source] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not images:
+                raise ValueError(f"folder {path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            sources.extend(Source(p, False) for p in images)
+        elif path.is_file():
+            sources.append(Source(path, path.suffix.lower() not in IMAGE_SUFFIXES))
+        else:
+            raise FileNotFoundError(f"input not found: {path}")
+    stems: dict[str, Path] = {}
+    for s in sources:
+        if s.path.stem in stems and stems[s.path.stem] != s.path:
+            raise ValueError(f"inputs {stems[s.path.stem]} and {s.path} would both write {s.path.stem}*.npz")
+        stems[s.path.stem] = s.path
+    return sources
+
+
+def read_image(path: Path) -> np.ndarray:
+    frame = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if frame is None:
+        raise ValueError(f"cannot decode image {path}")
+    return frame
+
+
+def iter_video(path: Path, max_frames: int | None = None) -> tuple[int | None, Iterator[np.ndarray]]:
+    """Open a video; return its frame count (None when unknown) and a frame iterator that releases the capture."""
+    cap = cv2.VideoCapture(str(path))
+    if not cap.isOpened():
+        cap.release()
+        raise ValueError(f"cannot open {path} as an image or a video")
+    count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+    total = count if count > 0 else None
+    if max_frames is not None:
+        total = min(total, max_frames) if total is not None else max_frames
+
+    def frames() -> Iterator[np.ndarray]:
+        try:
+            n = 0
+            while max_frames is None or n < max_frames:
+                ok, frame = cap.read()
+                if not ok:
+                    return
+                n += 1
+                yield frame
+        finally:
+            cap.release()
+
+    return total, frames()
+
+
+def write_npz(path: Path, result: FrameFeatures, frame_index: int, model_name: str, random_weights: bool) -> None:
+    lb = result.letterbox
+    arrays = {name: np.ascontiguousarray(a, dtype=np.float32) for name, a in result.features.items()}
+    arrays.update(
+        meta_ratio=np.asarray(lb.ratio, dtype=np.float64),
+        meta_pad=np.asarray([lb.pad_left, lb.pad_top, lb.pad_right, lb.pad_bottom], dtype=np.int32),
+        meta_orig_hw=np.asarray(lb.orig_hw, dtype=np.int32),
+        meta_input_hw=np.asarray(lb.out_hw, dtype=np.int32),
+        meta_frame=np.asarray(frame_index, dtype=np.int64),
+        meta_model=np.asarray(model_name),
+        meta_random_weights=np.asarray(random_weights),
+    )
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+    tmp.replace(path)
+
+
+def run_extract(
+    engine: Engine,
+    inputs: Sequence[str | Path],
+    out_dir: Path,
+    layers: Sequence[str],
+    *,
+    imgsz: int | None = None,
+    policy: str | None = None,
+    max_frames: int | None = None,
+    batch: int = 8,
+    progress: bool | None = None,
+) -> list[Path]:
+    """Extract features for every image and video frame in ``inputs``; return the files written, in order."""
+    engine.resolve(layers)
+    sources = collect_sources(inputs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for source in sources:
+        if source.is_video:
+            total, frames = iter_video(source.path, max_frames)
+            names = (f"{source.path.stem}_{k:06d}.npz" for k in range(total if total is not None else 10**12))
+        else:
+            total, frames = 1, iter([read_image(source.path)])
+            names = iter([f"{source.path.stem}.npz"])
+        bar = tqdm(total=total, desc=source.path.name, unit="frame", disable=(not progress) if progress is not None else None)
+        index = 0
+        chunk: list[np.ndarray] = []
+        for frame in _then_flush(frames):
+            if frame is not None:
+                chunk.append(frame)
+            if chunk and (frame is None or len(chunk) >= batch):
+                for result in engine.extract(chunk, layers, imgsz, policy):
+                    path = out_dir / next(names)
+                    write_npz(path, result, index, engine.name, engine.random_weights)
+                    written.append(path)
+                    index += 1
+                bar.update(len(chunk))
+                chunk = []
+        bar.close()
+        if source.is_video and index == 0:
+            raise ValueError(f"{source.path}: no frames could be read")
+    return written
+
+
+def _then_flush(frames: Iterator[np.ndarray]) -> Iterator[np.ndarray | None]:
+    """Yield every frame, then one None so the caller flushes its last partial batch."""
+    yield from frames
+    yield None

@@ -1,0 +1,174 @@
+"""The layer catalogue and the names a request may use.
+
+Feature metadata (role, stride, shape, aliases) is kept apart from the network: it is derived from the graph of
+whatever model was loaded, never hard-coded per model size, so ``backbone``, ``C3..C6`` and ``P3..P6`` mean the
+same thing for yolov5n, a P6 model or a legacy v5.0 file (see DESIGN.md §Naming).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .plan import layer_inputs, make_plan, run_plan
+
+ROLES = ("backbone", "neck", "detect")
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One row of the catalogue: what a client needs to ask for a layer and interpret its tensor."""
+
+    index: int
+    type: str
+    source: tuple[int, ...]
+    params: int
+    role: str
+    out_channels: int
+    stride: int
+    shape: tuple[int, ...]
+    aliases: tuple[str, ...] = field(default=())
+
+    def as_dict(self) -> dict:
+        return {
+            "index": self.index,
+            "type": self.type,
+            "from": list(self.source),
+            "params": self.params,
+            "role": self.role,
+            "out_channels": self.out_channels,
+            "stride": self.stride,
+            "shape": list(self.shape),
+            "aliases": list(self.aliases),
+        }
+
+
+@dataclass(frozen=True)
+class ResolvedLayer:
+    """A requested name bound to its layer: tensors go back under the name the client used."""
+
+    name: str
+    index: int
+    stride: int
+
+
+def _short_type(module: nn.Module) -> str:
+    dotted = getattr(module, "type", None) or type(module).__name__
+    return str(dotted).rsplit(".", 1)[-1]
+
+
+def _is_detect(module: nn.Module) -> bool:
+    return type(module).__name__ in ("Detect", "Segment")
+
+
+@torch.inference_mode()
+def _probe(layers: nn.Sequential, input_hw: tuple[int, int]) -> dict[int, tuple[int, ...]]:
+    """Output shape (C, H, W) of every non-Detect layer for one input of ``input_hw``."""
+    first = next(layers.parameters())
+    feature_layers = [i for i in range(len(layers)) if not _is_detect(layers[i])]
+    x = torch.zeros((1, 3, *input_hw), dtype=first.dtype, device=first.device)
+    if x.device.type == "cuda" and first.dim() == 4 and first.is_contiguous(memory_format=torch.channels_last):
+        x = x.contiguous(memory_format=torch.channels_last)
+    outputs = run_plan(layers, x, make_plan(layers, feature_layers))
+    return {i: tuple(int(d) for d in t.shape[1:]) for i, t in outputs.items()}
+
+
+def build_catalogue(model: nn.Module, input_hw: tuple[int, int]) -> list[LayerInfo]:
+    """Describe every layer of ``model`` for an input of ``input_hw`` (a multiple of the model stride)."""
+    layers: nn.Sequential = model.model
+    shapes = _probe(layers, input_hw)
+    strides = {i: round(input_hw[0] / s[1]) if len(s) == 3 and s[1] else 0 for i, s in shapes.items()}
+    backbone_end = int(model.backbone_end)
+    aliases = _aliases(layers, backbone_end, strides)
+    rows: list[LayerInfo] = []
+    for i, module in enumerate(layers):
+        source = layer_inputs(i, module.f) if i else (-1,)
+        params = int(getattr(module, "np", sum(p.numel() for p in module.parameters())))
+        if _is_detect(module):
+            role = "detect"
+            level_strides = [strides[j] for j in source]
+            rows.append(LayerInfo(i, _short_type(module), tuple(source), params, role,
+                                  int(module.no * module.na), max(level_strides), (), ()))
+            continue
+        role = "backbone" if i <= backbone_end else "neck"
+        shape = shapes[i]
+        rows.append(LayerInfo(i, _short_type(module), tuple(source) if i else (), params, role,
+                              shape[0], strides[i], shape, tuple(aliases.get(i, ()))))
+    return rows
+
+
+def _aliases(layers: nn.Sequential, backbone_end: int, strides: dict[int, int]) -> dict[int, list[str]]:
+    """Derive ``backbone``, ``C<k>`` and ``P<k>`` from the graph (k = log2 of the stride)."""
+    names: dict[int, list[str]] = {backbone_end: ["backbone"]}
+    last_at_stride: dict[int, int] = {}
+    for i in range(backbone_end + 1):
+        last_at_stride[strides[i]] = i
+    for stride, i in sorted(last_at_stride.items()):
+        level = int(round(math.log2(stride))) if stride > 0 else 0
+        if stride >= 8 and 2**level == stride:
+            names.setdefault(i, []).append(f"C{level}")
+    detect = [m for m in layers if _is_detect(m)]
+    if detect:
+        head = detect[-1]
+        for j in layer_inputs(head.i, head.f):
+            level = int(round(math.log2(strides[j])))
+            names.setdefault(j, []).append(f"P{level}")
+    return names
+
+
+def alias_table(catalogue: Sequence[LayerInfo]) -> dict[str, int]:
+    """Map every alias (``backbone``, ``C4``, ``P3`` …) to its layer index."""
+    return {alias: row.index for row in catalogue for alias in row.aliases}
+
+
+def resolve_layers(catalogue: Sequence[LayerInfo], requested: Iterable[str | int]) -> list[ResolvedLayer]:
+    """Bind requested names to layers; ``all`` expands to every layer except Detect, keyed by index.
+
+    Unknown names raise ValueError that lists the valid choices, because a typo in a stream config must end that
+    stream with a message the user can act on.
+    """
+    by_alias = {k.lower(): v for k, v in alias_table(catalogue).items()}
+    by_index = {row.index: row for row in catalogue}
+    features = [row for row in catalogue if row.role != "detect"]
+    resolved: list[ResolvedLayer] = []
+    seen: set[str] = set()
+    items = list(requested)
+    if not items:
+        raise ValueError("no layers requested: " + _choices(catalogue))
+    for item in items:
+        text = str(item).strip()
+        if text.lower() == "all":
+            group = [ResolvedLayer(str(r.index), r.index, r.stride) for r in features]
+        else:
+            index = _parse_index(text, by_alias, len(catalogue))
+            if index is None:
+                raise ValueError(f"unknown layer {text!r}: " + _choices(catalogue))
+            row = by_index[index]
+            if row.role == "detect":
+                raise ValueError(f"layer {index} is the Detect head, not a feature layer: " + _choices(catalogue))
+            group = [ResolvedLayer(text, index, row.stride)]
+        for layer in group:
+            if layer.name not in seen:
+                seen.add(layer.name)
+                resolved.append(layer)
+    return resolved
+
+
+def _parse_index(text: str, by_alias: dict[str, int], count: int) -> int | None:
+    if text.lower() in by_alias:
+        return by_alias[text.lower()]
+    try:
+        index = int(text)
+    except ValueError:
+        return None
+    return index if 0 <= index < count else None
+
+
+def _choices(catalogue: Sequence[LayerInfo]) -> str:
+    features = [row.index for row in catalogue if row.role != "detect"]
+    names = sorted(alias_table(catalogue), key=lambda a: (a != "backbone", a))
+    return f"valid layers are indices {features[0]}..{features[-1]}, 'all', or names {', '.join(names)}"

@@ -1,0 +1,160 @@
+"""One entry point from what the user names (weights, a state_dict plus a YAML, or a YAML alone) to a model.
+
+The architecture always comes from a YAML: the pickled model's own ``yaml`` for official files, the user's
+``--cfg`` otherwise. Weights are copied key-for-key into our modules; any mismatch is reported in full rather
+than half-loaded, because a silently partial load gives plausible-looking but wrong features.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import load_checkpoint, load_state_dict_file
+from .config import load_config
+from .download import resolve_weights
+from .graph import YoloModel, build_model
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CFG = "yolov5n"
+RANDOM_WEIGHTS_WARNING = "RANDOM WEIGHTS: no checkpoint given; features are for testing only, not meaningful"
+
+
+class WeightsMismatchError(ValueError):
+    """The checkpoint's keys or shapes do not fit the architecture built from its YAML."""
+
+
+@dataclass
+class LoadedModel:
+    """A built model plus where it came from, so every output can say whether its weights are real."""
+
+    model: YoloModel
+    name: str
+    source: str
+    random_weights: bool
+    info: dict = field(default_factory=dict)
+
+
+def load_model(
+    weights: str | Path | None = None,
+    cfg: str | Path | dict | None = None,
+    *,
+    seed: int = 0,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+) -> LoadedModel:
+    """Build a model from ``weights`` and/or ``cfg``; neither gives the built-in default with seeded random weights.
+
+    - official ``.pt`` (release or mid-training; ``ema`` preferred): architecture from the pickle's ``yaml``;
+    - plain state_dict file plus ``cfg``;
+    - ``cfg`` alone: seeded random weights (flagged ``random_weights``).
+    """
+    if weights is None:
+        config = load_config(cfg if cfg is not None else DEFAULT_CFG)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = build_model(config)
+            _randomise(model)
+        log.warning(RANDOM_WEIGHTS_WARNING)
+        name = _name_of(cfg if cfg is not None else DEFAULT_CFG, config)
+        return LoadedModel(model.eval(), name, f"cfg:{name} (random weights, seed {seed})", True, {"seed": seed})
+
+    path = resolve_weights(str(weights), cache_dir=cache_dir, progress=progress)
+    if cfg is not None:
+        config = load_config(cfg)
+        model = build_model(config)
+        _load_weights(model, load_state_dict_file(path), path)
+        return LoadedModel(model.eval(), _name_of(cfg, config), str(path), False, {"format": "state_dict"})
+
+    ckpt = load_checkpoint(path)
+    if not ckpt.yaml:
+        raise ValueError(f"{path} holds a model without its architecture (no 'yaml' attribute): "
+                         "pass the matching --cfg and a state_dict instead")
+    model = build_model(ckpt.yaml)
+    _load_weights(model, ckpt.state_dict, path)
+    _install_activations(model, ckpt.activations, path)
+    if ckpt.names:
+        model.names = list(ckpt.names)
+    info = dict(ckpt.info)
+    info["weights_from"] = ckpt.source_key
+    return LoadedModel(model.eval(), Path(path).stem, str(path), False, info)
+
+
+def _randomise(model: nn.Module) -> None:
+    """He-normal conv weights and BN statistics calibrated on one seeded random batch.
+
+    With PyTorch's default init a random yolov5n's deep features shrink to ~1e-6: useless for a demo and below
+    float16's normal range in tests. Calibrated BN keeps every layer's activations O(1), like trained weights.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+    momenta = [bn.momentum for bn in norms]
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None
+    model.train()
+    with torch.no_grad():
+        model(torch.rand(2, 3, 128, 128))
+    for bn, momentum in zip(norms, momenta):
+        bn.momentum = momentum
+    model.eval()
+
+
+def _name_of(cfg: str | Path | dict, config: dict) -> str:
+    if isinstance(cfg, dict):
+        return str(config.get("yaml_file", "custom")).rsplit("/", 1)[-1].removesuffix(".yaml")
+    return Path(str(cfg)).name.removesuffix(".yaml")
+
+
+def _load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    """Copy every tensor in; refuse (listing every key) if the names or shapes differ."""
+    own = model.state_dict()
+    incoming = {k: v for k, v in state_dict.items() if not k.endswith(".anchor_grid")}
+    missing = sorted(set(own) - set(incoming))
+    unexpected = sorted(set(incoming) - set(own))
+    wrong_shape = sorted(
+        f"{k}: file {tuple(incoming[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(incoming)
+        if tuple(own[k].shape) != tuple(incoming[k].shape)
+    )
+    if missing or unexpected or wrong_shape:
+        parts = [f"weights in {path} do not match the architecture"]
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+        if wrong_shape:
+            parts.append(f"shape mismatches ({len(wrong_shape)}): {'; '.join(wrong_shape)}")
+        raise WeightsMismatchError("\n  ".join(parts))
+    model.load_state_dict(state_dict, strict=True)
+    model.float()
+
+
+def _install_activations(model: nn.Module, activations: dict[str, nn.Module], path: Path) -> None:
+    """Use the activation each module was pickled with (LeakyReLU in v2, Hardswish in v3, SiLU later)."""
+    for dotted, act in activations.items():
+        parent_name, _, attr = dotted.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_name)
+        except AttributeError as err:
+            raise WeightsMismatchError(f"{path}: activation {dotted} has no matching module in the model") from err
+        if not hasattr(parent, attr):
+            raise WeightsMismatchError(f"{path}: activation {dotted} has no matching module in the model")
+        setattr(parent, attr, _fresh_activation(act, dotted, path))
+
+
+def _fresh_activation(act: nn.Module, dotted: str, path: Path) -> nn.Module:
+    """A new activation of the pickled kind: files from torch 1.x lack attributes newer torch reads (``inplace``)."""
+    kind = type(act).__name__
+    if kind == "LeakyReLU":
+        return nn.LeakyReLU(float(getattr(act, "negative_slope", 0.01)))
+    if kind in ("SiLU", "Hardswish", "ReLU", "ReLU6", "Identity", "Sigmoid", "Mish", "GELU", "Tanh"):
+        return getattr(nn, kind)()
+    raise WeightsMismatchError(f"{path}: activation {dotted} is {kind}, which yolostream does not support")

@@ -1,0 +1,283 @@
+"""The gRPC servicer: stream lifecycle, validation and flow control. The frame work itself is in ``pipeline``.
+
+Flow control: a stream holds at most ``max_in_flight`` frames inside the server, counted from the moment a frame
+is read until its answer has been written. When they are all taken the server stops reading that stream, and
+HTTP/2 flow control pushes back on the client. In realtime mode the reader keeps reading; it parks only the newest
+frame and answers the frames it skips with DROPPED, so every frame is accounted for. Answers always go out in
+frame order. A stream's memory is bounded by max_in_flight frames plus a capped backlog of tiny DROPPED answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import grpc
+
+from yolostream.v1 import feature_service_pb2 as pb
+from yolostream.v1 import feature_service_pb2_grpc as pb_grpc
+
+from .pipeline import POLICY_ENUMS, FrameOptions, Pipeline, dropped_result, error_result
+
+log = logging.getLogger(__name__)
+
+ROLE_ENUMS = {"backbone": pb.LAYER_ROLE_BACKBONE, "neck": pb.LAYER_ROLE_NECK, "detect": pb.LAYER_ROLE_DETECT}
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    default_in_flight: int = 8
+    max_in_flight: int = 64
+    #: DROPPED answers a realtime stream may have waiting to be written before its reader pauses.
+    drop_backlog: int = 256
+
+
+class ProtocolError(ValueError):
+    """The client broke the stream protocol; the stream ends with INVALID_ARGUMENT."""
+
+
+@dataclass
+class _Entry:
+    """One frame's place in the answer order."""
+
+    result: asyncio.Future
+    holds_slot: bool = False
+
+
+@dataclass
+class _Latest:
+    """The newest frame of a realtime stream waiting for a slot (at most one)."""
+
+    frame: pb.Frame | None = None
+    entry: _Entry | None = None
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class StreamSession:
+    """Runs one StreamFeatures call after its config has been validated."""
+
+    def __init__(self, pipeline: Pipeline, options: FrameOptions, in_flight: int, realtime: bool,
+                 limits: StreamLimits, draining: asyncio.Event) -> None:
+        self.pipeline = pipeline
+        self.options = options
+        self.in_flight = in_flight
+        self.realtime = realtime
+        self.limits = limits
+        self.draining = draining
+        self.slots = asyncio.Semaphore(in_flight)
+        self.order: deque[_Entry] = deque()
+        self.changed = asyncio.Condition()
+        self.latest = _Latest()
+        self.reader_done = False
+        self.error: str | None = None
+        self.tasks: set[asyncio.Task] = set()
+
+    async def run(self, requests: AsyncIterator[pb.StreamRequest]) -> AsyncIterator[pb.StreamResponse]:
+        reader = asyncio.create_task(self._read(requests))
+        dispatcher = asyncio.create_task(self._dispatch_latest()) if self.realtime else None
+        try:
+            while True:
+                async with self.changed:
+                    await self.changed.wait_for(lambda: bool(self.order) or self.reader_done)
+                    if not self.order:
+                        break
+                    entry = self.order[0]
+                result = await entry.result
+                yield pb.StreamResponse(result=result)
+                async with self.changed:
+                    self.order.popleft()
+                    self.changed.notify_all()
+                if entry.holds_slot:
+                    self.slots.release()
+            if reader.done() and not reader.cancelled() and reader.exception() is not None:
+                raise reader.exception()
+        finally:
+            pending = [reader, *([dispatcher] if dispatcher is not None else []), *self.tasks]
+            for task in pending:
+                task.cancel()
+            for entry in self.order:
+                entry.result.cancel()
+            # Wait until every frame of this stream has left the queue, so a closed stream holds nothing.
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _read(self, requests: AsyncIterator[pb.StreamRequest]) -> None:
+        try:
+            async for request in requests:
+                if self.draining.is_set():
+                    break
+                kind = request.WhichOneof("payload")
+                if kind == "config":
+                    raise ProtocolError("a stream takes exactly one StreamConfig, as its first message; "
+                                        "got a second one")
+                if kind != "frame":
+                    raise ProtocolError("empty StreamRequest: set 'frame' (or 'config' as the first message)")
+                if self.realtime:
+                    await self._park_latest(request.frame)
+                else:
+                    await self.slots.acquire()
+                    entry = _Entry(asyncio.get_running_loop().create_future(), holds_slot=True)
+                    await self._append(entry)
+                    self._start(request.frame, entry)
+                if self.draining.is_set():
+                    break
+        except ProtocolError as err:
+            self.error = str(err)
+        finally:
+            if self.realtime and self.latest.frame is not None and self.error is None:
+                await self._wait_for_latest_dispatch()
+            async with self.changed:
+                self.reader_done = True
+                self.changed.notify_all()
+
+    async def _append(self, entry: _Entry) -> None:
+        async with self.changed:
+            self.order.append(entry)
+            self.changed.notify_all()
+
+    async def _park_latest(self, frame: pb.Frame) -> None:
+        async with self.changed:
+            await self.changed.wait_for(
+                lambda: len(self.order) < self.in_flight + self.limits.drop_backlog)
+        entry = _Entry(asyncio.get_running_loop().create_future())
+        previous = self.latest.entry, self.latest.frame
+        self.latest.frame, self.latest.entry = frame, entry
+        if previous[0] is not None:
+            previous[0].result.set_result(dropped_result(previous[1]))
+        await self._append(entry)
+        self.latest.ready.set()
+
+    async def _dispatch_latest(self) -> None:
+        while True:
+            await self.slots.acquire()
+            await self.latest.ready.wait()
+            frame, entry = self.latest.frame, self.latest.entry
+            self.latest.frame = self.latest.entry = None
+            self.latest.ready.clear()
+            entry.holds_slot = True
+            self._start(frame, entry)
+            async with self.changed:
+                self.changed.notify_all()
+
+    async def _wait_for_latest_dispatch(self) -> None:
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.latest.frame is None)
+
+    def _start(self, frame: pb.Frame, entry: _Entry) -> None:
+        task = asyncio.create_task(self._process(frame, entry))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _process(self, frame: pb.Frame, entry: _Entry) -> None:
+        try:
+            result = await self.pipeline.process(frame, self.options)
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # defensive: one frame's bug must not take down its stream
+            log.exception("frame %d failed", frame.frame_id)
+            result = error_result(frame, f"internal error: {type(err).__name__}: {err}")
+        if not entry.result.done():
+            entry.result.set_result(result)
+
+
+class FeatureService(pb_grpc.FeatureServiceServicer):
+    """Thin servicer: validates, then hands frames to the pipeline."""
+
+    def __init__(self, pipeline: Pipeline, model_info: pb.ModelInfo, limits: StreamLimits | None = None) -> None:
+        self.pipeline = pipeline
+        self.model_info = model_info
+        self.limits = limits or StreamLimits()
+        self.draining = asyncio.Event()
+        self.active_streams = 0
+        self._streams_changed = threading.Condition()
+
+    def wait_streams(self, count: int, timeout: float) -> bool:
+        """Block (from another thread) until exactly ``count`` streams are open; False on timeout."""
+        with self._streams_changed:
+            return self._streams_changed.wait_for(lambda: self.active_streams == count, timeout)
+
+    def _count_stream(self, delta: int) -> None:
+        with self._streams_changed:
+            self.active_streams += delta
+            self._streams_changed.notify_all()
+
+    async def StreamFeatures(self, request_iterator, context: grpc.aio.ServicerContext):
+        requests = request_iterator.__aiter__()
+        try:
+            first = await requests.__anext__()
+        except StopAsyncIteration:
+            return
+        if first.WhichOneof("payload") != "config":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "the first message of a stream must be a StreamConfig; got "
+                                + (first.WhichOneof("payload") or "an empty message"))
+        config = first.config
+        try:
+            options = self.pipeline.options(config.options)
+            in_flight = self._in_flight(config.max_in_flight)
+        except ValueError as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        if self.draining.is_set():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+        session = StreamSession(self.pipeline, options, in_flight, config.realtime, self.limits, self.draining)
+        self._count_stream(+1)
+        try:
+            async for response in session.run(requests):
+                yield response
+        finally:
+            self._count_stream(-1)
+        if session.error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, session.error)
+        if self.draining.is_set():
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                "server is shutting down: every frame it accepted has been answered")
+
+    def _in_flight(self, requested: int) -> int:
+        if requested == 0:
+            return self.limits.default_in_flight
+        if requested > self.limits.max_in_flight:
+            raise ValueError(f"max_in_flight {requested} is over the server limit: choose 1..{self.limits.max_in_flight}"
+                             f" (or 0 for the default {self.limits.default_in_flight})")
+        return int(requested)
+
+    async def Extract(self, request: pb.ExtractRequest, context: grpc.aio.ServicerContext) -> pb.FrameResult:
+        if self.draining.is_set():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+        try:
+            options = self.pipeline.options(request.options)
+        except ValueError as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        return await self.pipeline.process(request.frame, options)
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        return self.model_info
+
+
+def model_info(pipeline: Pipeline, stream_limits: StreamLimits, max_message_bytes: int) -> pb.ModelInfo:
+    """Everything a client needs to choose layers and size its buffers, built once at start-up."""
+    engine, batching = pipeline.engine, pipeline.batcher.config
+    layers = [
+        pb.LayerInfo(index=row.index, type=row.type, inputs=list(row.source), params=row.params,
+                     role=ROLE_ENUMS[row.role], out_channels=row.out_channels, stride=row.stride,
+                     output_shape=list(row.shape), aliases=list(row.aliases))
+        for row in engine.default_catalogue
+    ]
+    return pb.ModelInfo(
+        model_name=engine.name,
+        source=engine.loaded.source,
+        random_weights=engine.random_weights,
+        device=str(engine.device),
+        dtype=str(engine.dtype).removeprefix("torch."),
+        default_letterbox=POLICY_ENUMS[engine.letterbox_policy],
+        default_imgsz=engine.imgsz,
+        stride=engine.stride,
+        layers=layers,
+        batching=pb.BatchingInfo(max_batch=batching.max_batch, max_delay_ms=batching.max_delay_ms,
+                                 max_in_flight=stream_limits.default_in_flight,
+                                 queue_capacity=batching.queue_capacity),
+        limits=pb.Limits(max_pixels=pipeline.limits.max_pixels, max_frame_bytes=pipeline.limits.max_frame_bytes,
+                         max_message_bytes=max_message_bytes),
+    )

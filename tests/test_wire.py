@@ -1,0 +1,209 @@
+"""numpy <-> Tensor/LetterboxInfo wire helpers: round trips, byte order, zero copy, bfloat16 rounding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from yolostream.v1 import feature_service_pb2 as pb
+from yolostream.v1 import wire
+
+SHAPES = [(), (0,), (3, 0, 5), (7,), (2, 3), (16, 5, 4)]
+RNG = np.random.default_rng(7)
+
+
+def _values(shape, dtype=np.float32):
+    return (RNG.standard_normal(shape) * 10).astype(dtype)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("np_dtype", [np.float32, np.float16])
+def test_round_trip_exact(shape, np_dtype):
+    arr = _values(shape, np_dtype)
+    msg = wire.tensor_to_proto("P3", 17, 8, arr)
+    assert msg.dtype == wire.dtype_from_numpy(np_dtype)
+    assert list(msg.shape) == list(shape)
+    assert (msg.name, msg.layer_index, msg.stride) == ("P3", 17, 8)
+    assert len(msg.data) == arr.size * arr.itemsize
+    out = wire.tensor_from_proto(msg)
+    assert out.shape == arr.shape
+    assert out.dtype == np.dtype(np_dtype)
+    assert np.array_equal(out, arr)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_round_trip_through_serialisation(shape):
+    arr = _values(shape)
+    wire_bytes = wire.tensor_to_proto("9", 9, 32, arr, pb.DTYPE_FLOAT32).SerializeToString()
+    out = wire.tensor_from_proto(pb.Tensor.FromString(wire_bytes))
+    assert np.array_equal(out, arr)
+
+
+def test_zero_d_scalar():
+    msg = wire.tensor_to_proto("s", 0, 0, np.float32(2.5))
+    assert list(msg.shape) == []
+    out = wire.tensor_from_proto(msg)
+    assert out.shape == () and out == 2.5
+
+
+def test_conversion_to_requested_dtype():
+    arr = _values((4, 5), np.float64)
+    msg = wire.tensor_to_proto("x", 1, 2, arr, pb.DTYPE_FLOAT16)
+    assert msg.dtype == pb.DTYPE_FLOAT16 and len(msg.data) == 40
+    assert np.array_equal(wire.tensor_from_proto(msg), arr.astype(np.float16))
+
+
+def test_data_is_little_endian_c_order():
+    arr = np.arange(6, dtype=np.float32).reshape(2, 3)
+    msg = wire.tensor_to_proto("x", 0, 1, arr.T)  # a non-contiguous (Fortran-ordered) view
+    assert list(msg.shape) == [3, 2]
+    assert msg.data == np.ascontiguousarray(arr.T).astype("<f4").tobytes()
+    assert msg.data[:8] == bytes.fromhex("00000000" "00004040")  # 0.0, 3.0 (0x40400000) little-endian
+
+
+@pytest.mark.parametrize("np_dtype", [">f4", ">f2"])
+def test_big_endian_input_is_converted(np_dtype):
+    native = _values((3, 4), np.dtype(np_dtype).newbyteorder("="))
+    big = native.astype(np_dtype)
+    assert big.dtype.byteorder == ">"
+    msg = wire.tensor_to_proto("x", 0, 1, big)
+    assert msg.data == native.astype(np.dtype(np_dtype).newbyteorder("<")).tobytes()
+    assert np.array_equal(wire.tensor_from_proto(msg), native)
+
+
+def test_decode_is_a_read_only_view_of_the_message_bytes():
+    msg = wire.tensor_to_proto("x", 0, 1, _values((8, 8)))
+    out = wire.tensor_from_proto(msg)
+    assert out.flags.writeable is False
+    base = out
+    while isinstance(base, np.ndarray):
+        base = base.base
+    assert isinstance(base, bytes)
+    assert len(base) == len(msg.data)
+
+
+def test_bfloat16_rounding_hand_computed():
+    # float32 bit patterns and their bfloat16 (upper half, rounded to nearest, ties to even):
+    cases = {
+        0x3F800000: 0x3F80,  # 1.0 exact
+        0x3F808000: 0x3F80,  # 1 + 2^-8: tie, lower half is even -> down
+        0x3F818000: 0x3F82,  # 1 + 3*2^-8: tie, upper is even -> up
+        0x3F80C000: 0x3F81,  # above the tie -> up
+        0x3F807FFF: 0x3F80,  # below the tie -> down
+        0xBF808001: 0xBF81,  # negative, above the tie -> away from zero
+        0x7F7FFFFF: 0x7F80,  # float32 max rounds to +inf
+        0x7F800000: 0x7F80,  # +inf stays
+        0xFF800000: 0xFF80,  # -inf stays
+        0x80000000: 0x8000,  # -0.0 keeps its sign
+        0x00000001: 0x0000,  # smallest subnormal rounds to zero
+    }
+    f32 = np.array(list(cases), dtype=np.uint32).view(np.float32)
+    bits = wire.float32_to_bfloat16_bits(f32)
+    assert bits.dtype == np.dtype("<u2")
+    assert [hex(b) for b in bits] == [hex(v) for v in cases.values()]
+
+
+def test_bfloat16_nan_stays_nan():
+    f32 = np.array([0x7FC00000, 0xFFFFFFFF, 0x7F800001], dtype=np.uint32).view(np.float32)
+    assert list(wire.float32_to_bfloat16_bits(f32)) == [0x7FC0] * 3
+    msg = wire.tensor_to_proto("x", 0, 1, f32, pb.DTYPE_BFLOAT16)
+    assert np.isnan(wire.tensor_from_proto(msg)).all()
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_bfloat16_round_trip(shape):
+    arr = _values(shape)
+    msg = wire.tensor_to_proto("P5", 23, 32, arr, pb.DTYPE_BFLOAT16)
+    assert msg.dtype == pb.DTYPE_BFLOAT16
+    assert len(msg.data) == 2 * arr.size
+    out = wire.tensor_from_proto(msg)
+    assert out.dtype == np.float32 and out.shape == arr.shape
+    # bfloat16 keeps 8 significant bits (7 stored): round-to-nearest errs by at most 2^-8 relative.
+    assert np.all(np.abs(out - arr) <= np.abs(arr) * 2.0**-8)
+    assert np.any(out != arr) or arr.size == 0
+    # Decoding is exact, so re-encoding the decoded values gives the same bits.
+    assert wire.tensor_to_proto("P5", 23, 32, out, pb.DTYPE_BFLOAT16).data == msg.data
+
+
+def test_bfloat16_accepts_ready_bit_patterns():
+    bits = np.array([0x3F80, 0xC000, 0x7F80], dtype=np.uint16)
+    for view in (bits, bits.view(np.int16)):
+        msg = wire.tensor_to_proto("x", 0, 1, view, pb.DTYPE_BFLOAT16)
+        assert list(wire.tensor_from_proto(msg)) == [1.0, -2.0, np.inf]
+
+
+def test_bfloat16_matches_torch():
+    torch = pytest.importorskip("torch")
+    x = np.concatenate([_values(1000), np.array([0x3F808000, 0x3F818000], np.uint32).view(np.float32)])
+    ref = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    assert np.array_equal(wire.float32_to_bfloat16_bits(x), ref)
+
+
+def test_dtype_maps():
+    assert wire.dtype_to_numpy(pb.DTYPE_FLOAT32) == np.float32
+    assert wire.dtype_to_numpy(pb.DTYPE_FLOAT16) == np.float16
+    assert wire.dtype_to_numpy(pb.DTYPE_BFLOAT16) == np.float32
+    assert wire.dtype_from_numpy(np.float16) == pb.DTYPE_FLOAT16
+    assert wire.dtype_from_numpy(">f4") == pb.DTYPE_FLOAT32
+    for name in ("float32", "float16", "bfloat16"):
+        assert wire.dtype_name(wire.dtype_from_name(name)) == name
+    with pytest.raises(ValueError, match="float64"):
+        wire.dtype_from_numpy(np.float64)
+    with pytest.raises(ValueError, match="choose one of"):
+        wire.dtype_from_name("int8")
+    with pytest.raises(ValueError, match="DTYPE_UNSPECIFIED"):
+        wire.dtype_to_numpy(pb.DTYPE_UNSPECIFIED)
+
+
+def test_every_wire_dtype_is_mapped():
+    values = [v for v in pb.Dtype.values() if v != pb.DTYPE_UNSPECIFIED]
+    assert sorted(values) == sorted(wire.ITEMSIZE) == sorted(wire.DTYPE_NAMES.values())
+
+
+def test_encode_rejects_bad_input():
+    with pytest.raises(ValueError, match="float64"):
+        wire.tensor_to_proto("x", 0, 1, np.zeros(3, np.float64))  # dtype cannot be inferred
+    with pytest.raises(ValueError, match="complex"):
+        wire.tensor_to_proto("x", 0, 1, np.zeros(3, np.complex64), pb.DTYPE_FLOAT32)
+    with pytest.raises(ValueError, match="unsupported"):
+        wire.tensor_to_proto("x", 0, 1, np.zeros(3, np.float32), 99)
+
+
+def test_decode_rejects_inconsistent_messages():
+    good = wire.tensor_to_proto("x", 0, 1, np.zeros((2, 3), np.float32))
+    short = pb.Tensor(name="x", dtype=pb.DTYPE_FLOAT32, shape=[2, 3], data=good.data[:-1])
+    with pytest.raises(ValueError, match="23 data bytes"):
+        wire.tensor_from_proto(short)
+    with pytest.raises(ValueError, match="negative"):
+        wire.tensor_from_proto(pb.Tensor(name="x", dtype=pb.DTYPE_FLOAT32, shape=[-1, 3], data=good.data))
+    with pytest.raises(ValueError, match="DTYPE_UNSPECIFIED"):
+        wire.tensor_from_proto(pb.Tensor(name="x", shape=[2, 3], data=good.data))
+
+
+def _letterbox_dict():
+    return {
+        "original_height": 720, "original_width": 1280, "input_height": 384, "input_width": 640,
+        "resized_height": 360, "resized_width": 640, "ratio_w": 0.5, "ratio_h": 0.5,
+        "pad_left": 0, "pad_top": 12, "pad_right": 0, "pad_bottom": 12,
+    }
+
+
+def test_letterbox_round_trip():
+    d = _letterbox_dict()
+    msg = wire.letterbox_to_proto(d)
+    assert msg.pad_top == 12 and msg.input_height == 384
+    assert wire.letterbox_from_proto(pb.LetterboxInfo.FromString(msg.SerializeToString())) == d
+
+
+def test_letterbox_ratio_keeps_double_precision():
+    d = _letterbox_dict() | {"ratio_w": 320 / 251, "ratio_h": 320 / 251}
+    assert wire.letterbox_from_proto(wire.letterbox_to_proto(d))["ratio_w"] == 320 / 251
+
+
+def test_letterbox_dict_must_match_fields():
+    d = _letterbox_dict()
+    del d["pad_top"]
+    with pytest.raises(ValueError, match="pad_top"):
+        wire.letterbox_to_proto(d)
+    with pytest.raises(ValueError, match="ratio"):
+        wire.letterbox_to_proto(_letterbox_dict() | {"ratio": 0.5})
