@@ -58,8 +58,9 @@ class FeatureServiceServicer:
 
     def StreamFeatures(self, request_iterator, context):
         """Bidirectional stream: the first request must carry a StreamConfig, every later one a Frame.
-        Each frame gets exactly one StreamResponse (OK, ERROR or DROPPED), not necessarily in order
-        when frames are dropped; match them by frame_id.
+        Each frame gets exactly one StreamResponse (OK, ERROR or DROPPED), in the order the frames were
+        sent. An invalid config, a frame before the config or a second config ends the stream with
+        INVALID_ARGUMENT; a draining server answers every frame it accepted, then ends with UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

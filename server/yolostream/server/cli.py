@@ -129,7 +129,10 @@ def _extra_commands() -> list[tuple[str, Callable[[argparse.ArgumentParser], Non
     found = []
     for name, module in (("serve", "yolostream.server.app"), ("stream", "yolostream.client.cli"),
                          ("info", "yolostream.client.cli")):
-        if importlib.util.find_spec(module) is None:
+        try:
+            if importlib.util.find_spec(module) is None:
+                continue
+        except ModuleNotFoundError:  # the parent package (e.g. the client) is not installed
             continue
         register = getattr(importlib.import_module(module), f"register_{name}", None)
         if register is not None:

@@ -17,11 +17,11 @@ from .model.catalogue import LayerInfo, ResolvedLayer, build_catalogue, resolve_
 from .model.loader import LoadedModel
 from .model.modules import fuse_model
 from .model.plan import ForwardPlan, make_plan, run_plan
+from .preprocess import POLICIES as LETTERBOX_POLICIES
 from .preprocess import Letterbox, input_shape, prepare
 
 log = logging.getLogger(__name__)
 
-LETTERBOX_POLICIES = ("auto", "square")
 POOLINGS = ("none", "avg", "max")
 OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
