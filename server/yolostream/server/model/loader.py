@@ -89,22 +89,27 @@ def _randomise(model: nn.Module) -> None:
     """He-normal conv weights and BN statistics calibrated on one seeded random batch.
 
     With PyTorch's default init a random yolov5n's deep features shrink to ~1e-6: useless for a demo and below
-    float16's normal range in tests. Calibrated BN keeps every layer's activations O(1), like trained weights.
+    float16's normal range in tests. Each BN's statistics are set, in forward order during one eval-mode pass, from
+    the input it actually sees, so every layer is normalised given its already-calibrated predecessors and
+    activations stay O(1), as with trained weights.
     """
-    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
-    momenta = [bn.momentum for bn in norms]
-    for bn in norms:
-        bn.reset_running_stats()
-        bn.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(torch.rand(2, 3, 128, 128))
-    for bn, momentum in zip(norms, momenta):
-        bn.momentum = momentum
-    model.eval()
+
+    def calibrate(bn: nn.BatchNorm2d, inputs: tuple[torch.Tensor, ...]) -> None:
+        x = inputs[0]
+        bn.running_mean.copy_(x.mean(dim=(0, 2, 3)))
+        bn.running_var.copy_(x.var(dim=(0, 2, 3), unbiased=False))
+
+    hooks = [m.register_forward_pre_hook(calibrate) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.rand(2, 3, 256, 256))
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def _name_of(cfg: str | Path | dict, config: dict) -> str:
