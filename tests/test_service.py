@@ -227,12 +227,12 @@ class SlowEngine:
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
-    def forward(self, batch, indices):
-        self.max_batch_seen = max(self.max_batch_seen, len(batch))
+    def launch(self, images, keys):
+        self.max_batch_seen = max(self.max_batch_seen, len(images))
         if self.batcher is not None:
             self.max_queue_seen = max(self.max_queue_seen, self.batcher.queued)
         time.sleep(self._delay)
-        return self._engine.forward(batch, indices)
+        return self._engine.launch(images, keys)
 
 
 def test_flood_is_pushed_back_and_memory_stays_bounded(engine):

@@ -25,12 +25,22 @@ log = logging.getLogger(__name__)
 OutputKey = tuple[int, str, str]
 
 
+class PendingLike(Protocol):
+    size: int
+    host: dict | None
+    compute_us: int
+    fetch_us: int
+
+    @property
+    def ready(self) -> bool: ...
+
+
 class BatchEngine(Protocol):
-    """What the batcher needs from an engine."""
+    """What the batcher needs from an engine: start a batch, and wait for one."""
 
-    def forward(self, batch: np.ndarray, indices: Sequence[int]) -> Any: ...
+    def launch(self, images: Sequence[np.ndarray], keys: Sequence[OutputKey]) -> PendingLike: ...
 
-    def fetch(self, outputs: Any, keys: Sequence[OutputKey]) -> dict[OutputKey, np.ndarray]: ...
+    def collect(self, pending: PendingLike) -> PendingLike: ...
 
 
 @dataclass(frozen=True)
@@ -93,7 +103,6 @@ class MicroBatcher:
         self._cond = threading.Condition()
         self._accepting = True
         self._stop = False
-        self._busy = False
         self._space_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
         self.batches_run = 0
         self.frames_run = 0
@@ -148,33 +157,35 @@ class MicroBatcher:
             self._accepting = False
             self._wake_submitters()
 
-    def idle(self) -> bool:
-        with self._cond:
-            return not self._queue and not self._busy
-
     def _work(self) -> None:
+        """Take, launch, deliver. With an asynchronous engine (CUDA) batch k+1 is prepared and launched before
+        waiting for batch k, so the device never idles while Python stacks frames; a synchronous engine (CPU)
+        has finished at launch and its frames are delivered at once."""
+        in_flight: tuple[list[WorkItem], PendingLike, float] | None = None
         while True:
-            batch = self._take()
+            batch = self._take(block=in_flight is None)
             if batch is None:
                 return
-            try:
-                self._run(batch)
-            except BaseException as err:  # a failed batch fails its frames, never the worker
-                log.exception("batch of %d failed", len(batch))
-                for item in batch:
-                    item.loop.call_soon_threadsafe(_fail, item.future, err)
-            finally:
-                with self._cond:
-                    self._busy = False
-                    self._cond.notify_all()
+            launched = self._launch(batch) if batch else None
+            if in_flight is not None:
+                self._finish(*in_flight)
+                in_flight = None
+            if launched is not None:
+                if launched[1].ready:
+                    self._finish(*launched)
+                else:
+                    in_flight = launched
 
-    def _take(self) -> list[WorkItem] | None:
+    def _take(self, block: bool = True) -> list[WorkItem] | None:
+        """The next batch; [] when nothing is queued and ``block`` is off; None once stopped and drained."""
         cfg = self.config
         with self._cond:
             while True:
                 self._discard_cancelled()
                 if self._queue:
                     break
+                if not block:
+                    return []
                 if self._stop:
                     return None
                 self._cond.wait()
@@ -198,7 +209,6 @@ class MicroBatcher:
                 else:
                     rest.append(item)
             self._queue = rest
-            self._busy = True
             self._wake_submitters()
             return batch
 
@@ -218,32 +228,43 @@ class MicroBatcher:
             self._wake_submitters()
             self._cond.notify_all()
 
-    def _run(self, batch: list[WorkItem]) -> None:
+    def _launch(self, batch: list[WorkItem]) -> tuple[list[WorkItem], PendingLike, float] | None:
         batch = [item for item in batch if not item.future.cancelled()]
         if not batch:
-            return
+            return None
         start = time.perf_counter()
         keys = sorted({key for item in batch for key in item.outputs})
-        stacked = np.stack([item.image for item in batch]) if len(batch) > 1 else batch[0].image[None]
-        outputs = self.engine.forward(stacked, sorted({key[0] for key in keys}))
-        computed = time.perf_counter()
-        host = self.engine.fetch(outputs, keys)
-        fetched = time.perf_counter()
-        del outputs
+        try:
+            return batch, self.engine.launch([item.image for item in batch], keys), start
+        except Exception as err:  # a failed batch fails its frames, never the worker
+            self._fail_all(batch, err)
+            return None
+
+    def _finish(self, batch: list[WorkItem], pending: PendingLike, start: float) -> None:
+        try:
+            done = self.engine.collect(pending)
+        except Exception as err:
+            self._fail_all(batch, err)
+            return
         n = len(batch)
         self.batches_run += 1
         self.frames_run += n
-        compute_us = int((computed - start) * 1e6)
-        fetch_us = int((fetched - computed) * 1e6 / n)
+        fetch_us = done.fetch_us // n
         for row, item in enumerate(batch):
             result = BatchResult(
-                arrays=[host[key][row] for key in item.outputs],
+                arrays=[done.host[key][row] for key in item.outputs],
                 batch_size=n,
                 queued_us=int((start - item.enqueued) * 1e6),
-                compute_us=compute_us,
+                compute_us=done.compute_us,
                 fetch_us=fetch_us,
             )
             item.loop.call_soon_threadsafe(_succeed, item.future, result)
+
+    @staticmethod
+    def _fail_all(batch: list[WorkItem], err: BaseException) -> None:
+        log.error("batch of %d failed: %s: %s", len(batch), type(err).__name__, err)
+        for item in batch:
+            item.loop.call_soon_threadsafe(_fail, item.future, err)
 
 
 def _succeed(future: asyncio.Future, value: Any) -> None:

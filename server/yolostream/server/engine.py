@@ -6,8 +6,10 @@ device, in the model's dtype, exactly as upstream does it (``.float()`` or ``.ha
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -24,6 +26,71 @@ log = logging.getLogger(__name__)
 
 POOLINGS = ("none", "avg", "max")
 OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+#: A requested output: (layer index, pooling, dtype name).
+OutputKey = tuple[int, str, str]
+
+
+@dataclass
+class PendingBatch:
+    """A launched batch. ``host`` (key → array with a leading batch dim) is filled once collected."""
+
+    size: int
+    keys: tuple[OutputKey, ...]
+    host: dict[OutputKey, np.ndarray] | None = None
+    compute_us: int = 0
+    fetch_us: int = 0
+    copies: list = field(default_factory=list)
+    timer: tuple = ()
+
+    @property
+    def ready(self) -> bool:
+        return self.host is not None
+
+
+class _HostEvent:
+    """The slice of torch.cuda.Event the staged path uses, for running (and testing) that path on CPU."""
+
+    def __init__(self, enable_timing: bool = False) -> None:
+        self.at = time.perf_counter()
+
+    def record(self, stream: object = None) -> None:
+        self.at = time.perf_counter()
+
+    def synchronize(self) -> None:
+        return None
+
+    def elapsed_time(self, end: "_HostEvent") -> float:
+        return (end.at - self.at) * 1000.0
+
+
+@dataclass
+class _Staging:
+    """A (pinned, on CUDA) uint8 upload buffer, reused for every batch of its shape once its last upload finished."""
+
+    buffer: torch.Tensor
+    ready: object
+
+
+def _pool_cast(t: torch.Tensor, key: OutputKey) -> torch.Tensor:
+    """Pool and cast on the device: ``.half()`` there is ~30x faster than numpy's astype on the host."""
+    _, pooling, dtype = key
+    if pooling == "avg":
+        t = t.mean(dim=(2, 3), dtype=torch.float32)
+    elif pooling == "max":
+        t = t.amax(dim=(2, 3))
+    elif pooling != "none":
+        raise ValueError(f"unknown pooling {pooling!r}: choose {', '.join(POOLINGS)}")
+    if dtype not in OUTPUT_DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: choose {', '.join(OUTPUT_DTYPES)}")
+    return t.to(OUTPUT_DTYPES[dtype]).contiguous()
+
+
+def _to_host(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor as numpy; bfloat16 as its raw uint16 bit patterns (numpy has no bfloat16)."""
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -59,6 +126,7 @@ class Engine:
         fuse: bool = True,
         imgsz: int = 640,
         letterbox: str = "auto",
+        staged: bool | None = None,
     ) -> None:
         self.loaded = loaded
         self.device = resolve_device(device)
@@ -85,6 +153,12 @@ class Engine:
         self.imgsz = int(imgsz)
         self.letterbox_policy = letterbox
         self._plans: dict[tuple[int, ...], ForwardPlan] = {}
+        self._staging: dict[tuple[int, ...], _Staging] = {}
+        self.buckets: tuple[int, ...] = ()
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # The staged path (pinned staging, own stream, async copies) is the CUDA hot path; on CPU it can be
+        # switched on to test that code, but the direct path is faster there.
+        self.staged = self.device.type == "cuda" if staged is None else bool(staged)
         self._catalogues: dict[tuple[int, int], list[LayerInfo]] = {}
         self.default_catalogue = self.catalogue()
 
@@ -139,31 +213,119 @@ class Engine:
         with torch.inference_mode():
             return run_plan(self.layers, self.to_input(batch), plan)
 
-    def fetch(self, outputs: dict[int, torch.Tensor], keys: Sequence[tuple[int, str, str]]) -> dict[tuple[int, str, str], np.ndarray]:
-        """Pool and cast on the device, then copy each requested output to the host once.
+    def launch(self, images: Sequence[np.ndarray], keys: Sequence[OutputKey]) -> PendingBatch:
+        """Start one batch: stage, upload, forward, pool and cast, and queue the copy back to the host.
 
-        ``keys`` are (layer index, pooling, dtype name). Casting happens in torch on the device (``.half()`` is ~30x
-        faster than numpy's astype); bfloat16 comes back as its raw uint16 bit patterns, since numpy has no bfloat16.
+        On CUDA everything is queued on the engine's own stream and this returns at once, so the caller can
+        prepare the next batch while the GPU runs this one; ``collect`` waits for this batch only. The uint8
+        frames go through one reused pinned staging buffer per batch shape and one non-blocking upload; batches
+        are padded up to a warmed-up size bucket so cudnn never re-tunes mid-stream. On CPU the work is done
+        before this returns. ``keys`` are (layer index, pooling, dtype name).
         """
-        host: dict[tuple[int, str, str], np.ndarray] = {}
-        with torch.inference_mode():
+        n = len(images)
+        keys = tuple(keys)
+        plan = self.plan(sorted({k[0] for k in keys}))
+        if not self.staged:
+            start = time.perf_counter()
+            batch = np.stack(images) if n > 1 else np.asarray(images[0])[None]
+            with torch.inference_mode():
+                outputs = run_plan(self.layers, self.to_input(batch), plan)
+                computed = time.perf_counter()
+                host = {key: _to_host(_pool_cast(outputs[key[0]], key)) for key in keys}
+            return PendingBatch(n, keys, host=host, compute_us=int((computed - start) * 1e6),
+                                fetch_us=int((time.perf_counter() - computed) * 1e6))
+        return self._launch_staged(images, keys, plan)
+
+    def _event(self, timing: bool = False):
+        return torch.cuda.Event(enable_timing=timing) if self.device.type == "cuda" else _HostEvent(timing)
+
+    def _launch_staged(self, images: Sequence[np.ndarray], keys: tuple[OutputKey, ...], plan: ForwardPlan) -> PendingBatch:
+        n = len(images)
+        shape = (self.bucket(n), *images[0].shape)
+        staging = self._staging.get(shape)
+        if staging is None:
+            buffer = torch.empty(shape, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+            staging = self._staging[shape] = _Staging(buffer, self._event())
+        staging.ready.synchronize()
+        rows = staging.buffer.numpy()
+        for i, image in enumerate(images):
+            rows[i] = image
+        timer = (self._event(True), self._event(True), self._event(True))
+        on_stream = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+        with on_stream, torch.inference_mode():
+            x = staging.buffer.to(self.device, non_blocking=True)
+            staging.ready.record(self.stream)
+            timer[0].record(self.stream)
+            x = x.to(self.dtype).div_(255)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            outputs = run_plan(self.layers, x, plan)
+            timer[1].record(self.stream)
+            groups: dict[str, list[OutputKey]] = {}
             for key in keys:
-                index, pooling, dtype = key
-                t = outputs[index]
-                if pooling == "avg":
-                    t = t.mean(dim=(2, 3), dtype=torch.float32)
-                elif pooling == "max":
-                    t = t.amax(dim=(2, 3))
-                elif pooling != "none":
-                    raise ValueError(f"unknown pooling {pooling!r}: choose {', '.join(POOLINGS)}")
-                if dtype not in OUTPUT_DTYPES:
-                    raise ValueError(f"unknown dtype {dtype!r}: choose {', '.join(OUTPUT_DTYPES)}")
-                t = t.to(OUTPUT_DTYPES[dtype]).contiguous()
+                groups.setdefault(key[2], []).append(key)
+            copies = []
+            for dtype, members in groups.items():
+                parts = [_pool_cast(outputs[key[0]][:n], key) for key in members]
+                flat = torch.cat([p.reshape(-1) for p in parts])
                 if dtype == "bfloat16":
-                    host[key] = t.view(torch.int16).cpu().numpy().view(np.uint16)
-                else:
-                    host[key] = t.cpu().numpy()
-        return host
+                    flat = flat.view(torch.int16)
+                pinned = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=self.device.type == "cuda")
+                pinned.copy_(flat, non_blocking=True)
+                copies.append((pinned, [(key, tuple(p.shape)) for key, p in zip(members, parts)]))
+            timer[2].record(self.stream)
+        return PendingBatch(n, keys, copies=copies, timer=timer)
+
+    def collect(self, pending: PendingBatch) -> PendingBatch:
+        """Wait for ``pending`` (only it, not later batches) and fill in its host arrays and timings."""
+        if pending.host is not None:
+            return pending
+        _, computed, copied = pending.timer
+        copied.synchronize()
+        start = pending.timer[0]
+        host: dict[OutputKey, np.ndarray] = {}
+        for pinned, layout in pending.copies:
+            flat = pinned.numpy()
+            offset = 0
+            for key, shape in layout:
+                size = int(np.prod(shape))
+                view = flat[offset:offset + size].reshape(shape)
+                host[key] = view.view(np.uint16) if key[2] == "bfloat16" else view
+                offset += size
+        pending.host = host
+        pending.compute_us = int(start.elapsed_time(computed) * 1000)
+        pending.fetch_us = int(computed.elapsed_time(copied) * 1000)
+        pending.copies = []
+        return pending
+
+    def bucket(self, n: int) -> int:
+        """The padded batch size for ``n`` frames on CUDA: the smallest warmed-up bucket that holds them."""
+        for size in self.buckets:
+            if size >= n:
+                return size
+        return n
+
+    def warmup(self, max_batch: int, imgsz: int | None = None) -> None:
+        """Staged path: pick batch-size buckets up to ``max_batch``; on CUDA let cudnn tune each at the default input.
+
+        Without this the first frames of each new batch size pay cudnn's autotuning (hundreds of ms).
+        """
+        if not self.staged:
+            return
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        sizes, size = [], 1
+        while size < max_batch:
+            sizes.append(size)
+            size *= 2
+        self.buckets = tuple(sorted(set(sizes) | {max_batch}))
+        h, w = self.input_hw(imgsz)
+        deepest = [max(r.index for r in self.default_catalogue if r.role != "detect")]
+        for size in self.buckets:
+            images = [np.zeros((3, h, w), np.uint8)] * size
+            for _ in range(2):
+                self.collect(self.launch(images, [(deepest[0], "none", "float32")]))
+        log.info("warmed up %s on %s for batch buckets %s at %dx%d", self.name, self.device, self.buckets, h, w)
 
     def extract(
         self,
@@ -179,11 +341,10 @@ class Engine:
         groups: dict[tuple[int, ...], list[int]] = {}
         for k, (chw, _) in enumerate(prepared):
             groups.setdefault(chw.shape, []).append(k)
+        keys = [(index, "none", "float32") for index in sorted({r.index for r in resolved})]
         for members in groups.values():
-            batch = np.stack([prepared[k][0] for k in members])
-            out = self.forward(batch, [r.index for r in resolved])
-            host = {i: t.float().cpu().numpy() for i, t in out.items()}
+            done = self.collect(self.launch([prepared[k][0] for k in members], keys))
             for row, k in enumerate(members):
-                feats = {r.name: host[r.index][row] for r in resolved}
+                feats = {r.name: np.array(done.host[(r.index, "none", "float32")][row]) for r in resolved}
                 results[k] = FrameFeatures(feats, prepared[k][1])
         return [r for r in results if r is not None]

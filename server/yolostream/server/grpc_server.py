@@ -100,7 +100,9 @@ class FeatureServer:
 
     def __post_init__(self) -> None:
         s = self.settings
-        self.batcher = MicroBatcher(self.engine, s.batcher_config(self.engine.device.type))
+        batching = s.batcher_config(self.engine.device.type)
+        self.engine.warmup(batching.max_batch)
+        self.batcher = MicroBatcher(self.engine, batching)
         limits = FrameLimits(max_pixels=s.max_pixels, max_frame_bytes=s.max_frame_bytes)
         self.pipeline = Pipeline(self.engine, self.batcher, limits, default_layers=tuple(s.default_layers),
                                  decode_threads=s.decode_threads)
