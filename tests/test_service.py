@@ -296,3 +296,34 @@ def test_a_client_that_disconnects_releases_everything(engine):
             stub = pb_grpc.FeatureServiceStub(channel)
             result = stub.Extract(pb.ExtractRequest(frame=raw_frame(3, image(0))), timeout=30)
             assert result.status == pb.FRAME_STATUS_OK
+
+
+def test_drain_answers_accepted_frames_and_ends_idle_streams(engine):
+    release = threading.Event()
+
+    def idle_after_three():
+        yield config(max_in_flight=4)
+        for i in range(3):
+            yield pb.StreamRequest(frame=raw_frame(i, image(i)))
+        release.wait(timeout=60)
+
+    srv = ServerThread(engine, ServerSettings(port=0, grace_s=60)).start()
+    try:
+        with grpc.insecure_channel(srv.address) as channel:
+            stub = pb_grpc.FeatureServiceStub(channel)
+            call = stub.StreamFeatures(idle_after_three())
+            answered = [next(call).result for _ in range(3)]
+            stopper = threading.Thread(target=srv.stop, kwargs={"grace": 60})
+            stopper.start()
+            with pytest.raises(grpc.RpcError) as err:
+                next(call)
+            release.set()
+            stopper.join(timeout=60)
+            assert not stopper.is_alive()
+    finally:
+        release.set()
+        srv.stop()
+    assert [r.frame_id for r in answered] == [0, 1, 2]
+    assert all(r.status == pb.FRAME_STATUS_OK for r in answered)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "every frame it accepted has been answered" in err.value.details()

@@ -153,7 +153,7 @@ class FeatureServer:
         """Drain: report NOT_SERVING, stop reading frames, answer every accepted frame, then stop."""
         grace = self.settings.grace_s if grace is None else grace
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.service.draining.set()
+        await self.service.drain()
         if self.server is not None:
             await self.server.stop(grace)
         await asyncio.get_running_loop().run_in_executor(None, self.batcher.close, True, grace)

@@ -73,6 +73,7 @@ class StreamSession:
         self.changed = asyncio.Condition()
         self.latest = _Latest()
         self.reader_done = False
+        self.reading = False
         self.error: str | None = None
         self.tasks: set[asyncio.Task] = set()
 
@@ -82,7 +83,7 @@ class StreamSession:
         try:
             while True:
                 async with self.changed:
-                    await self.changed.wait_for(lambda: bool(self.order) or self.reader_done)
+                    await self.changed.wait_for(self._writer_has_work)
                     if not self.order:
                         break
                     entry = self.order[0]
@@ -104,12 +105,25 @@ class StreamSession:
             # Wait until every frame of this stream has left the queue, so a closed stream holds nothing.
             await asyncio.gather(*pending, return_exceptions=True)
 
+    def _writer_has_work(self) -> bool:
+        """Answers to write, or the end: the reader finished, or the server drains and no frame is half-read."""
+        return bool(self.order) or self.reader_done or (self.draining.is_set() and not self.reading)
+
+    async def wake(self) -> None:
+        async with self.changed:
+            self.changed.notify_all()
+
     async def _read(self, requests: AsyncIterator[pb.StreamRequest]) -> None:
         try:
             async for request in requests:
-                if self.draining.is_set():
-                    break
+                self.reading = True
                 kind = request.WhichOneof("payload")
+                if self.draining.is_set():
+                    if kind == "frame":
+                        done = asyncio.get_running_loop().create_future()
+                        done.set_result(error_result(request.frame, "server is shutting down: frame not accepted"))
+                        await self._append(_Entry(done))
+                    break
                 if kind == "config":
                     raise ProtocolError("a stream takes exactly one StreamConfig, as its first message; "
                                         "got a second one")
@@ -122,11 +136,11 @@ class StreamSession:
                     entry = _Entry(asyncio.get_running_loop().create_future(), holds_slot=True)
                     await self._append(entry)
                     self._start(request.frame, entry)
-                if self.draining.is_set():
-                    break
+                self.reading = False
         except ProtocolError as err:
             self.error = str(err)
         finally:
+            self.reading = False
             if self.realtime and self.latest.frame is not None and self.error is None:
                 await self._wait_for_latest_dispatch()
             async with self.changed:
@@ -193,6 +207,13 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
         self.draining = asyncio.Event()
         self.active_streams = 0
         self._streams_changed = threading.Condition()
+        self._sessions: set[StreamSession] = set()
+
+    async def drain(self) -> None:
+        """Stop taking frames: every stream answers what it accepted, then ends with UNAVAILABLE."""
+        self.draining.set()
+        for session in list(self._sessions):
+            await session.wake()
 
     def wait_streams(self, count: int, timeout: float) -> bool:
         """Block (from another thread) until exactly ``count`` streams are open; False on timeout."""
@@ -224,10 +245,12 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
         session = StreamSession(self.pipeline, options, in_flight, config.realtime, self.limits, self.draining)
         self._count_stream(+1)
+        self._sessions.add(session)
         try:
             async for response in session.run(requests):
                 yield response
         finally:
+            self._sessions.discard(session)
             self._count_stream(-1)
         if session.error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, session.error)

@@ -1,0 +1,54 @@
+"""A bench-only stand-in for the model: the service moves real-sized replies while no layer runs.
+
+``make bench`` uses it to measure the transport alone (decode, queueing, encoding, gRPC) against a plain
+TCP socket moving the same bytes. It answers with zero arrays of exactly the shapes and dtypes the real engine
+would return for each frame, derived from the real engine's catalogue, so message sizes are identical.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from .engine import Engine, OutputKey
+
+_NUMPY = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+
+
+@dataclass
+class _Done:
+    size: int
+    host: dict
+    compute_us: int = 0
+    fetch_us: int = 0
+    ready: bool = field(default=True)
+
+
+class ModelBypass:
+    """Looks like an Engine to the batcher and pipeline; ``launch`` allocates zeros instead of computing."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._channels = {row.index: (row.out_channels, row.stride) for row in engine.default_catalogue}
+
+    def __getattr__(self, name: str):
+        return getattr(self._engine, name)
+
+    def launch(self, images: Sequence[np.ndarray], keys: Sequence[OutputKey]) -> _Done:
+        n = len(images)
+        _, h, w = images[0].shape
+        host = {}
+        for key in keys:
+            index, pooling, dtype = key
+            channels, stride = self._channels[index]
+            shape = (n, channels) if pooling != "none" else (n, channels, h // stride, w // stride)
+            host[key] = np.zeros(shape, _NUMPY[dtype])
+        return _Done(n, host)
+
+    def collect(self, pending: _Done) -> _Done:
+        return pending
+
+    def warmup(self, max_batch: int, imgsz: int | None = None) -> None:
+        return None
