@@ -327,3 +327,25 @@ def test_drain_answers_accepted_frames_and_ends_idle_streams(engine):
     assert all(r.status == pb.FRAME_STATUS_OK for r in answered)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "every frame it accepted has been answered" in err.value.details()
+
+
+def test_an_open_health_watch_does_not_hold_the_drain(engine):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    srv = ServerThread(engine, ServerSettings(port=0, grace_s=120)).start()
+    try:
+        with grpc.insecure_channel(srv.address) as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            stopper = threading.Thread(target=srv.stop, kwargs={"grace": 120})
+            stopper.start()
+            statuses = []
+            with pytest.raises(grpc.RpcError) as err:
+                for update in watch:
+                    statuses.append(update.status)
+            stopper.join(timeout=60)
+            assert not stopper.is_alive(), "stop waited for the health Watch instead of cancelling it"
+    finally:
+        srv.stop()
+    assert statuses == [health_pb2.HealthCheckResponse.NOT_SERVING]
+    assert err.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)

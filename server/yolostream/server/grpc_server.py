@@ -63,8 +63,14 @@ class ServerSettings:
         ).validated()
 
 
+HEALTH_PREFIX = f"/{health.SERVICE_NAME}/"
+
+
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses every call without ``authorization: Bearer <token>`` (health checks included)."""
+    """Refuses every call without ``authorization: Bearer <token>``, except health checks.
+
+    Health status reveals nothing, and orchestrators' built-in gRPC probes cannot send headers.
+    """
 
     def __init__(self, token: str) -> None:
         self._expected = f"Bearer {token}".encode()
@@ -81,6 +87,8 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         self._deny_stream = grpc.stream_stream_rpc_method_handler(deny_stream)
 
     async def intercept_service(self, continuation: Callable[..., Awaitable], details: grpc.HandlerCallDetails):
+        if details.method.startswith(HEALTH_PREFIX):
+            return await continuation(details)
         metadata = dict(details.invocation_metadata or ())
         supplied = str(metadata.get("authorization", "")).encode()
         if hmac.compare_digest(supplied, self._expected):
@@ -155,7 +163,16 @@ class FeatureServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.service.drain()
         if self.server is not None:
-            await self.server.stop(grace)
+            stopping = asyncio.create_task(self.server.stop(grace))
+            try:
+                # Feature calls finish their accepted frames; then nothing is worth waiting for, and open health
+                # Watch or reflection streams (which never end by themselves) are cancelled instead of holding
+                # the whole grace period.
+                await asyncio.wait_for(self.service.wait_idle(), grace)
+            except asyncio.TimeoutError:
+                log.warning("drain: feature calls still running after %.0f s; cancelling them", grace)
+            await self.server.stop(0)
+            await stopping
         await asyncio.get_running_loop().run_in_executor(None, self.batcher.close, True, grace)
         self.pipeline.close()
 

@@ -208,6 +208,20 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
         self.active_streams = 0
         self._streams_changed = threading.Condition()
         self._sessions: set[StreamSession] = set()
+        self.active_calls = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Until no Extract or StreamFeatures call is running (health and reflection calls do not count)."""
+        await self._idle.wait()
+
+    def _call(self, delta: int) -> None:
+        self.active_calls += delta
+        if self.active_calls:
+            self._idle.clear()
+        else:
+            self._idle.set()
 
     async def drain(self) -> None:
         """Stop taking frames: every stream answers what it accepted, then ends with UNAVAILABLE."""
@@ -245,12 +259,14 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
         session = StreamSession(self.pipeline, options, in_flight, config.realtime, self.limits, self.draining)
         self._count_stream(+1)
+        self._call(+1)
         self._sessions.add(session)
         try:
             async for response in session.run(requests):
                 yield response
         finally:
             self._sessions.discard(session)
+            self._call(-1)
             self._count_stream(-1)
         if session.error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, session.error)
@@ -273,7 +289,11 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
             options = self.pipeline.options(request.options)
         except ValueError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        return await self.pipeline.process(request.frame, options)
+        self._call(+1)
+        try:
+            return await self.pipeline.process(request.frame, options)
+        finally:
+            self._call(-1)
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         return self.model_info

@@ -131,7 +131,10 @@ def _read_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML: {err}") from err
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise ValueError(f"{path}: not valid YAML{where}: {problem}") from err
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a model config must be a YAML mapping, got {type(data).__name__}")
     return data

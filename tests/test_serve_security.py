@@ -1,0 +1,128 @@
+"""Bearer-token auth and TLS on an in-process server (``ServerThread``) with the built-in model at 64 px."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from yolostream.server.engine import Engine
+from yolostream.server.grpc_server import ServerSettings, ServerThread
+from yolostream.server.model.loader import load_model
+from yolostream.v1 import feature_service_pb2 as pb
+from yolostream.v1 import feature_service_pb2_grpc as pb_grpc
+
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return Engine(load_model(), device="cpu", imgsz=64)
+
+
+def _stream_requests(frames: int = 2) -> Iterator[pb.StreamRequest]:
+    yield pb.StreamRequest(config=pb.StreamConfig(options=pb.FeatureOptions(layers=["backbone"])))
+    for k in range(frames):
+        data = np.full((32, 48, 3), 10 * k, np.uint8).tobytes()
+        yield pb.StreamRequest(frame=pb.Frame(frame_id=k, raw=pb.RawImage(
+            data=data, height=32, width=48, channels=3, format=pb.PIXEL_FORMAT_BGR)))
+
+
+def _auth(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+def _code(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    return err.value.code()
+
+
+@pytest.fixture(scope="module")
+def token_server(engine) -> Iterator[ServerThread]:
+    with ServerThread(engine, ServerSettings(port=0, token=TOKEN)) as server:
+        yield server
+
+
+@pytest.fixture()
+def stub(token_server) -> Iterator[pb_grpc.FeatureServiceStub]:
+    with grpc.insecure_channel(token_server.address) as channel:
+        yield pb_grpc.FeatureServiceStub(channel)
+
+
+@pytest.mark.parametrize("metadata", [None, _auth("wrong"), (("authorization", TOKEN),)],
+                         ids=["no-token", "wrong-token", "not-bearer"])
+def test_calls_without_the_right_token_are_unauthenticated(stub, metadata):
+    info = lambda: stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=metadata, timeout=10)  # noqa: E731
+    stream = lambda: list(stub.StreamFeatures(_stream_requests(), metadata=metadata, timeout=10))  # noqa: E731
+    assert _code(info) == grpc.StatusCode.UNAUTHENTICATED
+    assert _code(stream) == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_health_is_open_without_the_token(token_server):
+    """Orchestrators' gRPC probes cannot send headers; health status reveals nothing."""
+    with grpc.insecure_channel(token_server.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+        watch = health.Watch(health_pb2.HealthCheckRequest(), timeout=10)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
+        info = pb_grpc.FeatureServiceStub(channel).GetModelInfo
+        assert _code(lambda: info(pb.GetModelInfoRequest(), timeout=10)) == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_the_right_token_works_for_unary_and_stream(stub):
+    info = stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=_auth(TOKEN), timeout=10)
+    assert info.model_name == "yolov5n" and info.default_imgsz == 64
+    responses = list(stub.StreamFeatures(_stream_requests(3), metadata=_auth(TOKEN), timeout=30))
+    assert [r.result.frame_id for r in responses] == [0, 1, 2]
+    assert all(r.result.status == pb.FRAME_STATUS_OK and r.result.tensors for r in responses)
+
+
+def _self_signed(directory: Path, name: str, san: str) -> tuple[Path, Path]:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("TLS test needs the openssl command to make a self-signed certificate (not on PATH)")
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", f"subjectAltName={san}"], check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def tls_server(engine, tmp_path_factory) -> Iterator[tuple[ServerThread, bytes, bytes]]:
+    tmp = tmp_path_factory.mktemp("tls")
+    cert, key = _self_signed(tmp, "server", "DNS:localhost,IP:127.0.0.1")
+    other_cert, _ = _self_signed(tmp, "other", "DNS:localhost,IP:127.0.0.1")
+    settings = ServerSettings(port=0, tls_cert=str(cert), tls_key=str(key), token=TOKEN)
+    with ServerThread(engine, settings) as server:
+        yield server, cert.read_bytes(), other_cert.read_bytes()
+
+
+def test_tls_with_the_server_certificate_works(tls_server):
+    server, cert, _ = tls_server
+    credentials = grpc.ssl_channel_credentials(root_certificates=cert)
+    for target in (f"localhost:{server.port}", server.address):
+        with grpc.secure_channel(target, credentials) as channel:
+            stub = pb_grpc.FeatureServiceStub(channel)
+            info = stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=_auth(TOKEN), timeout=10)
+            assert info.model_name == "yolov5n"
+            assert _code(lambda: stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)) == \
+                grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_tls_port_refuses_plaintext_and_untrusted_certificates(tls_server):
+    server, _, other_cert = tls_server
+    untrusted = grpc.ssl_channel_credentials(root_certificates=other_cert)
+    for channel in (grpc.insecure_channel(server.address), grpc.secure_channel(server.address, untrusted)):
+        with channel:
+            stub = pb_grpc.FeatureServiceStub(channel)
+            call = lambda: stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=_auth(TOKEN), timeout=10)  # noqa: E731
+            assert _code(call) == grpc.StatusCode.UNAVAILABLE
