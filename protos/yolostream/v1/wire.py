@@ -1,7 +1,8 @@
 """numpy <-> wire helpers shared by server and client (numpy and the generated messages only).
 
 Tensors travel as raw little-endian C-order bytes. Encoding costs one ``tobytes`` copy when the array
-already has the wire dtype; decoding float32/float16 is a zero-copy ``np.frombuffer`` view.
+already has the wire dtype; decoding float32/float16 is an ``np.frombuffer`` view of the field's bytes (the
+protobuf runtime hands a bytes field out as one copy; numpy adds none).
 
 bfloat16 has no numpy dtype. On the wire it is the upper 16 bits of the float32 bit pattern: encoding
 rounds a float32 to nearest, ties to even (any NaN becomes the quiet NaN 0x7FC0); decoding
@@ -131,7 +132,8 @@ def tensor_to_proto(
 def tensor_from_proto(tensor: pb.Tensor) -> np.ndarray:
     """The array held by a Tensor message.
 
-    float32/float16 come back as a read-only ``np.frombuffer`` view of the message's bytes (no copy;
+    float32/float16 come back as a read-only ``np.frombuffer`` view of the field's bytes (no copy beyond the
+    one protobuf makes when the field is read;
     call ``.copy()`` to write to it); bfloat16 comes back as a new float32 array.
     """
     dtype = _check_dtype(tensor.dtype)

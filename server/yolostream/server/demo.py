@@ -1,11 +1,14 @@
-"""``make demo``: the main job on the built-in default, with nothing to download.
+"""``make demo``: a server on the built-in default and a client streaming a generated clip to it, no downloads.
 
-Generates a test image of coloured shapes, prints the layer catalogue of the built-in yolov5n (random weights),
-extracts ``backbone`` and ``P3,P4,P5`` features offline and prints each tensor's shape and statistics.
+Starts a feature server in this process (built-in yolov5n with random weights, imgsz 320, CUDA when present),
+writes a short clip of moving shapes, streams it through the client exactly as ``yolostream stream`` does (same
+code path: ``cli.main(["stream", ...])``), saving the features and a heatmap video, prints a per-frame summary of
+the saved features, and stops the server cleanly.
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -15,37 +18,92 @@ import numpy as np
 from . import cli
 
 OUT = Path("demo-out")
+IMGSZ = 320
+FRAMES, FPS, WIDTH, HEIGHT = 36, 12.0, 320, 240
+LAYERS = ("backbone", "P3", "P4", "P5")
 
 
-def make_image(path: Path, height: int = 480, width: int = 640) -> Path:
-    """A deterministic picture of shapes on a gradient, so the demo needs no files."""
-    y, x = np.mgrid[0:height, 0:width]
-    img = np.stack([(x * 255 // width), (y * 255 // height), np.full_like(x, 96)], axis=-1).astype(np.uint8)
-    cv2.circle(img, (180, 200), 90, (40, 200, 240), -1)
-    cv2.rectangle(img, (360, 120), (560, 330), (220, 60, 60), -1)
-    cv2.line(img, (40, 440), (600, 380), (255, 255, 255), 9)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(path), img)
+def video_suffix() -> tuple[str, str]:
+    """The container and FourCC this OpenCV build can write: MP4 (mp4v) when it has the encoder, else AVI."""
+    probe = OUT / ".probe.mp4"
+    writer = cv2.VideoWriter(str(probe), cv2.VideoWriter_fourcc(*"mp4v"), FPS, (32, 32))
+    ok = writer.isOpened()
+    writer.release()
+    probe.unlink(missing_ok=True)
+    return (".mp4", "mp4v") if ok else (".avi", "MJPG")
+
+
+def make_clip(path: Path, fourcc: str) -> Path:
+    """A deterministic clip: a disc and a square crossing a gradient, so the demo needs no files."""
+    y, x = np.mgrid[0:HEIGHT, 0:WIDTH]
+    background = np.stack([x * 255 // WIDTH, y * 255 // HEIGHT, np.full_like(x, 96)], axis=-1).astype(np.uint8)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), FPS, (WIDTH, HEIGHT))
+    if not writer.isOpened():
+        raise OSError(f"OpenCV cannot write {path}")
+    for i in range(FRAMES):
+        frame = background.copy()
+        t = i / FRAMES
+        cv2.circle(frame, (int(40 + 240 * t), int(120 + 60 * np.sin(2 * np.pi * t))), 32, (40, 200, 240), -1)
+        cv2.rectangle(frame, (int(250 - 180 * t), 30), (int(300 - 180 * t), 80), (220, 60, 60), -1)
+        cv2.line(frame, (0, 215), (WIDTH, 200), (255, 255, 255), 5)
+        writer.write(frame)
+    writer.release()
     return path
 
 
+def print_features(save: Path) -> None:
+    """Per-frame and per-layer summary of what the stream saved, read back lazily with load_features."""
+    from yolostream.client import load_features
+
+    saved = load_features(save)
+    print(f"\n== {save}: read back with yolostream.client.load_features\n")
+    for name, array in saved.features.items():
+        print(f"  {name:<9} {str(array.shape):<20} {array.dtype}  {saved.meta['layers'][name]['file']}")
+    names = list(saved.features)
+    print("\n  frame  time s  batch  latency ms  " + "  ".join(f"{n + ' mean':>13}" for n in names)
+          + "  P3 peak (x, y) in the frame")
+    for meta in saved.frames:
+        if meta["row"] is None:
+            print(f"  {meta['frame_id']:>5}  {meta['status']}: {meta['error']}")
+            continue
+        means = "  ".join(f"{float(saved[n][meta['row']].mean()):>+13.4f}" for n in names)
+        peak = ""
+        if "P3" in saved.features:
+            fmap = np.asarray(saved["P3"][meta["row"]]).mean(axis=0)
+            cy, cx = np.unravel_index(int(np.argmax(fmap)), fmap.shape)
+            lb, stride = meta["letterbox"], saved.meta["layers"]["P3"]["stride"]
+            px = ((cx + 0.5) * stride - lb["pad_left"]) / lb["ratio_w"]
+            py = ((cy + 0.5) * stride - lb["pad_top"]) / lb["ratio_h"]
+            peak = f"  ({px:5.0f}, {py:5.0f})"
+        print(f"  {meta['frame_id']:>5}  {meta['timestamp']:6.2f}  {meta['batch_size']:>5}  "
+              f"{meta['latency_s'] * 1000:>10.1f}  {means}{peak}")
+
+
 def main() -> int:
-    image = make_image(OUT / "shapes.png")
-    print(f"== layer catalogue: yolostream layers --imgsz 320\n", flush=True)
-    if cli.main(["layers", "--imgsz", "320"]):
-        return 1
-    print(f"\n== offline extract: yolostream extract --layers backbone,P3,P4,P5 {image}\n", flush=True)
-    if cli.main(["extract", "--imgsz", "320", "--device", "cpu", "--layers", "backbone,P3,P4,P5",
-                 "--out", str(OUT / "features"), str(image)]):
-        return 1
-    with np.load(OUT / "features" / "shapes.npz") as data:
-        print(f"\n{OUT / 'features' / 'shapes.npz'}:")
-        for key in data.files:
-            a = data[key]
-            if key.startswith("meta_"):
-                print(f"  {key:<20} {a.tolist()}")
-            else:
-                print(f"  {key:<20} {str(a.shape):<16} mean {a.mean():+.4f}  std {a.std():.4f}")
+    from .engine import Engine
+    from .grpc_server import ServerSettings, ServerThread
+    from .model.loader import load_model
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    suffix, fourcc = video_suffix()
+    clip = make_clip(OUT / f"shapes{suffix}", fourcc)
+    save, heatmap = OUT / "features", OUT / f"heatmap{suffix}"
+    shutil.rmtree(save, ignore_errors=True)
+    engine = Engine(load_model(), device="auto", imgsz=IMGSZ)
+    with ServerThread(engine, ServerSettings(port=0)) as server:
+        print(f"== server: built-in {engine.name} (random weights) on {engine.device}, imgsz {IMGSZ}, "
+              f"listening on {server.address}\n", flush=True)
+        print(f"== yolostream info --server {server.address}\n", flush=True)
+        if cli.main(["info", "--server", server.address]):
+            return 1
+        args = ["stream", str(clip), "--server", server.address, "--layers", ",".join(LAYERS), "--save", str(save),
+                "--viz", str(heatmap), "--viz-layer", "P3"]
+        print(f"\n== yolostream {' '.join(args)}\n", flush=True)
+        code = cli.main(args)
+        if code:
+            return code
+        print_features(save)
+    print(f"\n== server stopped; clip {clip}, heatmap video {heatmap}, features {save}/")
     return 0
 
 

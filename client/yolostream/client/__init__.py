@@ -1,0 +1,40 @@
+"""The yolostream client: stream video to a feature server and get numpy arrays back.
+
+Needs grpcio, protobuf, numpy and OpenCV only — never torch — so it runs on a small camera-side computer::
+
+    from yolostream.client import FeatureClient, open_source
+
+    with FeatureClient("127.0.0.1:50051") as client, open_source("0") as camera:
+        for result in client.stream(camera, layers="P3,P4,P5", realtime=True):
+            p3 = result.features["P3"]  # (C, H, W) float32, a zero-copy view of the reply
+"""
+
+from .api import (
+    FeatureClient,
+    FeatureResult,
+    FeatureServerError,
+    FeatureStream,
+    FrameError,
+    LayerInfo,
+    ModelInfo,
+    TensorInfo,
+)
+from .sources import Source, SourceError, open_source
+from .store import FeatureWriter, SavedFeatures, load_features
+
+__all__ = [
+    "FeatureClient",
+    "FeatureResult",
+    "FeatureServerError",
+    "FeatureStream",
+    "FeatureWriter",
+    "FrameError",
+    "LayerInfo",
+    "ModelInfo",
+    "SavedFeatures",
+    "Source",
+    "SourceError",
+    "TensorInfo",
+    "load_features",
+    "open_source",
+]

@@ -1,0 +1,549 @@
+"""FeatureClient: the Python API of a yolostream server, with grpc, protobuf, numpy and OpenCV only (no torch).
+
+``stream`` keeps three things moving at once, so that neither side waits for the other:
+
+- a *sender thread* pulls frames from the caller's iterable (a camera, say), encodes them (JPEG, PNG or raw) and
+  puts them on a bounded queue;
+- gRPC's own thread takes them from that queue and writes them to the connection;
+- the caller's thread reads the answers as they arrive and turns them into :class:`FeatureResult` objects.
+
+Backpressure, the choice made here. Outside realtime mode the sender takes a slot in a window of
+``2 × max_in_flight`` frames *before* it reads the next frame from the source, and the slot comes back when that
+frame's answer arrives: a slow server slows the source down and the client never buffers more than the window.
+In realtime mode the sender does not wait for answers; the server keeps only the newest waiting frame and answers
+the others DROPPED, so a fast camera is never held back by a slow model. The client then holds at most its small
+send queue, because the queue blocks the sender when the connection itself cannot take more bytes. The client never
+drops frames on its own: every frame it read gets exactly one result (OK, ERROR or DROPPED) from the server.
+
+The sender thread always ends: when the answers run out, when the server fails, when the caller stops iterating
+early (``close()``, leaving a ``with`` block, ``break`` and letting the stream go) or on KeyboardInterrupt, the call
+is cancelled, the queue is unblocked and the thread is joined. A server that dies mid-stream ends the iteration with
+:class:`FeatureServerError` (UNAVAILABLE) thanks to the closed connection or, for a host that vanishes silently,
+to the channel's keepalive pings.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import grpc
+import numpy as np
+
+from yolostream.v1 import feature_service_pb2 as pb
+from yolostream.v1 import feature_service_pb2_grpc as pb_grpc
+from yolostream.v1 import wire
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+#: Largest gRPC message either way: a raw 1080p frame is 6.2 MB, a multi-scale float32 reply at 640 ~5.7 MB.
+MAX_MESSAGE_BYTES = 128 * 1024 * 1024
+#: The server's default ``max_in_flight``; the client window is twice the stream's value.
+SERVER_DEFAULT_IN_FLIGHT = 8
+#: Frames encoded ahead of gRPC's writer in realtime mode (outside it, the window bounds the queue).
+REALTIME_SEND_QUEUE = 2
+
+ENCODINGS = ("jpeg", "png", "raw")
+POOLINGS = {"none": pb.POOLING_NONE, "avg": pb.POOLING_GLOBAL_AVG, "max": pb.POOLING_GLOBAL_MAX}
+LETTERBOXES = {"auto": pb.LETTERBOX_POLICY_AUTO, "square": pb.LETTERBOX_POLICY_SQUARE}
+STATUSES = {pb.FRAME_STATUS_OK: "ok", pb.FRAME_STATUS_ERROR: "error", pb.FRAME_STATUS_DROPPED: "dropped"}
+ROLES = {pb.LAYER_ROLE_BACKBONE: "backbone", pb.LAYER_ROLE_NECK: "neck", pb.LAYER_ROLE_DETECT: "detect"}
+TIMING_FIELDS = ("queued_us", "preprocess_us", "compute_us", "encode_us")
+
+#: Longest wait in close() for the sender thread, which may be stuck in a network camera's read.
+SENDER_JOIN_S = 30.0
+# Polling period of the sender and request threads while they wait, so that close() is seen promptly.
+_POLL_S = 0.1
+
+
+class FeatureServerError(RuntimeError):
+    """The server (or the connection to it) failed a call; ``code`` is the gRPC status, ``details`` its text."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, address: str = "") -> None:
+        self.code = code
+        self.details = details
+        self.address = address
+        where = f"server {address}" if address else "server"
+        super().__init__(f"{where}: {code.name}: {details}")
+
+    @classmethod
+    def from_rpc(cls, err: grpc.RpcError, address: str) -> "FeatureServerError":
+        code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+        details = (err.details() if hasattr(err, "details") else None) or str(err)
+        return cls(code, details, address)
+
+
+class FrameError(ValueError):
+    """The server could not process one image (undecodable, too large...); raised by ``extract``."""
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One row of the server's layer catalogue."""
+
+    index: int
+    type: str
+    inputs: tuple[int, ...]
+    params: int
+    role: str
+    out_channels: int
+    stride: int
+    output_shape: tuple[int, ...]  # (C, H, W) for one frame at the server's default square imgsz
+    aliases: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the server runs: model, device, defaults, layer catalogue, batching and limits."""
+
+    model_name: str
+    source: str
+    random_weights: bool
+    device: str
+    dtype: str
+    default_letterbox: str
+    default_imgsz: int
+    stride: int
+    layers: tuple[LayerInfo, ...]
+    batching: dict[str, float]
+    limits: dict[str, int]
+
+    def layer(self, name: str | int) -> LayerInfo:
+        """The catalogue row of a layer named by index (``9`` or ``"9"``) or alias (``"backbone"``, ``"P3"``)."""
+        key = str(name).strip()
+        for row in self.layers:
+            if key == str(row.index) or key in row.aliases:
+                return row
+        raise KeyError(f"layer {key!r} is not in the catalogue of {self.model_name}")
+
+    @classmethod
+    def from_proto(cls, msg: pb.ModelInfo) -> "ModelInfo":
+        layers = tuple(
+            LayerInfo(index=row.index, type=row.type, inputs=tuple(row.inputs), params=row.params,
+                      role=ROLES.get(row.role, "?"), out_channels=row.out_channels, stride=row.stride,
+                      output_shape=tuple(row.output_shape), aliases=tuple(row.aliases))
+            for row in msg.layers
+        )
+        letterbox = {v: k for k, v in LETTERBOXES.items()}.get(msg.default_letterbox, "?")
+        return cls(
+            model_name=msg.model_name, source=msg.source, random_weights=msg.random_weights, device=msg.device,
+            dtype=msg.dtype, default_letterbox=letterbox, default_imgsz=msg.default_imgsz, stride=msg.stride,
+            layers=layers,
+            batching={"max_batch": msg.batching.max_batch, "max_delay_ms": msg.batching.max_delay_ms,
+                      "max_in_flight": msg.batching.max_in_flight, "queue_capacity": msg.batching.queue_capacity},
+            limits={"max_pixels": msg.limits.max_pixels, "max_frame_bytes": msg.limits.max_frame_bytes,
+                    "max_message_bytes": msg.limits.max_message_bytes},
+        )
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a returned tensor comes from: the model layer index and its stride in input pixels."""
+
+    layer_index: int
+    stride: int
+
+
+@dataclass
+class FeatureResult:
+    """The answer for one frame.
+
+    ``features`` maps each layer name as requested to a read-only array, (C, H, W) or (C,) when pooled, that is a
+    zero-copy view of the response bytes for float32/float16 (bfloat16 arrives as float32). ``timestamp`` is the
+    capture time in seconds as given to ``stream`` (to the microsecond). ``latency`` is the client-measured round
+    trip in seconds, from the moment the frame was handed to gRPC until its answer was read. ``letterbox`` (dict of
+    ``LetterboxInfo`` fields) maps model-input pixels back to the frame: ``x = (x_in - pad_left) / ratio_w``.
+    """
+
+    frame_id: int
+    timestamp: float
+    status: str  # "ok" | "error" | "dropped"
+    error: str
+    features: dict[str, np.ndarray]
+    tensors: dict[str, TensorInfo]
+    letterbox: dict[str, Any] | None
+    timings_us: dict[str, int]
+    batch_size: int
+    latency: float | None
+    image: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def _result_from_proto(msg: pb.FrameResult, latency: float | None, image: np.ndarray | None) -> FeatureResult:
+    features = {t.name: wire.tensor_from_proto(t) for t in msg.tensors}
+    ok = msg.status == pb.FRAME_STATUS_OK
+    return FeatureResult(
+        frame_id=msg.frame_id,
+        timestamp=msg.capture_timestamp_us / 1e6,
+        status=STATUSES.get(msg.status, "error"),
+        error=msg.error_message,
+        features=features,
+        tensors={t.name: TensorInfo(t.layer_index, t.stride) for t in msg.tensors},
+        letterbox=wire.letterbox_from_proto(msg.letterbox) if ok and msg.HasField("letterbox") else None,
+        timings_us={name: getattr(msg.timings, name) for name in TIMING_FIELDS},
+        batch_size=msg.batch_size,
+        latency=latency,
+        image=image,
+    )
+
+
+def feature_options(layers: str | Sequence[str | int] | None = None, dtype: str | None = None,
+                    pooling: str | None = None, letterbox: str | None = None,
+                    imgsz: int | None = None) -> pb.FeatureOptions:
+    """The wire options; None means the server default. ``layers`` is a list or a comma-separated string."""
+    if layers is None:
+        names: list[str] = []
+    elif isinstance(layers, str):
+        names = [s.strip() for s in layers.split(",") if s.strip()]
+    else:
+        names = [str(s).strip() for s in layers]
+    if pooling is not None and pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+    if letterbox is not None and letterbox not in LETTERBOXES:
+        raise ValueError(f"unknown letterbox policy {letterbox!r}; choose one of {', '.join(LETTERBOXES)}")
+    if imgsz is not None and imgsz <= 0:
+        raise ValueError(f"imgsz must be positive, got {imgsz}")
+    return pb.FeatureOptions(
+        layers=names,
+        dtype=wire.dtype_from_name(dtype) if dtype is not None else pb.DTYPE_UNSPECIFIED,
+        pooling=POOLINGS[pooling] if pooling is not None else pb.POOLING_UNSPECIFIED,
+        letterbox=LETTERBOXES[letterbox] if letterbox is not None else pb.LETTERBOX_POLICY_UNSPECIFIED,
+        imgsz=imgsz or 0,
+    )
+
+
+def _check_encoding(encoding: str, quality: int) -> None:
+    if encoding not in ENCODINGS:
+        raise ValueError(f"unknown encoding {encoding!r}; choose one of {', '.join(ENCODINGS)}")
+    if not 1 <= quality <= 100:
+        raise ValueError(f"JPEG quality must be 1..100, got {quality}")
+
+
+def fill_frame(frame: pb.Frame, image: np.ndarray, encoding: str = "jpeg", quality: int = 90) -> None:
+    """Put ``image`` (BGR, BGRA or grey, uint8, as OpenCV returns it) into a Frame message, encoded as asked.
+
+    PNG uses the fastest compression level (it is lossless at every level); ``quality`` applies to JPEG only.
+    """
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
+        kind = f"array of {image.dtype}" if isinstance(image, np.ndarray) else type(image).__name__
+        raise ValueError(f"frames must be uint8 numpy arrays (BGR, as OpenCV reads them), got {kind}")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim == 3 and image.shape[2] == 4:
+        image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)) or image.size == 0:
+        raise ValueError(f"frames must be HxWx3 BGR, HxWx4 BGRA or HxW grey images, got shape {image.shape}")
+    if encoding == "raw":
+        h, w = image.shape[:2]
+        channels = 1 if image.ndim == 2 else 3
+        frame.raw.data = np.ascontiguousarray(image).tobytes()
+        frame.raw.height, frame.raw.width, frame.raw.channels = h, w, channels
+        frame.raw.format = pb.PIXEL_FORMAT_GRAY if channels == 1 else pb.PIXEL_FORMAT_BGR
+        return
+    if encoding == "jpeg":
+        ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    elif encoding == "png":
+        ok, buf = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    else:
+        raise ValueError(f"unknown encoding {encoding!r}; choose one of {', '.join(ENCODINGS)}")
+    if not ok:
+        raise ValueError(f"OpenCV could not encode a {image.shape} frame as {encoding}")
+    frame.encoded = buf.tobytes()
+
+
+class FeatureClient:
+    """A connection to a yolostream server; use it as a context manager (``with FeatureClient(addr) as c:``).
+
+    ``token`` is sent as ``authorization: Bearer <token>`` with every call. TLS is used when ``tls`` is true or
+    ``tls_ca`` (a PEM file of root certificates; the system roots otherwise) is given; ``tls_server_name`` overrides
+    the name the certificate must carry. ``timeout`` (seconds) is the deadline of ``model_info`` and ``extract``;
+    streams have none, as a camera may run for days, and rely on keepalive pings every ``keepalive_s`` (answered
+    within ``keepalive_timeout_s``) to notice a server host that disappears without closing the connection.
+    """
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, token: str | None = None, tls: bool = False,
+                 tls_ca: str | Path | None = None, tls_server_name: str | None = None, timeout: float | None = 30.0,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES, keepalive_s: float = 20.0,
+                 keepalive_timeout_s: float = 10.0) -> None:
+        self.address = address
+        self.timeout = timeout
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_send_message_length", int(max_message_bytes)),
+            ("grpc.max_receive_message_length", int(max_message_bytes)),
+            ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(keepalive_timeout_s * 1000)),
+            # Every ping gets this deadline too: without it, a BDP-probe ping that is in flight when the server
+            # freezes is never timed out and keeps the keepalive ping from being sent (measured: a stream to a
+            # SIGSTOPped server then hangs forever instead of failing after keepalive_s + keepalive_timeout_s).
+            ("grpc.http2.ping_timeout_ms", int(keepalive_timeout_s * 1000)),
+        ]
+        if tls or tls_ca is not None:
+            root = Path(tls_ca).read_bytes() if tls_ca is not None else None
+            if tls_server_name:
+                options.append(("grpc.ssl_target_name_override", tls_server_name))
+            self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=root), options)
+        else:
+            self._channel = grpc.insecure_channel(address, options)
+        self._stub = pb_grpc.FeatureServiceStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+
+    def __enter__(self) -> "FeatureClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channel; streams still open on it end with an error."""
+        self._channel.close()
+
+    def _unary(self, method: Any, request: Any) -> Any:
+        try:
+            return method(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise FeatureServerError.from_rpc(err, self.address) from None
+
+    def model_info(self) -> ModelInfo:
+        """The served model, its layer catalogue, the server's defaults and limits."""
+        return ModelInfo.from_proto(self._unary(self._stub.GetModelInfo, pb.GetModelInfoRequest()))
+
+    def extract(self, image: np.ndarray, *, layers: str | Sequence[str | int] | None = None,
+                dtype: str | None = None, pooling: str | None = None, letterbox: str | None = None,
+                imgsz: int | None = None, encoding: str = "png", quality: int = 90) -> FeatureResult:
+        """Features of one BGR image (lossless PNG by default, so they equal ``yolostream extract``'s).
+
+        Raises FrameError when the server cannot process the image, FeatureServerError for a bad request.
+        """
+        _check_encoding(encoding, quality)
+        request = pb.ExtractRequest(options=feature_options(layers, dtype, pooling, letterbox, imgsz))
+        fill_frame(request.frame, image, encoding, quality)
+        request.frame.capture_timestamp_us = int(round(time.time() * 1e6))
+        start = time.perf_counter()
+        msg = self._unary(self._stub.Extract, request)
+        result = _result_from_proto(msg, time.perf_counter() - start, None)
+        if result.status != "ok":
+            raise FrameError(f"server {self.address} could not process the image: {result.error}")
+        return result
+
+    def stream(self, frames: Iterable[np.ndarray | tuple[np.ndarray, float]], *,
+               layers: str | Sequence[str | int] | None = None, dtype: str | None = None,
+               pooling: str | None = None, letterbox: str | None = None, imgsz: int | None = None,
+               realtime: bool = False, max_in_flight: int | None = None, encoding: str = "jpeg",
+               quality: int = 90, keep_images: bool = False) -> "FeatureStream":
+        """Stream ``frames`` (BGR arrays, or ``(array, capture_time_seconds)`` pairs) and iterate over the results.
+
+        Results come in frame order, one per frame, with frame ids 0, 1, 2... in the order of ``frames``; a frame
+        without a timestamp is stamped with ``time.time()`` when read. ``max_in_flight`` is how many frames the
+        server holds at once (None: its default, 8); ``keep_images`` puts each frame on its result (``image``),
+        for drawing. The iterable is consumed in a background thread; an exception it raises (a camera that
+        disappears) is re-raised after the results of the frames read before it.
+        """
+        _check_encoding(encoding, quality)
+        if max_in_flight is not None and max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
+        config = pb.StreamConfig(options=feature_options(layers, dtype, pooling, letterbox, imgsz),
+                                 max_in_flight=max_in_flight or 0, realtime=realtime)
+        window = None if realtime else 2 * (max_in_flight or SERVER_DEFAULT_IN_FLIGHT)
+        return FeatureStream(self, frames, config, encoding=encoding, quality=quality, window=window,
+                             keep_images=keep_images)
+
+    def _open_stream(self, requests: Iterator[pb.StreamRequest]) -> Any:
+        return self._stub.StreamFeatures(requests, metadata=self._metadata)
+
+
+_END = object()
+
+
+@dataclass
+class _Pending:
+    """What the client remembers about a frame until its answer arrives."""
+
+    image: np.ndarray | None
+    sent: float | None = None
+
+
+class _SendState:
+    """Shared by the sender thread, gRPC's request thread and the reader; never references the FeatureStream,
+    so that dropping the stream object lets it be finalised (and closed) while the threads still run."""
+
+    def __init__(self, queue_size: int, window: int | None) -> None:
+        self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.window = threading.BoundedSemaphore(window) if window else None
+        self.stop = threading.Event()
+        self.pending: dict[int, _Pending] = {}
+        self.error: BaseException | None = None
+        self.read = 0
+
+    def put(self, item: object) -> bool:
+        """Queue ``item``; False if the stream was closed while waiting for room."""
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def acquire_slot(self) -> bool:
+        if self.window is None:
+            return True
+        while not self.stop.is_set():
+            if self.window.acquire(timeout=_POLL_S):
+                return True
+        return False
+
+    def release_slot(self) -> None:
+        if self.window is not None:
+            try:
+                self.window.release()
+            except ValueError:  # more answers than frames would be a server bug; never block on it
+                pass
+
+    def unblock(self) -> None:
+        """Empty the queue and leave an end marker, so that both waiting threads return."""
+        while True:
+            try:
+                self.queue.get_nowait()
+            except queue.Empty:
+                break
+        try:
+            self.queue.put_nowait(_END)
+        except queue.Full:
+            pass
+
+
+def _send_frames(state: _SendState, frames: Iterable[Any], encoding: str, quality: int, keep_images: bool) -> None:
+    """Sender thread: read, encode and queue frames until the source ends, fails or the stream is closed."""
+    iterator = iter(frames)
+    try:
+        frame_id = 0
+        while state.acquire_slot():
+            try:
+                item = next(iterator)
+            except StopIteration:
+                break
+            if isinstance(item, tuple):
+                image, timestamp = item
+            else:
+                image, timestamp = item, time.time()
+            request = pb.StreamRequest()
+            fill_frame(request.frame, image, encoding, quality)
+            request.frame.frame_id = frame_id
+            request.frame.capture_timestamp_us = int(round(float(timestamp) * 1e6))
+            state.pending[frame_id] = _Pending(image if keep_images else None)
+            if not state.put(request):
+                break
+            state.read = frame_id = frame_id + 1
+    except BaseException as err:  # re-raised in the reader's thread once the answers are in
+        state.error = err
+    finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:  # a source failing to release must not hide the stream's own outcome
+                log.exception("closing the frame source failed")
+        state.put(_END)
+
+
+def _requests(state: _SendState, config: pb.StreamConfig) -> Iterator[pb.StreamRequest]:
+    """The request iterator gRPC consumes in its own thread: the config, then queued frames until the end marker."""
+    yield pb.StreamRequest(config=config)
+    while not state.stop.is_set():
+        try:
+            item = state.queue.get(timeout=_POLL_S)
+        except queue.Empty:
+            continue
+        if item is _END or state.stop.is_set():
+            return
+        pending = state.pending.get(item.frame.frame_id)
+        if pending is not None:
+            pending.sent = time.perf_counter()
+        yield item
+
+
+class FeatureStream:
+    """An iterator of :class:`FeatureResult`, one per frame in frame order; also a context manager.
+
+    ``close()`` stops early: it cancels the call, unblocks and joins the sender thread. It runs by itself when the
+    iteration ends, fails, or the object is garbage-collected. ``frames_read`` counts frames taken from the source.
+    """
+
+    def __init__(self, client: FeatureClient, frames: Iterable[Any], config: pb.StreamConfig, *, encoding: str,
+                 quality: int, window: int | None, keep_images: bool) -> None:
+        self._closed = True  # until fully started, so that a failed start leaves nothing for __del__ to close
+        self._address = client.address
+        self._state = state = _SendState(window or REALTIME_SEND_QUEUE, window)
+        self._sender = threading.Thread(target=_send_frames, args=(state, frames, encoding, quality, keep_images),
+                                        name="yolostream-sender", daemon=True)
+        self._call = client._open_stream(_requests(state, config))
+        self._sender.start()
+        self._closed = False
+
+    @property
+    def frames_read(self) -> int:
+        return self._state.read
+
+    def __iter__(self) -> "FeatureStream":
+        return self
+
+    def __next__(self) -> FeatureResult:
+        if self._closed:
+            raise StopIteration
+        state = self._state
+        try:
+            msg = next(self._call)
+        except StopIteration:
+            self.close()
+            if state.error is not None:
+                raise state.error from None
+            raise
+        except grpc.RpcError as err:
+            self.close()
+            raise FeatureServerError.from_rpc(err, self._address) from None
+        except BaseException:
+            self.close()
+            raise
+        received = time.perf_counter()
+        result = msg.result
+        pending = state.pending.pop(result.frame_id, None)
+        state.release_slot()
+        sent = pending.sent if pending is not None else None
+        return _result_from_proto(result, received - sent if sent is not None else None,
+                                  pending.image if pending is not None else None)
+
+    def close(self) -> None:
+        """End the stream now; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._state.stop.set()
+        self._call.cancel()
+        self._state.unblock()
+        if self._sender is not threading.current_thread():
+            # The sender notices the stop within _POLL_S, unless it is inside a source read; a network camera
+            # that hangs there must not hang the caller too (the thread is a daemon).
+            self._sender.join(timeout=SENDER_JOIN_S)
+            if self._sender.is_alive():
+                log.warning("the frame source did not return within %.0f s; leaving its thread behind", SENDER_JOIN_S)
+
+    def __enter__(self) -> "FeatureStream":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            self.close()

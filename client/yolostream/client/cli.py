@@ -1,0 +1,230 @@
+"""``yolostream stream`` and ``yolostream info``: the client's subcommands.
+
+``yolostream.server.cli`` finds this module with importlib and calls ``register_stream`` / ``register_info`` on
+its subparsers, so the client adds commands without the command line importing torch. Expected failures are
+raised as ValueError, OSError or RuntimeError (FeatureServerError is one) with one line of text, which the main
+command prints before exiting 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from contextlib import ExitStack
+from dataclasses import asdict
+from typing import Any, Sequence
+
+from .api import DEFAULT_ADDRESS, ENCODINGS, LETTERBOXES, POOLINGS, FeatureClient, ModelInfo
+from .sources import open_source
+from .stats import StatusLine, StreamStats
+from .store import FeatureWriter
+from .viz import VideoSink, Window, display_problem, render
+
+TOKEN_ENV = "YOLOSTREAM_TOKEN"
+SERVER_ENV = "YOLOSTREAM_SERVER"
+DTYPES = ("float32", "float16", "bfloat16")
+EXIT_FRAME_ERRORS = 1
+EXIT_INTERRUPTED = 130
+
+
+def _connection_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("connection")
+    g.add_argument("--server", default=os.environ.get(SERVER_ENV, DEFAULT_ADDRESS), metavar="HOST:PORT",
+                   help=f"server address (default ${SERVER_ENV} or {DEFAULT_ADDRESS})")
+    g.add_argument("--token", default=None, help=f"bearer token (default ${TOKEN_ENV}; the variable keeps it out of "
+                                                 "the process list)")
+    g.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
+    g.add_argument("--tls-ca", metavar="CA.pem", help="use TLS, trusting these root certificates")
+    g.add_argument("--tls-server-name", metavar="NAME", help="name the server certificate must carry, when it "
+                                                             "differs from the host in --server")
+    g.add_argument("--timeout", type=float, default=30.0, help="deadline of one-shot calls in seconds (default 30)")
+
+
+def _client(args: argparse.Namespace) -> FeatureClient:
+    if args.tls_ca is not None and not os.path.isfile(args.tls_ca):
+        raise FileNotFoundError(f"--tls-ca {args.tls_ca}: no such file")
+    return FeatureClient(args.server, token=args.token or os.environ.get(TOKEN_ENV) or None, tls=args.tls,
+                         tls_ca=args.tls_ca, tls_server_name=args.tls_server_name, timeout=args.timeout)
+
+
+def register_info(p: argparse.ArgumentParser) -> None:
+    """``yolostream info``: the served model and its layer catalogue."""
+    _connection_args(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_info)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        info = client.model_info()
+    if args.json:
+        print(json.dumps(asdict(info), indent=2))
+        return 0
+    print(describe_model(info, args.server))
+    print(format_layers(info))
+    return 0
+
+
+def describe_model(info: ModelInfo, address: str) -> str:
+    lines = [f"server  {address}",
+             f"model   {info.model_name}  ({info.source})",
+             f"device  {info.device}  dtype {info.dtype}  default imgsz {info.default_imgsz}  letterbox "
+             f"{info.default_letterbox}  stride {info.stride}",
+             f"batch   max {info.batching['max_batch']}, wait {info.batching['max_delay_ms']:g} ms, "
+             f"{info.batching['max_in_flight']} frames in flight per stream",
+             f"limits  {info.limits['max_pixels']:,} pixels, {info.limits['max_frame_bytes']:,} bytes per frame, "
+             f"{info.limits['max_message_bytes']:,} bytes per message"]
+    if info.random_weights:
+        lines.append("WARNING: RANDOM WEIGHTS - features are for testing only")
+    return "\n".join(lines)
+
+
+def format_layers(info: ModelInfo) -> str:
+    """The layer catalogue as a fixed-width table."""
+    header = ("idx", "from", "type", "params", "role", "out_ch", "stride", "shape (C,H,W)", "names")
+    rows = [header]
+    for layer in info.layers:
+        rows.append((str(layer.index), ",".join(map(str, layer.inputs)) or "input", layer.type, f"{layer.params:,}",
+                     layer.role, str(layer.out_channels), str(layer.stride),
+                     "x".join(map(str, layer.output_shape)) or "-", " ".join(layer.aliases)))
+    widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(widths[c]) for c, cell in enumerate(row)).rstrip() for row in rows)
+
+
+def register_stream(p: argparse.ArgumentParser) -> None:
+    """``yolostream stream SOURCE``: stream a camera, video, URL or images to a server."""
+    p.add_argument("source", metavar="SOURCE",
+                   help="camera index (0), video file, RTSP/HTTP URL, image, folder of images, or a glob "
+                        "('frames/*.png', quoted)")
+    _connection_args(p)
+    f = p.add_argument_group("features")
+    f.add_argument("--layers", help="comma list of indices or names: backbone, C3..C6, P3..P6, 9 (default: the "
+                                    "server's, usually backbone)")
+    f.add_argument("--dtype", choices=DTYPES, help="tensor type on the wire (default float32)")
+    f.add_argument("--pool", choices=tuple(POOLINGS), default="none",
+                   help="none: (C,H,W) maps; avg/max: one (C,) vector per layer (default none)")
+    f.add_argument("--letterbox", choices=tuple(LETTERBOXES), help="server default when omitted (auto)")
+    f.add_argument("--imgsz", type=int, help="model input size (default: the server's)")
+    s = p.add_argument_group("sending")
+    s.add_argument("--encoding", choices=ENCODINGS, default="jpeg",
+                   help="jpeg: small, lossy; png: lossless, slow to encode; raw: lossless, large (default jpeg)")
+    s.add_argument("--quality", type=int, default=90, help="JPEG quality 1..100 (default 90)")
+    s.add_argument("--realtime", action="store_true",
+                   help="never hold the source back: the server drops frames it has no time for (answered DROPPED)")
+    s.add_argument("--max-in-flight", type=int, help="frames the server holds for this stream (default 8)")
+    s.add_argument("--max-frames", type=int, help="stop after N frames")
+    o = p.add_argument_group("output")
+    o.add_argument("--save", metavar="DIR", help="write features as they arrive: one .npy per layer, frames.jsonl "
+                                                 "and meta.json (read with yolostream.client.load_features)")
+    o.add_argument("--viz", metavar="OUT.mp4", help="write the video with a heatmap of --viz-layer over it "
+                                                    "(.mp4 or .avi)")
+    o.add_argument("--show", action="store_true", help="show the heatmap video in a window (needs a display)")
+    o.add_argument("--viz-layer", metavar="NAME", help="layer drawn by --viz/--show (default: the first of --layers)")
+    o.add_argument("-q", "--quiet", action="store_true", help="no live status line")
+    p.set_defaults(func=cmd_stream)
+
+
+def _layers(args: argparse.Namespace) -> list[str]:
+    layers = [s.strip() for s in (args.layers or "").split(",") if s.strip()]
+    drawing = bool(args.viz or args.show)
+    if args.viz_layer and not drawing:
+        raise ValueError("--viz-layer chooses what --viz or --show draw; give one of them")
+    if drawing and args.pool != "none":
+        raise ValueError(f"--viz/--show draw feature maps, which --pool {args.pool} reduces to vectors; "
+                         "use --pool none")
+    if args.viz_layer:
+        if not layers:
+            layers = [args.viz_layer]
+        elif args.viz_layer not in layers:
+            raise ValueError(f"--viz-layer {args.viz_layer} is not one of --layers {','.join(layers)}")
+    return layers
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    if not 1 <= args.quality <= 100:
+        raise ValueError(f"--quality must be 1..100, got {args.quality}")
+    if args.max_frames is not None and args.max_frames < 0:
+        raise ValueError(f"--max-frames must be >= 0, got {args.max_frames}")
+    if args.max_in_flight is not None and args.max_in_flight < 1:
+        raise ValueError(f"--max-in-flight must be >= 1, got {args.max_in_flight}")
+
+
+def _save_info(args: argparse.Namespace, info: ModelInfo, source_description: str, layers: Sequence[str]) -> dict:
+    return {"model": {"name": info.model_name, "source": info.source, "random_weights": info.random_weights,
+                      "device": info.device},
+            "server": args.server, "source": source_description,
+            "options": {"layers": list(layers), "dtype": args.dtype, "pooling": args.pool, "letterbox": args.letterbox,
+                        "imgsz": args.imgsz, "encoding": args.encoding, "quality": args.quality,
+                        "realtime": args.realtime}}
+
+
+def cmd_stream(args: argparse.Namespace) -> int:
+    _check_numbers(args)
+    layers = _layers(args)
+    if args.show and (problem := display_problem()):
+        raise RuntimeError(problem)
+    source = open_source(args.source, max_frames=args.max_frames)
+    with source, _client(args) as client:
+        info = client.model_info()
+        known = f"{source.frame_count} frames" if source.frame_count is not None else "length unknown"
+        rate = f"{source.fps:g} fps, " if source.fps else ""
+        print(f"streaming {source.description} ({rate}{known}) to {args.server}: {info.model_name} on {info.device}, "
+              f"layers {','.join(layers) or 'server default'}, {args.encoding}"
+              + (", realtime" if args.realtime else ""), file=sys.stderr)
+        if info.random_weights:
+            print("WARNING: RANDOM WEIGHTS - features are for testing only", file=sys.stderr)
+        return _run_stream(args, client, source, layers, info)
+
+
+def _run_stream(args: argparse.Namespace, client: FeatureClient, source: Any, layers: list[str],
+                info: ModelInfo) -> int:
+    with ExitStack() as outputs:
+        writer = sink = window = None
+        if args.save:
+            writer = outputs.enter_context(FeatureWriter(args.save, _save_info(args, info, source.description, layers)))
+        if args.viz:
+            sink = VideoSink(args.viz, fps=source.fps or 25.0)
+            outputs.callback(sink.close)
+        if args.show:
+            window = Window(f"yolostream {args.source}")
+            outputs.callback(window.close)
+        viz_layer = args.viz_layer or (layers[0] if layers else None)
+        stats = StreamStats(total=source.frame_count)
+        status = StatusLine(enabled=not args.quiet)
+        interrupted = False
+        try:
+            with client.stream(source, layers=layers or None, dtype=args.dtype, pooling=args.pool,
+                               letterbox=args.letterbox, imgsz=args.imgsz, realtime=args.realtime,
+                               max_in_flight=args.max_in_flight, encoding=args.encoding, quality=args.quality,
+                               keep_images=bool(sink or window)) as results:
+                for result in results:
+                    stats.update(result)
+                    if writer is not None:
+                        label = source.label(result.frame_id)
+                        writer.append(result, **({"file": label} if label else {}))
+                    if sink is not None or window is not None:
+                        if viz_layer is None and result.ok:
+                            viz_layer = next(iter(result.features))
+                        frame = render(result, viz_layer or "", result.image)
+                        if sink is not None:
+                            sink.write(frame)
+                        if window is not None and not window.show(frame):
+                            break
+                    status.update(stats.status_line)
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            status.finish(stats.status_line)
+            outputs.close()  # finalise the save and the video before saying they are there
+            print(stats.summary())
+            if writer is not None:
+                print(f"saved    {writer.rows} feature row(s) of {writer.frames} frame(s) to {args.save} "
+                      "(read with yolostream.client.load_features)")
+            if sink is not None:
+                print(f"heatmap  {sink.frames} frame(s) of layer {viz_layer} to {args.viz}")
+            sys.stdout.flush()
+    if interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_FRAME_ERRORS if stats.errors else 0

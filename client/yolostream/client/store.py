@@ -1,0 +1,226 @@
+"""``--save DIR``: features written to disk as they arrive, readable lazily with plain numpy.
+
+Format (version 1) of a save directory:
+
+``meta.json``
+    ``{"format": "yolostream-features", "version": 1, "complete": bool, "frames": N, "rows": R,
+    "layers": {name: {"file", "dtype", "shape", "layer_index", "stride"}}, ...}`` plus whatever the writer was
+    given (model, source, options). ``complete`` is false until the writer closed cleanly.
+``frames.jsonl``
+    One JSON object per frame, in frame order: ``frame_id``, ``timestamp`` (capture time, s), ``status``
+    (ok/error/dropped), ``error``, ``row`` (index of the frame in the layer arrays; null unless ok),
+    ``batch_size``, ``latency_s``, ``timings_us`` and ``letterbox`` (the LetterboxInfo fields), and ``file``
+    for image sources.
+``<layer>.npy``
+    One standard ``.npy`` per requested layer, shape ``(R, *frame_shape)`` — e.g. ``(R, C, H, W)``, or ``(R, C)``
+    when pooled — in the wire dtype (float32, or float16; bfloat16 is stored as float32), one row per OK frame.
+
+Each row is appended as it arrives, so memory use does not grow with the video. The ``.npy`` header is written
+first with room for any row count (numpy reserves it) and rewritten with the final count on close; a save cut
+short (crash, power loss) stays readable, as :func:`load_features` then counts whole rows from the file size.
+``np.load(DIR / "P3.npy", mmap_mode="r")`` works directly on a complete save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from .api import FeatureResult
+
+FORMAT = "yolostream-features"
+VERSION = 1
+META = "meta.json"
+FRAMES = "frames.jsonl"
+
+
+def _file_name(name: str, taken: set[str]) -> str:
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", name).strip(".") or "layer"
+    candidate, n = f"{stem}.npy", 1
+    while candidate in taken or candidate in (META, FRAMES):
+        candidate, n = f"{stem}_{n}.npy", n + 1
+    return candidate
+
+
+def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    """A version 1.0 .npy header; numpy pads it so the row count can grow to 21 digits without changing size."""
+    import io
+
+    buf = io.BytesIO()
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(buf, header)
+    return buf.getvalue()
+
+
+class _LayerFile:
+    """One growing .npy file: header first, then rows appended; the header is rewritten with the final count."""
+
+    def __init__(self, path: Path, dtype: np.dtype, row_shape: tuple[int, ...]) -> None:
+        self.path, self.dtype, self.row_shape, self.rows = path, dtype, row_shape, 0
+        self.header_size = len(_npy_header(dtype, (0, *row_shape)))
+        self.file: IO[bytes] = open(path, "wb")
+        self.file.write(_npy_header(dtype, (0, *row_shape)))
+
+    def append(self, array: np.ndarray) -> None:
+        self.file.write(np.ascontiguousarray(array, dtype=self.dtype).data)
+        self.rows += 1
+
+    def close(self) -> None:
+        header = _npy_header(self.dtype, (self.rows, *self.row_shape))
+        if len(header) != self.header_size:  # numpy reserves room for 21 digits; this cannot happen
+            raise RuntimeError(f"{self.path}: the .npy header changed size")
+        self.file.seek(0)
+        self.file.write(header)
+        self.file.close()
+
+
+class FeatureWriter:
+    """Appends results to a save directory (format in the module docstring); use as a context manager.
+
+    The directory is created; an existing one must be empty, so two runs never mix. Frames whose features have a
+    different shape from the layer's first row (images of different sizes with ``letterbox="auto"``) are refused
+    with a ValueError: use a square letterbox or pooling for those.
+    """
+
+    def __init__(self, directory: str | Path, info: dict[str, Any] | None = None) -> None:
+        self.dir = Path(directory)
+        if self.dir.exists() and (not self.dir.is_dir() or any(self.dir.iterdir())):
+            raise FileExistsError(f"--save directory {self.dir} exists and is not empty; choose a new one")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.info = dict(info or {})
+        self.layers: dict[str, _LayerFile] = {}
+        self.layer_meta: dict[str, dict[str, Any]] = {}
+        self.frames = 0
+        self.rows = 0
+        self._closed = False
+        self._frames_file = open(self.dir / FRAMES, "w", encoding="utf-8")
+        self._write_meta(complete=False)
+
+    def _write_meta(self, complete: bool) -> None:
+        meta = {**self.info, "format": FORMAT, "version": VERSION, "complete": complete, "frames": self.frames,
+                "rows": self.rows, "layers": self.layer_meta}
+        tmp = self.dir / (META + ".tmp")
+        tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, self.dir / META)
+
+    def _layer(self, name: str, array: np.ndarray, result: FeatureResult) -> _LayerFile:
+        layer = self.layers.get(name)
+        if layer is None:
+            file = _file_name(name, {lf.path.name for lf in self.layers.values()})
+            layer = _LayerFile(self.dir / file, array.dtype, tuple(array.shape))
+            self.layers[name] = layer
+            info = result.tensors.get(name)
+            self.layer_meta[name] = {"file": file, "dtype": str(array.dtype), "shape": list(array.shape),
+                                     "layer_index": info.layer_index if info else None,
+                                     "stride": info.stride if info else None}
+            self._write_meta(complete=False)
+        elif tuple(array.shape) != layer.row_shape or array.dtype != layer.dtype:
+            raise ValueError(f"frame {result.frame_id}: layer {name} has shape {tuple(array.shape)} {array.dtype}, "
+                             f"but this save holds {layer.row_shape} {layer.dtype}; frames of different sizes need "
+                             "--letterbox square (or --pool) to be saved together")
+        return layer
+
+    def append(self, result: FeatureResult, **extra: Any) -> None:
+        """Write one result: its features (OK frames) and its metadata line; ``extra`` adds fields to that line."""
+        row = None
+        if result.ok:
+            targets = [(self._layer(name, array, result), array) for name, array in result.features.items()]
+            for layer, array in targets:
+                layer.append(array)
+            row, self.rows = self.rows, self.rows + 1
+        record = {"frame_id": result.frame_id, "timestamp": result.timestamp, "status": result.status,
+                  "error": result.error, "row": row, "batch_size": result.batch_size, "latency_s": result.latency,
+                  "timings_us": result.timings_us, "letterbox": result.letterbox, **extra}
+        self._frames_file.write(json.dumps(record) + "\n")
+        self.frames += 1
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for layer in self.layers.values():
+            layer.close()
+        self._frames_file.close()
+        self._write_meta(complete=True)
+
+    def __enter__(self) -> "FeatureWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class SavedFeatures:
+    """A save directory read back: ``features[layer]`` is a read-only memory-mapped (rows, ...) array, row ``i``
+    belonging to the frame whose metadata has ``row == i``; ``frames`` lists every frame's metadata in order."""
+
+    path: Path
+    meta: dict[str, Any]
+    frames: list[dict[str, Any]]
+    features: dict[str, np.ndarray]
+
+    def __getitem__(self, layer: str) -> np.ndarray:
+        return self.features[layer]
+
+    @property
+    def frame_ids(self) -> np.ndarray:
+        """The frame id of each row of the layer arrays."""
+        return np.array([f["frame_id"] for f in self.frames if f["row"] is not None], dtype=np.int64)
+
+
+def _read_frames(path: Path) -> list[dict[str, Any]]:
+    frames = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.endswith("\n"):  # the last line of an interrupted save may be cut short
+                break
+            frames.append(json.loads(line))
+    return frames
+
+
+def _open_rows(path: Path, rows_hint: int) -> np.ndarray:
+    """Memory-map a layer file, counting whole rows from its size when the header was never finalised."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _fortran_order, dtype = read_header(f)
+        offset = f.tell()
+    row_shape = tuple(shape[1:])
+    row_bytes = int(np.prod(row_shape, dtype=np.int64)) * dtype.itemsize
+    available = (path.stat().st_size - offset) // row_bytes if row_bytes else 0
+    count = shape[0] if shape[0] else min(available, rows_hint)
+    if count == 0:
+        return np.empty((0, *row_shape), dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(count, *row_shape))
+
+
+def load_features(path: str | Path) -> SavedFeatures:
+    """Read a save directory written by ``yolostream stream --save`` / :class:`FeatureWriter`, lazily.
+
+    Layer arrays are memory-mapped, so only the rows you touch are read. A save cut short is read up to its last
+    whole row.
+    """
+    directory = Path(path)
+    meta_path = directory / META
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{directory} is not a yolostream feature save (no {META})")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise ValueError(f"{directory}: unsupported save format {meta.get('format')!r} version {meta.get('version')!r}")
+    frames = _read_frames(directory / FRAMES)
+    rows = sum(1 for f in frames if f["row"] is not None)
+    features = {name: _open_rows(directory / layer["file"], rows) for name, layer in meta["layers"].items()}
+    if not meta.get("complete"):
+        # cut short: keep the frames whose rows reached every layer file, and only those rows
+        whole = min((len(a) for a in features.values()), default=rows)
+        cut = next((i for i, f in enumerate(frames) if f["row"] is not None and f["row"] >= whole), len(frames))
+        frames = frames[:cut]
+        features = {name: a[:whole] for name, a in features.items()}
+    return SavedFeatures(directory, meta, frames, features)
