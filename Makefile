@@ -22,8 +22,9 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m yolostream.server.demo
 
+# BENCH_ARGS: --quick | --gpu (default: --gpu when torch sees CUDA, else --quick), --only, --out; see BENCHMARKS.md.
 bench: $(STAMP)
-	$(PY) -m yolostream.server.bench
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 # Regenerate the committed stubs from the proto (tests fail when they are stale).
 protos: $(STAMP)

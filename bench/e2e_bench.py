@@ -1,0 +1,415 @@
+"""End to end through gRPC on loopback: concurrent streams, each in its own client process, against a server process.
+
+Every client talks to the server with the raw generated stubs (no client library), streams one pre-encoded
+frame over and over, either as fast as its in-flight window allows or paced at a camera rate, and timestamps
+each frame from the moment its request is handed to gRPC until its answer arrives. All clients start together;
+only the frames answered inside the measuring window count for throughput, and the server's CPU time is read
+at the window's two ends. This module imports neither torch nor the server package: the clients stay light.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import cv2
+import numpy as np
+import psutil
+
+from report import percentiles
+
+MESSAGE_LIMIT = 128 * 1024 * 1024
+#: The server's per-frame Timings fields, averaged per cell.
+TIMING_STAGES = ("queued_us", "preprocess_us", "compute_us", "encode_us")
+LAYER_SETS = {"backbone": ("backbone",), "P3,P4,P5": ("P3", "P4", "P5")}
+
+
+def synthetic_frame(height: int = 480, width: int = 640, seed: int = 0) -> np.ndarray:
+    """A natural-looking BGR test image: sky and ground gradients, soft-edged shapes, texture and sensor noise.
+
+    Pure noise would make JPEGs several times larger than camera frames; this compresses like a real scene.
+    """
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    horizon = height * 0.45
+    sky = np.stack([230 - 60 * yy / horizon, 200 - 40 * yy / horizon, 150 - 30 * yy / horizon], axis=-1)
+    ground_t = (yy - horizon) / (height - horizon)
+    ground = np.stack([70 + 30 * ground_t, 110 + 20 * ground_t, 90 + 40 * ground_t], axis=-1)
+    img = np.where((yy < horizon)[..., None], sky, ground)
+    img += 12 * np.sin(xx / 23.0 + np.cos(yy / 31.0))[..., None]
+    canvas = np.clip(img, 0, 255).astype(np.uint8)
+    for _ in range(14):
+        colour = tuple(int(c) for c in rng.integers(20, 235, 3))
+        x, y = int(rng.integers(0, width)), int(rng.integers(int(horizon) - 40, height))
+        if rng.random() < 0.5:
+            w, h = int(rng.integers(30, 160)), int(rng.integers(30, 140))
+            cv2.rectangle(canvas, (x, y), (x + w, y + h), colour, -1)
+        else:
+            cv2.circle(canvas, (x, y), int(rng.integers(12, 70)), colour, -1)
+    canvas = cv2.GaussianBlur(canvas, (0, 0), 1.6)
+    noise = rng.normal(0, 3.0, canvas.shape)
+    return np.clip(canvas.astype(np.float32) + noise, 0, 255).astype(np.uint8)
+
+
+def encode_jpeg(image: np.ndarray, quality: int = 90) -> bytes:
+    ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise RuntimeError("JPEG encoding failed")
+    return data.tobytes()
+
+
+@dataclass(frozen=True)
+class FramePayload:
+    """One frame as it goes on the wire: JPEG bytes, or raw BGR pixels of ``height`` × ``width``."""
+
+    kind: str
+    data: bytes
+    height: int
+    width: int
+
+    @staticmethod
+    def of(image: np.ndarray, kind: str) -> "FramePayload":
+        if kind == "jpeg":
+            return FramePayload("jpeg", encode_jpeg(image), image.shape[0], image.shape[1])
+        if kind == "raw":
+            return FramePayload("raw", np.ascontiguousarray(image).tobytes(), image.shape[0], image.shape[1])
+        raise ValueError(f"unknown input kind {kind!r}: choose jpeg or raw")
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """What one client process sends, how, and for how long (seconds on the shared monotonic clock)."""
+
+    address: str
+    payload: FramePayload
+    layers: tuple[str, ...] = ("backbone",)
+    dtype: str = "float32"
+    max_in_flight: int = 8
+    rate: float = 0.0
+    warm_s: float = 0.5
+    duration_s: float = 3.0
+    imgsz: int = 0
+    square: bool = False
+
+
+def _stub(address: str):
+    import grpc
+
+    from yolostream.v1 import feature_service_pb2_grpc as pb_grpc
+
+    options = [("grpc.max_send_message_length", MESSAGE_LIMIT), ("grpc.max_receive_message_length", MESSAGE_LIMIT)]
+    channel = grpc.insecure_channel(address, options=options)
+    grpc.channel_ready_future(channel).result(timeout=60)
+    return channel, pb_grpc.FeatureServiceStub(channel)
+
+
+def frame_message(payload: FramePayload, frame_id: int, timestamp_us: int):
+    from yolostream.v1 import feature_service_pb2 as pb
+
+    if payload.kind == "jpeg":
+        frame = pb.Frame(frame_id=frame_id, capture_timestamp_us=timestamp_us, encoded=payload.data)
+    else:
+        frame = pb.Frame(frame_id=frame_id, capture_timestamp_us=timestamp_us,
+                         raw=pb.RawImage(data=payload.data, height=payload.height, width=payload.width, channels=3,
+                                         format=pb.PIXEL_FORMAT_BGR))
+    return pb.StreamRequest(frame=frame)
+
+
+def config_message(spec: StreamSpec):
+    from yolostream.v1 import feature_service_pb2 as pb
+    from yolostream.v1 import wire
+
+    options = pb.FeatureOptions(layers=list(spec.layers), dtype=wire.dtype_from_name(spec.dtype), imgsz=spec.imgsz,
+                                letterbox=pb.LETTERBOX_POLICY_SQUARE if spec.square else 0)
+    return pb.StreamRequest(config=pb.StreamConfig(options=options, max_in_flight=spec.max_in_flight))
+
+
+def run_stream(spec: StreamSpec, start_at: float, connected: tuple | None = None) -> dict[str, Any]:
+    """Stream until ``start_at + warm_s + duration_s``; per frame: send and receive times, batch size, status.
+
+    Paced streams (``rate`` > 0) send frame i at ``start_at + i / rate``, or as soon as an in-flight slot frees
+    when behind; latency is always counted from the moment a frame is handed to gRPC.
+    """
+    from yolostream.v1 import feature_service_pb2 as pb
+
+    channel, stub = connected or _stub(spec.address)
+    stop_at = start_at + spec.warm_s + spec.duration_s
+    slots = threading.Semaphore(spec.max_in_flight)
+    sent: list[float] = []
+
+    def requests():
+        yield config_message(spec)
+        _sleep_until(start_at)
+        i = 0
+        while True:
+            if spec.rate > 0:
+                _sleep_until(start_at + i / spec.rate)
+            if not slots.acquire(timeout=120):
+                return
+            now = time.perf_counter()
+            if now >= stop_at:
+                slots.release()
+                return
+            sent.append(now)
+            yield frame_message(spec.payload, i, int(now * 1e6))
+            i += 1
+
+    received, batch, ok, reply_bytes = [], [], [], 0
+    stages = {name: [] for name in TIMING_STAGES}
+    try:
+        for response in stub.StreamFeatures(requests(), timeout=spec.warm_s + spec.duration_s + 300):
+            received.append(time.perf_counter())
+            slots.release()
+            result = response.result
+            batch.append(result.batch_size)
+            ok.append(result.status == pb.FRAME_STATUS_OK)
+            for name in TIMING_STAGES:
+                stages[name].append(getattr(result.timings, name))
+            if not reply_bytes:
+                reply_bytes = response.ByteSize()
+    finally:
+        channel.close()
+    n = len(received)
+    return {"sent": np.asarray(sent[:n]), "received": np.asarray(received), "batch": np.asarray(batch),
+            "ok": np.asarray(ok, bool), "reply_bytes": reply_bytes, "error_count": int(n - sum(ok)),
+            "timings_us": {name: np.asarray(values, np.float64) for name, values in stages.items()}}
+
+
+def _sleep_until(t: float) -> None:
+    left = t - time.perf_counter()
+    if left > 0:
+        time.sleep(left)
+
+
+def _client_main(worker: Callable, spec: Any, ready: Any, go: Any, start: Any, results: Any, slot: int) -> None:
+    """A client process: connect, say ready, wait for the common start, run, send back the timings."""
+    try:
+        prepared = worker(spec, None)
+        ready.put(("ready", slot, None))
+        go.wait(300)
+        results.put((slot, worker(spec, start.value, prepared), None))
+    except BaseException as err:  # report, do not hang the driver
+        import traceback
+
+        ready.put(("error", slot, traceback.format_exc()))
+        results.put((slot, None, f"{type(err).__name__}: {err}"))
+
+
+def grpc_worker(spec: StreamSpec, start_at: float | None, prepared: Any = None) -> Any:
+    """Client-process entry for a gRPC stream: prepare (connect) when ``start_at`` is None, else run."""
+    if start_at is None:
+        return _stub(spec.address)
+    return run_stream(spec, start_at, prepared)
+
+
+@dataclass
+class Window:
+    """What happened inside the measuring window, over all clients."""
+
+    frames: int
+    duration_s: float
+    latencies_ms: np.ndarray
+    batch_sizes: np.ndarray
+    errors: int
+    reply_bytes: int
+    cpu_s: float | None
+    per_client_frames: list[int] = field(default_factory=list)
+    client_cpu_s: float | None = None
+    machine_busy_s: float | None = None
+    timings_us: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def fps(self) -> float:
+        return self.frames / self.duration_s
+
+
+def run_clients(worker: Callable, specs: Sequence[Any], *, warm_s: float, duration_s: float,
+                cpu_seconds: Callable[[], float] | None = None, ready_timeout: float = 120.0) -> Window:
+    """Start one spawned process per spec, start them together, and sum up their measuring window."""
+    ctx = mp.get_context("spawn")
+    ready, results, go, start = ctx.Queue(), ctx.Queue(), ctx.Event(), ctx.Value("d", 0.0)
+    procs = [ctx.Process(target=_client_main, args=(worker, spec, ready, go, start, results, k), daemon=True)
+             for k, spec in enumerate(specs)]
+    for p in procs:
+        p.start()
+    try:
+        _wait_ready(ready, procs, ready_timeout)
+        start_at = time.perf_counter() + 0.05
+        start.value = start_at
+        go.set()
+        window_start, window_end = start_at + warm_s, start_at + warm_s + duration_s
+        clients = [psutil.Process(p.pid) for p in procs]
+        _sleep_until(window_start)
+        first = _cpu_sample(cpu_seconds, clients)
+        _sleep_until(window_end)
+        last = _cpu_sample(cpu_seconds, clients)
+        outputs = _collect(results, procs, timeout=warm_s + duration_s + 600)
+    finally:
+        go.set()
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.terminate()
+                p.join()
+    window = summarise([outputs[k] for k in sorted(outputs)], window_start, window_end,
+                       (first[0], last[0]) if cpu_seconds is not None else (None, None))
+    window.client_cpu_s = last[1] - first[1]
+    window.machine_busy_s = last[2] - first[2]
+    return window
+
+
+def _cpu_sample(server: Callable[[], float] | None, clients: Sequence[psutil.Process]) -> tuple[float, float, float]:
+    """(server CPU s, clients' CPU s, whole machine's busy CPU s) so far."""
+    own = sum(sum(c.cpu_times()[:2]) for c in clients)
+    machine = psutil.cpu_times()
+    busy = sum(machine) - machine.idle - getattr(machine, "iowait", 0.0)
+    return (server() if server is not None else 0.0), own, busy
+
+
+def _wait_ready(ready: Any, procs: Sequence[Any], timeout: float) -> None:
+    """Every client said ready; a client that died on the way (it never will say so) fails the run at once."""
+    deadline, waiting = time.perf_counter() + timeout, len(procs)
+    while waiting:
+        try:
+            state, slot, detail = ready.get(timeout=0.5)
+        except queue.Empty:
+            dead = [k for k, p in enumerate(procs) if p.exitcode is not None]
+            if dead:
+                raise RuntimeError(f"client process(es) {dead} exited before starting (exit codes "
+                                   f"{[procs[k].exitcode for k in dead]})") from None
+            if time.perf_counter() > deadline:
+                raise TimeoutError(f"{waiting} client(s) not ready after {timeout:.0f} s") from None
+            continue
+        if state != "ready":
+            raise RuntimeError(f"client {slot} failed to start:\n{detail}")
+        waiting -= 1
+
+
+def _collect(results: Any, procs: Sequence[Any], timeout: float) -> dict[int, Any]:
+    """Every client's result by slot; a client that crashed (non-zero exit, no result) fails the run at once."""
+    deadline, outputs = time.perf_counter() + timeout, {}
+    while len(outputs) < len(procs):
+        try:
+            slot, value, error = results.get(timeout=0.5)
+        except queue.Empty:
+            crashed = [k for k, p in enumerate(procs) if k not in outputs and p.exitcode not in (None, 0)]
+            if crashed:
+                raise RuntimeError(f"client process(es) {crashed} crashed (exit codes "
+                                   f"{[procs[k].exitcode for k in crashed]})") from None
+            if time.perf_counter() > deadline:
+                raise TimeoutError(f"{len(procs) - len(outputs)} client(s) did not report within {timeout:.0f} s") \
+                    from None
+            continue
+        if error:
+            raise RuntimeError(f"client {slot} failed: {error}")
+        outputs[slot] = value
+    return outputs
+
+
+def summarise(outputs: Sequence[dict], window_start: float, window_end: float, cpu: Sequence[float | None]) -> Window:
+    """Frames answered inside the window count for throughput; frames sent inside it give the latencies."""
+    frames, latencies, batches, errors, counts, reply = 0, [], [], 0, [], 0
+    timings: dict[str, list[np.ndarray]] = {}
+    for out in outputs:
+        sent, received = out["sent"], out["received"]
+        inside = (received >= window_start) & (received <= window_end)
+        counts.append(int(inside.sum()))
+        frames += counts[-1]
+        batches.append(out["batch"][inside])
+        timed = (sent >= window_start) & (sent <= window_end)
+        latencies.append((received[timed] - sent[timed]) * 1000.0)
+        errors += int((~out["ok"][inside]).sum())
+        for stage, values in out.get("timings_us", {}).items():
+            timings.setdefault(stage, []).append(values[inside & out["ok"]])
+        reply = reply or out["reply_bytes"]
+    cpu_s = cpu[1] - cpu[0] if cpu[0] is not None and cpu[1] is not None else None
+    means = {stage: float(np.concatenate(parts).mean()) for stage, parts in timings.items()
+             if sum(p.size for p in parts)}
+    return Window(frames, window_end - window_start, np.concatenate(latencies) if latencies else np.zeros(0),
+                  np.concatenate(batches) if batches else np.zeros(0), errors, reply, cpu_s, counts,
+                  timings_us=means)
+
+
+@dataclass(frozen=True)
+class E2ECell:
+    streams: int
+    input: str
+    layers: str
+    dtype: str
+    rate: float = 0.0
+
+
+def run_cell(address: str, cell: E2ECell, payloads: dict[str, FramePayload], *, warm_s: float, duration_s: float,
+             max_in_flight: int, cpu_seconds: Callable[[], float] | None) -> dict[str, Any]:
+    """One row of the end-to-end (or camera-rate) table."""
+    spec = StreamSpec(address, payloads[cell.input], LAYER_SETS[cell.layers], cell.dtype, max_in_flight, cell.rate,
+                      warm_s, duration_s)
+    window = run_clients(grpc_worker, [spec] * cell.streams, warm_s=warm_s, duration_s=duration_s,
+                         cpu_seconds=cpu_seconds)
+    stats = percentiles(window.latencies_ms)
+    return {
+        "streams": cell.streams, "input": cell.input, "layers": cell.layers, "dtype": cell.dtype,
+        "rate": cell.rate or None, "fps": window.fps, "frames": window.frames, "duration_s": window.duration_s,
+        "p50_ms": stats["p50"], "p95_ms": stats["p95"], "p99_ms": stats["p99"],
+        "mean_batch": float(window.batch_sizes.mean()) if window.batch_sizes.size else None,
+        "server_cpu_s": window.cpu_s,
+        "server_cpu_ms_per_frame": (window.cpu_s / window.frames * 1000.0) if window.cpu_s and window.frames else None,
+        "client_cpu_ms_per_frame": (window.client_cpu_s / window.frames * 1000.0) if window.frames else None,
+        "machine_busy_cores": window.machine_busy_s / window.duration_s,
+        "other_cpu_cores": max(0.0, window.machine_busy_s - window.client_cpu_s - (window.cpu_s or 0.0)) / window.duration_s,
+        "server_timings_ms": {k.removesuffix("_us"): v / 1000.0 for k, v in window.timings_us.items()},
+        "errors": window.errors, "reply_bytes": window.reply_bytes, "per_client_frames": window.per_client_frames,
+        "frame_bytes": len(payloads[cell.input].data), "max_in_flight": max_in_flight,
+    }
+
+
+def engine_reference(engine_rows: Sequence[dict], layers: str, mean_batch: float | None) -> dict | None:
+    """The server-way engine row for ``layers`` at the measured batch size nearest ``mean_batch``."""
+    rows = [r for r in engine_rows if r["way"].startswith("server") and r["layers"] == layers]
+    if not rows or mean_batch is None:
+        return None
+    return min(rows, key=lambda r: (abs(r["batch"] - mean_batch), r["batch"]))
+
+
+def add_engine_ratio(row: dict, engine_rows: Sequence[dict]) -> dict:
+    ref = engine_reference(engine_rows, row["layers"], row["mean_batch"])
+    if ref is not None:
+        row["engine_fps"] = ref["fps"]
+        row["engine_batch"] = ref["batch"]
+        row["engine_ref"] = f"{ref['fps']:.0f} (b{ref['batch']})"
+        row["ratio_vs_engine"] = row["fps"] / ref["fps"]
+    return row
+
+
+def add_camera_ratio(row: dict, engine_rows: Sequence[dict]) -> dict:
+    ref = next((r for r in engine_rows if r["way"].startswith("server") and r["layers"] == row["layers"]
+                and r["batch"] == 1), None)
+    if ref is not None and row["p50_ms"] is not None:
+        row["engine_b1_ms"] = ref["ms_batch"]
+        row["p50_vs_engine"] = row["p50_ms"] / ref["ms_batch"]
+        row["p99_vs_engine"] = row["p99_ms"] / ref["ms_batch"]
+    return row
+
+
+def run_e2e(address: str, cells: Sequence[E2ECell], payloads: dict[str, FramePayload], *, warm_s: float,
+            duration_s: float, max_in_flight: int = 8, cpu_seconds: Callable[[], float] | None = None,
+            engine_rows: Sequence[dict] = (), camera: bool = False,
+            progress: Callable[[str], None] = lambda s: None) -> list[dict]:
+    """Every cell against one running server, in order; rows carry the ratio to the engine where it was measured."""
+    rows = []
+    for cell in cells:
+        row = run_cell(address, cell, payloads, warm_s=warm_s, duration_s=duration_s, max_in_flight=max_in_flight,
+                       cpu_seconds=cpu_seconds)
+        rows.append(add_camera_ratio(row, engine_rows) if camera else add_engine_ratio(row, engine_rows))
+        progress(f"{'camera' if camera else 'e2e'} {cell}: {row['fps']:.1f} frames/s, p50 {row['p50_ms']} ms")
+    return rows
+
+
+def payloads_for(height: int = 480, width: int = 640) -> dict[str, FramePayload]:
+    image = synthetic_frame(height, width)
+    return {"jpeg": FramePayload.of(image, "jpeg"), "raw": FramePayload.of(image, "raw")}
+

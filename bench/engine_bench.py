@@ -1,0 +1,177 @@
+"""The engine alone, in-process: the limit a server can approach, and the seed approach it replaces.
+
+Two ways of computing the same features, timed interleaved (every mode once per round, the starting mode
+rotating), after warm-up rounds, reporting the median per mode:
+
+- **server**: what the micro-batcher does: ``engine.collect(engine.launch(uint8 frames, keys))``: stack (or copy
+  into the pinned staging buffer), upload, normalise on the device, truncated forward, cast, copy back. Fused
+  BN; on CUDA fp16 + channels_last + the staged path. ``full`` runs ``engine.model`` (every layer and Detect with
+  its decode) on the same uint8 batch, outputs left on the device.
+- **seed**: what a user would otherwise write: a second, separately built copy of the model, fused (as upstream
+  ``attempt_load`` returns it), fp32, batch 1, the whole detector (Detect and its decode included) with forward
+  hooks on the wanted layers, the frame converted as upstream detect.py does (``.float() / 255``), and the
+  hooked outputs copied to the host.
+
+Inputs are the benchmark's 640×480 frame letterboxed as the server does it (``auto``), so the rows compare
+directly with the end-to-end table. On CUDA every timed call ends with ``torch.cuda.synchronize()``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import psutil
+import torch
+
+from yolostream.server.engine import Engine
+from yolostream.server.model.loader import load_model
+
+from e2e_bench import LAYER_SETS, synthetic_frame
+from report import median
+
+
+@dataclass(frozen=True)
+class EngineCase:
+    """One model's engine rows."""
+
+    cfg: str
+    imgsz: int
+    device: str = "auto"
+    half: bool = False
+    batches: tuple[int, ...] = (1, 4, 16, 32)
+    repeats: int = 7
+    warmup: int = 2
+    out_dtype: str = "float32"
+    seed: bool = True
+    full: bool = True
+
+
+def _sync(device: torch.device) -> Callable[[], None]:
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+class SeedModel:
+    """The seed approach: the full detector with forward hooks on the wanted layers, batch 1, fp32."""
+
+    def __init__(self, cfg: str, device: torch.device, hooked: Sequence[int]) -> None:
+        engine = Engine(load_model(cfg=cfg), device=str(device), half=False,
+                        channels_last=False, fuse=True, staged=False)
+        self.model, self.device = engine.model, engine.device
+        self.captured: dict[int, torch.Tensor] = {}
+        self.wanted: set[int] = set()
+        for index in sorted(set(hooked)):
+            self.model.model[index].register_forward_hook(self._hook(index))
+
+    def _hook(self, index: int):
+        def capture(module: torch.nn.Module, inputs: object, output: torch.Tensor) -> None:
+            if index in self.wanted:
+                self.captured[index] = output
+        return capture
+
+    def __call__(self, chw: np.ndarray, indices: Sequence[int]) -> dict[int, np.ndarray]:
+        self.wanted, self.captured = set(indices), {}
+        with torch.inference_mode():
+            x = torch.from_numpy(chw).to(self.device).float() / 255
+            self.model(x[None])
+            return {i: t.cpu().numpy() for i, t in self.captured.items()}
+
+
+def _modes(engine: Engine, seed: SeedModel | None, chw: np.ndarray, case: EngineCase) -> list[tuple[dict, Callable]]:
+    """(row fields, timed callable) for every row of this case."""
+    sync = _sync(engine.device)
+    precision = "fp16+channels_last" if engine.dtype == torch.float16 else "fp32"
+    path = "staged" if engine.staged else "direct"
+    server_way = f"server: fused {precision}, {path}"
+    modes = []
+    for batch in case.batches:
+        images = [chw] * batch
+        for layers, names in LAYER_SETS.items():
+            keys = [(r.index, "none", case.out_dtype) for r in engine.resolve(names)]
+
+            def run(images=images, keys=keys):
+                engine.collect(engine.launch(images, keys))
+                sync()
+
+            modes.append(({"way": server_way, "layers": layers, "batch": batch, "out_dtype": case.out_dtype}, run))
+        if case.full:
+            def run_full(images=images):
+                with torch.inference_mode():
+                    engine.model(engine.to_input(np.stack(images)))
+                sync()
+
+            modes.append(({"way": server_way, "layers": "full (Detect)", "batch": batch, "out_dtype": None},
+                          run_full))
+    if seed is not None:
+        for layers, names in LAYER_SETS.items():
+            indices = [r.index for r in engine.resolve(names)]
+
+            def run_seed(indices=indices):
+                seed(chw, indices)
+                sync()
+
+            modes.append(({"way": "seed: full model fp32, hooks", "layers": layers, "batch": 1,
+                           "out_dtype": "float32"}, run_seed))
+    return modes
+
+
+def time_interleaved(calls: Sequence[Callable[[], None]], repeats: int, warmup: int) -> list[list[float]]:
+    """Per call, ``repeats`` wall times in ms; each round runs every call once, starting one further along."""
+    times: list[list[float]] = [[] for _ in calls]
+    n = len(calls)
+    for r in range(warmup + repeats):
+        for k in range(n):
+            j = (k + r) % n
+            start = time.perf_counter()
+            calls[j]()
+            elapsed = (time.perf_counter() - start) * 1000.0
+            if r >= warmup:
+                times[j].append(elapsed)
+    return times
+
+
+def run_engine_case(case: EngineCase, progress: Callable[[str], None] = lambda s: None) -> list[dict]:
+    """All rows of one model: server way at every batch size and layer set, plus the seed approach."""
+    loaded = load_model(cfg=case.cfg)
+    engine = Engine(loaded, device=case.device, half=case.half, imgsz=case.imgsz)
+    chw, _ = engine.preprocess(synthetic_frame())
+    if engine.staged:
+        engine.warmup(max(case.batches), imgsz=case.imgsz)
+    hooked = [r.index for names in LAYER_SETS.values() for r in engine.resolve(names)]
+    seed = SeedModel(case.cfg, engine.device, hooked) if case.seed else None
+    modes = _modes(engine, seed, chw, case)
+    progress(f"engine {engine.name}@{case.imgsz} on {engine.device}: {len(modes)} modes × "
+             f"{case.warmup}+{case.repeats} rounds")
+    own, machine = psutil.Process(), psutil.cpu_times()
+    own_cpu, wall = sum(own.cpu_times()[:2]), time.perf_counter()
+    times = time_interleaved([call for _, call in modes], case.repeats, case.warmup)
+    wall = time.perf_counter() - wall
+    own_cpu = sum(own.cpu_times()[:2]) - own_cpu
+    busy = _busy(psutil.cpu_times()) - _busy(machine)
+    load = {"bench_cpu_cores": own_cpu / wall, "other_cpu_cores": max(0.0, busy - own_cpu) / wall,
+            "torch_threads": torch.get_num_threads()}
+    rows = []
+    for (fields, _), runs in zip(modes, times):
+        ms = median(runs)
+        rows.append({"model": engine.name, "imgsz": case.imgsz, "input": f"{chw.shape[1]}x{chw.shape[2]}",
+                     "device": str(engine.device), **fields, "ms_batch": ms, "ms_frame": ms / fields["batch"],
+                     "fps": 1000.0 * fields["batch"] / ms, "min_ms": min(runs), "runs_ms": runs,
+                     "random_weights": engine.random_weights, **load})
+    del seed, engine
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _busy(times) -> float:
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+
+
+def run_engine(cases: Sequence[EngineCase], progress: Callable[[str], None] = lambda s: None) -> list[dict]:
+    """Every case's rows, one model at a time (each freed before the next is built)."""
+    rows = []
+    for case in cases:
+        rows += run_engine_case(case, progress)
+    return rows

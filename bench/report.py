@@ -1,0 +1,154 @@
+"""Numbers in, tables and a JSON file out: the statistics, the machine description and the markdown tables.
+
+Kept free of torch and gRPC so the client processes and the tests can use it cheaply.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+
+def percentiles(values: Sequence[float], points: Iterable[float] = (50, 95, 99)) -> dict[str, float | None]:
+    """``{"p50": …, "p95": …, "p99": …}``; None for an empty sample (a cell that answered nothing)."""
+    data = np.asarray(values, dtype=np.float64)
+    return {f"p{p:g}": (float(np.percentile(data, p)) if data.size else None) for p in points}
+
+
+def median(values: Sequence[float]) -> float:
+    return float(np.median(np.asarray(values, dtype=np.float64)))
+
+
+def cpu_model() -> str:
+    """The CPU's name from /proc/cpuinfo (Linux), else what ``platform`` says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(preset: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Where the numbers come from: host, CPU, cores, library versions, accelerator, load at the start."""
+    import grpc
+    import torch
+
+    cuda = torch.cuda.is_available()
+    info = {
+        "hostname": socket.gethostname(),
+        "cpu_model": cpu_model(),
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "grpcio": grpc.__version__,
+        "cuda": torch.version.cuda if cuda else None,
+        "device_name": torch.cuda.get_device_name(0) if cuda else f"cpu ({cpu_model()})",
+        "preset": preset,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+    info.update(extra or {})
+    return info
+
+
+def fmt(value: Any, digits: int = 1) -> str:
+    """A table cell: numbers rounded, None as an em dash."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if value != value:
+            return "—"
+        if abs(value) >= 100 or digits == 0:
+            return f"{value:.0f}"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(columns: Sequence[tuple[str, str, int]], rows: Sequence[dict[str, Any]]) -> str:
+    """``columns`` are (header, key, digits); one markdown row per dict."""
+    head = "| " + " | ".join(c[0] for c in columns) + " |"
+    rule = "|" + "|".join("---" for _ in columns) + "|"
+    body = ["| " + " | ".join(fmt(row.get(key), digits) for _, key, digits in columns) + " |" for row in rows]
+    return "\n".join([head, rule, *body])
+
+
+ENGINE_COLUMNS = [
+    ("model", "model", 0), ("imgsz", "imgsz", 0), ("input", "input", 0), ("way", "way", 0),
+    ("layers", "layers", 0), ("batch", "batch", 0), ("ms/batch", "ms_batch", 2), ("ms/frame", "ms_frame", 2),
+    ("frames/s", "fps", 1), ("other load (cores)", "other_cpu_cores", 2),
+]
+
+E2E_COLUMNS = [
+    ("streams", "streams", 0), ("input", "input", 0), ("layers", "layers", 0), ("dtype", "dtype", 0),
+    ("frames/s", "fps", 1), ("p50 ms", "p50_ms", 1), ("p95 ms", "p95_ms", 1), ("p99 ms", "p99_ms", 1),
+    ("mean batch", "mean_batch", 2), ("server CPU-ms/frame", "server_cpu_ms_per_frame", 1),
+    ("engine frames/s (at batch)", "engine_ref", 0), ("e2e / engine", "ratio_vs_engine", 2),
+    ("other load (cores)", "other_cpu_cores", 2),
+]
+
+CAMERA_COLUMNS = [
+    ("streams", "streams", 0), ("input", "input", 0), ("layers", "layers", 0), ("dtype", "dtype", 0),
+    ("target fps/stream", "rate", 0), ("achieved frames/s", "fps", 1), ("p50 ms", "p50_ms", 1),
+    ("p99 ms", "p99_ms", 1), ("mean batch", "mean_batch", 2), ("engine batch-1 ms", "engine_b1_ms", 1),
+    ("p50 / engine b1", "p50_vs_engine", 2), ("p99 / engine b1", "p99_vs_engine", 2),
+    ("other load (cores)", "other_cpu_cores", 2),
+]
+
+TRANSPORT_COLUMNS = [
+    ("reply", "what", 0), ("reply bytes", "reply_bytes", 0), ("in flight", "in_flight", 0),
+    ("service msgs/s", "grpc_msgs_s", 0), ("service MB/s", "grpc_mb_s", 0), ("plain gRPC MB/s", "echo_mb_s", 0),
+    ("socket MB/s", "socket_mb_s", 0), ("service / socket", "ratio", 2), ("plain gRPC / socket", "echo_ratio", 2),
+    ("service server CPU-ms/msg", "server_cpu_ms_per_msg", 2), ("plain gRPC server CPU-ms/msg", "echo_server_cpu_ms_per_msg", 2),
+    ("other load (cores)", "other_cpu_cores", 2),
+]
+
+SECTIONS = {
+    "engine": ("Engine alone, in-process", ENGINE_COLUMNS),
+    "e2e": ("End to end through gRPC on loopback", E2E_COLUMNS),
+    "camera": ("Latency at camera rate", CAMERA_COLUMNS),
+    "transport": ("Transport alone (model bypassed) against a raw TCP socket", TRANSPORT_COLUMNS),
+}
+
+
+def section_markdown(name: str, rows: Sequence[dict[str, Any]]) -> str:
+    title, columns = SECTIONS[name]
+    return f"### {title}\n\n{markdown_table(columns, rows)}\n"
+
+
+def machine_line(info: dict[str, Any]) -> str:
+    return (f"Machine: {info['hostname']}, {info['cores']} cores ({info['cpu_model']}), device {info['device_name']}, "
+            f"torch {info['torch']}, grpcio {info['grpcio']}, preset `{info['preset']}`, {info['started']}.")
+
+
+def write_json(results: dict[str, Any], out_dir: Path) -> Path:
+    """``<out_dir>/<hostname>-<YYYYMMDD-HHMMSS>.json``; returns its path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    host = socket.gethostname().replace("/", "_") or "host"
+    path = out_dir / f"{host}-{stamp}.json"
+    path.write_text(json.dumps(results, indent=1, default=_jsonable))
+    return path
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"cannot store {type(value).__name__} in the results file")

@@ -1,0 +1,215 @@
+"""``make bench``: the benchmark suite. Prints a markdown table per section and writes the numbers as JSON.
+
+    python bench/run.py [--quick | --gpu] [--out bench/results] [--only engine,e2e,camera,transport]
+
+``--quick`` is the CPU preset (yolov5n at 320, a documented subset of the end-to-end matrix, under 3 minutes on
+2 cores); ``--gpu`` is yolov5s at 640 fp16 with yolov5l engine rows and the full matrix. Without either, the
+preset is ``--gpu`` when torch sees CUDA, else ``--quick``. Random weights throughout: timing does not depend
+on them. See BENCHMARKS.md for the method and the targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from server_proc import ensure_importable  # noqa: E402  (light: no torch)
+from transport_bench import TransportCase  # noqa: E402
+
+ensure_importable()
+
+SECTION_NAMES = ("engine", "e2e", "camera", "transport")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Everything one preset measures; every field lands in the JSON file."""
+
+    name: str
+    cfg: str
+    imgsz: int
+    device: str
+    half: bool
+    threads: int | None
+    engine_models: tuple[str, ...]
+    batches: tuple[int, ...]
+    repeats: int
+    warmup: int
+    engine_out_dtype: str
+    e2e_streams: tuple[int, ...]
+    e2e_inputs: tuple[str, ...]
+    e2e_outputs: tuple[tuple[str, str], ...]
+    e2e_prime_s: float
+    e2e_warm_s: float
+    e2e_duration_s: float
+    max_in_flight: int
+    camera_streams: tuple[int, ...]
+    camera_rate: float
+    camera_warm_s: float
+    camera_duration_s: float
+    transport_cases: tuple[TransportCase, ...]
+    transport_in_flight: tuple[int, ...]
+    transport_warm_s: float
+    transport_duration_s: float
+    notes: tuple[str, ...] = field(default=())
+
+
+#: Reply sizes for the transport section: 256x20x20 float32 = 409,600 B, and 4 * (128*80*80 + 256*40*40 + 512*20*20)
+#: = 5,734,400 B, each plus a few dozen bytes of message framing.
+TRANSPORT_CASES = (
+    TransportCase("yolov5n backbone float32 @640 (~410 KB)", "yolov5n", ("backbone",)),
+    TransportCase("yolov5s P3,P4,P5 float32 @640 (~5.7 MB)", "yolov5s", ("P3", "P4", "P5")),
+)
+
+QUICK = Preset(
+    name="quick", cfg="yolov5n", imgsz=320, device="cpu", half=False, threads=2,
+    engine_models=("yolov5n",), batches=(1, 4, 8, 16, 32), repeats=11, warmup=2, engine_out_dtype="float32",
+    e2e_streams=(1, 4), e2e_inputs=("jpeg", "raw"), e2e_outputs=(("backbone", "float32"), ("P3,P4,P5", "float16")),
+    e2e_prime_s=0.0, e2e_warm_s=0.6, e2e_duration_s=4.0, max_in_flight=8,
+    camera_streams=(1, 8), camera_rate=30.0, camera_warm_s=1.0, camera_duration_s=4.0,
+    transport_cases=TRANSPORT_CASES, transport_in_flight=(8,), transport_warm_s=0.5, transport_duration_s=3.0,
+    notes=("e2e subset: 1 and 4 streams × JPEG and raw × (backbone float32, P3,P4,P5 float16)",
+           "camera rows: JPEG, backbone, float32",
+           "batch 8 added to the engine rows: it is the CPU server's max_batch"),
+)
+
+GPU = Preset(
+    name="gpu", cfg="yolov5s", imgsz=640, device="cuda", half=True, threads=None,
+    engine_models=("yolov5s", "yolov5l"), batches=(1, 4, 8, 16, 32), repeats=25, warmup=4, engine_out_dtype="float16",
+    e2e_streams=(1, 4, 8, 16), e2e_inputs=("jpeg", "raw"),
+    e2e_outputs=(("backbone", "float32"), ("backbone", "float16"), ("P3,P4,P5", "float32"), ("P3,P4,P5", "float16")),
+    e2e_prime_s=3.0, e2e_warm_s=1.0, e2e_duration_s=3.0, max_in_flight=8,
+    camera_streams=(1, 8), camera_rate=30.0, camera_warm_s=1.5, camera_duration_s=5.0,
+    transport_cases=TRANSPORT_CASES, transport_in_flight=(1, 8), transport_warm_s=0.5, transport_duration_s=3.0,
+    notes=("full e2e matrix", "camera rows: JPEG, backbone, float16",
+           "engine rows output float16 (the staged path casts on the device)",
+           "before the e2e matrix, an unmeasured priming run per layer set at the most streams lets cudnn tune "
+           "the 480x640 batch shapes (the server's own warm-up covers the square imgsz only)"),
+)
+
+PRESETS = {"quick": QUICK, "gpu": GPU}
+
+
+def _log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="yolostream benchmark suite")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--quick", dest="preset", action="store_const", const="quick", help="CPU preset")
+    which.add_argument("--gpu", dest="preset", action="store_const", const="gpu", help="GPU preset")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
+                        help="folder for the JSON results (default bench/results)")
+    parser.add_argument("--only", default=",".join(SECTION_NAMES),
+                        help=f"comma-separated sections to run, of {','.join(SECTION_NAMES)}")
+    args = parser.parse_args(argv)
+    sections = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = [s for s in sections if s not in SECTION_NAMES]
+    if unknown:
+        parser.error(f"unknown section(s) {', '.join(unknown)}: choose from {', '.join(SECTION_NAMES)}")
+    args.sections = sections
+    return args
+
+
+def default_preset() -> str:
+    import torch
+
+    return "gpu" if torch.cuda.is_available() else "quick"
+
+
+def run_suite(preset: Preset, sections: Sequence[str], out_dir: Path | None) -> dict[str, Any]:
+    """Run the chosen sections of ``preset``; print their tables; write and return the results."""
+    import dataclasses
+
+    import torch
+
+    import report
+
+    if preset.threads:
+        torch.set_num_threads(preset.threads)
+    if preset.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("the gpu preset needs CUDA, and torch sees none: use --quick")
+    results: dict[str, Any] = {"machine": report.machine_info(preset.name), "preset": dataclasses.asdict(preset),
+                               "sections": {}}
+    started = time.perf_counter()
+    engine_rows: list[dict] = []
+    if "engine" in sections:
+        from engine_bench import EngineCase, run_engine
+
+        cases = [EngineCase(cfg, preset.imgsz, preset.device, preset.half, preset.batches, preset.repeats,
+                            preset.warmup, preset.engine_out_dtype) for cfg in preset.engine_models]
+        engine_rows = run_engine(cases, _log)
+        _emit(results, "engine", engine_rows)
+    served_rows = [r for r in engine_rows if r["model"] == preset.cfg]
+    if "e2e" in sections or "camera" in sections:
+        from e2e_bench import E2ECell, payloads_for, run_e2e
+        from server_proc import ServerProcess, server_args
+
+        payloads = payloads_for()
+        results["frames"] = {k: {"bytes": len(p.data), "height": p.height, "width": p.width}
+                             for k, p in payloads.items()}
+        args = server_args(preset.cfg, preset.imgsz, device=preset.device, half=preset.half, threads=preset.threads)
+        _log(f"starting the server: {' '.join(args)}")
+        with ServerProcess(args) as server:
+            results["server"] = server.info
+            if preset.e2e_prime_s > 0:
+                prime = [E2ECell(max(preset.e2e_streams), "raw", layers, dtype)
+                         for layers, dtype in dict(preset.e2e_outputs).items()]
+                _log("priming the server (unmeasured)")
+                run_e2e(server.address, prime, payloads, warm_s=0.0, duration_s=preset.e2e_prime_s,
+                        max_in_flight=preset.max_in_flight)
+            if "e2e" in sections:
+                cells = [E2ECell(n, kind, layers, dtype) for n in preset.e2e_streams for kind in preset.e2e_inputs
+                         for layers, dtype in preset.e2e_outputs]
+                rows = run_e2e(server.address, cells, payloads, warm_s=preset.e2e_warm_s,
+                               duration_s=preset.e2e_duration_s, max_in_flight=preset.max_in_flight,
+                               cpu_seconds=server.cpu_seconds, engine_rows=served_rows, progress=_log)
+                _emit(results, "e2e", rows)
+            if "camera" in sections:
+                dtype = "float16" if preset.half else "float32"
+                cells = [E2ECell(n, "jpeg", "backbone", dtype, preset.camera_rate) for n in preset.camera_streams]
+                rows = run_e2e(server.address, cells, payloads, warm_s=preset.camera_warm_s,
+                               duration_s=preset.camera_duration_s, max_in_flight=preset.max_in_flight,
+                               cpu_seconds=server.cpu_seconds, engine_rows=served_rows, camera=True, progress=_log)
+                _emit(results, "camera", rows)
+    if "transport" in sections:
+        from transport_bench import run_transport
+
+        rows = run_transport(preset.transport_cases, in_flight=preset.transport_in_flight,
+                             warm_s=preset.transport_warm_s,
+                             duration_s=preset.transport_duration_s, progress=_log)
+        _emit(results, "transport", rows)
+    results["machine"]["elapsed_s"] = time.perf_counter() - started
+    results["machine"]["loadavg_end"] = list(__import__("os").getloadavg())
+    print(report.machine_line(results["machine"]))
+    if out_dir is not None:
+        path = report.write_json(results, out_dir)
+        print(f"\nresults: {path}")
+        results["path"] = str(path)
+    _log(f"done in {results['machine']['elapsed_s']:.0f} s")
+    return results
+
+
+def _emit(results: dict[str, Any], name: str, rows: list[dict]) -> None:
+    import report
+
+    results["sections"][name] = rows
+    print(report.section_markdown(name, rows), flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    preset = PRESETS[args.preset or default_preset()]
+    run_suite(preset, args.sections, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

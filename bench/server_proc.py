@@ -1,0 +1,185 @@
+"""A feature server in its own process, for the benchmarks: its CPU time can be read apart from the clients'.
+
+Run as a script it builds an Engine (wrapped in ModelBypass with ``--bypass``) and a FeatureServer on
+127.0.0.1, port 0, prints one JSON line ``{"port": …, "pid": …, "device": …}`` on stdout, and serves until its
+stdin reaches EOF or it receives SIGTERM; then it drains and exits. ``ServerProcess`` starts and stops one from
+the bench driver. The driver side imports neither torch nor the server package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def ensure_importable() -> None:
+    """Make ``yolostream`` importable from the checkout when it is not installed (as on a lent GPU machine).
+
+    Adds protos/, server/ and client/ to sys.path and to PYTHONPATH, so the server process and the spawned
+    clients find it too.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("yolostream") is not None:
+        return
+    parts = [str(REPO / d) for d in ("protos", "server", "client")]
+    sys.path[:0] = parts
+    os.environ["PYTHONPATH"] = os.pathsep.join(parts + [p for p in [os.environ.get("PYTHONPATH")] if p])
+
+
+class ServerProcess:
+    """Start ``server_proc.py`` with ``args``; ``address`` once it serves, ``cpu_seconds()`` for its CPU use."""
+
+    def __init__(self, args: Sequence[str], ready_timeout: float = 300.0) -> None:
+        self._log = tempfile.NamedTemporaryFile("w+", prefix="yolostream-bench-server-", suffix=".log", delete=False)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), *args],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
+        )
+        try:
+            line = _read_line(self.proc, ready_timeout)
+            if not line:
+                raise RuntimeError(f"benchmark server exited before serving (rc={self.proc.poll()}):\n{self.log_tail()}")
+            self.info = json.loads(line)
+        except BaseException:
+            self.stop()
+            raise
+        self.port = int(self.info["port"])
+        self.address = f"127.0.0.1:{self.port}"
+        self._ps = psutil.Process(self.proc.pid)
+
+    def cpu_seconds(self) -> float:
+        """User plus system CPU time of the server process so far (all its threads)."""
+        times = self._ps.cpu_times()
+        return float(times.user + times.system)
+
+    def log_tail(self, chars: int = 4000) -> str:
+        self._log.flush()
+        return Path(self._log.name).read_text(errors="replace")[-chars:]
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Close its stdin (it drains and exits); terminate, then kill, if it does not."""
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self._log.close()
+        Path(self._log.name).unlink(missing_ok=True)
+
+    def __enter__(self) -> "ServerProcess":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _read_line(proc: subprocess.Popen, timeout: float) -> str:
+    """The first stdout line, or '' if the process ends or ``timeout`` passes first."""
+    import selectors
+
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            raise TimeoutError(f"benchmark server did not report its port within {timeout:.0f} s")
+    return proc.stdout.readline()
+
+
+def server_args(cfg: str, imgsz: int, *, device: str = "auto", half: bool = False, bypass: bool = False,
+                threads: int | None = None, max_batch: int | None = None, max_delay_ms: float | None = None,
+                weights: str | None = None) -> list[str]:
+    """Command-line arguments of ``server_proc.py`` for these settings."""
+    args = ["--cfg", cfg, "--imgsz", str(imgsz), "--device", device]
+    if weights:
+        args += ["--weights", weights]
+    if half:
+        args.append("--half")
+    if bypass:
+        args.append("--bypass")
+    if threads:
+        args += ["--threads", str(threads)]
+    if max_batch:
+        args += ["--max-batch", str(max_batch)]
+    if max_delay_ms is not None:
+        args += ["--max-delay-ms", str(max_delay_ms)]
+    return args
+
+
+class _Stop(Exception):
+    pass
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cfg", default="yolov5n")
+    parser.add_argument("--weights", default=None)
+    parser.add_argument("--imgsz", type=int, default=640)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--half", action="store_true")
+    parser.add_argument("--bypass", action="store_true", help="move real-sized replies without running the model")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--max-batch", type=int, default=None)
+    parser.add_argument("--max-delay-ms", type=float, default=None)
+    args = parser.parse_args(argv)
+    ensure_importable()
+
+    import logging
+
+    import torch
+
+    from yolostream.server.engine import Engine
+    from yolostream.server.grpc_server import ServerSettings, ServerThread
+    from yolostream.server.model.loader import load_model
+    from yolostream.server.transport_probe import ModelBypass
+
+    logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    engine = Engine(load_model(args.weights, None if args.weights else args.cfg), device=args.device,
+                    half=args.half, imgsz=args.imgsz)
+    served = ModelBypass(engine) if args.bypass else engine
+    settings = ServerSettings(host="127.0.0.1", port=0, max_batch=args.max_batch, max_delay_ms=args.max_delay_ms)
+    server = ServerThread(served, settings).start()
+    try:
+        print(json.dumps({"port": server.port, "pid": os.getpid(), "device": str(engine.device),
+                          "model": engine.name, "bypass": args.bypass,
+                          "max_batch": server.server.batcher.config.max_batch,
+                          "max_delay_ms": server.server.batcher.config.max_delay_ms}), flush=True)
+        sys.stdin.read()
+    except (_Stop, KeyboardInterrupt):
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        server.stop(grace=2.0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

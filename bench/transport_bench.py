@@ -1,0 +1,270 @@
+"""Transport alone: our service with the model bypassed against a plain TCP socket moving the same bytes.
+
+Three ways of moving the same reply, each a server process and a client process keeping the same number of
+requests in flight, measured over the same kind of window:
+
+- **our service**: the real server (decode, letterbox, batcher, tensor encoding, protobuf, HTTP/2) with
+  ``ModelBypass`` in place of the engine, so replies have their real size and no layer runs. The request is an
+  imgsz×1 raw strip (640×1): letterboxing it to the square imgsz input needs padding only, no resize, so the
+  server's preprocessing costs as little as any frame's can (a 64×64 frame costs 6× more, in the upscale).
+- **plain gRPC**: a grpc.aio bidirectional stream of opaque bytes, one reply of the same size per request, no
+  service logic: what grpcio itself costs.
+- **raw socket**: the physical limit here: read a request of our serialised request's size, answer with as
+  many bytes as our serialised reply.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import psutil
+
+from e2e_bench import FramePayload, StreamSpec, frame_message, grpc_worker, run_clients
+from report import percentiles
+from server_proc import ServerProcess, server_args
+
+MB = 1e6
+
+
+@dataclass(frozen=True)
+class TransportCase:
+    """A reply size, named by the model, layers and dtype that produce it at ``imgsz`` (square letterbox)."""
+
+    what: str
+    cfg: str
+    layers: tuple[str, ...]
+    dtype: str = "float32"
+    imgsz: int = 640
+
+
+@dataclass(frozen=True)
+class SocketSpec:
+    """A reference client's work: where to connect, the message sizes, the window and the in-flight depth."""
+
+    port: int
+    request_bytes: int
+    reply_bytes: int
+    max_in_flight: int
+    warm_s: float
+    duration_s: float
+
+
+def _recv_exact(conn: socket.socket, view: memoryview) -> bool:
+    """Fill ``view``; False on EOF before any byte."""
+    got, size = 0, len(view)
+    while got < size:
+        n = conn.recv_into(view[got:])
+        if n == 0:
+            if got:
+                raise ConnectionError(f"connection closed mid-message ({got} of {size} bytes)")
+            return False
+        got += n
+    return True
+
+
+def socket_server(request_bytes: int, reply_bytes: int, ports: Any) -> None:
+    """Serve one connection: read a request, answer ``reply_bytes`` bytes, until the client closes."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+        ports.put(srv.getsockname()[1])
+        conn, _ = srv.accept()
+        with conn:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            reply = bytes(reply_bytes)
+            view = memoryview(bytearray(request_bytes))
+            while _recv_exact(conn, view):
+                conn.sendall(reply)
+
+
+def socket_worker(spec: SocketSpec, start_at: float | None, prepared: Any = None) -> Any:
+    """Client-process entry: connect when ``start_at`` is None; else keep ``max_in_flight`` requests going."""
+    if start_at is None:
+        conn = socket.create_connection(("127.0.0.1", spec.port), timeout=60)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.settimeout(None)
+        return conn
+    conn: socket.socket = prepared
+    stop_at = start_at + spec.warm_s + spec.duration_s
+    slots = threading.Semaphore(spec.max_in_flight)
+    request = bytes(spec.request_bytes)
+    sent: list[float] = []
+
+    def send() -> None:
+        left = start_at - time.perf_counter()
+        if left > 0:
+            time.sleep(left)
+        while slots.acquire(timeout=120):
+            now = time.perf_counter()
+            if now >= stop_at:
+                break
+            sent.append(now)
+            conn.sendall(request)
+        conn.shutdown(socket.SHUT_WR)
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    view = memoryview(bytearray(spec.reply_bytes))
+    received = []
+    with conn:
+        while _recv_exact(conn, view):
+            received.append(time.perf_counter())
+            slots.release()
+    sender.join()
+    n = len(received)
+    return {"sent": np.asarray(sent[:n]), "received": np.asarray(received), "batch": np.ones(n),
+            "ok": np.ones(n, bool), "reply_bytes": spec.reply_bytes, "error_count": 0}
+
+
+_ECHO_METHOD = "/bench.Echo/Stream"
+
+
+def echo_server(request_bytes: int, reply_bytes: int, ports: Any) -> None:
+    """A plain grpc.aio server: one ``reply_bytes`` reply per request on one bidirectional stream of raw bytes."""
+    import asyncio
+
+    import grpc
+
+    from e2e_bench import MESSAGE_LIMIT
+
+    reply = bytes(reply_bytes)
+
+    async def serve() -> None:
+        done = asyncio.Event()
+
+        async def stream(requests: Any, context: Any):
+            async for _ in requests:
+                yield reply
+            done.set()
+
+        server = grpc.aio.server(options=[("grpc.max_send_message_length", MESSAGE_LIMIT),
+                                          ("grpc.max_receive_message_length", MESSAGE_LIMIT)])
+        handler = grpc.method_handlers_generic_handler(
+            "bench.Echo", {"Stream": grpc.stream_stream_rpc_method_handler(stream)})
+        server.add_generic_rpc_handlers((handler,))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        ports.put(port)
+        await done.wait()
+        await server.stop(1.0)
+
+    asyncio.run(serve())
+
+
+def echo_worker(spec: SocketSpec, start_at: float | None, prepared: Any = None) -> Any:
+    """Client-process entry for the plain gRPC stream (same window and in-flight logic as the service client)."""
+    import grpc
+
+    from e2e_bench import MESSAGE_LIMIT
+
+    if start_at is None:
+        channel = grpc.insecure_channel(f"127.0.0.1:{spec.port}",
+                                        options=[("grpc.max_receive_message_length", MESSAGE_LIMIT)])
+        grpc.channel_ready_future(channel).result(timeout=60)
+        return channel
+    channel = prepared
+    stop_at = start_at + spec.warm_s + spec.duration_s
+    slots = threading.Semaphore(spec.max_in_flight)
+    request = bytes(spec.request_bytes)
+    sent: list[float] = []
+
+    def requests():
+        left = start_at - time.perf_counter()
+        if left > 0:
+            time.sleep(left)
+        while slots.acquire(timeout=120):
+            now = time.perf_counter()
+            if now >= stop_at:
+                return
+            sent.append(now)
+            yield request
+
+    received = []
+    with channel:
+        for reply in channel.stream_stream(_ECHO_METHOD)(requests(), timeout=spec.warm_s + spec.duration_s + 300):
+            received.append(time.perf_counter())
+            slots.release()
+    n = len(received)
+    return {"sent": np.asarray(sent[:n]), "received": np.asarray(received), "batch": np.ones(n),
+            "ok": np.ones(n, bool), "reply_bytes": spec.reply_bytes, "error_count": 0}
+
+
+def run_pair(server_main: Callable, worker: Callable, request_bytes: int, reply_bytes: int, max_in_flight: int,
+             warm_s: float, duration_s: float):
+    """A reference server process and one client process; returns the client's window (server CPU included)."""
+    ctx = mp.get_context("spawn")
+    ports = ctx.Queue()
+    server = ctx.Process(target=server_main, args=(request_bytes, reply_bytes, ports), daemon=True)
+    server.start()
+    try:
+        port = ports.get(timeout=60)
+        ps = psutil.Process(server.pid)
+        spec = SocketSpec(port, request_bytes, reply_bytes, max_in_flight, warm_s, duration_s)
+        window = run_clients(worker, [spec], warm_s=warm_s, duration_s=duration_s,
+                             cpu_seconds=lambda: sum(ps.cpu_times()[:2]))
+    finally:
+        server.join(10)
+        if server.is_alive():
+            server.terminate()
+            server.join()
+    return window
+
+
+def _cpu_ms(window: Any) -> float | None:
+    return window.cpu_s / window.frames * 1000.0 if window.cpu_s and window.frames else None
+
+
+def _other_cores(window: Any) -> float:
+    """CPU the rest of the machine used during the window (other processes: noise), in cores."""
+    return max(0.0, window.machine_busy_s - window.client_cpu_s - (window.cpu_s or 0.0)) / window.duration_s
+
+
+def _client_cpu_ms(window: Any) -> float | None:
+    return window.client_cpu_s / window.frames * 1000.0 if window.client_cpu_s and window.frames else None
+
+
+def run_transport(cases: Sequence[TransportCase], *, in_flight: Sequence[int] = (8,), warm_s: float = 0.5,
+                  duration_s: float = 3.0, progress: Callable[[str], None] = lambda s: None) -> list[dict]:
+    """One row per (case, in-flight depth): our service (model bypassed), plain gRPC and a raw socket, same bytes."""
+    rows = []
+    for case in cases:
+        strip = FramePayload("raw", bytes(case.imgsz * 3), 1, case.imgsz)
+        with ServerProcess(server_args(case.cfg, case.imgsz, device="cpu", bypass=True)) as server:
+            for depth in in_flight:
+                spec = StreamSpec(server.address, strip, case.layers, case.dtype, depth, 0.0, warm_s, duration_s,
+                                  imgsz=case.imgsz, square=True)
+                grpc_window = run_clients(grpc_worker, [spec], warm_s=warm_s, duration_s=duration_s,
+                                          cpu_seconds=server.cpu_seconds)
+                request_bytes = frame_message(strip, 0, 0).ByteSize()
+                reply_bytes = grpc_window.reply_bytes
+                echo = run_pair(echo_server, echo_worker, request_bytes, reply_bytes, depth, warm_s, duration_s)
+                sock = run_pair(socket_server, socket_worker, request_bytes, reply_bytes, depth, warm_s, duration_s)
+                row = {
+                    "what": case.what, "cfg": case.cfg, "layers": ",".join(case.layers), "dtype": case.dtype,
+                    "imgsz": case.imgsz, "in_flight": depth, "request_bytes": request_bytes,
+                    "reply_bytes": reply_bytes,
+                    "grpc_msgs_s": grpc_window.fps, "grpc_mb_s": grpc_window.fps * reply_bytes / MB,
+                    "grpc_latency_ms": percentiles(grpc_window.latencies_ms),
+                    "grpc_errors": grpc_window.errors,
+                    "server_cpu_ms_per_msg": _cpu_ms(grpc_window), "client_cpu_ms_per_msg": _client_cpu_ms(grpc_window),
+                    "server_timings_ms": {k.removesuffix("_us"): v / 1000.0 for k, v in grpc_window.timings_us.items()},
+                    "echo_msgs_s": echo.fps, "echo_mb_s": echo.fps * reply_bytes / MB,
+                    "echo_latency_ms": percentiles(echo.latencies_ms),
+                    "echo_server_cpu_ms_per_msg": _cpu_ms(echo), "echo_client_cpu_ms_per_msg": _client_cpu_ms(echo),
+                    "socket_msgs_s": sock.fps, "socket_mb_s": sock.fps * reply_bytes / MB,
+                    "socket_latency_ms": percentiles(sock.latencies_ms),
+                    "socket_server_cpu_ms_per_msg": _cpu_ms(sock), "socket_client_cpu_ms_per_msg": _client_cpu_ms(sock),
+                }
+                row["other_cpu_cores"] = _other_cores(grpc_window)
+                row["ratio"] = row["grpc_mb_s"] / row["socket_mb_s"] if row["socket_mb_s"] else None
+                row["echo_ratio"] = row["echo_mb_s"] / row["socket_mb_s"] if row["socket_mb_s"] else None
+                rows.append(row)
+                progress(f"transport {case.what} in-flight {depth}: service {row['grpc_mb_s']:.0f} MB/s, "
+                         f"plain gRPC {row['echo_mb_s']:.0f} MB/s, socket {row['socket_mb_s']:.0f} MB/s")
+    return rows

@@ -1,0 +1,113 @@
+"""The benchmark suite at toy sizes: every section runs end to end and its results have the documented shape.
+
+No timing is asserted: only that each section measures what it says, with every field a table or the JSON needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import e2e_bench  # noqa: E402
+import report  # noqa: E402
+import run  # noqa: E402
+from transport_bench import TransportCase  # noqa: E402
+
+TINY = dataclasses.replace(
+    run.QUICK, name="smoke", imgsz=64, batches=(1, 2), repeats=1, warmup=0,
+    e2e_streams=(2,), e2e_inputs=("jpeg",), e2e_outputs=(("backbone", "float32"),),
+    e2e_warm_s=0.1, e2e_duration_s=0.4, max_in_flight=2,
+    camera_streams=(1,), camera_rate=30.0, camera_warm_s=0.1, camera_duration_s=0.4,
+    transport_cases=(TransportCase("tiny", "yolov5n", ("backbone",), imgsz=64),),
+    transport_in_flight=(2,), transport_warm_s=0.1, transport_duration_s=0.3,
+)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-results")
+    return run.run_suite(TINY, run.SECTION_NAMES, out)
+
+
+def test_engine_rows_cover_both_ways_every_batch_and_layer_set(results):
+    rows = results["sections"]["engine"]
+    server = {(r["layers"], r["batch"]) for r in rows if r["way"].startswith("server")}
+    assert server == {(layers, b) for layers in ("backbone", "P3,P4,P5", "full (Detect)") for b in (1, 2)}
+    seed = [r for r in rows if r["way"].startswith("seed")]
+    assert {r["layers"] for r in seed} == {"backbone", "P3,P4,P5"} and all(r["batch"] == 1 for r in seed)
+    for r in rows:
+        assert r["model"] == "yolov5n" and r["input"] == "64x64" and len(r["runs_ms"]) == 1
+        assert r["ms_batch"] > 0 and r["fps"] == pytest.approx(1000.0 * r["batch"] / r["ms_batch"])
+
+
+def test_e2e_rows_count_frames_and_relate_to_the_engine(results):
+    rows = results["sections"]["e2e"]
+    assert [(r["streams"], r["input"], r["layers"], r["dtype"]) for r in rows] == [(2, "jpeg", "backbone", "float32")]
+    for r in rows:
+        assert r["frames"] > 0 and r["errors"] == 0 and len(r["per_client_frames"]) == 2
+        assert r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"]
+        assert 1 <= r["mean_batch"] <= 2 * TINY.max_in_flight
+        assert r["server_cpu_ms_per_frame"] > 0
+        assert r["engine_batch"] in (1, 2) and r["ratio_vs_engine"] == pytest.approx(r["fps"] / r["engine_fps"])
+        assert set(r["server_timings_ms"]) == {"queued", "preprocess", "compute", "encode"}
+    assert results["frames"]["raw"]["bytes"] == 640 * 480 * 3
+    assert results["frames"]["jpeg"]["bytes"] < 200_000
+
+
+def test_camera_rows_are_paced_and_compared_with_batch_one(results):
+    (row,) = results["sections"]["camera"]
+    assert row["streams"] == 1 and row["rate"] == 30.0
+    assert row["fps"] <= 30.0 * 1.5
+    assert row["p50_vs_engine"] == pytest.approx(row["p50_ms"] / row["engine_b1_ms"])
+
+
+def test_transport_moves_the_same_bytes_three_ways(results):
+    (row,) = results["sections"]["transport"]
+    assert row["grpc_errors"] == 0 and row["reply_bytes"] > 256 * 2 * 2 * 4
+    for way in ("grpc", "echo", "socket"):
+        assert row[f"{way}_msgs_s"] > 0
+        assert row[f"{way}_mb_s"] == pytest.approx(row[f"{way}_msgs_s"] * row["reply_bytes"] / 1e6)
+    assert row["ratio"] == pytest.approx(row["grpc_mb_s"] / row["socket_mb_s"])
+
+
+def test_results_file_and_tables(results, capsys):
+    path = Path(results["path"])
+    stored = json.loads(path.read_text())
+    assert path.name.startswith(stored["machine"]["hostname"]) and path.suffix == ".json"
+    assert set(stored["sections"]) == set(run.SECTION_NAMES)
+    assert stored["machine"]["preset"] == "smoke" and stored["machine"]["cpu_model"]
+    table = report.section_markdown("e2e", stored["sections"]["e2e"])
+    assert table.count("\n|") == 2 + len(stored["sections"]["e2e"])
+
+
+def test_window_counts_only_frames_inside_it():
+    out = {"sent": np.array([0.0, 1.0, 2.0, 3.0]), "received": np.array([0.5, 1.5, 2.5, 3.5]),
+           "batch": np.array([1, 2, 3, 4]), "ok": np.array([True, True, False, True]), "reply_bytes": 10}
+    window = e2e_bench.summarise([out], 1.0, 3.0, (5.0, 6.0))
+    assert window.frames == 2 and window.errors == 1 and window.cpu_s == 1.0
+    np.testing.assert_allclose(window.latencies_ms, [500.0, 500.0, 500.0])
+    np.testing.assert_array_equal(window.batch_sizes, [2, 3])
+
+
+def test_engine_reference_picks_the_nearest_measured_batch():
+    rows = [{"way": "server: x", "layers": "backbone", "batch": b, "fps": 10.0 * b} for b in (1, 4, 16)]
+    assert e2e_bench.engine_reference(rows, "backbone", 2.4)["batch"] == 1
+    assert e2e_bench.engine_reference(rows, "backbone", 2.6)["batch"] == 4
+    assert e2e_bench.engine_reference(rows, "P3,P4,P5", 4.0) is None
+
+
+def test_presets_and_arguments():
+    assert run.parse_args(["--quick", "--only", "e2e,transport"]).sections == ["e2e", "transport"]
+    with pytest.raises(SystemExit):
+        run.parse_args(["--only", "nope"])
+    assert run.QUICK.cfg == "yolov5n" and run.QUICK.imgsz == 320 and run.QUICK.device == "cpu"
+    assert run.GPU.half and set(run.GPU.engine_models) == {"yolov5s", "yolov5l"}
+    assert set(run.GPU.e2e_streams) == {1, 4, 8, 16} and len(run.GPU.e2e_outputs) == 4
