@@ -272,16 +272,18 @@ class LayerInfo(_message.Message):
     def __init__(self, index: _Optional[int] = ..., type: _Optional[str] = ..., inputs: _Optional[_Iterable[int]] = ..., params: _Optional[int] = ..., role: _Optional[_Union[LayerRole, str]] = ..., out_channels: _Optional[int] = ..., stride: _Optional[int] = ..., output_shape: _Optional[_Iterable[int]] = ..., aliases: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class BatchingInfo(_message.Message):
-    __slots__ = ("max_batch", "max_delay_ms", "max_in_flight", "queue_capacity")
+    __slots__ = ("max_batch", "max_delay_ms", "max_in_flight", "queue_capacity", "workers")
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     MAX_DELAY_MS_FIELD_NUMBER: _ClassVar[int]
     MAX_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     QUEUE_CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
     max_batch: int
     max_delay_ms: float
     max_in_flight: int
     queue_capacity: int
-    def __init__(self, max_batch: _Optional[int] = ..., max_delay_ms: _Optional[float] = ..., max_in_flight: _Optional[int] = ..., queue_capacity: _Optional[int] = ...) -> None: ...
+    workers: int
+    def __init__(self, max_batch: _Optional[int] = ..., max_delay_ms: _Optional[float] = ..., max_in_flight: _Optional[int] = ..., queue_capacity: _Optional[int] = ..., workers: _Optional[int] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("max_pixels", "max_frame_bytes", "max_message_bytes")

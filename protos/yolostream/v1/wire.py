@@ -100,7 +100,22 @@ def tensor_to_proto(
     array: np.ndarray,
     dtype: int | None = None,
 ) -> pb.Tensor:
-    """Build a Tensor message holding ``array`` in wire dtype ``dtype`` (inferred when None).
+    """A new Tensor message holding ``array``; see :func:`fill_tensor`."""
+    return fill_tensor(pb.Tensor(), name, layer_index, stride, array, dtype)
+
+
+def fill_tensor(
+    msg: pb.Tensor,
+    name: str,
+    layer_index: int,
+    stride: int,
+    array: np.ndarray,
+    dtype: int | None = None,
+) -> pb.Tensor:
+    """Fill ``msg`` (e.g. ``result.tensors.add()``) with ``array`` in wire dtype ``dtype`` (inferred when None).
+
+    Filling a message in place matters for large replies: passing finished Tensor messages to a parent's
+    constructor makes protobuf copy (serialise and parse) every one of them again.
 
     An array already in the wire dtype (any byte order, any strides) costs a single ``tobytes`` copy;
     anything else is converted first. For DTYPE_BFLOAT16, a uint16/int16 array is taken as ready bit
@@ -119,14 +134,13 @@ def tensor_to_proto(
             wire = float32_to_bfloat16_bits(arr)
     else:
         wire = arr.astype(_NUMPY_DTYPES[dtype], copy=False)
-    return pb.Tensor(
-        name=name,
-        layer_index=layer_index,
-        stride=stride,
-        dtype=dtype,
-        shape=arr.shape,
-        data=wire.tobytes(order="C"),
-    )
+    msg.name = name
+    msg.layer_index = layer_index
+    msg.stride = stride
+    msg.dtype = dtype
+    msg.shape[:] = arr.shape
+    msg.data = wire.tobytes(order="C")
+    return msg
 
 
 def tensor_from_proto(tensor: pb.Tensor) -> np.ndarray:

@@ -76,6 +76,8 @@ SETTINGS: tuple[Setting, ...] = (
             "limit (default 8)", "batching", metavar="N"),
     Setting("max_in_flight_limit", "int", 64, "largest max_in_flight a stream may ask for (default 64)", "batching",
             metavar="N"),
+    Setting("workers", "int", None, "device workers running batches concurrently (default 1 on CUDA, 2 on CPU, "
+            "each with cores/workers torch threads)", "batching", metavar="N"),
     Setting("decode_threads", "int", 4, "threads decoding JPEG/PNG frames (default 4)", "batching", metavar="N"),
     Setting("max_pixels", "int", None, "largest frame, in pixels, before decoding (default 4096x4096)", "limits",
             metavar="N"),
@@ -207,7 +209,7 @@ def _check_ranges(values: dict[str, Any]) -> None:
     if not 0 <= values["port"] <= 65535:
         raise ValueError(f"port {values['port']} is out of range: choose 0..65535 (0 picks a free port)")
     for key, low in (("imgsz", 32), ("max_batch", 1), ("queue_capacity", 1), ("max_in_flight", 1),
-                     ("max_in_flight_limit", 1), ("decode_threads", 1), ("max_pixels", 1), ("max_frame_bytes", 1),
+                     ("max_in_flight_limit", 1), ("workers", 1), ("decode_threads", 1), ("max_pixels", 1), ("max_frame_bytes", 1),
                      ("max_message_bytes", 1024)):
         if values[key] is not None and values[key] < low:
             raise ValueError(f"{BY_KEY[key].option} must be at least {low}, got {values[key]}")
@@ -293,7 +295,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     passed = {
         "host": grpc_host(values["host"]), "port": values["port"], "default_layers": values["layers"],
         "grace_s": values["grace"],
-        **{key: values[key] for key in ("max_batch", "max_delay_ms", "queue_capacity", "max_in_flight",
+        **{key: values[key] for key in ("max_batch", "max_delay_ms", "queue_capacity", "workers", "max_in_flight",
                                         "max_in_flight_limit", "decode_threads", "max_pixels", "max_frame_bytes",
                                         "max_message_bytes", "tls_cert", "tls_key", "token")},
     }

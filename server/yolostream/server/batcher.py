@@ -50,14 +50,23 @@ class BatcherConfig:
     max_batch: int = 8
     max_delay_ms: float = 0.0
     queue_capacity: int = 256
+    workers: int = 1
 
     @staticmethod
-    def for_device(device_type: str) -> "BatcherConfig":
+    def for_device(device_type: str, cores: int = 1) -> "BatcherConfig":
+        """GPU: one pipelined worker. CPU: two workers (with cores/2 torch threads each, set by the server).
+
+        On CPU a single worker's intra-op threads share the cores with decoding, gRPC and clients, and every
+        parallel region waits for its preempted half; two workers keep the cores busy (measured on 2 vCPUs:
+        +40-60 % end-to-end frames/s, batch-1 latency 22 -> 14 ms; see BENCHMARKS.md).
+        """
         if device_type == "cuda":
-            return BatcherConfig(max_batch=32, max_delay_ms=2.0, queue_capacity=512)
-        return BatcherConfig(max_batch=8, max_delay_ms=0.0, queue_capacity=128)
+            return BatcherConfig(max_batch=32, max_delay_ms=2.0, queue_capacity=512, workers=1)
+        return BatcherConfig(max_batch=8, max_delay_ms=0.0, queue_capacity=128, workers=2 if cores >= 2 else 1)
 
     def validated(self) -> "BatcherConfig":
+        if self.workers < 1:
+            raise ValueError(f"workers must be at least 1, got {self.workers}")
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {self.max_batch}")
         if self.max_delay_ms < 0:
@@ -94,7 +103,7 @@ class ServerBusy(RuntimeError):
 
 
 class MicroBatcher:
-    """Owns the device worker thread; ``submit`` is awaited from the event loop."""
+    """Owns the device worker thread(s); ``submit`` is awaited from the event loop."""
 
     def __init__(self, engine: BatchEngine, config: BatcherConfig | None = None) -> None:
         self.engine = engine
@@ -106,8 +115,16 @@ class MicroBatcher:
         self._space_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
         self.batches_run = 0
         self.frames_run = 0
-        self._thread = threading.Thread(target=self._work, name="yolostream-device", daemon=True)
-        self._thread.start()
+        self._counts = threading.Lock()
+        self._threads = [threading.Thread(target=self._work, name=f"yolostream-device-{k}", daemon=True)
+                         for k in range(self.config.workers)]
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def accepting(self) -> bool:
+        with self._cond:
+            return self._accepting
 
     @property
     def queued(self) -> int:
@@ -150,7 +167,8 @@ class MicroBatcher:
                 self._queue.clear()
             self._stop = True
             self._cond.notify_all()
-        self._thread.join(timeout)
+        for thread in self._threads:
+            thread.join(timeout)
 
     def stop_accepting(self) -> None:
         with self._cond:
@@ -247,8 +265,9 @@ class MicroBatcher:
             self._fail_all(batch, err)
             return
         n = len(batch)
-        self.batches_run += 1
-        self.frames_run += n
+        with self._counts:
+            self.batches_run += 1
+            self.frames_run += n
         fetch_us = done.fetch_us // n
         for row, item in enumerate(batch):
             result = BatchResult(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -91,6 +92,14 @@ def _to_host(t: torch.Tensor) -> np.ndarray:
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(np.uint16)
     return t.numpy()
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity, not the machine's total)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -298,6 +307,20 @@ class Engine:
         pending.copies = []
         return pending
 
+    def share_cpu(self, workers: int) -> int:
+        """On CPU, split the cores between ``workers`` concurrent batches; returns the previous thread count.
+
+        torch's intra-op thread count is process-wide, so whoever calls this restores it when done.
+        """
+        previous = torch.get_num_threads()
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, available_cores() // max(1, workers)))
+        return previous
+
+    @staticmethod
+    def set_cpu_threads(count: int) -> None:
+        torch.set_num_threads(count)
+
     def bucket(self, n: int) -> int:
         """The padded batch size for ``n`` frames on CUDA: the smallest warmed-up bucket that holds them."""
         for size in self.buckets:
@@ -305,10 +328,12 @@ class Engine:
                 return size
         return n
 
-    def warmup(self, max_batch: int, imgsz: int | None = None) -> None:
-        """Staged path: pick batch-size buckets up to ``max_batch``; on CUDA let cudnn tune each at the default input.
+    def warmup(self, max_batch: int, imgsz: int | None = None,
+               frame_sizes: Sequence[tuple[int, int]] = ((480, 640), (720, 1280))) -> None:
+        """Staged path: pick batch-size buckets up to ``max_batch``; on CUDA let cudnn tune each bucket for the
+        square input and for the letterboxed shapes of common camera frames (4:3 and 16:9 by default).
 
-        Without this the first frames of each new batch size pay cudnn's autotuning (hundreds of ms).
+        Without this the first batches of each new size or shape pay cudnn's autotuning (hundreds of ms).
         """
         if not self.staged:
             return
@@ -319,13 +344,17 @@ class Engine:
             sizes.append(size)
             size *= 2
         self.buckets = tuple(sorted(set(sizes) | {max_batch}))
-        h, w = self.input_hw(imgsz)
-        deepest = [max(r.index for r in self.default_catalogue if r.role != "detect")]
-        for size in self.buckets:
-            images = [np.zeros((3, h, w), np.uint8)] * size
-            for _ in range(2):
-                self.collect(self.launch(images, [(deepest[0], "none", "float32")]))
-        log.info("warmed up %s on %s for batch buckets %s at %dx%d", self.name, self.device, self.buckets, h, w)
+        shapes = {self.input_hw(imgsz)}
+        for h, w in frame_sizes:
+            shapes.add(self.preprocess(np.zeros((h, w, 3), np.uint8), imgsz)[0].shape[1:])
+        deepest = max(r.index for r in self.default_catalogue if r.role != "detect")
+        for hw in sorted(shapes):
+            for size in self.buckets:
+                images = [np.zeros((3, *hw), np.uint8)] * size
+                for _ in range(2):
+                    self.collect(self.launch(images, [(deepest, "none", "float32")]))
+        log.info("warmed up %s on %s for batch buckets %s at inputs %s", self.name, self.device, self.buckets,
+                 ", ".join(f"{h}x{w}" for h, w in sorted(shapes)))
 
     def extract(
         self,

@@ -22,7 +22,7 @@ from yolostream.v1 import feature_service_pb2 as pb
 from yolostream.v1 import feature_service_pb2_grpc as pb_grpc
 
 from .batcher import BatcherConfig, MicroBatcher
-from .engine import Engine
+from .engine import Engine, available_cores
 from .frames import FrameLimits
 from .pipeline import Pipeline
 from .service import FeatureService, StreamLimits, model_info
@@ -41,6 +41,7 @@ class ServerSettings:
     max_batch: int | None = None
     max_delay_ms: float | None = None
     queue_capacity: int | None = None
+    workers: int | None = None
     max_in_flight: int = 8
     max_in_flight_limit: int = 64
     max_pixels: int = FrameLimits.max_pixels
@@ -54,12 +55,13 @@ class ServerSettings:
     grace_s: float = 30.0
 
     def batcher_config(self, device_type: str) -> BatcherConfig:
-        base = BatcherConfig.for_device(device_type)
+        base = BatcherConfig.for_device(device_type, available_cores())
         max_batch = self.max_batch or base.max_batch
         return BatcherConfig(
             max_batch=max_batch,
             max_delay_ms=base.max_delay_ms if self.max_delay_ms is None else self.max_delay_ms,
             queue_capacity=self.queue_capacity or max(base.queue_capacity, 4 * max_batch),
+            workers=self.workers or base.workers,
         ).validated()
 
 
@@ -109,6 +111,7 @@ class FeatureServer:
     def __post_init__(self) -> None:
         s = self.settings
         batching = s.batcher_config(self.engine.device.type)
+        self._threads_before = self.engine.share_cpu(batching.workers)
         self.engine.warmup(batching.max_batch)
         self.batcher = MicroBatcher(self.engine, batching)
         limits = FrameLimits(max_pixels=s.max_pixels, max_frame_bytes=s.max_frame_bytes)
@@ -175,6 +178,7 @@ class FeatureServer:
             await stopping
         await asyncio.get_running_loop().run_in_executor(None, self.batcher.close, True, grace)
         self.pipeline.close()
+        self.engine.set_cpu_threads(self._threads_before)
 
 
 class ServerThread:

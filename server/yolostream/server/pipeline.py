@@ -92,54 +92,64 @@ class Pipeline:
         image = decode_frame(frame, self.limits)
         return self.engine.preprocess(image, options.imgsz, options.policy)
 
-    async def process(self, frame: pb.Frame, options: FrameOptions) -> pb.FrameResult:
-        """The FrameResult for one frame: OK with tensors, or ERROR with a message. Never raises for bad input."""
+    async def process(self, frame: pb.Frame, options: FrameOptions, into: pb.FrameResult | None = None) -> pb.FrameResult:
+        """One frame's FrameResult: OK with tensors, or ERROR with a message. Never raises for bad input.
+
+        ``into`` is filled in place (e.g. ``response.result`` of the StreamResponse about to be sent), so a
+        multi-megabyte reply is never copied from one message into another.
+        """
+        result = pb.FrameResult() if into is None else into
         start = time.perf_counter()
         loop = asyncio.get_running_loop()
         try:
             image, letterbox = await loop.run_in_executor(self.decode_pool, self._prepare, frame, options)
         except FrameError as err:
-            return error_result(frame, str(err))
+            return error_result(frame, str(err), result)
         prepared = time.perf_counter()
         try:
             out = await self.batcher.submit(image, options.output_keys)
         except ServerBusy as err:
-            return error_result(frame, str(err))
+            return error_result(frame, str(err), result)
         except Exception as err:  # a failed batch (e.g. CUDA out of memory) fails its frames, not the server
-            return error_result(frame, f"feature computation failed: {type(err).__name__}: {err}")
+            return error_result(frame, f"feature computation failed: {type(err).__name__}: {err}", result)
         encode_start = time.perf_counter()
-        tensors = [
-            wire.tensor_to_proto(layer.name, layer.index, layer.stride, array, options.dtype)
-            for layer, array in zip(options.layers, out.arrays)
-        ]
-        encode_us = out.fetch_us + int((time.perf_counter() - encode_start) * 1e6)
-        return pb.FrameResult(
-            frame_id=frame.frame_id,
-            capture_timestamp_us=frame.capture_timestamp_us,
-            status=pb.FRAME_STATUS_OK,
-            letterbox=letterbox_message(letterbox),
-            tensors=tensors,
-            timings=pb.Timings(queued_us=out.queued_us, preprocess_us=int((prepared - start) * 1e6),
-                               compute_us=out.compute_us, encode_us=encode_us),
-            batch_size=out.batch_size,
-        )
+        _identify(result, frame, pb.FRAME_STATUS_OK)
+        fill_letterbox(result.letterbox, letterbox)
+        for layer, array in zip(options.layers, out.arrays):
+            wire.fill_tensor(result.tensors.add(), layer.name, layer.index, layer.stride, array, options.dtype)
+        result.batch_size = out.batch_size
+        timings = result.timings
+        timings.queued_us = out.queued_us
+        timings.preprocess_us = int((prepared - start) * 1e6)
+        timings.compute_us = out.compute_us
+        timings.encode_us = out.fetch_us + int((time.perf_counter() - encode_start) * 1e6)
+        return result
 
 
-def letterbox_message(lb) -> pb.LetterboxInfo:
-    (oh, ow), (ih, iw), (rh_px, rw_px) = lb.orig_hw, lb.out_hw, lb.resized_hw
-    return pb.LetterboxInfo(
-        original_height=oh, original_width=ow, input_height=ih, input_width=iw,
-        resized_height=rh_px, resized_width=rw_px, ratio_w=float(lb.ratio[0]), ratio_h=float(lb.ratio[1]),
-        pad_left=lb.pad_left, pad_top=lb.pad_top, pad_right=lb.pad_right, pad_bottom=lb.pad_bottom,
-    )
+def fill_letterbox(msg: pb.LetterboxInfo, lb) -> pb.LetterboxInfo:
+    (msg.original_height, msg.original_width), (msg.input_height, msg.input_width) = lb.orig_hw, lb.out_hw
+    msg.resized_height, msg.resized_width = lb.resized_hw
+    msg.ratio_w, msg.ratio_h = float(lb.ratio[0]), float(lb.ratio[1])
+    msg.pad_left, msg.pad_top, msg.pad_right, msg.pad_bottom = lb.pad_left, lb.pad_top, lb.pad_right, lb.pad_bottom
+    return msg
 
 
-def error_result(frame: pb.Frame, message: str) -> pb.FrameResult:
-    return pb.FrameResult(frame_id=frame.frame_id, capture_timestamp_us=frame.capture_timestamp_us,
-                          status=pb.FRAME_STATUS_ERROR, error_message=message)
+def _identify(result: pb.FrameResult, frame: pb.Frame, status: int) -> None:
+    result.frame_id = frame.frame_id
+    result.capture_timestamp_us = frame.capture_timestamp_us
+    result.status = status
 
 
-def dropped_result(frame: pb.Frame) -> pb.FrameResult:
-    return pb.FrameResult(frame_id=frame.frame_id, capture_timestamp_us=frame.capture_timestamp_us,
-                          status=pb.FRAME_STATUS_DROPPED,
-                          error_message="dropped in realtime mode: a newer frame of this stream arrived first")
+def error_result(frame: pb.Frame, message: str, into: pb.FrameResult | None = None) -> pb.FrameResult:
+    result = pb.FrameResult() if into is None else into
+    result.Clear()
+    _identify(result, frame, pb.FRAME_STATUS_ERROR)
+    result.error_message = message
+    return result
+
+
+def dropped_result(frame: pb.Frame, into: pb.FrameResult | None = None) -> pb.FrameResult:
+    result = pb.FrameResult() if into is None else into
+    _identify(result, frame, pb.FRAME_STATUS_DROPPED)
+    result.error_message = "dropped in realtime mode: a newer frame of this stream arrived first"
+    return result

@@ -42,7 +42,7 @@ class ProtocolError(ValueError):
 
 @dataclass
 class _Entry:
-    """One frame's place in the answer order."""
+    """One frame's place in the answer order; ``result`` resolves to the StreamResponse to send."""
 
     result: asyncio.Future
     holds_slot: bool = False
@@ -87,8 +87,7 @@ class StreamSession:
                     if not self.order:
                         break
                     entry = self.order[0]
-                result = await entry.result
-                yield pb.StreamResponse(result=result)
+                yield await entry.result
                 async with self.changed:
                     self.order.popleft()
                     self.changed.notify_all()
@@ -121,7 +120,9 @@ class StreamSession:
                 if self.draining.is_set():
                     if kind == "frame":
                         done = asyncio.get_running_loop().create_future()
-                        done.set_result(error_result(request.frame, "server is shutting down: frame not accepted"))
+                        response = pb.StreamResponse()
+                        error_result(request.frame, "server is shutting down: frame not accepted", response.result)
+                        done.set_result(response)
                         await self._append(_Entry(done))
                     break
                 if kind == "config":
@@ -160,7 +161,9 @@ class StreamSession:
         previous = self.latest.entry, self.latest.frame
         self.latest.frame, self.latest.entry = frame, entry
         if previous[0] is not None:
-            previous[0].result.set_result(dropped_result(previous[1]))
+            response = pb.StreamResponse()
+            dropped_result(previous[1], response.result)
+            previous[0].result.set_result(response)
         await self._append(entry)
         self.latest.ready.set()
 
@@ -186,15 +189,16 @@ class StreamSession:
         task.add_done_callback(self.tasks.discard)
 
     async def _process(self, frame: pb.Frame, entry: _Entry) -> None:
+        response = pb.StreamResponse()
         try:
-            result = await self.pipeline.process(frame, self.options)
+            await self.pipeline.process(frame, self.options, response.result)
         except asyncio.CancelledError:
             raise
         except Exception as err:  # defensive: one frame's bug must not take down its stream
             log.exception("frame %d failed", frame.frame_id)
-            result = error_result(frame, f"internal error: {type(err).__name__}: {err}")
+            error_result(frame, f"internal error: {type(err).__name__}: {err}", response.result)
         if not entry.result.done():
-            entry.result.set_result(result)
+            entry.result.set_result(response)
 
 
 class FeatureService(pb_grpc.FeatureServiceServicer):
@@ -320,7 +324,7 @@ def model_info(pipeline: Pipeline, stream_limits: StreamLimits, max_message_byte
         layers=layers,
         batching=pb.BatchingInfo(max_batch=batching.max_batch, max_delay_ms=batching.max_delay_ms,
                                  max_in_flight=stream_limits.default_in_flight,
-                                 queue_capacity=batching.queue_capacity),
+                                 queue_capacity=batching.queue_capacity, workers=batching.workers),
         limits=pb.Limits(max_pixels=pipeline.limits.max_pixels, max_frame_bytes=pipeline.limits.max_frame_bytes,
                          max_message_bytes=max_message_bytes),
     )
