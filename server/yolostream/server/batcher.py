@@ -58,7 +58,7 @@ class BatcherConfig:
 
         On CPU a single worker's intra-op threads share the cores with decoding, gRPC and clients, and every
         parallel region waits for its preempted half; two workers keep the cores busy (measured on 2 vCPUs:
-        +40-60 % end-to-end frames/s, batch-1 latency 22 -> 14 ms; see BENCHMARKS.md).
+        +14-52 % end-to-end frames/s, camera-rate p50 18.6 -> 15.3 ms; see BENCHMARKS.md).
         """
         if device_type == "cuda":
             return BatcherConfig(max_batch=32, max_delay_ms=2.0, queue_capacity=512, workers=1)
