@@ -198,13 +198,20 @@ def test_a_bad_frame_fails_that_frame_and_the_stream_goes_on(server, engine, fra
     ],
     ids=["unknown-layer", "bad-dtype", "bad-pooling", "in-flight", "frame-first", "second-config", "detect"],
 )
-def test_an_invalid_stream_ends_with_invalid_argument(stub, messages, needle):
-    with pytest.raises(grpc.RpcError) as err:
-        list(stub.StreamFeatures(iter(messages), timeout=30))
+def test_an_invalid_stream_ends_with_invalid_argument(stub, engine, messages, needle):
+    good = image(6)
+    want = engine.extract([good], ["backbone"])[0].features["backbone"]
+    with ThreadPoolExecutor(1) as pool:
+        healthy = pool.submit(lambda: list(stub.StreamFeatures(
+            requests(config(), [raw_frame(i, good) for i in range(6)]), timeout=60)))
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.StreamFeatures(iter(messages), timeout=30))
+        parallel = healthy.result(timeout=60)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert needle in err.value.details()
-    info = stub.GetModelInfo(pb.GetModelInfoRequest())
-    assert info.model_name
+    assert [r.result.status for r in parallel] == [pb.FRAME_STATUS_OK] * 6
+    np.testing.assert_allclose(wire.tensor_from_proto(parallel[-1].result.tensors[0]), want,
+                               rtol=0, atol=1e-4 * np.abs(want).max())
 
 
 def test_unary_extract_rejects_bad_options(stub):
