@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Iterator
 
@@ -104,7 +105,7 @@ def configured(tmp_path_factory) -> Iterator[ServeProcess]:
     """One server started from a YAML file (dashes and underscores), with one flag overriding the file."""
     tmp = tmp_path_factory.mktemp("configured")
     (tmp / "server.yaml").write_text("port: 50051\nimgsz: 64\nmax_batch: 3\nmax-delay-ms: 1.5\ndevice: cpu\n"
-                                     "layers: [P3, backbone]\n")
+                                     "layers: [P3, backbone]\nmetrics-port: 0\n")
     server = ServeProcess(tmp, "--config", "server.yaml", "--port", "0")
     try:
         server.wait_serving()
@@ -125,6 +126,18 @@ def test_config_file_applies_and_flags_override_it(configured):
         result = pb_grpc.FeatureServiceStub(channel).Extract(request, timeout=30)
     assert result.status == pb.FRAME_STATUS_OK
     assert [t.name for t in result.tensors] == ["P3", "backbone"]
+
+
+def test_metrics_port_from_the_config_serves_prometheus_text(configured):
+    port = re.search(r"metrics on :(\d+)/metrics", configured.details)
+    assert port, configured.details
+    with _channel(configured.address) as channel:
+        pb_grpc.FeatureServiceStub(channel).Extract(pb.ExtractRequest(frame=_frame(1)), timeout=30)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port.group(1)}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    ok = re.search(r'^yolostream_frames_total\{status="ok"\} (\S+)$', text, re.M)
+    assert ok and float(ok.group(1)) >= 1
+    assert 'yolostream_model_info{' in text and 'model="yolov5n"' in text
 
 
 def test_random_weights_are_announced_loudly(configured):

@@ -66,6 +66,8 @@ SETTINGS: tuple[Setting, ...] = (
             "network"),
     Setting("port", "int", 50051, "port to listen on; 0 picks a free one, printed in the start-up line "
             "(default 50051)", "network"),
+    Setting("metrics_port", "int", None, "serve Prometheus metrics at http://HOST:PORT/metrics (0 picks a free "
+            "port, printed in the start-up line; default off)", "network", metavar="PORT"),
     Setting("max_batch", "int", None, "most frames in one forward (default 32 on CUDA, 8 on CPU)", "batching",
             metavar="N"),
     Setting("max_delay_ms", "float", None, "how long a batch may wait for more frames (default 2 on CUDA, 0 on CPU)",
@@ -206,8 +208,9 @@ def _coerce(s: Setting, value: Any, where: str) -> Any:
 
 
 def _check_ranges(values: dict[str, Any]) -> None:
-    if not 0 <= values["port"] <= 65535:
-        raise ValueError(f"port {values['port']} is out of range: choose 0..65535 (0 picks a free port)")
+    for key in ("port", "metrics_port"):
+        if values[key] is not None and not 0 <= values[key] <= 65535:
+            raise ValueError(f"{BY_KEY[key].option} {values[key]} is out of range: choose 0..65535 (0 picks a free port)")
     for key, low in (("imgsz", 32), ("max_batch", 1), ("queue_capacity", 1), ("max_in_flight", 1),
                      ("max_in_flight_limit", 1), ("workers", 1), ("decode_threads", 1), ("max_pixels", 1), ("max_frame_bytes", 1),
                      ("max_message_bytes", 1024)):
@@ -277,6 +280,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     values = resolve_settings(args)
     check_tls(values["tls_cert"], values["tls_key"])
     check_port(values["host"], values["port"])
+    if values["metrics_port"]:
+        check_port(values["host"], values["metrics_port"])
 
     from .engine import Engine
     from .grpc_server import ServerSettings
@@ -297,7 +302,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "grace_s": values["grace"],
         **{key: values[key] for key in ("max_batch", "max_delay_ms", "queue_capacity", "workers", "max_in_flight",
                                         "max_in_flight_limit", "decode_threads", "max_pixels", "max_frame_bytes",
-                                        "max_message_bytes", "tls_cert", "tls_key", "token")},
+                                        "max_message_bytes", "tls_cert", "tls_key", "token", "metrics_port")},
     }
     settings = ServerSettings(**{k: v for k, v in passed.items() if v is not None})
     return asyncio.run(_serve(engine, settings))
@@ -330,7 +335,8 @@ async def _serve(engine: Any, settings: Any) -> int:
     except BaseException:
         await server.stop(0)
         raise
-    print(f"yolostream serving {engine.name} on {settings.host}:{port} ({_describe(engine, settings)})", flush=True)
+    print(f"yolostream serving {engine.name} on {settings.host}:{port} "
+          f"({_describe(engine, settings, server.metrics_port)})", flush=True)
     await stop.wait()
     name = signal.Signals(signals[0]).name
     print(f"yolostream: {name}: draining (health NOT_SERVING; answering accepted frames, up to {settings.grace_s:g} s)",
@@ -340,11 +346,13 @@ async def _serve(engine: Any, settings: Any) -> int:
     return 0
 
 
-def _describe(engine: Any, settings: Any) -> str:
+def _describe(engine: Any, settings: Any, metrics_port: int | None) -> str:
     parts = [str(engine.device), str(engine.dtype).removeprefix("torch."),
              "RANDOM WEIGHTS" if engine.random_weights else f"weights {engine.loaded.source}"]
     if settings.tls_cert:
         parts.append("TLS")
     if settings.token:
         parts.append("bearer token")
+    if metrics_port is not None:
+        parts.append(f"metrics on :{metrics_port}/metrics")
     return ", ".join(parts)

@@ -24,6 +24,7 @@ from yolostream.v1 import feature_service_pb2_grpc as pb_grpc
 from .batcher import BatcherConfig, MicroBatcher
 from .engine import Engine, available_cores
 from .frames import FrameLimits
+from .metrics import ServerMetrics
 from .pipeline import Pipeline
 from .service import FeatureService, StreamLimits, model_info
 
@@ -53,6 +54,7 @@ class ServerSettings:
     tls_key: str | None = None
     token: str | None = None
     grace_s: float = 30.0
+    metrics_port: int | None = None
 
     def batcher_config(self, device_type: str) -> BatcherConfig:
         base = BatcherConfig.for_device(device_type, available_cores())
@@ -119,10 +121,14 @@ class FeatureServer:
                                  decode_threads=s.decode_threads)
         stream_limits = StreamLimits(default_in_flight=s.max_in_flight, max_in_flight=s.max_in_flight_limit)
         info = model_info(self.pipeline, stream_limits, s.max_message_bytes)
-        self.service = FeatureService(self.pipeline, info, stream_limits)
+        self.metrics = ServerMetrics(lambda: self.batcher.queued, {
+            "model": info.model_name, "source": info.source, "device": info.device, "dtype": info.dtype,
+            "random_weights": str(info.random_weights).lower()})
+        self.service = FeatureService(self.pipeline, info, stream_limits, self.metrics)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
+        self.metrics_port: int | None = None
 
     async def start(self) -> int:
         """Bind and start; returns the bound port (useful with port 0). Raises OSError if the port is taken."""
@@ -150,6 +156,12 @@ class FeatureServer:
             raise OSError(f"cannot listen on {address}: address in use or not available")
         await server.start()
         self.server, self.port = server, port
+        if s.metrics_port is not None:
+            try:
+                self.metrics_port = self.metrics.serve(s.host, s.metrics_port)
+            except OSError as err:
+                await server.stop(0)
+                raise OSError(f"cannot serve metrics on {s.host}:{s.metrics_port}: {err}") from err
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on %s:%d (device %s)", self.engine.name, s.host, port, self.engine.device)
         return port
@@ -178,6 +190,7 @@ class FeatureServer:
             await stopping
         await asyncio.get_running_loop().run_in_executor(None, self.batcher.close, True, grace)
         self.pipeline.close()
+        self.metrics.close()
         self.engine.set_cpu_threads(self._threads_before)
 
 

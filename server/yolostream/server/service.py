@@ -14,13 +14,14 @@ import logging
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import grpc
 
 from yolostream.v1 import feature_service_pb2 as pb
 from yolostream.v1 import feature_service_pb2_grpc as pb_grpc
 
+from .metrics import ServerMetrics
 from .pipeline import POLICY_ENUMS, FrameOptions, Pipeline, dropped_result, error_result
 
 log = logging.getLogger(__name__)
@@ -61,8 +62,10 @@ class StreamSession:
     """Runs one StreamFeatures call after its config has been validated."""
 
     def __init__(self, pipeline: Pipeline, options: FrameOptions, in_flight: int, realtime: bool,
-                 limits: StreamLimits, draining: asyncio.Event) -> None:
+                 limits: StreamLimits, draining: asyncio.Event,
+                 observe: Callable[[pb.FrameResult], None] = lambda result: None) -> None:
         self.pipeline = pipeline
+        self.observe = observe
         self.options = options
         self.in_flight = in_flight
         self.realtime = realtime
@@ -87,7 +90,9 @@ class StreamSession:
                     if not self.order:
                         break
                     entry = self.order[0]
-                yield await entry.result
+                response = await entry.result
+                self.observe(response.result)
+                yield response
                 async with self.changed:
                     self.order.popleft()
                     self.changed.notify_all()
@@ -204,10 +209,12 @@ class StreamSession:
 class FeatureService(pb_grpc.FeatureServiceServicer):
     """Thin servicer: validates, then hands frames to the pipeline."""
 
-    def __init__(self, pipeline: Pipeline, model_info: pb.ModelInfo, limits: StreamLimits | None = None) -> None:
+    def __init__(self, pipeline: Pipeline, model_info: pb.ModelInfo, limits: StreamLimits | None = None,
+                 metrics: ServerMetrics | None = None) -> None:
         self.pipeline = pipeline
         self.model_info = model_info
         self.limits = limits or StreamLimits()
+        self.metrics = metrics
         self.draining = asyncio.Event()
         self.active_streams = 0
         self._streams_changed = threading.Condition()
@@ -242,6 +249,8 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
         with self._streams_changed:
             self.active_streams += delta
             self._streams_changed.notify_all()
+        if self.metrics:
+            self.metrics.streams.inc(delta)
 
     async def StreamFeatures(self, request_iterator, context: grpc.aio.ServicerContext):
         requests = request_iterator.__aiter__()
@@ -261,7 +270,8 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         if self.draining.is_set():
             await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
-        session = StreamSession(self.pipeline, options, in_flight, config.realtime, self.limits, self.draining)
+        session = StreamSession(self.pipeline, options, in_flight, config.realtime, self.limits, self.draining,
+                                *([self.metrics.observe] if self.metrics else []))
         self._count_stream(+1)
         self._call(+1)
         self._sessions.add(session)
@@ -295,9 +305,12 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         self._call(+1)
         try:
-            return await self.pipeline.process(request.frame, options)
+            result = await self.pipeline.process(request.frame, options)
         finally:
             self._call(-1)
+        if self.metrics:
+            self.metrics.observe(result)
+        return result
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         return self.model_info

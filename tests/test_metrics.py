@@ -1,0 +1,76 @@
+"""Prometheus metrics account for every frame (ok, error, dropped) and are served only when asked."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from yolostream.server.engine import Engine
+from yolostream.server.grpc_server import ServerSettings, ServerThread
+from yolostream.server.model.loader import load_model
+from yolostream.v1 import feature_service_pb2 as pb
+from yolostream.v1 import feature_service_pb2_grpc as pb_grpc
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return Engine(load_model(), device="cpu", imgsz=64)
+
+
+def _frame(i: int) -> pb.Frame:
+    img = np.random.default_rng(i).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    return pb.Frame(frame_id=i, raw=pb.RawImage(data=img.tobytes(), height=48, width=64, channels=3,
+                                                format=pb.PIXEL_FORMAT_BGR))
+
+
+def _stream(stub, frames, **config):
+    def requests():
+        yield pb.StreamRequest(config=pb.StreamConfig(options=pb.FeatureOptions(layers=["P3"]), **config))
+        for frame in frames:
+            yield pb.StreamRequest(frame=frame)
+
+    return list(stub.StreamFeatures(requests(), timeout=60))
+
+
+def _scrape(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            key = s.name + "".join(f"[{k}={v}]" for k, v in sorted(s.labels.items()) if k != "le")
+            if "le" in s.labels:
+                key += f"[le={s.labels['le']}]"
+            samples[key] = s.value
+    return samples
+
+
+def test_every_answered_frame_is_counted(engine):
+    with ServerThread(engine, ServerSettings(port=0, metrics_port=0)) as srv:
+        port = srv.server.metrics_port
+        assert port
+        with grpc.insecure_channel(srv.address) as channel:
+            stub = pb_grpc.FeatureServiceStub(channel)
+            plain = _stream(stub, [_frame(0), pb.Frame(frame_id=1, encoded=b"junk"), _frame(2), _frame(3)])
+            realtime = _stream(stub, [_frame(i) for i in range(40)], realtime=True, max_in_flight=1)
+            stub.Extract(pb.ExtractRequest(frame=_frame(9)), timeout=30)
+        answered = plain + realtime
+        statuses = [r.result.status for r in answered] + [pb.FRAME_STATUS_OK]
+        m = _scrape(port)
+    assert m["yolostream_frames_total[status=ok]"] == statuses.count(pb.FRAME_STATUS_OK)
+    assert m["yolostream_frames_total[status=error]"] == 1
+    assert m["yolostream_frames_total[status=dropped]"] == statuses.count(pb.FRAME_STATUS_DROPPED)
+    assert m["yolostream_batch_size_count"] == statuses.count(pb.FRAME_STATUS_OK)
+    assert m["yolostream_frame_stage_seconds_count[stage=compute]"] == statuses.count(pb.FRAME_STATUS_OK)
+    assert m["yolostream_streams_active"] == 0 and m["yolostream_queue_frames"] == 0
+    assert m["yolostream_model_info[device=cpu][dtype=float32][model=yolov5n][random_weights=true]"
+             "[source=" + engine.loaded.source + "]"] == 1
+
+
+def test_metrics_are_not_served_unless_asked(engine):
+    with ServerThread(engine, ServerSettings(port=0)) as srv:
+        assert srv.server.metrics_port is None
