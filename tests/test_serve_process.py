@@ -208,6 +208,8 @@ def test_startup_errors_are_one_line_without_traceback(tmp_path):
         "bad yaml": (["--config", "bad.yaml"], ["bad.yaml", "not valid YAML", "line 2"]),
         "unknown key": (["--config", "unknown.yaml"], ["max_btach", "max_batch", "valid keys"]),
         "port in use": (["--port", str(taken)], [f"127.0.0.1:{taken}", "address in use"]),
+        "metrics port in use": (["--port", "0", "--metrics-port", str(taken)], [f"127.0.0.1:{taken}", "address in use"]),
+        "metrics port out of range": (["--port", "0", "--metrics-port", "70000"], ["--metrics-port", "70000", "0..65535"]),
         "bad tls": (["--tls-cert", "cert.pem", "--tls-key", "cert.pem", "--port", "0"], ["cert.pem", "PEM"]),
     }
     try:
