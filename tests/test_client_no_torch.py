@@ -23,7 +23,7 @@ import sys
 class _NoTorch:
     def find_spec(self, name, path=None, target=None):
         if name == "torch" or name.startswith("torch."):
-            raise ModuleNotFoundError("No module named 'torch' (blocked by the test)")
+            raise ModuleNotFoundError("No module named 'torch' (blocked by the test)", name=name)
         return None
 sys.meta_path.insert(0, _NoTorch())
 """
@@ -91,3 +91,12 @@ def test_the_stream_command_runs_without_torch(server, tmp_path):
     assert "4 answered" in proc.stdout and "LOADED []" in proc.stdout
     proc = run(CLI_SCRIPT, "info", "--server", server.address)
     assert proc.returncode == 0 and "SPPF" in proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize("command", [["layers"], ["serve", "--port", "0"], ["extract", "--out", "o", "x.png"]])
+def test_server_commands_without_torch_say_what_to_install(command):
+    proc = run(CLI_SCRIPT, *command)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[-1].startswith(f"yolostream {command[0]}: error: this command needs the server extra")
+    assert "pip install 'yolostream[server]'" in lines[-1] and "'torch'" in lines[-1]

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 EXIT_USAGE = 2
+#: Top-level modules of the ``server`` extra: a client-only install lacks them.
+SERVER_MODULES = {"torch", "yaml", "tqdm", "grpc_health", "grpc_reflection", "prometheus_client"}
 
 
 def _model_args(p: argparse.ArgumentParser, *, device: bool = True) -> None:
@@ -149,6 +151,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] not in SERVER_MODULES or args.verbose:
+            raise
+        print(f"yolostream {args.command}: error: this command needs the server extra, which is not installed "
+              f"(no module named {err.name!r}): pip install 'yolostream[server]'", file=sys.stderr)
+        return EXIT_USAGE
     except (ValueError, OSError, RuntimeError, KeyError) as err:
         if args.verbose:
             raise
