@@ -86,3 +86,37 @@ def test_pipelined_server_on_the_staged_path(engines):
     for r, w in zip(responses, want):
         got = wire.tensor_from_proto(r.result.tensors[0])
         np.testing.assert_allclose(got, w.features["P4"], rtol=0, atol=1e-4 * np.abs(w.features["P4"]).max())
+
+
+def test_two_workers_sharing_staging_buffers_never_mix_frames():
+    """Several streams of distinct frames through two workers on the staged path: every answer is its own frame's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    direct = Engine(load_model(), device="cpu", imgsz=64)
+    staged = Engine(load_model(), device="cpu", imgsz=64, staged=True)
+    frames = {(k, i): np.random.default_rng(100 * k + i).integers(0, 256, (48, 80, 3), dtype=np.uint8)
+              for k in range(4) for i in range(15)}
+    want = dict(zip(frames, direct.extract(list(frames.values()), ["C4"])))
+    with ServerThread(staged, ServerSettings(port=0, max_batch=4, workers=2)) as srv:
+        def one_stream(k):
+            with grpc.insecure_channel(srv.address) as channel:
+                stub = pb_grpc.FeatureServiceStub(channel)
+
+                def requests():
+                    yield pb.StreamRequest(config=pb.StreamConfig(options=pb.FeatureOptions(layers=["C4"]),
+                                                                  max_in_flight=8))
+                    for i in range(15):
+                        f = frames[(k, i)]
+                        yield pb.StreamRequest(frame=pb.Frame(frame_id=i, raw=pb.RawImage(
+                            data=f.tobytes(), height=48, width=80, channels=3, format=pb.PIXEL_FORMAT_BGR)))
+
+                return list(stub.StreamFeatures(requests(), timeout=60))
+
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(one_stream, range(4)))
+    assert srv.server.batcher.config.workers == 2
+    for k, responses in enumerate(results):
+        for i, r in enumerate(responses):
+            expected = want[(k, i)].features["C4"]
+            got = wire.tensor_from_proto(r.result.tensors[0])
+            np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4 * np.abs(expected).max(), err_msg=f"{k},{i}")

@@ -287,13 +287,16 @@ def test_realtime_flood_accounts_for_every_frame(engine):
     assert "realtime" in next(r.result.error_message for r in responses if r.result.status == pb.FRAME_STATUS_DROPPED)
 
 
-def test_a_client_that_disconnects_releases_everything(engine):
+@pytest.mark.parametrize("realtime", [False, True], ids=["flow-controlled", "realtime"])
+def test_a_client_that_disconnects_releases_everything(engine, realtime):
     slow = SlowEngine(engine, delay=0.02)
     with ServerThread(slow, ServerSettings(port=0, max_batch=2)) as srv:
         service = srv.server.service
         with grpc.insecure_channel(srv.address) as channel:
             stub = pb_grpc.FeatureServiceStub(channel)
-            call = stub.StreamFeatures(requests(config(max_in_flight=8), (raw_frame(i, image(0)) for i in range(10**6))))
+            in_flight = 1 if realtime else 8  # realtime: a newer frame is parked while one computes
+            frames = (raw_frame(i, image(0)) for i in range(10**6))
+            call = stub.StreamFeatures(requests(config(max_in_flight=in_flight, realtime=realtime), frames))
             next(call)
             assert service.active_streams == 1
             call.cancel()
@@ -356,3 +359,24 @@ def test_an_open_health_watch_does_not_hold_the_drain(engine):
         srv.stop()
     assert statuses == [health_pb2.HealthCheckResponse.NOT_SERVING]
     assert err.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+
+
+def test_a_reply_over_the_message_limit_fails_its_frame_not_the_stream(engine):
+    # layer 0 of a 64x64 input is 16x32x32 float32 = 65,536 bytes; the limit leaves ~34 KB for tensors
+    with ServerThread(engine, ServerSettings(port=0, max_message_bytes=100_000)) as srv:
+        with grpc.insecure_channel(srv.address) as channel:
+            stub = pb_grpc.FeatureServiceStub(channel)
+            responses = list(stub.StreamFeatures(requests(config(layers=["0"]), [raw_frame(i, image(i)) for i in range(3)]),
+                                                 timeout=60))
+            pooled = stub.Extract(pb.ExtractRequest(options=pb.FeatureOptions(layers=["0"], pooling=pb.POOLING_GLOBAL_AVG),
+                                                    frame=raw_frame(9, image(9))), timeout=30)
+    assert [r.result.status for r in responses] == [pb.FRAME_STATUS_ERROR] * 3
+    assert "65,536 bytes, over the server's message limit" in responses[0].result.error_message
+    assert pooled.status == pb.FRAME_STATUS_OK and tuple(pooled.tensors[0].shape) == (16,)
+
+
+@pytest.mark.parametrize("h, w", [(1, 2000), (2000, 1)])
+def test_a_frame_thinner_than_a_pixel_after_resizing_still_works(stub, h, w):
+    result = stub.Extract(pb.ExtractRequest(frame=raw_frame(0, image(3, h, w))), timeout=30)
+    assert result.status == pb.FRAME_STATUS_OK, result.error_message
+    assert result.letterbox.resized_height >= 1 and result.letterbox.resized_width >= 1

@@ -163,7 +163,7 @@ class MicroBatcher:
             self._wake_submitters()
             if not drain:
                 for item in self._queue:
-                    item.loop.call_soon_threadsafe(_fail, item.future, ServerBusy("server stopped"))
+                    _post(item, _fail, ServerBusy("server stopped"))
                 self._queue.clear()
             self._stop = True
             self._cond.notify_all()
@@ -234,7 +234,10 @@ class MicroBatcher:
         """Called with the lock held whenever the queue shrinks: blocked ``submit`` calls retry."""
         waiters, self._space_waiters = self._space_waiters, []
         for loop, space in waiters:
-            loop.call_soon_threadsafe(_succeed, space, None)
+            try:
+                loop.call_soon_threadsafe(_succeed, space, None)
+            except RuntimeError:  # that submitter's loop is closed
+                pass
 
     def _count(self, shape: tuple[int, ...]) -> int:
         return sum(1 for item in self._queue if item.image.shape == shape)
@@ -260,10 +263,11 @@ class MicroBatcher:
 
     def _finish(self, batch: list[WorkItem], pending: PendingLike, start: float) -> None:
         try:
-            done = self.engine.collect(pending)
-        except Exception as err:
+            self._deliver(batch, self.engine.collect(pending), start)
+        except Exception as err:  # a failed batch fails its frames, never the worker
             self._fail_all(batch, err)
-            return
+
+    def _deliver(self, batch: list[WorkItem], done: PendingLike, start: float) -> None:
         n = len(batch)
         with self._counts:
             self.batches_run += 1
@@ -277,13 +281,21 @@ class MicroBatcher:
                 compute_us=done.compute_us,
                 fetch_us=fetch_us,
             )
-            item.loop.call_soon_threadsafe(_succeed, item.future, result)
+            _post(item, _succeed, result)
 
     @staticmethod
     def _fail_all(batch: list[WorkItem], err: BaseException) -> None:
         log.error("batch of %d failed: %s: %s", len(batch), type(err).__name__, err)
         for item in batch:
-            item.loop.call_soon_threadsafe(_fail, item.future, err)
+            _post(item, _fail, err)
+
+
+def _post(item: WorkItem, setter: Any, value: Any) -> None:
+    """Hand a result to the item's event loop; a loop already closed has nobody left to tell."""
+    try:
+        item.loop.call_soon_threadsafe(setter, item.future, value)
+    except RuntimeError:
+        pass
 
 
 def _succeed(future: asyncio.Future, value: Any) -> None:

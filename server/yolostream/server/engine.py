@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -27,6 +29,9 @@ log = logging.getLogger(__name__)
 
 POOLINGS = ("none", "avg", "max")
 OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+#: Bytes of staging buffers (pinned on CUDA) kept for reuse, over all batch shapes.
+STAGING_BUDGET = 512 * 1024 * 1024
 
 #: A requested output: (layer index, pooling, dtype name).
 OutputKey = tuple[int, str, str]
@@ -88,10 +93,10 @@ def _pool_cast(t: torch.Tensor, key: OutputKey) -> torch.Tensor:
 
 
 def _to_host(t: torch.Tensor) -> np.ndarray:
-    """A CPU tensor as numpy; bfloat16 as its raw uint16 bit patterns (numpy has no bfloat16)."""
+    """A tensor as host numpy; bfloat16 as its raw uint16 bit patterns (numpy has no bfloat16)."""
     if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(np.uint16)
-    return t.numpy()
+        return t.view(torch.int16).cpu().numpy().view(np.uint16)
+    return t.cpu().numpy()
 
 
 def available_cores() -> int:
@@ -162,12 +167,17 @@ class Engine:
         self.imgsz = int(imgsz)
         self.letterbox_policy = letterbox
         self._plans: dict[tuple[int, ...], ForwardPlan] = {}
-        self._staging: dict[tuple[int, ...], _Staging] = {}
+        self._staging: OrderedDict[tuple[int, ...], _Staging] = OrderedDict()
+        self._staging_lock = threading.Lock()
         self.buckets: tuple[int, ...] = ()
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         # The staged path (pinned staging, own stream, async copies) is the CUDA hot path; on CPU it can be
         # switched on to test that code, but the direct path is faster there.
         self.staged = self.device.type == "cuda" if staged is None else bool(staged)
+        if self.device.type == "cuda":
+            # Fusion, casts and the channels_last copy ran on the default stream; the engine's own stream is not
+            # ordered after them, so finish them before anything is launched there.
+            torch.cuda.synchronize(self.device)
         self._catalogues: dict[tuple[int, int], list[LayerInfo]] = {}
         self.default_catalogue = self.catalogue()
 
@@ -251,19 +261,19 @@ class Engine:
     def _launch_staged(self, images: Sequence[np.ndarray], keys: tuple[OutputKey, ...], plan: ForwardPlan) -> PendingBatch:
         n = len(images)
         shape = (self.bucket(n), *images[0].shape)
-        staging = self._staging.get(shape)
-        if staging is None:
-            buffer = torch.empty(shape, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-            staging = self._staging[shape] = _Staging(buffer, self._event())
-        staging.ready.synchronize()
-        rows = staging.buffer.numpy()
-        for i, image in enumerate(images):
-            rows[i] = image
         timer = (self._event(True), self._event(True), self._event(True))
         on_stream = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
         with on_stream, torch.inference_mode():
-            x = staging.buffer.to(self.device, non_blocking=True)
-            staging.ready.record(self.stream)
+            # One worker at a time fills a staging buffer and queues its upload (several workers may share it).
+            with self._staging_lock:
+                staging = self._staging_buffer(shape)
+                rows = staging.buffer.numpy()
+                for i, image in enumerate(images):
+                    rows[i] = image
+                x = staging.buffer.to(self.device, non_blocking=True)
+                if x.data_ptr() == staging.buffer.data_ptr():  # CPU: .to() returned the buffer itself
+                    x = x.clone()
+                staging.ready.record(self.stream)
             timer[0].record(self.stream)
             x = x.to(self.dtype).div_(255)
             if self.channels_last:
@@ -284,6 +294,23 @@ class Engine:
                 copies.append((pinned, [(key, tuple(p.shape)) for key, p in zip(members, parts)]))
             timer[2].record(self.stream)
         return PendingBatch(n, keys, copies=copies, timer=timer)
+
+    def _staging_buffer(self, shape: tuple[int, ...]) -> _Staging:
+        """The staging buffer for ``shape``, once its previous upload has finished (caller holds the lock).
+
+        Buffers are kept most-recently-used first within STAGING_BUDGET bytes of (pinned) memory, so clients
+        choosing many input sizes cannot pin host memory without bound.
+        """
+        staging = self._staging.pop(shape, None)
+        if staging is None:
+            buffer = torch.empty(shape, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+            staging = _Staging(buffer, self._event())
+        self._staging[shape] = staging
+        while len(self._staging) > 1 and sum(b.buffer.numel() for b in self._staging.values()) > STAGING_BUDGET:
+            _, oldest = self._staging.popitem(last=False)
+            oldest.ready.synchronize()
+        staging.ready.synchronize()
+        return staging
 
     def collect(self, pending: PendingBatch) -> PendingBatch:
         """Wait for ``pending`` (only it, not later batches) and fill in its host arrays and timings."""

@@ -31,6 +31,8 @@ from .service import FeatureService, StreamLimits, model_info
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeatureService"].full_name
+#: Room left in a reply for everything but the tensor bytes (names, shapes, letterbox, timings).
+REPLY_ENVELOPE_BYTES = 64 * 1024
 
 
 @dataclass
@@ -118,7 +120,8 @@ class FeatureServer:
         self.batcher = MicroBatcher(self.engine, batching)
         limits = FrameLimits(max_pixels=s.max_pixels, max_frame_bytes=s.max_frame_bytes)
         self.pipeline = Pipeline(self.engine, self.batcher, limits, default_layers=tuple(s.default_layers),
-                                 decode_threads=s.decode_threads)
+                                 decode_threads=s.decode_threads,
+                                 max_reply_bytes=s.max_message_bytes - REPLY_ENVELOPE_BYTES)
         stream_limits = StreamLimits(default_in_flight=s.max_in_flight, max_in_flight=s.max_in_flight_limit)
         info = model_info(self.pipeline, stream_limits, s.max_message_bytes)
         self.metrics = ServerMetrics(lambda: self.batcher.queued, {
@@ -180,13 +183,13 @@ class FeatureServer:
         if self.server is not None:
             stopping = asyncio.create_task(self.server.stop(grace))
             try:
-                # Feature calls finish their accepted frames; then nothing is worth waiting for, and open health
-                # Watch or reflection streams (which never end by themselves) are cancelled instead of holding
-                # the whole grace period.
+                # Feature calls finish their accepted frames; after that only their final statuses are worth a
+                # moment (1 s at most), and open health Watch or reflection streams (which never end by
+                # themselves) are cancelled instead of holding the whole grace period.
                 await asyncio.wait_for(self.service.wait_idle(), grace)
             except asyncio.TimeoutError:
                 log.warning("drain: feature calls still running after %.0f s; cancelling them", grace)
-            await self.server.stop(0)
+            await self.server.stop(min(grace, 1.0))
             await stopping
         await asyncio.get_running_loop().run_in_executor(None, self.batcher.close, True, grace)
         self.pipeline.close()

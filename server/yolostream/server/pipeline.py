@@ -64,8 +64,11 @@ class Pipeline:
         default_layers: tuple[str, ...] = ("backbone",),
         max_imgsz: int = 4096,
         decode_threads: int = 4,
+        max_reply_bytes: int = 128 * 1024 * 1024 - 64 * 1024,
     ) -> None:
         self.engine = engine
+        self.max_reply_bytes = max_reply_bytes
+        self._channels = {row.index: row.out_channels for row in engine.default_catalogue}
         self.batcher = batcher
         self.limits = limits
         self.default_layers = default_layers
@@ -88,6 +91,17 @@ class Pipeline:
                              f"default {self.engine.imgsz})")
         return FrameOptions(layers, dtype, pooling, _POLICIES[policy_enum], imgsz)
 
+    def reply_bytes(self, options: FrameOptions, input_hw: tuple[int, int]) -> int:
+        """Tensor bytes of one frame's reply for a model input of ``input_hw`` (the envelope is a few hundred more)."""
+        h, w = input_hw
+        itemsize = 4 if options.dtype == pb.DTYPE_FLOAT32 else 2
+        total = 0
+        for layer in options.layers:
+            channels = self._channels[layer.index]
+            cells = 1 if options.pooling != "none" else -(-h // layer.stride) * -(-w // layer.stride)
+            total += channels * cells * itemsize
+        return total
+
     def _prepare(self, frame: pb.Frame, options: FrameOptions) -> tuple[np.ndarray, object]:
         image = decode_frame(frame, self.limits)
         return self.engine.preprocess(image, options.imgsz, options.policy)
@@ -105,6 +119,13 @@ class Pipeline:
             image, letterbox = await loop.run_in_executor(self.decode_pool, self._prepare, frame, options)
         except FrameError as err:
             return error_result(frame, str(err), result)
+        except Exception as err:  # e.g. an OpenCV assertion on a degenerate frame: that frame fails, nothing else
+            return error_result(frame, f"could not preprocess the frame: {type(err).__name__}: {err}", result)
+        reply = self.reply_bytes(options, image.shape[1:])
+        if reply > self.max_reply_bytes:
+            return error_result(frame, f"the reply would be {reply:,} bytes, over the server's message limit of "
+                                       f"{self.max_reply_bytes:,}: ask for fewer or deeper layers, pooling, float16, "
+                                       f"or a smaller imgsz", result)
         prepared = time.perf_counter()
         try:
             out = await self.batcher.submit(image, options.output_keys)

@@ -173,7 +173,8 @@ def letterbox(
     r = min(new_h / h, new_w / w)
     if not scaleup:
         r = min(r, 1.0)
-    unpad_w, unpad_h = int(round(w * r)), int(round(h * r))
+    # At least one pixel: for a frame thinner than 1/r upstream would hand OpenCV an empty size and crash.
+    unpad_w, unpad_h = max(1, int(round(w * r))), max(1, int(round(h * r)))
     dw, dh = new_w - unpad_w, new_h - unpad_h
     if auto:
         dw, dh = dw % s, dh % s

@@ -146,9 +146,9 @@ class StreamSession:
         except ProtocolError as err:
             self.error = str(err)
         finally:
+            # A parked realtime frame is already in ``order``: the writer cannot finish before the dispatcher has
+            # run it, so the reader need not (and, once cancelled, must not) wait for that here.
             self.reading = False
-            if self.realtime and self.latest.frame is not None and self.error is None:
-                await self._wait_for_latest_dispatch()
             async with self.changed:
                 self.reader_done = True
                 self.changed.notify_all()
@@ -183,10 +183,6 @@ class StreamSession:
             self._start(frame, entry)
             async with self.changed:
                 self.changed.notify_all()
-
-    async def _wait_for_latest_dispatch(self) -> None:
-        async with self.changed:
-            await self.changed.wait_for(lambda: self.latest.frame is None)
 
     def _start(self, frame: pb.Frame, entry: _Entry) -> None:
         task = asyncio.create_task(self._process(frame, entry))
@@ -276,17 +272,19 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
         self._call(+1)
         self._sessions.add(session)
         try:
-            async for response in session.run(requests):
-                yield response
+            try:
+                async for response in session.run(requests):
+                    yield response
+            finally:
+                self._sessions.discard(session)
+            if session.error:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, session.error)
+            if self.draining.is_set():
+                await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                    "server is shutting down: every frame it accepted has been answered")
         finally:
-            self._sessions.discard(session)
             self._call(-1)
             self._count_stream(-1)
-        if session.error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, session.error)
-        if self.draining.is_set():
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                "server is shutting down: every frame it accepted has been answered")
 
     def _in_flight(self, requested: int) -> int:
         if requested == 0:
