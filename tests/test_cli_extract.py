@@ -100,6 +100,19 @@ def test_random_weights_are_seeded_and_flagged():
     assert not torch.equal(a.model.model[0].conv.weight, c.model.model[0].conv.weight)
 
 
+def test_random_weights_do_not_depend_on_the_thread_count():
+    """A server and an offline extract load the same seeded model under different thread counts."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = load_model(seed=5).model.state_dict()
+        torch.set_num_threads(2)
+        two = load_model(seed=5).model.state_dict()
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(one[k], two[k]) for k in one)
+
+
 def test_state_dict_plus_cfg_and_mismatch(tmp_path, fixture_weights):
     official = load_model(fixture_weights)
     sd_path = tmp_path / "sd.pt"

@@ -3,6 +3,7 @@ summary at the end. Hand-written, because the client does not depend on tqdm."""
 
 from __future__ import annotations
 
+import random
 import sys
 import time
 from array import array
@@ -32,6 +33,28 @@ def progress_bar(done: int, total: int, width: int = 24) -> str:
     return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
 
 
+class LatencySample:
+    """Latencies for the summary in bounded memory: every value up to ``capacity``, then a uniform random sample
+    (reservoir sampling), so a stream that runs for days keeps ~1 MB, not 8 bytes per frame; the max is exact."""
+
+    def __init__(self, capacity: int = 100_000, seed: int = 0) -> None:
+        self.capacity = capacity
+        self.values: array[float] = array("d")
+        self.count = 0
+        self.max = 0.0
+        self._rng = random.Random(seed)
+
+    def append(self, value: float) -> None:
+        self.count += 1
+        self.max = max(self.max, value)
+        if len(self.values) < self.capacity:
+            self.values.append(value)
+        else:
+            slot = self._rng.randrange(self.count)
+            if slot < self.capacity:
+                self.values[slot] = value
+
+
 class StreamStats:
     """Counts and latencies of the answers of one stream (latency and batch size from OK frames only)."""
 
@@ -40,7 +63,7 @@ class StreamStats:
         self.clock = clock
         self.start = clock()
         self.answered = self.ok = self.errors = self.dropped = 0
-        self.latencies: array[float] = array("d")
+        self.latencies = LatencySample()
         self.batch_sum = 0
         self.timing_sums = dict.fromkeys(TIMING_FIELDS, 0)
         self.recent_latency: deque[float] = deque(maxlen=RECENT)
@@ -103,9 +126,10 @@ class StreamStats:
         elapsed = self.elapsed
         lines = [f"frames   {self.answered} answered in {elapsed:.2f} s ({self.fps():.1f} fps): {self.ok} ok, "
                  f"{self.dropped} dropped, {self.errors} error(s)"]
-        if self.latencies:
-            lines.append(f"latency  p50 {_ms(percentile(self.latencies, 50))} ms, p95 "
-                         f"{_ms(percentile(self.latencies, 95))} ms, max {_ms(max(self.latencies))} ms (round trip)")
+        if self.latencies.count:
+            kept = self.latencies.values
+            lines.append(f"latency  p50 {_ms(percentile(kept, 50))} ms, p95 {_ms(percentile(kept, 95))} ms, "
+                         f"max {_ms(self.latencies.max)} ms (round trip)")
         if self.ok:
             means = {k: self.timing_sums[k] / self.ok / 1000 for k in TIMING_FIELDS}
             lines.append(f"server   mean batch {self.mean_batch():.2f}; per frame: queued {means['queued_us']:.1f} "

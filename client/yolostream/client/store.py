@@ -37,6 +37,8 @@ from .api import FeatureResult
 FORMAT = "yolostream-features"
 VERSION = 1
 META = "meta.json"
+#: Frame records are flushed to disk every this many frames.
+FLUSH_EVERY = 30
 FRAMES = "frames.jsonl"
 
 
@@ -139,14 +141,16 @@ class FeatureWriter:
                   "timings_us": result.timings_us, "letterbox": result.letterbox, **extra}
         self._frames_file.write(json.dumps(record) + "\n")
         self.frames += 1
+        if self.frames % FLUSH_EVERY == 0:  # a killed client loses at most FLUSH_EVERY frame records
+            self._frames_file.flush()
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        self._frames_file.close()  # frame records first: a layer header never counts rows they do not describe
         for layer in self.layers.values():
             layer.close()
-        self._frames_file.close()
         self._write_meta(complete=True)
 
     def __enter__(self) -> "FeatureWriter":
@@ -195,7 +199,9 @@ def _open_rows(path: Path, rows_hint: int) -> np.ndarray:
     row_shape = tuple(shape[1:])
     row_bytes = int(np.prod(row_shape, dtype=np.int64)) * dtype.itemsize
     available = (path.stat().st_size - offset) // row_bytes if row_bytes else 0
-    count = shape[0] if shape[0] else min(available, rows_hint)
+    # Never more rows than the file holds, nor than the frame records describe (a save cut short may have a
+    # header or data ahead of its records).
+    count = min(shape[0] or available, available, rows_hint)
     if count == 0:
         return np.empty((0, *row_shape), dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(count, *row_shape))

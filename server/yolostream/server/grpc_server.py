@@ -138,7 +138,12 @@ class FeatureServer:
         s = self.settings
         options = [("grpc.max_send_message_length", s.max_message_bytes),
                    ("grpc.max_receive_message_length", s.max_message_bytes),
-                   ("grpc.so_reuseport", 0)]
+                   ("grpc.so_reuseport", 0),
+                   # Clients ping to notice a vanished server while a camera stream is quiet; grpc's default
+                   # allows one ping per 5 minutes without data and then closes the connection ("too many
+                   # pings"), killing a stream that merely paused. Accept one per second; floods still strike out.
+                   ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
+                   ("grpc.keepalive_permit_without_calls", 1)]
         interceptors = [BearerTokenInterceptor(s.token)] if s.token else []
         server = grpc.aio.server(options=options, interceptors=interceptors)
         pb_grpc.add_FeatureServiceServicer_to_server(self.service, server)

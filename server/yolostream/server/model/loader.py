@@ -98,16 +98,21 @@ def _randomise(model: nn.Module) -> None:
             nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
 
     def calibrate(bn: nn.BatchNorm2d, inputs: tuple[torch.Tensor, ...]) -> None:
-        x = inputs[0]
+        x = inputs[0].double()
         bn.running_mean.copy_(x.mean(dim=(0, 2, 3)))
         bn.running_var.copy_(x.var(dim=(0, 2, 3), unbiased=False))
 
     hooks = [m.register_forward_pre_hook(calibrate) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    threads = torch.get_num_threads()
     try:
+        # One thread: parallel reductions sum in an order that depends on the thread count, and "seeded" must
+        # mean the same weights in every process (a server and an offline extract are compared bit for bit).
+        torch.set_num_threads(1)
         model.eval()
         with torch.no_grad():
             model(torch.rand(2, 3, 256, 256))
     finally:
+        torch.set_num_threads(threads)
         for hook in hooks:
             hook.remove()
 
