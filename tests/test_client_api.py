@@ -457,3 +457,19 @@ def test_the_heatmap_lines_up_with_the_frame_through_the_letterbox():
     top = np.zeros((8, 8), np.float32)
     top[0, :] = 1.0  # model-input rows 0..7 are all padding
     assert map_to_frame(top, letterbox).max() < 1e-6
+
+
+def test_the_send_window_follows_the_servers_in_flight_default(engine):
+    """With no max_in_flight, the client's window is twice what the server holds per stream by default."""
+    with ServerThread(SlowEngine(engine, 0.005), ServerSettings(port=0, max_in_flight=3)) as srv:
+        read = []
+
+        def frames():
+            for i in range(40):
+                read.append(i)
+                yield image(i)
+
+        with FeatureClient(srv.address, timeout=60) as client:
+            for result in client.stream(frames(), layers="P3"):
+                assert len(read) - result.frame_id <= 2 * 3 + 1
+        assert len(read) == 40

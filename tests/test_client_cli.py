@@ -139,8 +139,10 @@ def test_info_prints_the_model_and_its_layer_table(server, capsys):
         (["--layers", "P4", "--viz", "x.mp4", "--viz-layer", "P3"], "not one of --layers"),
         (["--quality", "0"], "--quality must be"),
         (["--viz", "heat.gif"], "unsupported container"),
+        (["--imgsz", "0"], "--imgsz must be at least 32"),
     ],
-    ids=["unknown-layer", "viz-pooled", "show-headless", "viz-layer-alone", "viz-layer-missing", "quality", "gif"],
+    ids=["unknown-layer", "viz-pooled", "show-headless", "viz-layer-alone", "viz-layer-missing", "quality", "gif",
+         "imgsz"],
 )
 def test_expected_errors_are_one_line_and_exit_2(server, tmp_path, capsys, monkeypatch, extra, needle):
     monkeypatch.delenv("DISPLAY", raising=False)

@@ -138,7 +138,8 @@ class ModelInfo:
             dtype=msg.dtype, default_letterbox=letterbox, default_imgsz=msg.default_imgsz, stride=msg.stride,
             layers=layers,
             batching={"max_batch": msg.batching.max_batch, "max_delay_ms": msg.batching.max_delay_ms,
-                      "max_in_flight": msg.batching.max_in_flight, "queue_capacity": msg.batching.queue_capacity},
+                      "max_in_flight": msg.batching.max_in_flight, "queue_capacity": msg.batching.queue_capacity,
+                      "workers": msg.batching.workers},
             limits={"max_pixels": msg.limits.max_pixels, "max_frame_bytes": msg.limits.max_frame_bytes,
                     "max_message_bytes": msg.limits.max_message_bytes},
         )
@@ -297,6 +298,7 @@ class FeatureClient:
             self._channel = grpc.insecure_channel(address, options)
         self._stub = pb_grpc.FeatureServiceStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._in_flight_default: int | None = None
 
     def __enter__(self) -> "FeatureClient":
         return self
@@ -316,7 +318,15 @@ class FeatureClient:
 
     def model_info(self) -> ModelInfo:
         """The served model, its layer catalogue, the server's defaults and limits."""
-        return ModelInfo.from_proto(self._unary(self._stub.GetModelInfo, pb.GetModelInfoRequest()))
+        info = ModelInfo.from_proto(self._unary(self._stub.GetModelInfo, pb.GetModelInfoRequest()))
+        self._in_flight_default = int(info.batching["max_in_flight"]) or SERVER_DEFAULT_IN_FLIGHT
+        return info
+
+    def _server_in_flight(self) -> int:
+        """The server's default max_in_flight (asked once): the send window follows what the server will hold."""
+        if self._in_flight_default is None:
+            self.model_info()
+        return self._in_flight_default
 
     def extract(self, image: np.ndarray, *, layers: str | Sequence[str | int] | None = None,
                 dtype: str | None = None, pooling: str | None = None, letterbox: str | None = None,
@@ -345,7 +355,7 @@ class FeatureClient:
 
         Results come in frame order, one per frame, with frame ids 0, 1, 2... in the order of ``frames``; a frame
         without a timestamp is stamped with ``time.time()`` when read. ``max_in_flight`` is how many frames the
-        server holds at once (None: its default, 8); ``keep_images`` puts each frame on its result (``image``),
+        server holds at once (None: the server's default, from GetModelInfo); ``keep_images`` puts each frame on its result (``image``),
         for drawing. The iterable is consumed in a background thread; an exception it raises (a camera that
         disappears) is re-raised after the results of the frames read before it.
         """
@@ -354,7 +364,7 @@ class FeatureClient:
             raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
         config = pb.StreamConfig(options=feature_options(layers, dtype, pooling, letterbox, imgsz),
                                  max_in_flight=max_in_flight or 0, realtime=realtime)
-        window = None if realtime else 2 * (max_in_flight or SERVER_DEFAULT_IN_FLIGHT)
+        window = None if realtime else 2 * (max_in_flight or self._server_in_flight())
         return FeatureStream(self, frames, config, encoding=encoding, quality=quality, window=window,
                              keep_images=keep_images)
 

@@ -149,6 +149,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-frames must be >= 0, got {args.max_frames}")
     if args.max_in_flight is not None and args.max_in_flight < 1:
         raise ValueError(f"--max-in-flight must be >= 1, got {args.max_in_flight}")
+    if args.imgsz is not None and args.imgsz < 32:
+        raise ValueError(f"--imgsz must be at least 32 (or left out for the server's default), got {args.imgsz}")
 
 
 def _save_info(args: argparse.Namespace, info: ModelInfo, source_description: str, layers: Sequence[str]) -> dict:
