@@ -13,7 +13,7 @@ import multiprocessing as mp
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import cv2
@@ -94,6 +94,8 @@ class StreamSpec:
     duration_s: float = 3.0
     imgsz: int = 0
     square: bool = False
+    #: Paced streams start this many seconds after the others: independent cameras are not in lockstep.
+    phase: float = 0.0
 
 
 def _stub(address: str):
@@ -147,7 +149,7 @@ def run_stream(spec: StreamSpec, start_at: float, connected: tuple | None = None
         i = 0
         while True:
             if spec.rate > 0:
-                _sleep_until(start_at + i / spec.rate)
+                _sleep_until(start_at + spec.phase + i / spec.rate)
             if not slots.acquire(timeout=120):
                 return
             now = time.perf_counter()
@@ -348,8 +350,10 @@ def run_cell(address: str, cell: E2ECell, payloads: dict[str, FramePayload], *, 
     """One row of the end-to-end (or camera-rate) table."""
     spec = StreamSpec(address, payloads[cell.input], LAYER_SETS[cell.layers], cell.dtype, max_in_flight, cell.rate,
                       warm_s, duration_s)
-    window = run_clients(grpc_worker, [spec] * cell.streams, warm_s=warm_s, duration_s=duration_s,
-                         cpu_seconds=cpu_seconds)
+    # paced streams are spread evenly over one frame period, as independent cameras would be
+    specs = [replace(spec, phase=k / (cell.streams * cell.rate)) if cell.rate > 0 else spec
+             for k in range(cell.streams)]
+    window = run_clients(grpc_worker, specs, warm_s=warm_s, duration_s=duration_s, cpu_seconds=cpu_seconds)
     stats = percentiles(window.latencies_ms)
     return {
         "streams": cell.streams, "input": cell.input, "layers": cell.layers, "dtype": cell.dtype,
@@ -367,16 +371,20 @@ def run_cell(address: str, cell: E2ECell, payloads: dict[str, FramePayload], *, 
     }
 
 
-def engine_reference(engine_rows: Sequence[dict], layers: str, mean_batch: float | None) -> dict | None:
-    """The server-way engine row for ``layers`` at the measured batch size nearest ``mean_batch``."""
+def engine_reference(engine_rows: Sequence[dict], layers: str, mean_batch: float | None,
+                     dtype: str | None = None) -> dict | None:
+    """The server-way engine row for ``layers`` (and output ``dtype`` when such rows exist) at the measured batch
+    size nearest ``mean_batch``."""
     rows = [r for r in engine_rows if r["way"].startswith("server") and r["layers"] == layers]
+    same_dtype = [r for r in rows if r.get("out_dtype") == dtype]
+    rows = same_dtype or rows
     if not rows or mean_batch is None:
         return None
     return min(rows, key=lambda r: (abs(r["batch"] - mean_batch), r["batch"]))
 
 
 def add_engine_ratio(row: dict, engine_rows: Sequence[dict]) -> dict:
-    ref = engine_reference(engine_rows, row["layers"], row["mean_batch"])
+    ref = engine_reference(engine_rows, row["layers"], row["mean_batch"], row.get("dtype"))
     if ref is not None:
         row["engine_fps"] = ref["fps"]
         row["engine_batch"] = ref["batch"]

@@ -167,11 +167,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     served = ModelBypass(engine) if args.bypass else engine
     settings = ServerSettings(host="127.0.0.1", port=0, max_batch=args.max_batch, max_delay_ms=args.max_delay_ms)
     server = ServerThread(served, settings).start()
+    workers = server.server.batcher.config.workers
+    if args.threads:  # the same total thread budget as the engine rows: split it across the device workers
+        torch.set_num_threads(max(1, args.threads // workers))
     try:
         print(json.dumps({"port": server.port, "pid": os.getpid(), "device": str(engine.device),
                           "model": engine.name, "bypass": args.bypass,
                           "max_batch": server.server.batcher.config.max_batch,
-                          "max_delay_ms": server.server.batcher.config.max_delay_ms}), flush=True)
+                          "max_delay_ms": server.server.batcher.config.max_delay_ms,
+                          "workers": workers, "threads_per_worker": torch.get_num_threads()}), flush=True)
         sys.stdin.read()
     except (_Stop, KeyboardInterrupt):
         pass
