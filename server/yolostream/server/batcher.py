@@ -208,7 +208,9 @@ class MicroBatcher:
                     return None
                 self._cond.wait()
             shape = self._queue[0].image.shape
-            if cfg.max_delay_ms > 0 and not self._stop:
+            # Wait for more frames only when the device is idle: with a batch in flight, frames accumulate while
+            # it runs, and waiting would delay delivering that batch's results.
+            if cfg.max_delay_ms > 0 and not self._stop and block:
                 deadline = time.perf_counter() + cfg.max_delay_ms / 1000
                 while self._count(shape) < cfg.max_batch and not self._stop:
                     left = deadline - time.perf_counter()
