@@ -167,17 +167,21 @@ def test_load_features_returns_exactly_what_the_api_yielded(client, tmp_path):
     assert saved.frames[4]["row"] is None and saved.frames[5]["row"] == 4
 
 
-def test_an_interrupted_save_is_read_up_to_its_last_whole_row(client, tmp_path):
-    frames = [image(20 + i) for i in range(5)]
-    with FeatureWriter(tmp_path / "save") as writer:
-        for r in client.stream(frames, layers="P3", encoding="raw"):
+def _save_marked_incomplete(client, directory: Path, seed: int) -> tuple[np.ndarray, dict]:
+    """Save 5 frames of P3, then mark the save incomplete as a crash would; returns the full rows and the meta."""
+    with FeatureWriter(directory) as writer:
+        for r in client.stream([image(seed + i) for i in range(5)], layers="P3", encoding="raw"):
             writer.append(r)
-    full = load_features(tmp_path / "save")["P3"].copy()
-    # what a crash leaves: meta says incomplete, the header still counts 0 rows, the last row is cut short
-    meta_path = tmp_path / "save" / "meta.json"
-    meta = json.loads(meta_path.read_text())
+    full = load_features(directory)["P3"].copy()
+    meta = json.loads((directory / "meta.json").read_text())
     meta["complete"] = False
-    meta_path.write_text(json.dumps(meta))
+    (directory / "meta.json").write_text(json.dumps(meta))
+    return full, meta
+
+
+def test_an_interrupted_save_is_read_up_to_its_last_whole_row(client, tmp_path):
+    # what a crash leaves: meta says incomplete, the header still counts 0 rows, the last row is cut short
+    full, meta = _save_marked_incomplete(client, tmp_path / "save", 20)
     layer_file = tmp_path / "save" / meta["layers"]["P3"]["file"]
     with open(layer_file, "r+b") as f:
         np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False,
@@ -190,16 +194,8 @@ def test_an_interrupted_save_is_read_up_to_its_last_whole_row(client, tmp_path):
 
 
 def test_a_save_whose_rows_outran_its_frame_records_reads_back_consistently(client, tmp_path):
-    frames = [image(40 + i) for i in range(5)]
-    with FeatureWriter(tmp_path / "save") as writer:
-        for r in client.stream(frames, layers="P3", encoding="raw"):
-            writer.append(r)
-    full = load_features(tmp_path / "save")["P3"].copy()
     # what a crash can leave: the layer header already counts 5 rows, but only 3 frame records reached the disk
-    meta_path = tmp_path / "save" / "meta.json"
-    meta = json.loads(meta_path.read_text())
-    meta["complete"] = False
-    meta_path.write_text(json.dumps(meta))
+    full, _ = _save_marked_incomplete(client, tmp_path / "save", 40)
     records = tmp_path / "save" / "frames.jsonl"
     records.write_text("".join(records.read_text().splitlines(keepends=True)[:3]))
     saved = load_features(tmp_path / "save")
