@@ -469,3 +469,33 @@ def test_the_send_window_follows_the_servers_in_flight_default(engine):
             for result in client.stream(frames(), layers="P3"):
                 assert len(read) - result.frame_id <= 2 * 3 + 1
         assert len(read) == 40
+
+
+def test_closing_a_source_never_releases_a_capture_under_a_hanging_read():
+    """A camera stuck in read(): close() from another thread leaves the capture alone (releasing under a read can
+    crash OpenCV); the reading thread releases it once read() returns."""
+    from yolostream.client.sources import Source
+
+    class HangingCapture:
+        def __init__(self) -> None:
+            self.entered, self.go, self.released = threading.Event(), threading.Event(), False
+
+        def read(self):
+            self.entered.set()
+            assert self.go.wait(timeout=30)
+            return True, np.zeros((4, 4, 3), np.uint8)
+
+        def release(self) -> None:
+            self.released = True
+
+    capture = HangingCapture()
+    source = Source("fake camera", "camera", None, None, live=True, _capture=capture)
+    frames = iter(source)
+    reader = threading.Thread(target=lambda: (next(frames), frames.close()))
+    reader.start()
+    assert capture.entered.wait(timeout=30)
+    source.close()
+    assert not capture.released
+    capture.go.set()
+    reader.join(timeout=30)
+    assert not reader.is_alive() and capture.released

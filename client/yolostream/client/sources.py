@@ -39,6 +39,7 @@ class Source:
     live: bool = False  # frames come from the world as they happen: a camera, or a stream of unknown length
     _capture: cv2.VideoCapture | None = field(default=None, repr=False)
     _paths: list[Path] = field(default_factory=list, repr=False)
+    _reading: bool = field(default=False, repr=False)
 
     def label(self, index: int) -> str | None:
         """The file a frame came from (image sources only)."""
@@ -65,7 +66,11 @@ class Source:
         count = 0
         try:
             while self.max_frames is None or count < self.max_frames:
-                ok, frame = cap.read()
+                self._reading = True
+                try:
+                    ok, frame = cap.read()
+                finally:
+                    self._reading = False
                 if not ok or frame is None:
                     if self.live:
                         raise SourceError(f"{self.description} stopped delivering frames after {count} frame(s) "
@@ -85,7 +90,10 @@ class Source:
             self.close()
 
     def close(self) -> None:
-        if self._capture is not None:
+        """Release the capture, unless a read is still inside it on another thread (a camera hanging in
+        ``read()`` after the stream gave up on it): releasing under that read can crash OpenCV, so the capture
+        is then left to be released when the reading thread returns (its loop closes the source) or at exit."""
+        if self._capture is not None and not self._reading:
             self._capture.release()
             self._capture = None
 
