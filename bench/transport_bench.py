@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import psutil
@@ -83,6 +83,20 @@ def socket_server(request_bytes: int, reply_bytes: int, ports: Any) -> None:
                 conn.sendall(reply)
 
 
+def _windowed(start_at: float, stop_at: float, slots: threading.Semaphore, sent: list[float]) -> Iterator[None]:
+    """From ``start_at`` until ``stop_at``, yield once per free in-flight slot (the caller sends one request),
+    recording each send time in ``sent``; the receiver releases a slot per reply."""
+    left = start_at - time.perf_counter()
+    if left > 0:
+        time.sleep(left)
+    while slots.acquire(timeout=120):
+        now = time.perf_counter()
+        if now >= stop_at:
+            return
+        sent.append(now)
+        yield
+
+
 def socket_worker(spec: SocketSpec, start_at: float | None, prepared: Any = None) -> Any:
     """Client-process entry: connect when ``start_at`` is None; else keep ``max_in_flight`` requests going."""
     if start_at is None:
@@ -97,14 +111,7 @@ def socket_worker(spec: SocketSpec, start_at: float | None, prepared: Any = None
     sent: list[float] = []
 
     def send() -> None:
-        left = start_at - time.perf_counter()
-        if left > 0:
-            time.sleep(left)
-        while slots.acquire(timeout=120):
-            now = time.perf_counter()
-            if now >= stop_at:
-                break
-            sent.append(now)
+        for _ in _windowed(start_at, stop_at, slots, sent):
             conn.sendall(request)
         conn.shutdown(socket.SHUT_WR)
 
@@ -175,14 +182,7 @@ def echo_worker(spec: SocketSpec, start_at: float | None, prepared: Any = None) 
     sent: list[float] = []
 
     def requests():
-        left = start_at - time.perf_counter()
-        if left > 0:
-            time.sleep(left)
-        while slots.acquire(timeout=120):
-            now = time.perf_counter()
-            if now >= stop_at:
-                return
-            sent.append(now)
+        for _ in _windowed(start_at, stop_at, slots, sent):
             yield request
 
     received = []

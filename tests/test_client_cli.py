@@ -68,16 +68,22 @@ def test_stream_saves_features_and_writes_the_heatmap_video(server, tmp_path, ca
     assert saved.meta["layers"]["P3"]["layer_index"] == 17 and saved.meta["layers"]["P3"]["stride"] == 8
 
 
-@pytest.mark.parametrize("encoding", ["png", "raw"])
-def test_a_folder_of_pngs_gives_the_features_of_yolostream_extract(server, tmp_path, capsys, encoding):
+def _pngs_extracted_offline(tmp_path: Path, count: int, seed: int, layers: str) -> tuple[Path, Path]:
+    """A folder of random PNGs and the folder ``yolostream extract`` (batch 1) wrote their features to."""
     folder = tmp_path / "images"
     folder.mkdir()
-    rng = np.random.default_rng(7)
-    for i in range(4):
+    rng = np.random.default_rng(seed)
+    for i in range(count):
         cv2.imwrite(str(folder / f"img{i}.png"), rng.integers(0, 256, (48, 80, 3), dtype=np.uint8))
     offline = tmp_path / "offline"
-    assert cli.main(["extract", "--imgsz", str(IMGSZ), "--device", "cpu", "--batch", "1", "--layers", "backbone,P3",
+    assert cli.main(["extract", "--imgsz", str(IMGSZ), "--device", "cpu", "--batch", "1", "--layers", layers,
                      "--out", str(offline), str(folder)]) == 0
+    return folder, offline
+
+
+@pytest.mark.parametrize("encoding", ["png", "raw"])
+def test_a_folder_of_pngs_gives_the_features_of_yolostream_extract(server, tmp_path, capsys, encoding):
+    folder, offline = _pngs_extracted_offline(tmp_path, 4, 7, "backbone,P3")
     save = tmp_path / "streamed"
     assert cli.main(["stream", str(folder), "--server", server.address, "--layers", "backbone,P3", "--encoding",
                      encoding, "--max-in-flight", "1", "--save", str(save), "-q"]) == 0
@@ -94,14 +100,7 @@ def test_a_folder_of_pngs_gives_the_features_of_yolostream_extract(server, tmp_p
 
 
 def test_frames_batched_together_stay_within_float_rounding(server, tmp_path, capsys):
-    folder = tmp_path / "images"
-    folder.mkdir()
-    rng = np.random.default_rng(8)
-    for i in range(8):
-        cv2.imwrite(str(folder / f"img{i}.png"), rng.integers(0, 256, (48, 80, 3), dtype=np.uint8))
-    offline = tmp_path / "offline"
-    assert cli.main(["extract", "--imgsz", str(IMGSZ), "--device", "cpu", "--batch", "1", "--layers", "P3",
-                     "--out", str(offline), str(folder)]) == 0
+    folder, offline = _pngs_extracted_offline(tmp_path, 8, 8, "P3")
     save = tmp_path / "streamed"
     assert cli.main(["stream", str(folder / "*.png"), "--server", server.address, "--layers", "P3", "--encoding",
                      "raw", "--max-in-flight", "8", "--save", str(save), "-q"]) == 0

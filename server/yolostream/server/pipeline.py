@@ -94,7 +94,7 @@ class Pipeline:
     def reply_bytes(self, options: FrameOptions, input_hw: tuple[int, int]) -> int:
         """Tensor bytes of one frame's reply for a model input of ``input_hw`` (the envelope is a few hundred more)."""
         h, w = input_hw
-        itemsize = 4 if options.dtype == pb.DTYPE_FLOAT32 else 2
+        itemsize = wire.ITEMSIZE[options.dtype]
         total = 0
         for layer in options.layers:
             channels = self._channels[layer.index]
@@ -135,7 +135,7 @@ class Pipeline:
             return error_result(frame, f"feature computation failed: {type(err).__name__}: {err}", result)
         encode_start = time.perf_counter()
         _identify(result, frame, pb.FRAME_STATUS_OK)
-        fill_letterbox(result.letterbox, letterbox)
+        result.letterbox.CopyFrom(wire.letterbox_to_proto(letterbox.as_dict()))
         for layer, array in zip(options.layers, out.arrays):
             wire.fill_tensor(result.tensors.add(), layer.name, layer.index, layer.stride, array, options.dtype)
         result.batch_size = out.batch_size
@@ -145,14 +145,6 @@ class Pipeline:
         timings.compute_us = out.compute_us
         timings.encode_us = out.fetch_us + int((time.perf_counter() - encode_start) * 1e6)
         return result
-
-
-def fill_letterbox(msg: pb.LetterboxInfo, lb) -> pb.LetterboxInfo:
-    (msg.original_height, msg.original_width), (msg.input_height, msg.input_width) = lb.orig_hw, lb.out_hw
-    msg.resized_height, msg.resized_width = lb.resized_hw
-    msg.ratio_w, msg.ratio_h = float(lb.ratio[0]), float(lb.ratio[1])
-    msg.pad_left, msg.pad_top, msg.pad_right, msg.pad_bottom = lb.pad_left, lb.pad_top, lb.pad_right, lb.pad_bottom
-    return msg
 
 
 def _identify(result: pb.FrameResult, frame: pb.Frame, status: int) -> None:

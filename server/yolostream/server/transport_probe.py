@@ -7,23 +7,13 @@ would return for each frame, derived from the real engine's catalogue, so messag
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 
-from .engine import Engine, OutputKey
+from .engine import Engine, OutputKey, PendingBatch
 
 _NUMPY = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
-
-
-@dataclass
-class _Done:
-    size: int
-    host: dict
-    compute_us: int = 0
-    fetch_us: int = 0
-    ready: bool = field(default=True)
 
 
 class ModelBypass:
@@ -36,7 +26,7 @@ class ModelBypass:
     def __getattr__(self, name: str):
         return getattr(self._engine, name)
 
-    def launch(self, images: Sequence[np.ndarray], keys: Sequence[OutputKey]) -> _Done:
+    def launch(self, images: Sequence[np.ndarray], keys: Sequence[OutputKey]) -> PendingBatch:
         n = len(images)
         _, h, w = images[0].shape
         host = {}
@@ -45,9 +35,9 @@ class ModelBypass:
             channels, stride = self._channels[index]
             shape = (n, channels) if pooling != "none" else (n, channels, h // stride, w // stride)
             host[key] = np.zeros(shape, _NUMPY[dtype])
-        return _Done(n, host)
+        return PendingBatch(n, tuple(keys), host=host)
 
-    def collect(self, pending: _Done) -> _Done:
+    def collect(self, pending: PendingBatch) -> PendingBatch:
         return pending
 
     def warmup(self, max_batch: int, imgsz: int | None = None) -> None:
