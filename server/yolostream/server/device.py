@@ -57,14 +57,14 @@ class _FrontEndPort:
         try:
             while True:
                 try:
-                    message = self.conn.recv()
+                    messages = self.conn.recv()
                 except (EOFError, OSError):
                     return
-                kind = message[0]
-                if kind == RUN:
-                    self._run(*message[1:])
-                elif kind == CANCEL:
-                    self._cancel(message[1])
+                for message in messages:
+                    if message[0] == RUN:
+                        self._run(*message[1:])
+                    elif message[0] == CANCEL:
+                        self._cancel(message[1])
         finally:
             with self._items_lock:
                 items, self.items = list(self.items.values()), {}

@@ -151,25 +151,23 @@ def _check_frame(frame: Any) -> np.ndarray:
     return np.ascontiguousarray(frame)
 
 
-def letterbox(
-    frame: np.ndarray,
+def letterbox_geometry(
+    frame_hw: tuple[int, int],
     new_shape: int | tuple[int, int],
     stride: int = 32,
     auto: bool = True,
     scaleup: bool = True,
-) -> tuple[np.ndarray, Letterbox]:
-    """Resize and pad an HxWx3 uint8 BGR frame into ``new_shape`` (int or (h, w)), upstream's way.
+) -> Letterbox:
+    """Upstream's letterbox geometry for a frame of ``frame_hw`` (h, w), without touching pixels.
 
     r = min(new_h/h, new_w/w) (capped at 1 without ``scaleup``); the resized size is (round(w*r),
     round(h*r)); the remaining padding is reduced modulo ``stride`` when ``auto`` (minimal rectangle),
-    split in halves with the odd pixel going bottom/right, and filled with 114. Returns the padded HWC BGR
-    image and its geometry.
+    split in halves with the odd pixel going bottom/right. Knowing the output size first lets a caller
+    letterbox straight into memory it owns (a front-end's shared-memory slot).
     """
-    img = _check_frame(frame)
     s = _positive_int(stride, "stride")
     new_h, new_w = _hw(new_shape, "new_shape")
-    h, w = img.shape[:2]
-
+    h, w = frame_hw
     r = min(new_h / h, new_w / w)
     if not scaleup:
         r = min(r, 1.0)
@@ -179,25 +177,53 @@ def letterbox(
     if auto:
         dw, dh = dw % s, dh % s
     dw, dh = dw / 2, dh / 2
-
-    if (w, h) != (unpad_w, unpad_h):
-        img = cv2.resize(img, (unpad_w, unpad_h), interpolation=cv2.INTER_LINEAR)
     top, bottom = int(round(dh - 0.1)), int(round(dh + 0.1))
     left, right = int(round(dw - 0.1)), int(round(dw + 0.1))
-    img = cv2.copyMakeBorder(
-        img, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(PAD_VALUE, PAD_VALUE, PAD_VALUE)
-    )
-    info = Letterbox(
+    return Letterbox(
         ratio=(r, r),
         pad_left=left,
         pad_top=top,
         pad_right=right,
         pad_bottom=bottom,
         orig_hw=(h, w),
-        out_hw=(img.shape[0], img.shape[1]),
+        out_hw=(unpad_h + top + bottom, unpad_w + left + right),
         resized_hw=(unpad_h, unpad_w),
     )
-    return img, info
+
+
+def apply_letterbox(frame: np.ndarray, info: Letterbox, out: np.ndarray | None = None) -> np.ndarray:
+    """Resize (INTER_LINEAR) and pad (114) an HxWx3 uint8 BGR frame as ``info`` says, into ``out`` when given."""
+    img = _check_frame(frame)
+    unpad_h, unpad_w = info.resized_hw
+    if img.shape[:2] != (unpad_h, unpad_w):
+        img = cv2.resize(img, (unpad_w, unpad_h), interpolation=cv2.INTER_LINEAR)
+    border = (info.pad_top, info.pad_bottom, info.pad_left, info.pad_right)
+    if out is None:
+        return cv2.copyMakeBorder(img, *border, cv2.BORDER_CONSTANT, value=(PAD_VALUE, PAD_VALUE, PAD_VALUE))
+    if out.shape != (*info.out_hw, 3) or out.dtype != np.uint8:
+        raise ValueError(f"letterbox output must be {(*info.out_hw, 3)} uint8, got {out.shape} {out.dtype}")
+    written = cv2.copyMakeBorder(img, *border, cv2.BORDER_CONSTANT, dst=out,
+                                 value=(PAD_VALUE, PAD_VALUE, PAD_VALUE))
+    if written is not out and not np.shares_memory(written, out):
+        out[...] = written
+    return out
+
+
+def letterbox(
+    frame: np.ndarray,
+    new_shape: int | tuple[int, int],
+    stride: int = 32,
+    auto: bool = True,
+    scaleup: bool = True,
+) -> tuple[np.ndarray, Letterbox]:
+    """Resize and pad an HxWx3 uint8 BGR frame into ``new_shape`` (int or (h, w)), upstream's way.
+
+    See ``letterbox_geometry`` for the rule; the padding is filled with 114. Returns the padded HWC BGR
+    image and its geometry.
+    """
+    img = _check_frame(frame)
+    info = letterbox_geometry(img.shape[:2], new_shape, stride, auto, scaleup)
+    return apply_letterbox(img, info), info
 
 
 def prepare(
