@@ -14,9 +14,14 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from ..errors import UserError, quote
 from .plan import layer_inputs, make_plan, run_plan
 
 ROLES = ("backbone", "neck", "detect")
+
+
+class LayerError(UserError):
+    """A requested layer name or index that the model does not have (or that is not a feature layer)."""
 
 
 @dataclass(frozen=True)
@@ -128,8 +133,9 @@ def alias_table(catalogue: Sequence[LayerInfo]) -> dict[str, int]:
 def resolve_layers(catalogue: Sequence[LayerInfo], requested: Iterable[str | int]) -> list[ResolvedLayer]:
     """Bind requested names to layers; ``all`` expands to every layer except Detect, keyed by index.
 
-    Unknown names raise ValueError that lists the valid choices, because a typo in a stream config must end that
-    stream with a message the user can act on.
+    Unknown names raise LayerError (a ValueError) that lists the valid choices, because a typo in a stream config
+    must end that stream with a message the user can act on. The name is quoted cut short: it is client input, and
+    the message travels back in a size-limited gRPC trailer.
     """
     by_alias = {k.lower(): v for k, v in alias_table(catalogue).items()}
     by_index = {row.index: row for row in catalogue}
@@ -138,7 +144,7 @@ def resolve_layers(catalogue: Sequence[LayerInfo], requested: Iterable[str | int
     seen: set[str] = set()
     items = list(requested)
     if not items:
-        raise ValueError("no layers requested: " + _choices(catalogue))
+        raise LayerError("no layers requested: " + _choices(catalogue))
     for item in items:
         text = str(item).strip()
         if text.lower() == "all":
@@ -146,10 +152,10 @@ def resolve_layers(catalogue: Sequence[LayerInfo], requested: Iterable[str | int
         else:
             index = _parse_index(text, by_alias, len(catalogue))
             if index is None:
-                raise ValueError(f"unknown layer {text!r}: " + _choices(catalogue))
+                raise LayerError(f"unknown layer {quote(text)}: " + _choices(catalogue))
             row = by_index[index]
             if row.role == "detect":
-                raise ValueError(f"layer {index} is the Detect head, not a feature layer: " + _choices(catalogue))
+                raise LayerError(f"layer {index} is the Detect head, not a feature layer: " + _choices(catalogue))
             group = [ResolvedLayer(text, index, row.stride)]
         for layer in group:
             if layer.name not in seen:
