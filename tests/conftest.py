@@ -1,14 +1,25 @@
-"""Shared test fixtures: the upstream reference data lives in ../shared/fixtures beside the repo."""
+"""Shared test set-up: the upstream reference data in ../shared/fixtures beside the repo, and real
+``yolostream`` processes (a ``serve`` that is waited for, and one-shot commands run side by side)."""
 
 from __future__ import annotations
 
 import json
+import os
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO.parent / "shared" / "fixtures"
+START_TIMEOUT = 60.0
+SERVING = re.compile(r"^yolostream serving (\S+) on (\S+):(\d+) \((.*)\)$")
 
 
 def fixture_path(name: str) -> Path:
@@ -27,3 +38,99 @@ def layers_json() -> dict:
 @pytest.fixture(scope="session")
 def fixture_weights() -> Path:
     return fixture_path("yolov5n.pt")
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment of a ``yolostream`` subprocess: this checkout on PYTHONPATH, no inherited token."""
+    paths = [str(REPO / d) for d in ("protos", "server", "client")]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in [env.get("PYTHONPATH")] if p])
+    env.pop("YOLOSTREAM_TOKEN", None)
+    env.update(extra)
+    return env
+
+
+def cli_cmd(*args: str) -> list[str]:
+    """``yolostream ARGS…`` as a command line for this interpreter and checkout."""
+    return [sys.executable, "-m", "yolostream.server.cli", *args]
+
+
+class ServeProcess:
+    """A ``yolostream serve`` subprocess: stdout read line by line on a thread, stderr to a file."""
+
+    def __init__(self, tmp_path: Path, *args: str, env: Mapping[str, str] | None = None) -> None:
+        self.stderr_path = tmp_path / f"serve-{os.getpid()}-{id(self)}.stderr"
+        self._stderr = self.stderr_path.open("w")
+        self.proc = subprocess.Popen(cli_cmd("serve", *args), stdout=subprocess.PIPE, stderr=self._stderr, text=True,
+                                     env=dict(env) if env is not None else cli_env(), cwd=tmp_path)
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+        self.model = self.address = self.details = ""
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def wait_serving(self) -> str:
+        """Block until the start-up line; returns ``host:port``."""
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no 'serving' line within {START_TIMEOUT} s; stderr:\n{self.stderr()}")
+            if line is None:
+                raise AssertionError(f"server exited with {self.proc.wait()} before serving; stderr:\n{self.stderr()}")
+            match = SERVING.match(line)
+            if match:
+                self.model, host, port, self.details = match.groups()
+                self.address = f"{host}:{port}"
+                return self.address
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=30)
+        self._stderr.close()
+
+
+def run_commands(commands: Mapping[str, Sequence[str]], cwd: Path, timeout: float = 120.0,
+                 parallel: int = 4) -> dict[str, tuple[str, str, int]]:
+    """Run ``yolostream`` commands (name → arguments), ``parallel`` at a time; name → (stdout, stderr, exit code).
+
+    Each start pays for importing torch, so they overlap; every one is killed if it outlives ``timeout``.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(args: Sequence[str]) -> tuple[str, str, int]:
+        proc = subprocess.Popen(cli_cmd(*args), env=cli_env(), cwd=cwd, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        return out, err, proc.returncode
+
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        futures = {name: pool.submit(run, args) for name, args in commands.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+def assert_one_line_error(name: str, outcome: tuple[str, str, int], command: str, words: Sequence[str],
+                          code: int = 2) -> str:
+    """The command failed with ``code``, and stderr is exactly one ``yolostream COMMAND: error:`` line holding
+    every one of ``words``, without a traceback; returns that line."""
+    _, err, returncode = outcome
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert returncode == code, f"{name}: exit {returncode}, stderr {err!r}"
+    assert len(lines) == 1 and "Traceback" not in err, f"{name}: {err!r}"
+    assert lines[0].startswith(f"yolostream {command}: error: "), f"{name}: {lines[0]}"
+    for word in words:
+        assert word in lines[0], f"{name}: {word!r} not in {lines[0]!r}"
+    return lines[0]

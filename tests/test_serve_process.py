@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import queue
 import re
 import signal
 import socket
@@ -12,7 +10,6 @@ import sys
 import threading
 import time
 import urllib.request
-from pathlib import Path
 from typing import Iterator
 
 import grpc
@@ -23,64 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from yolostream.v1 import feature_service_pb2 as pb
 from yolostream.v1 import feature_service_pb2_grpc as pb_grpc
 
-REPO = Path(__file__).resolve().parents[1]
-START_TIMEOUT = 60.0
-SERVING = re.compile(r"^yolostream serving (\S+) on (\S+):(\d+) \((.*)\)$")
-
-
-def _env() -> dict[str, str]:
-    paths = [str(REPO / d) for d in ("protos", "server", "client")]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in [env.get("PYTHONPATH")] if p])
-    env.pop("YOLOSTREAM_TOKEN", None)
-    return env
-
-
-def _serve_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "yolostream.server.cli", "serve", *args]
-
-
-class ServeProcess:
-    """A ``yolostream serve`` subprocess: stdout read line by line on a thread, stderr to a file."""
-
-    def __init__(self, tmp_path: Path, *args: str) -> None:
-        self.stderr_path = tmp_path / f"serve-{os.getpid()}-{id(self)}.stderr"
-        self._stderr = self.stderr_path.open("w")
-        self.proc = subprocess.Popen(_serve_cmd(*args), stdout=subprocess.PIPE, stderr=self._stderr, text=True,
-                                     env=_env(), cwd=tmp_path)
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-        self.model = self.address = self.details = ""
-
-    def _pump(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)
-
-    def wait_serving(self) -> str:
-        """Block until the start-up line; returns ``host:port``."""
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            try:
-                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(f"no 'serving' line within {START_TIMEOUT} s; stderr:\n{self.stderr()}")
-            if line is None:
-                raise AssertionError(f"server exited with {self.proc.wait()} before serving; stderr:\n{self.stderr()}")
-            match = SERVING.match(line)
-            if match:
-                self.model, host, port, self.details = match.groups()
-                self.address = f"{host}:{port}"
-                return self.address
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=30)
-        self._stderr.close()
+from conftest import ServeProcess, assert_one_line_error, cli_env, run_commands
 
 
 def _frame(k: int, h: int = 48, w: int = 64) -> pb.Frame:
@@ -192,7 +132,7 @@ def test_settings_come_from_defaults_then_file_then_env_then_flags(tmp_path):
 def test_the_serve_module_imports_without_torch_or_grpc():
     """``cli`` imports it to build its parser, so ``yolostream --help`` must not pay for torch."""
     code = "import sys, yolostream.server.app; heavy = {'torch', 'grpc'} & set(sys.modules); assert not heavy, heavy"
-    subprocess.run([sys.executable, "-c", code], env=_env(), check=True, timeout=60)
+    subprocess.run([sys.executable, "-c", code], env=cli_env(), check=True, timeout=60)
 
 
 def test_startup_errors_are_one_line_without_traceback(tmp_path):
@@ -213,27 +153,13 @@ def test_startup_errors_are_one_line_without_traceback(tmp_path):
         "bad tls": (["--tls-cert", "cert.pem", "--tls-key", "cert.pem", "--port", "0"], ["cert.pem", "PEM"]),
     }
     try:
-        procs = {name: subprocess.Popen(_serve_cmd("--imgsz", "64", "--device", "cpu", *args), env=_env(),
-                                        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for name, (args, _) in cases.items()}
-        try:
-            outcomes = {name: proc.communicate(timeout=60) + (proc.returncode,) for name, proc in procs.items()}
-        finally:
-            for proc in procs.values():
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+        outcomes = run_commands({name: ["serve", "--imgsz", "64", "--device", "cpu", *args]
+                                 for name, (args, _) in cases.items()}, tmp_path, timeout=60, parallel=len(cases))
     finally:
         holder.close()
     for name, (_, expected) in cases.items():
-        out, err, code = outcomes[name]
-        lines = [line for line in err.splitlines() if line.strip()]
-        assert code != 0, name
-        assert len(lines) == 1 and "Traceback" not in err, f"{name}: {err!r}"
-        assert lines[0].startswith("yolostream serve: error: "), f"{name}: {lines[0]}"
-        for word in expected:
-            assert word in lines[0], f"{name}: {word!r} not in {lines[0]!r}"
-        assert "serving" not in out, name
+        assert_one_line_error(name, outcomes[name], "serve", expected)
+        assert "serving" not in outcomes[name][0], name
 
 
 def test_sigterm_drains_accepted_frames_and_exits_zero(tmp_path):
