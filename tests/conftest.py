@@ -134,3 +134,17 @@ def assert_one_line_error(name: str, outcome: tuple[str, str, int], command: str
     for word in words:
         assert word in lines[0], f"{name}: {word!r} not in {lines[0]!r}"
     return lines[0]
+
+
+def self_signed_cert(directory: Path, name: str, san: str) -> tuple[Path, Path]:
+    """A fresh self-signed certificate and key (``openssl req``) for ``san``; skips without the openssl command."""
+    import shutil
+
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("TLS test needs the openssl command to make a self-signed certificate (not on PATH)")
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", f"subjectAltName={san}"], check=True, capture_output=True, timeout=60)
+    return cert, key
