@@ -10,6 +10,7 @@ traceback, and, for the hostile ones, no sign that the payload ran.
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import sys
 import types
@@ -20,7 +21,7 @@ import pytest
 import torch
 from torch import nn
 
-from yolostream.server.errors import UserError, one_line, quote
+from yolostream.server.errors import GRPC_AIO_LOGGER, UnparsableRequestFilter, UserError, one_line, quote
 from yolostream.server.model.catalogue import LayerError
 from yolostream.server.model.checkpoint import CheckpointError
 from yolostream.server.model.config import ConfigError, load_config
@@ -149,3 +150,21 @@ def test_quote_cuts_client_text_and_keeps_it_on_one_line():
     assert "\n" not in quote("a\nb" * 10) and "\\n" in quote("a\nb")
     assert one_line("first\n  second\tthird") == "first second third"
     assert len(one_line("y" * 5000, 100)) < 130
+
+
+def test_a_request_that_does_not_parse_is_logged_as_one_line(caplog):
+    """What grpc.aio logs for a client's unparsable bytes: one WARNING naming the method, no traceback."""
+    from google.protobuf.message import DecodeError
+
+    logger = logging.getLogger(f"{GRPC_AIO_LOGGER}.test")
+    logger.addFilter(UnparsableRequestFilter())
+    try:
+        raise DecodeError("Error parsing message with type 'yolostream.v1.StreamRequest': Wire format was corrupt")
+    except DecodeError:
+        with caplog.at_level(logging.INFO, logger=logger.name):
+            logger.exception("Unexpected [%s] raised by servicer method [%s]", "DecodeError", "/x.S/M")
+            logger.error("an unrelated failure")
+    first, second = caplog.records
+    assert first.levelno == logging.WARNING and first.exc_info is None
+    assert "/x.S/M" in first.getMessage() and "Wire format was corrupt" in first.getMessage()
+    assert "Traceback" not in caplog.text and second.levelno == logging.ERROR

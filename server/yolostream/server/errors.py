@@ -9,11 +9,16 @@ error that echoes a multi-kilobyte layer name whole reaches the client as RESOUR
 error, and a log line that echoes it lets any client fill the log. Every message that repeats client-sent text
 goes through it.
 
+``UnparsableRequestFilter`` keeps a client that sends bytes which do not parse as our messages from writing a
+multi-line traceback into the server log per call: it is the client's mistake, worth one line.
+
 This module imports neither torch nor grpc, so the command line, the client-facing front end and the tests can
 all use it.
 """
 
 from __future__ import annotations
+
+import logging
 
 #: Longest client-sent text a message repeats, in characters (before ``repr`` escaping).
 QUOTE_LIMIT = 64
@@ -44,3 +49,26 @@ def one_line(text: str, limit: int = 2000) -> str:
     """
     flat = " ".join(str(text).split())
     return flat if len(flat) <= limit else f"{flat[:limit]}… ({len(flat):,} characters)"
+
+
+#: The logger grpc.aio reports exceptions of servicer calls to (among them requests that do not parse).
+GRPC_AIO_LOGGER = "grpc._cython.cygrpc"
+
+
+class UnparsableRequestFilter(logging.Filter):
+    """Turns grpc.aio's ERROR-with-traceback for a request that does not parse into one WARNING line.
+
+    grpc answers such a call UNKNOWN by itself; the traceback it logs shows only grpc's and protobuf's frames,
+    and any client could fill the log with them. Install with
+    ``logging.getLogger(GRPC_AIO_LOGGER).addFilter(UnparsableRequestFilter())``.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and type(error).__name__ == "DecodeError":
+            original = record.getMessage()
+            record.msg = "a client sent a request that does not parse (%s): %s"
+            record.args = (original, one_line(str(error), 200))
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info = record.exc_text = None
+        return True
