@@ -168,3 +168,13 @@ def test_a_request_that_does_not_parse_is_logged_as_one_line(caplog):
     assert first.levelno == logging.WARNING and first.exc_info is None
     assert "/x.S/M" in first.getMessage() and "Wire format was corrupt" in first.getMessage()
     assert "Traceback" not in caplog.text and second.levelno == logging.ERROR
+
+
+@pytest.mark.xfail(strict=False, reason="needs front-end change: app._coerce must not echo the value of 'token'")
+def test_a_token_of_the_wrong_type_in_the_config_file_is_not_echoed(tmp_path):
+    from yolostream.server import app
+
+    (tmp_path / "server.yaml").write_text("token: 918273645\n")
+    with pytest.raises(ValueError, match="token") as err:
+        app.load_config_file(tmp_path / "server.yaml")
+    assert "918273645" not in str(err.value)
