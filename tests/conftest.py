@@ -1,5 +1,4 @@
-"""Shared test set-up: the upstream reference data in ../shared/fixtures beside the repo, and real
-``yolostream`` processes (a ``serve`` that is waited for, and one-shot commands run side by side)."""
+"""Shared test fixtures: the upstream reference data lives in ../shared/fixtures beside the repo."""
 
 from __future__ import annotations
 
@@ -12,14 +11,15 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Mapping, Sequence
 
+import grpc
+import numpy as np
 import pytest
+
+from yolostream.v1 import feature_service_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO.parent / "shared" / "fixtures"
-START_TIMEOUT = 60.0
-SERVING = re.compile(r"^yolostream serving (\S+) on (\S+):(\d+) \((.*)\)$")
 
 
 def fixture_path(name: str) -> Path:
@@ -40,8 +40,14 @@ def fixture_weights() -> Path:
     return fixture_path("yolov5n.pt")
 
 
-def cli_env(**extra: str) -> dict[str, str]:
-    """The environment of a ``yolostream`` subprocess: this checkout on PYTHONPATH, no inherited token."""
+# A real ``yolostream serve`` process, and the small messages tests send it.
+
+START_TIMEOUT = 60.0
+SERVING = re.compile(r"^yolostream serving (\S+) on (\S+):(\d+) \((.*)\)$")
+
+
+def serve_env(**extra: str) -> dict[str, str]:
+    """The environment of a ``yolostream`` subprocess: this checkout on PYTHONPATH, no inherited token, ``extra``."""
     paths = [str(REPO / d) for d in ("protos", "server", "client")]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in [env.get("PYTHONPATH")] if p])
@@ -55,14 +61,18 @@ def cli_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "yolostream.server.cli", *args]
 
 
+def serve_cmd(*args: str) -> list[str]:
+    return cli_cmd("serve", *args)
+
+
 class ServeProcess:
     """A ``yolostream serve`` subprocess: stdout read line by line on a thread, stderr to a file."""
 
-    def __init__(self, tmp_path: Path, *args: str, env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.stderr_path = tmp_path / f"serve-{os.getpid()}-{id(self)}.stderr"
         self._stderr = self.stderr_path.open("w")
-        self.proc = subprocess.Popen(cli_cmd("serve", *args), stdout=subprocess.PIPE, stderr=self._stderr, text=True,
-                                     env=dict(env) if env is not None else cli_env(), cwd=tmp_path)
+        self.proc = subprocess.Popen(serve_cmd(*args), stdout=subprocess.PIPE, stderr=self._stderr, text=True,
+                                     env=env if env is not None else serve_env(), cwd=tmp_path)
         self.lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
         self.model = self.address = self.details = ""
@@ -98,16 +108,34 @@ class ServeProcess:
         self._stderr.close()
 
 
-def run_commands(commands: Mapping[str, Sequence[str]], cwd: Path, timeout: float = 120.0,
-                 parallel: int = 4) -> dict[str, tuple[str, str, int]]:
-    """Run ``yolostream`` commands (name → arguments), ``parallel`` at a time; name → (stdout, stderr, exit code).
+def raw_frame(k: int, h: int = 48, w: int = 64, channels: int = 3) -> pb.Frame:
+    """Seeded random pixels as a raw BGR frame (or GRAY with ``channels=1``)."""
+    data = np.random.default_rng(k).integers(0, 256, (h, w, channels), dtype=np.uint8).tobytes()
+    fmt = pb.PIXEL_FORMAT_BGR if channels == 3 else pb.PIXEL_FORMAT_GRAY
+    return pb.Frame(frame_id=k, capture_timestamp_us=1000 + k,
+                    raw=pb.RawImage(data=data, height=h, width=w, channels=channels, format=fmt))
+
+
+def stream_config(max_in_flight: int = 4) -> pb.StreamRequest:
+    return pb.StreamRequest(config=pb.StreamConfig(options=pb.FeatureOptions(layers=["backbone"]),
+                                                   max_in_flight=max_in_flight))
+
+
+def grpc_channel(address: str) -> grpc.Channel:
+    channel = grpc.insecure_channel(address)
+    grpc.channel_ready_future(channel).result(timeout=10)
+    return channel
+
+
+def run_commands(commands: dict, cwd: Path, timeout: float = 120.0, parallel: int = 4) -> dict:
+    """Run ``yolostream`` commands (name → argument list), ``parallel`` at a time; name → (stdout, stderr, exit code).
 
     Each start pays for importing torch, so they overlap; every one is killed if it outlives ``timeout``.
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    def run(args: Sequence[str]) -> tuple[str, str, int]:
-        proc = subprocess.Popen(cli_cmd(*args), env=cli_env(), cwd=cwd, stdout=subprocess.PIPE,
+    def run(args: list[str]) -> tuple[str, str, int]:
+        proc = subprocess.Popen(cli_cmd(*args), env=serve_env(), cwd=cwd, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         try:
             out, err = proc.communicate(timeout=timeout)
@@ -122,7 +150,7 @@ def run_commands(commands: Mapping[str, Sequence[str]], cwd: Path, timeout: floa
         return {name: future.result() for name, future in futures.items()}
 
 
-def assert_one_line_error(name: str, outcome: tuple[str, str, int], command: str, words: Sequence[str],
+def assert_one_line_error(name: str, outcome: tuple[str, str, int], command: str, words: list[str],
                           code: int = 2) -> str:
     """The command failed with ``code``, and stderr is exactly one ``yolostream COMMAND: error:`` line holding
     every one of ``words``, without a traceback; returns that line."""

@@ -30,7 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from yolostream.v1 import feature_service_pb2 as pb
 from yolostream.v1 import feature_service_pb2_grpc as pb_grpc
 
-from conftest import ServeProcess, cli_env
+from conftest import ServeProcess, raw_frame, serve_env
 
 TOKEN = "matrix-token-5a1f"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
@@ -95,12 +95,6 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
         time.sleep(0.02)
 
 
-def raw_frame(k: int, h: int = 48, w: int = 64, channels: int = 3) -> pb.Frame:
-    data = np.random.default_rng(k).integers(0, 256, (h, w, channels), dtype=np.uint8).tobytes()
-    fmt = pb.PIXEL_FORMAT_BGR if channels == 3 else pb.PIXEL_FORMAT_GRAY
-    return pb.Frame(frame_id=k, raw=pb.RawImage(data=data, height=h, width=w, channels=channels, format=fmt))
-
-
 def frame_request(k: int) -> pb.StreamRequest:
     return pb.StreamRequest(frame=raw_frame(k))
 
@@ -142,7 +136,7 @@ def server(tmp_path_factory) -> Iterator[Server]:
     process = ServeProcess(tmp, "--port", "0", "--metrics-port", "0", "--device", "cpu", "--imgsz", "64",
                            "--max-batch", "4", "--max-frame-bytes", str(MAX_FRAME_BYTES), "--max-pixels",
                            str(MAX_PIXELS), "--max-message-bytes", str(MAX_MESSAGE_BYTES), "--max-in-flight-limit",
-                           str(MAX_IN_FLIGHT_LIMIT), "--grace", "5", env=cli_env(YOLOSTREAM_TOKEN=TOKEN))
+                           str(MAX_IN_FLIGHT_LIMIT), "--grace", "5", env=serve_env(YOLOSTREAM_TOKEN=TOKEN))
     try:
         process.wait_serving()
         running = Server(process)
@@ -400,7 +394,7 @@ CLIENT = textwrap.dedent("""
 
 def test_faults_a_client_process_killed_mid_stream(server):
     client = subprocess.Popen([sys.executable, "-c", CLIENT, server.address, TOKEN], stdout=subprocess.PIPE,
-                              env=cli_env(), text=True)
+                              env=serve_env(), text=True)
     try:
         ready, _, _ = select.select([client.stdout], [], [], CALL_TIMEOUT)
         assert ready and client.stdout.readline().strip() == str(pb.FRAME_STATUS_OK)

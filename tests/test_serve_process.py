@@ -20,24 +20,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from yolostream.v1 import feature_service_pb2 as pb
 from yolostream.v1 import feature_service_pb2_grpc as pb_grpc
 
-from conftest import ServeProcess, assert_one_line_error, cli_env, run_commands
-
-
-def _frame(k: int, h: int = 48, w: int = 64) -> pb.Frame:
-    data = np.random.default_rng(k).integers(0, 256, (h, w, 3), dtype=np.uint8).tobytes()
-    return pb.Frame(frame_id=k, capture_timestamp_us=1000 + k,
-                    raw=pb.RawImage(data=data, height=h, width=w, channels=3, format=pb.PIXEL_FORMAT_BGR))
-
-
-def _config(max_in_flight: int = 4) -> pb.StreamRequest:
-    return pb.StreamRequest(config=pb.StreamConfig(options=pb.FeatureOptions(layers=["backbone"]),
-                                                   max_in_flight=max_in_flight))
-
-
-def _channel(address: str) -> grpc.Channel:
-    channel = grpc.insecure_channel(address)
-    grpc.channel_ready_future(channel).result(timeout=10)
-    return channel
+from conftest import ServeProcess, assert_one_line_error, run_commands
+from conftest import grpc_channel as _channel, raw_frame as _frame, serve_env as _env, stream_config as _config
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +116,7 @@ def test_settings_come_from_defaults_then_file_then_env_then_flags(tmp_path):
 def test_the_serve_module_imports_without_torch_or_grpc():
     """``cli`` imports it to build its parser, so ``yolostream --help`` must not pay for torch."""
     code = "import sys, yolostream.server.app; heavy = {'torch', 'grpc'} & set(sys.modules); assert not heavy, heavy"
-    subprocess.run([sys.executable, "-c", code], env=cli_env(), check=True, timeout=60)
+    subprocess.run([sys.executable, "-c", code], env=_env(), check=True, timeout=60)
 
 
 def test_startup_errors_are_one_line_without_traceback(tmp_path):

@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from yolostream.server.errors import GRPC_AIO_LOGGER, UnparsableRequestFilter, UserError, one_line, quote
-from yolostream.server.model.catalogue import LayerError
 from yolostream.server.model.checkpoint import CheckpointError
 from yolostream.server.model.config import ConfigError, load_config
 from yolostream.server.model.download import WeightsUnavailableError
@@ -137,7 +136,7 @@ def test_every_refused_weights_file_is_one_line_and_exit_2(refused, command):
 
 
 def test_user_errors_share_one_base_that_is_still_a_value_error():
-    for kind in (CheckpointError, ConfigError, LayerError, WeightsMismatchError, WeightsUnavailableError):
+    for kind in (CheckpointError, ConfigError, WeightsMismatchError, WeightsUnavailableError):
         assert issubclass(kind, UserError) and issubclass(kind, ValueError), kind
     assert issubclass(WeightsUnavailableError, RuntimeError)  # what it was before the base existed
 
@@ -170,11 +169,11 @@ def test_a_request_that_does_not_parse_is_logged_as_one_line(caplog):
     assert "Traceback" not in caplog.text and second.levelno == logging.ERROR
 
 
-@pytest.mark.xfail(strict=False, reason="needs front-end change: app._coerce must not echo the value of 'token'")
+@pytest.mark.xfail(strict=False, reason="needs front-end change: settings._coerce must not echo the value of 'token'")
 def test_a_token_of_the_wrong_type_in_the_config_file_is_not_echoed(tmp_path):
-    from yolostream.server import app
+    from yolostream.server import settings
 
     (tmp_path / "server.yaml").write_text("token: 918273645\n")
     with pytest.raises(ValueError, match="token") as err:
-        app.load_config_file(tmp_path / "server.yaml")
+        settings.load_config_file(tmp_path / "server.yaml")
     assert "918273645" not in str(err.value)
