@@ -19,7 +19,7 @@ from .api import (
     ModelInfo,
     TensorInfo,
 )
-from .sources import Source, SourceError, open_source
+from .sources import ImageFile, Source, SourceError, open_source
 from .store import FeatureWriter, SavedFeatures, load_features
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "FeatureStream",
     "FeatureWriter",
     "FrameError",
+    "ImageFile",
     "LayerInfo",
     "ModelInfo",
     "SavedFeatures",
