@@ -447,8 +447,6 @@ def test_security_the_log_never_holds_the_token_or_a_whole_hostile_name(server):
     assert "L" * 200 not in log and "x" * 200 not in log
 
 
-@pytest.mark.xfail(strict=False, reason="needs front-end change: install errors.UnparsableRequestFilter on the "
-                                        "grpc.aio logger at server start")
 def test_the_log_has_no_traceback_for_anything_a_client_sent(server):
     log = server.process.stderr()
     assert "Traceback" not in log, log[-3000:]

@@ -169,7 +169,6 @@ def test_a_request_that_does_not_parse_is_logged_as_one_line(caplog):
     assert "Traceback" not in caplog.text and second.levelno == logging.ERROR
 
 
-@pytest.mark.xfail(strict=False, reason="needs front-end change: settings._coerce must not echo the value of 'token'")
 def test_a_token_of_the_wrong_type_in_the_config_file_is_not_echoed(tmp_path):
     from yolostream.server import settings
 

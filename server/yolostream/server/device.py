@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from .batcher import BatcherConfig, BatchEngine, BatchResult, MicroBatcher, ServerBusy, WorkItem
+from .errors import one_line
 from .lifecycle import become_child
 from .link import CANCEL, HELLO, RESULTS, RUN, WELCOME
 from .shm import SharedArena
@@ -37,8 +38,7 @@ def listener_address(tag: str) -> str:
 
 
 def _one_line(err: BaseException) -> str:
-    text = f"{type(err).__name__}: {err}".splitlines()[0] if str(err) else type(err).__name__
-    return text[:500]
+    return one_line(f"{type(err).__name__}: {err}" if str(err) else type(err).__name__, 500)
 
 
 class _FrontEndPort:
@@ -214,7 +214,7 @@ def device_main(settings: Any, parent_pid: int, status: Connection, bypass: bool
         runner, host = build_device(settings, bypass=bypass, threads=threads)
         host.start()
     except Exception as err:  # every start-up failure is one line for the supervisor to print
-        status.send(("error", str(err).splitlines()[0] if str(err) else type(err).__name__))
+        status.send(("error", one_line(str(err)) if str(err) else type(err).__name__))
         return
     status.send(("ready", runner.card().to_dict(), host.batching, host.address, host.authkey))
     try:

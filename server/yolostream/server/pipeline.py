@@ -19,7 +19,7 @@ from yolostream.v1 import feature_service_pb2 as pb
 from yolostream.v1 import wire
 
 from .card import ModelCard, ResolvedLayer
-from .errors import quote
+from .errors import one_line
 from .frames import FrameError, FrameLimits, decode_frame
 from .link import DeviceFrameError, DeviceLink, FrameTooLarge, OutputKey
 from .preprocess import Letterbox, apply_letterbox, input_shape, letterbox_geometry
@@ -141,7 +141,7 @@ class Pipeline:
         except FrameError as err:
             return error_result(frame, str(err))
         except Exception as err:  # e.g. an OpenCV assertion on a degenerate frame: that frame fails, nothing else
-            return error_result(frame, f"could not preprocess the frame: {type(err).__name__}: {err}")
+            return error_result(frame, f"could not preprocess the frame: {type(err).__name__}: {one_line(str(err), 300)}")
         shapes = self.output_shapes(options, letterbox.out_hw)
         reply = self.reply_bytes(options, letterbox.out_hw)
         if reply > self.max_reply_bytes:
@@ -158,7 +158,7 @@ class Pipeline:
             apply_letterbox(image, letterbox, out=slot.input)  # straight into shared memory: no further copy
         except Exception as err:  # e.g. an OpenCV assertion on a degenerate frame: that frame fails, nothing else
             self.device.unreserve(slot)
-            return error_result(frame, f"could not preprocess the frame: {type(err).__name__}: {err}")
+            return error_result(frame, f"could not preprocess the frame: {type(err).__name__}: {one_line(str(err), 300)}")
         preprocess_us = int((decoded - start + time.perf_counter() - waited) * 1e6)
         return Begun(frame, options, letterbox, self.device.submit(slot), preprocess_us)
 

@@ -23,6 +23,7 @@ from yolostream.v1 import feature_service_pb2_grpc as pb_grpc
 
 from .batcher import BatcherConfig
 from .card import ModelCard
+from .errors import one_line
 from .frames import FrameLimits
 from .link import CANCEL_WAIT_S, DeviceUnavailable
 from .metrics import ServerMetrics
@@ -304,7 +305,7 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
             options = self.pipeline.options(config.options)
             in_flight = self._in_flight(config.max_in_flight)
         except ValueError as err:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, one_line(str(err), 1000))
         if self.draining.is_set():
             await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
         session = StreamSession(self.pipeline, options, in_flight, config.realtime, self.limits, self.draining,
@@ -325,7 +326,7 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
                 await responses.aclose()
                 self._sessions.discard(session)
             if session.error:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, session.error)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, one_line(session.error, 1000))
             if self.draining.is_set():
                 await context.abort(grpc.StatusCode.UNAVAILABLE,
                                     "server is shutting down: every frame it accepted has been answered")
@@ -347,7 +348,7 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
         try:
             options = self.pipeline.options(request.options)
         except ValueError as err:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, one_line(str(err), 1000))
         self._call(+1)
         try:
             result = await self.pipeline.process(request.frame, options)
