@@ -17,6 +17,7 @@ Torch-free: this module runs in front-end processes.
 from __future__ import annotations
 
 import asyncio
+import math
 import logging
 import os
 from dataclasses import dataclass
@@ -165,8 +166,8 @@ class DeviceLink:
         if self.lost or self._conn is None:
             raise DeviceUnavailable("the device process is not available")
         layout = [(tuple(shape), NUMPY_DTYPES[key[2]]) for shape, key in zip(out_shapes, keys)]
-        in_bytes = int(np.prod(in_shape))
-        out_bytes = sum(int(np.prod(shape)) * dtype.itemsize for shape, dtype in layout)
+        in_bytes = math.prod(in_shape)
+        out_bytes = sum(math.prod(shape) * dtype.itemsize for shape, dtype in layout)
         if not self.slots.fits(in_bytes) or not self.slots.fits(out_bytes) or \
                 not self.slots.fits(in_bytes + out_bytes):
             raise FrameTooLarge(f"the frame needs {in_bytes + out_bytes:,} bytes of shared memory (input "

@@ -9,11 +9,11 @@ choices, which the service turns into INVALID_ARGUMENT.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
 
 from yolostream.v1 import feature_service_pb2 as pb
 from yolostream.v1 import wire
@@ -122,7 +122,7 @@ class Pipeline:
     def reply_bytes(self, options: FrameOptions, input_hw: tuple[int, int]) -> int:
         """Tensor bytes of one frame's reply for a model input of ``input_hw`` (the envelope is a few hundred more)."""
         itemsize = wire.ITEMSIZE[options.dtype]
-        return sum(int(np.prod(shape)) * itemsize for shape in self.output_shapes(options, input_hw))
+        return sum(math.prod(shape) * itemsize for shape in self.output_shapes(options, input_hw))
 
 
     async def begin(self, frame: pb.Frame, options: FrameOptions) -> "Begun | pb.FrameResult":
