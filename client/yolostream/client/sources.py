@@ -22,7 +22,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+from yolostream.v1.vocab import IMAGE_SUFFIXES
+
 _GLOB_CHARS = frozenset("*?[")
 
 

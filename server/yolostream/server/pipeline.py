@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from yolostream.v1 import feature_service_pb2 as pb
 from yolostream.v1 import wire
+from yolostream.v1.vocab import DTYPES, LETTERBOX_POLICIES, POOLINGS, names_of
 
 from .card import ModelCard, ResolvedLayer
 from .errors import one_line
@@ -24,10 +25,9 @@ from .frames import FrameError, FrameLimits, decode_frame
 from .link import DeviceFrameError, DeviceLink, FrameTooLarge, OutputKey
 from .preprocess import Letterbox, apply_letterbox, input_shape, letterbox_geometry
 
-_DTYPES = {pb.DTYPE_FLOAT32: "float32", pb.DTYPE_FLOAT16: "float16", pb.DTYPE_BFLOAT16: "bfloat16"}
-_POOLINGS = {pb.POOLING_NONE: "none", pb.POOLING_GLOBAL_AVG: "avg", pb.POOLING_GLOBAL_MAX: "max"}
-_POLICIES = {pb.LETTERBOX_POLICY_AUTO: "auto", pb.LETTERBOX_POLICY_SQUARE: "square"}
-POLICY_ENUMS = {name: value for value, name in _POLICIES.items()}
+_DTYPES = names_of(DTYPES)
+_POOLINGS = names_of(POOLINGS)
+_POLICIES = names_of(LETTERBOX_POLICIES)
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ class Pipeline:
         dtype = _enum(msg.dtype, _DTYPES, pb.Dtype, "dtype", pb.DTYPE_FLOAT32)
         pooling = _POOLINGS[_enum(msg.pooling, _POOLINGS, pb.Pooling, "pooling", pb.POOLING_NONE)]
         policy_enum = _enum(msg.letterbox, _POLICIES, pb.LetterboxPolicy, "letterbox policy",
-                            POLICY_ENUMS[self.card.letterbox])
+                            LETTERBOX_POLICIES[self.card.letterbox])
         imgsz = int(msg.imgsz) or self.card.imgsz
         if not 32 <= imgsz <= self.max_imgsz:
             raise ValueError(f"imgsz {imgsz} is out of range: choose 32..{self.max_imgsz} (or 0 for the server "

@@ -15,6 +15,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from yolostream.v1.vocab import cell_to_frame, input_to_frame
+
 #: Border colour upstream pads with (all three channels).
 PAD_VALUE = 114
 
@@ -54,19 +56,11 @@ class Letterbox:
         )
 
     def to_original(self, points: Any) -> np.ndarray:
-        """Map (..., 2) x/y points in model-input pixels to original-frame pixels (float64).
+        """Map (..., 2) x/y points in model-input pixels to original-frame pixels (float64); nothing is clipped.
 
-        Coordinates are continuous (pixel edges): ``x_orig = (x - pad_left) / sx``. Points in the
-        padding map outside ``[0, w]``; nothing is clipped.
+        The formula is the wire's (``yolostream.v1.vocab.input_to_frame``), which clients use too.
         """
-        pts = np.asarray(points, dtype=np.float64)
-        if pts.ndim == 0 or pts.shape[-1] != 2:
-            raise ValueError(f"points must have shape (..., 2), got {pts.shape}")
-        sx, sy = self.scale
-        out = np.empty_like(pts)
-        out[..., 0] = (pts[..., 0] - self.pad_left) / sx
-        out[..., 1] = (pts[..., 1] - self.pad_top) / sy
-        return out
+        return input_to_frame(points, self.as_dict())
 
     def box_to_original(self, boxes: Any, clip: bool = True) -> np.ndarray:
         """Map (..., 4) x1/y1/x2/y2 boxes in model-input pixels to original-frame pixels (float64).
@@ -85,15 +79,9 @@ class Letterbox:
         return out
 
     def cell_to_original(self, row: int, col: int, stride: int, clip: bool = True) -> np.ndarray:
-        """The frame region (x1, y1, x2, y2) seen by feature-map cell (row, col) of a stride-``stride`` layer.
-
-        The cell covers model-input pixels ``[col*stride, (col+1)*stride)`` by
-        ``[row*stride, (row+1)*stride)``; its receptive field is larger, this is its footprint.
-        """
-        if stride <= 0:
-            raise ValueError(f"stride must be positive, got {stride}")
-        box = (col * stride, row * stride, (col + 1) * stride, (row + 1) * stride)
-        return self.box_to_original(box, clip=clip)
+        """The frame region (x1, y1, x2, y2) under feature-map cell (row, col) of a stride-``stride`` layer
+        (``yolostream.v1.vocab.cell_to_frame``)."""
+        return cell_to_frame(row, col, stride, self.as_dict(), clip=clip)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain dict whose keys are the field names of the wire's ``LetterboxInfo`` message."""

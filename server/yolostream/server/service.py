@@ -20,6 +20,7 @@ import grpc
 
 from yolostream.v1 import feature_service_pb2 as pb
 from yolostream.v1 import feature_service_pb2_grpc as pb_grpc
+from yolostream.v1.vocab import LETTERBOX_POLICIES, ROLES
 
 from .batcher import BatcherConfig
 from .card import ModelCard
@@ -27,12 +28,9 @@ from .errors import one_line
 from .frames import FrameLimits
 from .link import CANCEL_WAIT_S, DeviceUnavailable
 from .metrics import ServerMetrics
-from .pipeline import POLICY_ENUMS, Begun, FrameOptions, Pipeline, dropped_result, error_result
+from .pipeline import Begun, FrameOptions, Pipeline, dropped_result, error_result
 
 log = logging.getLogger(__name__)
-
-ROLE_ENUMS = {"backbone": pb.LAYER_ROLE_BACKBONE, "neck": pb.LAYER_ROLE_NECK, "detect": pb.LAYER_ROLE_DETECT}
-
 
 @dataclass(frozen=True)
 class StreamLimits:
@@ -369,7 +367,7 @@ def model_info(card: ModelCard, batching: BatcherConfig, stream_limits: StreamLi
     """Everything a client needs to choose layers and size its buffers, built once at start-up from the card."""
     layers = [
         pb.LayerInfo(index=row.index, type=row.type, inputs=list(row.source), params=row.params,
-                     role=ROLE_ENUMS[row.role], out_channels=row.out_channels, stride=row.stride,
+                     role=ROLES[row.role], out_channels=row.out_channels, stride=row.stride,
                      output_shape=list(row.shape), aliases=list(row.aliases))
         for row in card.catalogue
     ]
@@ -379,7 +377,7 @@ def model_info(card: ModelCard, batching: BatcherConfig, stream_limits: StreamLi
         random_weights=card.random_weights,
         device=card.device,
         dtype=card.dtype,
-        default_letterbox=POLICY_ENUMS[card.letterbox],
+        default_letterbox=LETTERBOX_POLICIES[card.letterbox],
         default_imgsz=card.imgsz,
         stride=card.stride,
         layers=layers,
