@@ -1,6 +1,6 @@
 """``make bench``: the benchmark suite. Prints a markdown table per section and writes the numbers as JSON.
 
-    python bench/run.py [--quick | --gpu] [--out bench/results] [--only engine,e2e,camera,transport]
+    python bench/run.py [--quick | --gpu] [--out bench/results] [--only engine,e2e,camera,transport] [--frontends N]
 
 ``--quick`` is the CPU preset (yolov5n at 320, a documented subset of the end-to-end matrix, under 3 minutes on
 2 cores); ``--gpu`` is yolov5s at 640 fp16 with yolov5l engine rows and the full matrix. Without either, the
@@ -55,6 +55,7 @@ class Preset:
     camera_duration_s: float
     transport_cases: tuple[TransportCase, ...]
     transport_in_flight: tuple[int, ...]
+    transport_frontends: tuple[int, ...]
     transport_warm_s: float
     transport_duration_s: float
     notes: tuple[str, ...] = field(default=())
@@ -73,7 +74,8 @@ QUICK = Preset(
     e2e_streams=(1, 4), e2e_inputs=("jpeg", "raw"), e2e_outputs=(("backbone", "float32"), ("P3,P4,P5", "float16")),
     e2e_prime_s=0.0, e2e_warm_s=0.6, e2e_duration_s=4.0, max_in_flight=8,
     camera_streams=(1, 8), camera_rate=30.0, camera_warm_s=1.0, camera_duration_s=4.0,
-    transport_cases=TRANSPORT_CASES, transport_in_flight=(8,), transport_warm_s=0.5, transport_duration_s=3.0,
+    transport_cases=TRANSPORT_CASES, transport_in_flight=(8,), transport_frontends=(1, 2), transport_warm_s=0.5,
+    transport_duration_s=3.0,
     notes=("e2e subset: 1 and 4 streams × JPEG and raw × (backbone float32, P3,P4,P5 float16)",
            "camera rows: JPEG, backbone, float32",
            "batch 8 added to the engine rows: it is the CPU server's max_batch"),
@@ -86,7 +88,8 @@ GPU = Preset(
     e2e_outputs=(("backbone", "float32"), ("backbone", "float16"), ("P3,P4,P5", "float32"), ("P3,P4,P5", "float16")),
     e2e_prime_s=3.0, e2e_warm_s=1.0, e2e_duration_s=3.0, max_in_flight=8,
     camera_streams=(1, 8), camera_rate=30.0, camera_warm_s=1.5, camera_duration_s=5.0,
-    transport_cases=TRANSPORT_CASES, transport_in_flight=(1, 8), transport_warm_s=0.5, transport_duration_s=3.0,
+    transport_cases=TRANSPORT_CASES, transport_in_flight=(1, 8), transport_frontends=(1, 2),
+    transport_warm_s=0.5, transport_duration_s=3.0,
     notes=("full e2e matrix", "camera rows: JPEG, backbone, float16",
            "engine rows output float16 (the staged path casts on the device)",
            "before the e2e matrix, an unmeasured priming run per layer set at the most streams lets cudnn tune "
@@ -109,6 +112,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="folder for the JSON results (default bench/results)")
     parser.add_argument("--only", default=",".join(SECTION_NAMES),
                         help=f"comma-separated sections to run, of {','.join(SECTION_NAMES)}")
+    parser.add_argument("--frontends", type=int, default=None,
+                        help="front-end processes of the e2e and camera server (default: the server's own)")
     args = parser.parse_args(argv)
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in sections if s not in SECTION_NAMES]
@@ -124,8 +129,10 @@ def default_preset() -> str:
     return "gpu" if torch.cuda.is_available() else "quick"
 
 
-def run_suite(preset: Preset, sections: Sequence[str], out_dir: Path | None) -> dict[str, Any]:
-    """Run the chosen sections of ``preset``; print their tables; write and return the results."""
+def run_suite(preset: Preset, sections: Sequence[str], out_dir: Path | None,
+              frontends: int | None = None) -> dict[str, Any]:
+    """Run the chosen sections of ``preset`` (the e2e server with ``frontends`` front-end processes); print
+    their tables; write and return the results."""
     import dataclasses
 
     import torch
@@ -155,7 +162,8 @@ def run_suite(preset: Preset, sections: Sequence[str], out_dir: Path | None) -> 
         payloads = payloads_for()
         results["frames"] = {k: {"bytes": len(p.data), "height": p.height, "width": p.width}
                              for k, p in payloads.items()}
-        args = server_args(preset.cfg, preset.imgsz, device=preset.device, half=preset.half, threads=preset.threads)
+        args = server_args(preset.cfg, preset.imgsz, device=preset.device, half=preset.half, threads=preset.threads,
+                           frontends=frontends)
         _log(f"starting the server: {' '.join(args)}")
         with ServerProcess(args) as server:
             results["server"] = server.info
@@ -183,6 +191,7 @@ def run_suite(preset: Preset, sections: Sequence[str], out_dir: Path | None) -> 
         from transport_bench import run_transport
 
         rows = run_transport(preset.transport_cases, in_flight=preset.transport_in_flight,
+                             frontends=preset.transport_frontends,
                              warm_s=preset.transport_warm_s,
                              duration_s=preset.transport_duration_s, progress=_log)
         _emit(results, "transport", rows)
@@ -207,7 +216,7 @@ def _emit(results: dict[str, Any], name: str, rows: list[dict]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     preset = PRESETS[args.preset or default_preset()]
-    run_suite(preset, args.sections, args.out)
+    run_suite(preset, args.sections, args.out, frontends=args.frontends)
     return 0
 
 

@@ -27,7 +27,7 @@ TINY = dataclasses.replace(
     e2e_warm_s=0.1, e2e_duration_s=0.4, max_in_flight=2,
     camera_streams=(1,), camera_rate=30.0, camera_warm_s=0.1, camera_duration_s=0.4,
     transport_cases=(TransportCase("tiny", "yolov5n", ("backbone",), imgsz=64),),
-    transport_in_flight=(2,), transport_warm_s=0.1, transport_duration_s=0.3,
+    transport_in_flight=(2,), transport_frontends=(2,), transport_warm_s=0.1, transport_duration_s=0.3,
 )
 
 
@@ -72,6 +72,9 @@ def test_camera_rows_are_paced_and_compared_with_batch_one(results):
 def test_transport_moves_the_same_bytes_three_ways(results):
     (row,) = results["sections"]["transport"]
     assert row["grpc_errors"] == 0 and row["reply_bytes"] > 256 * 2 * 2 * 4
+    assert row["frontends"] == row["streams"] == 2
+    assert set(row["server_cpu_ms_per_msg_by_role"]) == {"supervisor", "device", "frontends"}
+    assert row["frontend_cpu_ms_per_msg"] > 0 and row["device_cpu_ms_per_msg"] > 0
     for way in ("grpc", "echo", "socket"):
         assert row[f"{way}_msgs_s"] > 0
         assert row[f"{way}_mb_s"] == pytest.approx(row[f"{way}_msgs_s"] * row["reply_bytes"] / 1e6)
