@@ -97,6 +97,8 @@ class Checkpoint:
     names: list[str]
     nc: int | None
     info: dict = field(default_factory=dict)
+    #: Whether the file carried ``names``; when it did not, ``names`` are the ids as strings.
+    names_given: bool = False
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -413,9 +415,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     except Exception as err:
         raise CheckpointError(f"{path}: the pickled model's state_dict could not be read ({err})") from err
     nc = _find_nc(model, yaml_cfg)
-    names = _normalise_names(getattr(model, "names", None))
-    if not names and nc is not None:
-        names = [str(i) for i in range(nc)]
+    given = _normalise_names(getattr(model, "names", None))
+    names = given or ([str(i) for i in range(nc)] if nc is not None else [])
     return Checkpoint(
         path=path,
         yaml=yaml_cfg,
@@ -425,6 +426,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         names=names,
         nc=nc,
         info=_info(ckpt, model, isinstance(obj, dict)),
+        names_given=bool(given),
     )
 
 
