@@ -344,3 +344,15 @@ def test_torchvision_and_pure_torch_agree():
         pure = D.non_max_suppression(pred, opts, use_torchvision=False)
         for a, b in zip(tv, pure):
             assert torch.equal(a.rows, b.rows) and torch.equal(a.classes, b.classes)
+
+
+def test_candidate_cap_keeps_the_best_with_stable_ties_at_the_cut(monkeypatch):
+    monkeypatch.setattr(D, "MAX_NMS", 5)
+    scores = [0.3, 0.9, 0.5, 0.5, 0.8, 0.5, 0.5, 0.4]  # the 5th best (0.5) is tied four ways
+    pred = torch.zeros(1, len(scores), 6)
+    pred[0, :, 0] = torch.arange(len(scores)) * 100.0  # far apart: NMS keeps every candidate
+    pred[0, :, 2:4] = 10.0
+    pred[0, :, 4] = torch.tensor(scores)
+    pred[0, :, 5] = 1.0
+    got = D.non_max_suppression(pred, D.NmsOptions(conf_thres=0.1))[0]
+    assert got.rows.tolist() == [1, 4, 2, 3, 5]

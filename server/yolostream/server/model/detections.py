@@ -279,24 +279,51 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
 def _candidates(pred: torch.Tensor, opts: NmsOptions) -> tuple[torch.Tensor, ...]:
     """Upstream's per-image candidate steps 1–5 for the whole batch at once, in candidate order.
 
-    Returns (image, row, class, conf, boxes xyxy) of every candidate, ordered by image, then row, then class.
+    Returns (image, row, class, conf) of every candidate, ordered by image, then row, then class. Scores are
+    computed for every row at once (obj × cls, as upstream) so that only candidates are ever gathered.
     """
-    img, row = (pred[..., 4] > opts.conf_thres).nonzero(as_tuple=True)
-    x = pred[img, row]
-    conf_all = x[:, 5:] * x[:, 4:5]
-    boxes = xywh_to_xyxy(x[:, :4])
+    obj = pred[..., 4:5]
+    conf_all = pred[..., 5:] * obj
+    wanted = obj > opts.conf_thres
     if opts.multi_label:
-        cand, cls = (conf_all > opts.conf_thres).nonzero(as_tuple=True)
-        conf = conf_all[cand, cls]
-        img, row, boxes = img[cand], row[cand], boxes[cand]
-    else:
-        conf, cls = conf_all.max(1)
-        ok = conf > opts.conf_thres
-        img, row, cls, conf, boxes = img[ok], row[ok], cls[ok], conf[ok], boxes[ok]
+        mask = (conf_all > opts.conf_thres) & wanted
+        if opts.classes is not None:
+            mask &= _class_mask(opts.classes, conf_all.shape[-1], pred.device)
+        img, row, cls = mask.nonzero(as_tuple=True)
+        return img, row, cls, conf_all[img, row, cls]
+    conf, cls = conf_all.max(-1)
+    mask = (conf > opts.conf_thres) & wanted[..., 0]
     if opts.classes is not None:
-        ok = torch.isin(cls, torch.tensor(opts.classes, device=cls.device, dtype=cls.dtype))
-        img, row, cls, conf, boxes = img[ok], row[ok], cls[ok], conf[ok], boxes[ok]
-    return img, row, cls, conf, boxes
+        mask &= _class_mask(opts.classes, conf_all.shape[-1], pred.device)[cls]
+    img, row = mask.nonzero(as_tuple=True)
+    return img, row, cls[img, row], conf[img, row]
+
+
+def _top_candidates(img: torch.Tensor, row: torch.Tensor, cls: torch.Tensor, conf: torch.Tensor,
+                    bs: int) -> tuple[torch.Tensor, ...]:
+    """Drop candidates that cannot be among their image's MAX_NMS best, before anything is sorted.
+
+    Multi-label candidates can number bs × rows × classes (758,545 for one 640×640 image of random weights);
+    sorting and gathering all of them would cost far more than the NMS. Per image with more than MAX_NMS,
+    ``kthvalue`` finds the MAX_NMS-th best score in linear time and only scores ≥ it stay (ties at the cut
+    included, so the stable sort still decides them as without this step). Candidate order is kept.
+    """
+    counts = torch.bincount(img, minlength=bs)
+    if not len(img) or int(counts.max()) <= MAX_NMS:
+        return img, row, cls, conf
+    keep = torch.ones_like(img, dtype=torch.bool)
+    starts = (torch.cumsum(counts, 0) - counts).tolist()
+    for b in (counts > MAX_NMS).nonzero().flatten().tolist():
+        part = conf[starts[b]:starts[b] + int(counts[b])]
+        cut = -torch.kthvalue(-part, MAX_NMS).values
+        keep[starts[b]:starts[b] + len(part)] = part >= cut
+    return img[keep], row[keep], cls[keep], conf[keep]
+
+
+def _class_mask(classes: tuple[int, ...], nc: int, device: torch.device) -> torch.Tensor:
+    mask = torch.zeros(nc, dtype=torch.bool, device=device)
+    mask[list(classes)] = True
+    return mask
 
 
 def non_max_suppression(pred: torch.Tensor, options: NmsOptions | None = None, *,
@@ -314,15 +341,17 @@ def non_max_suppression(pred: torch.Tensor, options: NmsOptions | None = None, *
     if pred.dtype not in (torch.float32, torch.float64):
         pred = pred.float()
     bs = pred.shape[0]
-    img, row, cls, conf, boxes = _candidates(pred, opts)
+    img, row, cls, conf = _top_candidates(*_candidates(pred, opts), bs)
     order = torch.argsort(conf, descending=True, stable=True)
     order = order[torch.argsort(img[order], stable=True)]
-    img, row, cls, conf, boxes = img[order], row[order], cls[order], conf[order], boxes[order]
     counts = torch.bincount(img, minlength=bs)
     starts = torch.cumsum(counts, 0) - counts
+    img = img[order]
     rank = torch.arange(len(img), device=img.device) - starts[img]
     take = rank < MAX_NMS
-    img, row, cls, conf, boxes, rank = img[take], row[take], cls[take], conf[take], boxes[take], rank[take]
+    order, img, rank = order[take], img[take], rank[take]
+    row, cls, conf = row[order], cls[order], conf[order]
+    boxes = xywh_to_xyxy(pred[img, row, :4])
     offset = boxes + (cls[:, None].to(boxes.dtype) * (0 if opts.agnostic else MAX_WH))
 
     ops = torchvision_ops() if use_torchvision is not False else None
