@@ -226,3 +226,13 @@ def test_torchvision_roi_align_agrees_with_pure_torch(expected, dets):
     want = O.roi_align_torch(fmap, image, boxes, 5, 1 / 16)
     got = O.roi_align(fmap, image, boxes, 5, 1 / 16)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_separable_roi_mean_equals_the_mean_of_the_samples(expected, dets):
+    boxes = _test_boxes(dets)
+    image = torch.cat([torch.full((len(b),), i) for i, b in enumerate(boxes)])
+    flat = torch.cat(boxes)
+    for layer, stride in zip(P_LAYERS, STRIDES):
+        fmap = torch.from_numpy(expected[f"layer_{layer.index}"])
+        want = O.roi_align_torch(fmap, image, flat, 5, 1 / stride).mean((2, 3))
+        torch.testing.assert_close(O.roi_mean_torch(fmap, image, flat, 5, 1 / stride), want, rtol=1e-5, atol=1e-5)

@@ -191,6 +191,50 @@ def roi_align(feature: torch.Tensor, image: torch.Tensor, boxes: torch.Tensor, s
     return ops.roi_align(feature, rois, output_size=size, spatial_scale=spatial_scale, sampling_ratio=1, aligned=True)
 
 
+def roi_vectors(feature: torch.Tensor, image: torch.Tensor, boxes: torch.Tensor, size: int, spatial_scale: float,
+                flatten: bool = False) -> torch.Tensor:
+    """Roi-mode vectors of one layer: the mean of :func:`roi_align`'s size×size samples, (N, C) float32, or with
+    ``flatten`` all of them, (N, C·size·size) in (C, size, size) order. Arguments as for :func:`roi_align`."""
+    if flatten:
+        return roi_align(feature, image, boxes, size, spatial_scale).flatten(1)
+    if det.torchvision_ops() is not None:
+        return roi_align(feature, image, boxes, size, spatial_scale).mean((2, 3))
+    return roi_mean_torch(feature.float(), image, boxes, size, spatial_scale)
+
+
+def roi_mean_torch(feature: torch.Tensor, image: torch.Tensor, boxes: torch.Tensor, size: int,
+                   spatial_scale: float) -> torch.Tensor:
+    """The mean of :func:`roi_align_torch`'s samples without materialising them: (N, C).
+
+    Bilinear sampling on a grid of bin centres is separable: the mean over size×size samples is
+    Σ_y Σ_x a_y · b_x · F[:, y, x], with a (N, H) and b (N, W) the samples' summed row and column weights (a
+    sample outside the map weighs 0 on its axis, which zeroes it as RoIAlign does). That is one matrix product
+    per image instead of 4·size² gathers of C values per box (on one CPU thread, 300 boxes at 7×7 on yolov5n's
+    P3–P5 at 640: ~30 ms instead of ~170 ms, measured with bench/objects_bench.py's setup).
+    """
+    n_box = boxes.shape[0]
+    _, c, h, w = feature.shape
+    out = feature.new_zeros(n_box, c)
+    if n_box == 0:
+        return out
+    b32 = boxes.float()
+    rows = feature.new_zeros(n_box, h)
+    cols = feature.new_zeros(n_box, w)
+    for weights, lo_key, hi_key, extent in ((rows, 1, 3, h), (cols, 0, 2, w)):
+        low, high, w_low, w_high, inside = _axis_samples(b32[:, lo_key], b32[:, hi_key], size, spatial_scale,
+                                                         extent)
+        weights.scatter_add_(1, low, w_low * inside / size)
+        weights.scatter_add_(1, high, w_high * inside / size)
+    chunk = max(1, ROI_CHUNK_ELEMENTS // (c * w))
+    for b in torch.unique(image).tolist():
+        sel = (image == b).nonzero().flatten()
+        for s in range(0, len(sel), chunk):
+            part = sel[s:s + chunk]
+            along_x = torch.einsum("kh,chw->kcw", rows[part], feature[b])
+            out[part] = torch.einsum("kcw,kw->kc", along_x, cols[part])
+    return out
+
+
 def _axis_samples(lo: torch.Tensor, hi: torch.Tensor, size: int, scale: float,
                   extent: int) -> tuple[torch.Tensor, ...]:
     """Bilinear taps along one axis for ``size`` bin-centre samples of [lo, hi] (input pixels), aligned=True.
@@ -269,8 +313,7 @@ def object_features(features: Sequence[torch.Tensor], layers: Sequence[ObjectLay
             part = anchor_vectors(feature, layer, image, all_boxes, all_cells, input_hw).float()
         else:
             scale = feature.shape[-1] / input_hw[1]
-            samples = roi_align(feature, image, all_boxes, opts.roi_size, scale)
-            part = samples.flatten(1) if opts.flatten else samples.mean((2, 3))
+            part = roi_vectors(feature, image, all_boxes, opts.roi_size, scale, opts.flatten)
         if opts.normalize:
             norm = part.norm(dim=1, keepdim=True).clamp_(min=1e-12) * math.sqrt(len(layers))
             part = part / norm
