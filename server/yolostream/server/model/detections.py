@@ -303,7 +303,7 @@ def _top_candidates(img: torch.Tensor, row: torch.Tensor, cls: torch.Tensor, con
                     bs: int) -> tuple[torch.Tensor, ...]:
     """Drop candidates that cannot be among their image's MAX_NMS best, before anything is sorted.
 
-    Multi-label candidates can number bs × rows × classes (758,545 for one 640×640 image of random weights);
+    Multi-label candidates can number rows × classes per image (758,545 for one 640×640 image of random weights);
     sorting and gathering all of them would cost far more than the NMS. Per image with more than MAX_NMS,
     ``kthvalue`` finds the MAX_NMS-th best score in linear time and only scores ≥ it stay (ties at the cut
     included, so the stable sort still decides them as without this step). Candidate order is kept.
@@ -341,7 +341,13 @@ def non_max_suppression(pred: torch.Tensor, options: NmsOptions | None = None, *
     if pred.dtype not in (torch.float32, torch.float64):
         pred = pred.float()
     bs = pred.shape[0]
-    img, row, cls, conf = _top_candidates(*_candidates(pred, opts), bs)
+    if opts.multi_label:
+        # One image at a time: (row, class) pairs of a whole batch could number bs × rows × classes.
+        parts = [_top_candidates(*_candidates(pred[b:b + 1], opts), 1) for b in range(bs)]
+        img, row, cls, conf = (torch.cat([p[k] + (b if k == 0 else 0) for b, p in enumerate(parts)])
+                               for k in range(4))
+    else:
+        img, row, cls, conf = _candidates(pred, opts)
     order = torch.argsort(conf, descending=True, stable=True)
     order = order[torch.argsort(img[order], stable=True)]
     counts = torch.bincount(img, minlength=bs)
