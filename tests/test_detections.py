@@ -74,6 +74,24 @@ def two_threads():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def tensor_preds(models, tensor_input) -> dict[str, torch.Tensor]:
+    """Our decoded output for the fixture's tensor input, per model variant (computed once per module)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        return {variant: _decoded(model, tensor_input) for variant, model in models.items()}
+    finally:
+        torch.set_num_threads(before)
+
+
+def _decoded(model, x: torch.Tensor) -> torch.Tensor:
+    levels = D.detect_input_layers(model)
+    with torch.inference_mode():
+        out = run_plan(model.model, x, make_plan(model.model, levels))
+        return D.decode(model.model[model.detect_index], [out[i] for i in levels])
+
+
 def _options(meta: dict, setting: str) -> D.NmsOptions:
     s = meta["settings"][setting]
     classes = tuple(s["classes"]) if "classes" in s else None
@@ -88,13 +106,6 @@ def _variants(arrays: dict, prefix: str, setting: str, suffix: str) -> dict[str,
         if key + "idx" in arrays:
             out[tie or "upstream"] = key
     return out
-
-
-def _run(model, x: torch.Tensor, options: D.NmsOptions | None = None) -> list[D.Detections]:
-    levels = D.detect_input_layers(model)
-    with torch.inference_mode():
-        out = run_plan(model.model, x, make_plan(model.model, levels))
-        return D.detect(model.model[model.detect_index], [out[i] for i in levels], options)
 
 
 def _mismatch(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, rows: np.ndarray,
@@ -171,9 +182,9 @@ def test_nms_of_upstreams_own_rows_is_bit_exact_with_the_stable_tie_break(fixtur
 
 @pytest.mark.parametrize("setting", SETTINGS)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_tensor_input_detections_match_upstream(fixture, models, tensor_input, variant, setting):
+def test_tensor_input_detections_match_upstream(fixture, tensor_preds, variant, setting):
     arrays, meta = fixture
-    result = _run(models[variant], tensor_input, _options(meta, setting))
+    result = D.non_max_suppression(tensor_preds[variant], _options(meta, setting))
     for b in range(2):
         _assert_one_variant(result[b], arrays, _variants(arrays, f"tensor|{variant}", setting, f"b{b}|"), "det")
 
@@ -195,7 +206,7 @@ def test_letterboxed_images_map_back_to_upstreams_frame_boxes(fixture, models, v
         chw, _ = prepare(frame, info["imgsz"], info["stride"], "auto" if info["auto"] else "square")
         input_hw = tuple(chw.shape[1:])
         assert input_hw == tuple(arrays[f"{case}|input_hw"]), case
-        got = _run(models[variant], torch.from_numpy(chw)[None].float() / 255)[0]
+        got = D.non_max_suppression(_decoded(models[variant], torch.from_numpy(chw)[None].float() / 255))[0]
         keys = _variants(arrays, f"{case}|{variant}", "default", "")
         try:
             _assert_one_variant(got, arrays, keys, "det")
@@ -264,13 +275,9 @@ def test_iou_equal_to_the_threshold_is_not_suppressed():
     assert D.nms(boxes, torch.tensor([0.9, 0.8]), 0.33).tolist() == [0]
 
 
-def test_batched_nms_equals_one_image_at_a_time(fixture, models, tensor_input):
+def test_batched_nms_equals_one_image_at_a_time(fixture, tensor_preds):
     arrays, meta = fixture
-    model = models["fused"]
-    levels = D.detect_input_layers(model)
-    with torch.inference_mode():
-        out = run_plan(model.model, tensor_input, make_plan(model.model, levels))
-        pred = D.decode(model.model[model.detect_index], [out[i] for i in levels])
+    pred = tensor_preds["fused"]
     for setting in ("default", "multi_label"):
         batched = D.non_max_suppression(pred, _options(meta, setting))
         for b in range(2):
@@ -278,13 +285,9 @@ def test_batched_nms_equals_one_image_at_a_time(fixture, models, tensor_input):
             assert torch.equal(alone.rows, batched[b].rows) and torch.equal(alone.boxes, batched[b].boxes)
 
 
-def test_fp16_predictions_run_nms_in_float32(fixture, models, tensor_input):
+def test_fp16_predictions_run_nms_in_float32(fixture, tensor_preds):
     arrays, meta = fixture
-    model = models["fused"]
-    levels = D.detect_input_layers(model)
-    with torch.inference_mode():
-        out = run_plan(model.model, tensor_input, make_plan(model.model, levels))
-        pred = D.decode(model.model[model.detect_index], [out[i] for i in levels])
+    pred = tensor_preds["fused"]
     got = D.non_max_suppression(pred.half(), _options(meta, "classes02"))
     want = D.non_max_suppression(pred.half().float(), _options(meta, "classes02"))
     assert got[0].boxes.dtype == torch.float32 and torch.equal(got[0].rows, want[0].rows)
