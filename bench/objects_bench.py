@@ -31,6 +31,8 @@ from yolostream.server.model.loader import load_model
 from yolostream.server.model.modules import fuse_model
 from yolostream.server.model.plan import make_plan, run_plan
 
+from report import median
+
 
 @dataclass(frozen=True)
 class ObjectsCase:
@@ -42,12 +44,6 @@ class ObjectsCase:
     threads: int = 2
     repeats: int = 5
     warmup: int = 1
-
-
-def _median(values: Sequence[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def _interleaved(modes: dict[str, Callable[[], object]], repeats: int,
@@ -65,7 +61,7 @@ def _interleaved(modes: dict[str, Callable[[], object]], repeats: int,
             modes[name]()
             if r >= warmup:
                 times[name].append(((time.perf_counter() - wall) * 1e3, (time.process_time() - cpu) * 1e3))
-    return {n: (_median([w for w, _ in t]), _median([c for _, c in t])) for n, t in times.items()}
+    return {n: (median([w for w, _ in t]), median([c for _, c in t])) for n, t in times.items()}
 
 
 def _setup(case: ObjectsCase) -> tuple[torch.nn.Module, torch.Tensor, tuple[int, ...]]:
