@@ -236,3 +236,26 @@ def test_separable_roi_mean_equals_the_mean_of_the_samples(expected, dets):
         fmap = torch.from_numpy(expected[f"layer_{layer.index}"])
         want = O.roi_align_torch(fmap, image, flat, 5, 1 / stride).mean((2, 3))
         torch.testing.assert_close(O.roi_mean_torch(fmap, image, flat, 5, 1 / stride), want, rtol=1e-5, atol=1e-5)
+
+
+def test_p6_model_detects_and_reads_vectors_on_four_levels():
+    model = load_model(cfg="yolov5n6").model.eval()
+    levels = D.detect_input_layers(model)
+    x = torch.rand(2, 3, 128, 192, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        outputs = run_plan(model.model, x, make_plan(model.model, levels))
+        frames = O.frame_objects(model, outputs, (128, 192), [(256, 384), (128, 192)],
+                                 nms=D.NmsOptions(conf_thres=0.01, max_det=50), objects=O.ObjectOptions())
+    layers = O.default_object_layers(model)
+    assert [layer.name for layer in layers] == ["P3", "P4", "P5", "P6"] and [layer.level for layer in layers] == [0, 1, 2, 3]
+    grids = D.level_grids([outputs[j] for j in levels])
+    for b, frame in enumerate(frames):
+        assert len(frame.boxes) == 50 and frame.vectors.shape[0] == 50
+        assert [s[0] for s in frame.slices] == ["P3", "P4", "P5", "P6"]
+        cells = D.row_cells(frame.rows, grids, 3)
+        assert len(set(cells[:, 0].tolist())) >= 2
+        for (name, s, e), layer, j in zip(frame.slices, layers, levels):
+            own = cells[:, 0] == layer.level
+            want = outputs[j][b][:, cells[own, 2], cells[own, 3]].T
+            assert torch.equal(frame.vectors[own, s:e], want), name
+    assert float(frames[0].boxes.max()) <= 384 and float(frames[0].boxes.min()) >= 0
