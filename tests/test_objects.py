@@ -15,6 +15,8 @@ from yolostream.server.model.loader import load_model
 from yolostream.server.model.modules import fuse_model
 from yolostream.server.model.plan import make_plan, run_plan
 from yolostream.server.preprocess import prepare
+from yolostream.v1 import feature_service_pb2 as pb
+from yolostream.v1 import wire
 
 P_LAYERS = [O.ObjectLayer("P3", 17, 0), O.ObjectLayer("P4", 20, 1), O.ObjectLayer("P5", 23, 2)]
 STRIDES = (8, 16, 32)
@@ -50,13 +52,13 @@ def _fixture_boxes(dets, b: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray
 def test_anchor_vectors_are_the_layer_outputs_at_the_anchor_cell_and_box_centre(expected, dets):
     boxes, cells = zip(*[_fixture_boxes(dets, b)[:2] for b in range(2)])
     result = O.object_features(_maps(expected), P_LAYERS, boxes, INPUT_HW, O.ObjectOptions(), cells)
-    assert result.slices == [("P3", 0, 64), ("P4", 64, 192), ("P5", 192, 448)]
+    assert result.slices == [("P3", 17, 8, 0, 64), ("P4", 20, 16, 64, 192), ("P5", 23, 32, 192, 448)]
     for b in range(2):
         vectors = result.vectors[b].numpy()
         box, _, lagx = _fixture_boxes(dets, b)
         centre = ((box[:, :2] + box[:, 2:]) / 2).numpy()
         assert vectors.shape == (len(lagx), 448)
-        for (name, s, e), layer, stride in zip(result.slices, P_LAYERS, STRIDES):
+        for (name, _, _, s, e), layer, stride in zip(result.slices, P_LAYERS, STRIDES):
             fmap = expected[f"layer_{layer.index}"][b]
             h, w = fmap.shape[1:]
             gx = np.clip(np.floor(centre[:, 0] / stride).astype(int), 0, w - 1)
@@ -76,7 +78,7 @@ def test_model_detections_give_upstreams_anchor_vectors(model, expected):
     for b, frame in enumerate(frames):
         cells = D.row_cells(frame.rows, grids, 3).numpy()
         assert frame.vectors.shape == (len(frame.rows), 448) and len(frame.rows) == 300
-        for (name, s, e), layer in zip(frame.slices, P_LAYERS):
+        for (name, _, _, s, e), layer in zip(frame.slices, P_LAYERS):
             fmap = expected[f"layer_{layer.index}"][b]
             own = cells[:, 0] == layer.level
             want = fmap[:, cells[own, 2], cells[own, 3]].T
@@ -119,10 +121,10 @@ def test_roi_vectors_equal_the_roialign_definition(expected, dets, flatten):
     boxes = _test_boxes(dets)
     result = O.object_features(_maps(expected), P_LAYERS, boxes, INPUT_HW,
                                O.ObjectOptions(mode="roi", roi_size=k, flatten=flatten))
-    assert result.slices[-1][2] == (448 * k * k if flatten else 448)
+    assert result.slices[-1][4] == (448 * k * k if flatten else 448)
     for b in range(2):
         for n, box in enumerate(boxes[b].numpy()):
-            for (name, s, e), layer, stride in zip(result.slices, P_LAYERS, STRIDES):
+            for (name, _, _, s, e), layer, stride in zip(result.slices, P_LAYERS, STRIDES):
                 fmap = expected[f"layer_{layer.index}"][b].astype(np.float64)
                 ref = _roi_reference(fmap, box, stride, k)
                 want = ref.reshape(-1) if flatten else ref.mean((1, 2))
@@ -163,7 +165,7 @@ def test_client_boxes_equal_to_the_detectors_give_the_same_roi_vectors(model):
 def test_client_boxes_in_anchor_mode_use_the_centre_cell_on_every_layer(expected):
     boxes = torch.tensor([[10.0, 20.0, 50.0, 60.0], [300.0, 200.0, 330.0, 270.0]])
     result = O.object_features(_maps(expected), P_LAYERS, [boxes, boxes[:0]], INPUT_HW)
-    for (name, s, e), layer, stride in zip(result.slices, P_LAYERS, STRIDES):
+    for (name, _, _, s, e), layer, stride in zip(result.slices, P_LAYERS, STRIDES):
         fmap = expected[f"layer_{layer.index}"][0]
         gy = np.minimum(np.array([40, 235]) // stride, fmap.shape[1] - 1)
         gx = np.minimum(np.array([30, 315]) // stride, fmap.shape[2] - 1)
@@ -180,7 +182,7 @@ def test_normalize_gives_unit_rows_with_equal_layer_shares_and_dtype(expected, d
     assert not v[-1].any()  # the last box lies outside the input: RoIAlign reads zeros, and zero stays zero
     v = v[:-1]
     np.testing.assert_allclose(v.float().norm(dim=1).numpy(), 1.0, rtol=2e-3)
-    for _, s, e in result.slices:
+    for _, _, _, s, e in result.slices:
         np.testing.assert_allclose(v[:, s:e].float().norm(dim=1).numpy(), 1 / math.sqrt(3), rtol=2e-3)
 
 
@@ -254,8 +256,14 @@ def test_p6_model_detects_and_reads_vectors_on_four_levels():
         assert [s[0] for s in frame.slices] == ["P3", "P4", "P5", "P6"]
         cells = D.row_cells(frame.rows, grids, 3)
         assert len(set(cells[:, 0].tolist())) >= 2
-        for (name, s, e), layer, j in zip(frame.slices, layers, levels):
+        for (name, _, _, s, e), layer, j in zip(frame.slices, layers, levels):
             own = cells[:, 0] == layer.level
             want = outputs[j][b][:, cells[own, 2], cells[own, 3]].T
             assert torch.equal(frame.vectors[own, s:e], want), name
     assert float(frames[0].boxes.max()) <= 384 and float(frames[0].boxes.min()) >= 0
+    frame = frames[0]
+    msg = wire.fill_objects(pb.FrameResult(), frame.boxes.numpy(), scores=frame.scores.numpy(),
+                            classes=frame.classes.numpy(), features=frame.vectors.numpy(), slices=frame.slices)
+    back = wire.objects_from_proto(pb.FrameResult.FromString(msg.SerializeToString()))
+    assert np.array_equal(back.features, frame.vectors.numpy()) and np.array_equal(back.boxes, frame.boxes.numpy())
+    assert back.slices["P6"] == frame.slices[-1][3:] and msg.object_feature_slices[3].stride == 64

@@ -85,10 +85,11 @@ class ObjectLayer:
 
 @dataclass
 class ObjectFeatures:
-    """Per-image (N, D) vectors and the column slice ``(name, start, stop)`` of each layer."""
+    """Per-image (N, D) vectors and each layer's columns as ``(name, layer index, stride, start, stop)`` (the
+    tuple ``wire.fill_objects`` takes)."""
 
     vectors: list[torch.Tensor]
-    slices: list[tuple[str, int, int]] = field(default_factory=list)
+    slices: list[tuple[str, int, int, int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -106,7 +107,7 @@ class FrameObjects:
     classes: torch.Tensor | None
     rows: torch.Tensor | None
     vectors: torch.Tensor | None
-    slices: list[tuple[str, int, int]]
+    slices: list[tuple[str, int, int, int, int]]
 
 
 def object_layers(model: torch.nn.Module, layers: Sequence[tuple[str, int]]) -> list[ObjectLayer]:
@@ -306,7 +307,7 @@ def object_features(features: Sequence[torch.Tensor], layers: Sequence[ObjectLay
                                                                               device=device)
                                for c, n in zip(cells, counts)])
     parts: list[torch.Tensor] = []
-    slices: list[tuple[str, int, int]] = []
+    slices: list[tuple[str, int, int, int, int]] = []
     start = 0
     for feature, layer in zip(features, layers):
         if opts.mode == "anchor":
@@ -318,7 +319,8 @@ def object_features(features: Sequence[torch.Tensor], layers: Sequence[ObjectLay
             norm = part.norm(dim=1, keepdim=True).clamp_(min=1e-12) * math.sqrt(len(layers))
             part = part / norm
         parts.append(part)
-        slices.append((layer.name, start, start + part.shape[1]))
+        stride = int(round(input_hw[0] / feature.shape[-2]))
+        slices.append((layer.name, layer.index, stride, start, start + part.shape[1]))
         start += part.shape[1]
     joined = torch.cat(parts, 1) if parts else torch.zeros(len(image), 0, device=device)
     joined = joined.to(OUTPUT_DTYPES[opts.dtype])
