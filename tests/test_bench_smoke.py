@@ -114,3 +114,15 @@ def test_presets_and_arguments():
     assert run.QUICK.cfg == "yolov5n" and run.QUICK.imgsz == 320 and run.QUICK.device == "cpu"
     assert run.GPU.half and set(run.GPU.engine_models) == {"yolov5s", "yolov5l"}
     assert set(run.GPU.e2e_streams) == {1, 4, 8, 16} and len(run.GPU.e2e_outputs) == 4
+
+
+def test_objects_bench_measures_nms_and_every_overhead_mode():
+    import objects_bench
+
+    case = objects_bench.ObjectsCase(imgsz=64, batch=2, threads=1, repeats=1, warmup=0)
+    nms = objects_bench.nms_rows(case)
+    assert [r["setting"] for r in nms] == ["default (conf 0.25)", "conf 0.001", "multi_label, conf 0.25"]
+    assert all(r["rows"] == 3 * (8 * 8 + 4 * 4 + 2 * 2) and r["ms"] > 0 and r["cpu_ms"] >= 0 for r in nms)
+    overhead = objects_bench.overhead_rows(case)
+    assert [r["mode"] for r in overhead] == ["layers", "detect", "detect+anchor", "detect+roi"]
+    assert overhead[0]["extra_ms"] == 0 and all(r["batch"] == 2 and r["ms"] > 0 for r in overhead)

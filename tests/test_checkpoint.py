@@ -47,6 +47,7 @@ def test_release_metadata(release, layers_json, fixture_weights):
     assert release.source_key == "model"  # ema is present but None in release files
     assert release.nc == 80
     assert len(release.names) == 80 and release.names[0] == "person" and release.names[79] == "toothbrush"
+    assert release.names_given
     assert release.info["kind"] == "release"
     assert release.info["epoch"] == -1
     assert release.info["model_type"] == "models.yolo.DetectionModel"
@@ -383,3 +384,16 @@ def test_zip_without_pickle_is_rejected(tmp_path):
         archive.writestr("readme.txt", "hello")
     with pytest.raises(CheckpointError, match="not a PyTorch checkpoint"):
         load_checkpoint(path)
+
+
+def test_loaded_model_reports_class_names_only_when_the_file_has_them(tmp_path, upstream, fixture_weights):
+    from yolostream.server.model.loader import load_model
+
+    names = load_model(fixture_weights).class_names
+    assert len(names) == 80 and names[:2] == ["person", "bicycle"]
+    assert load_model(cfg="yolov5n").class_names == []
+    save, classes = upstream
+    model = classes["DetectionModel"]().eval()
+    del model.names
+    loaded = load_checkpoint(save(model, tmp_path / "nameless.pt"))
+    assert not loaded.names_given and loaded.names == ["0"]

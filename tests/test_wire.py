@@ -207,3 +207,87 @@ def test_letterbox_dict_must_match_fields():
         wire.letterbox_to_proto(d)
     with pytest.raises(ValueError, match="ratio"):
         wire.letterbox_to_proto(_letterbox_dict() | {"ratio": 0.5})
+
+
+def test_client_boxes_and_ids_round_trip_through_a_frame():
+    boxes = RNG.uniform(0, 500, (7, 4)).astype(np.float32)
+    frame = wire.set_frame_boxes(pb.Frame(frame_id=3), boxes, ids=range(100, 107))
+    back, ids = wire.frame_boxes(pb.Frame.FromString(frame.SerializeToString()))
+    assert back.dtype == np.float32 and np.array_equal(back, boxes)
+    assert ids.dtype == np.uint64 and ids.tolist() == list(range(100, 107))
+    plain, none = wire.frame_boxes(wire.set_frame_boxes(pb.Frame(), boxes[:2]))
+    assert none is None and np.array_equal(plain, boxes[:2])
+    empty, _ = wire.frame_boxes(pb.Frame())
+    assert empty.shape == (0, 4)
+
+
+@pytest.mark.parametrize(
+    ("boxes", "ids", "message"),
+    [
+        (np.zeros((2, 3)), None, r"boxes must be an \(N, 4\) array"),
+        (np.zeros((2, 4)), [1], "1 box ids for 2 boxes"),
+    ],
+)
+def test_bad_client_boxes_are_refused(boxes, ids, message):
+    with pytest.raises(ValueError, match=message):
+        wire.set_frame_boxes(pb.Frame(), boxes, ids)
+
+
+def test_frame_with_a_partial_box_is_refused():
+    frame = pb.Frame(boxes=[1, 2, 3, 4, 5])
+    with pytest.raises(ValueError, match="holds 5 values, not 4 per box"):
+        wire.frame_boxes(frame)
+    with pytest.raises(ValueError, match="2 box ids for 1 boxes"):
+        wire.frame_boxes(pb.Frame(boxes=[1, 2, 3, 4], box_ids=[1, 2]))
+
+
+def test_detections_and_object_features_round_trip_through_a_result():
+    n = 5
+    boxes = RNG.uniform(0, 300, (n, 4)).astype(np.float32)
+    scores = RNG.uniform(0.25, 1, n).astype(np.float32)
+    classes = np.array([0, 2, 2, 79, 5])
+    feats = _values((n, 448))
+    slices = [("P3", 17, 8, 0, 64), ("P4", 20, 16, 64, 192), ("P5", 23, 32, 192, 448)]
+    msg = wire.fill_objects(pb.FrameResult(), boxes, scores=scores, classes=classes, features=feats, slices=slices,
+                            dtype=pb.DTYPE_FLOAT16)
+    got = wire.objects_from_proto(pb.FrameResult.FromString(msg.SerializeToString()))
+    assert got.source == pb.BOX_SOURCE_DETECTOR and got.box_ids is None
+    assert np.array_equal(got.boxes, boxes) and np.array_equal(got.scores, scores)
+    assert got.classes.dtype == np.int32 and got.classes.tolist() == classes.tolist()
+    assert got.features.dtype == np.float16 and np.array_equal(got.features, feats.astype(np.float16))
+    assert got.slices == {"P3": (0, 64), "P4": (64, 192), "P5": (192, 448)}
+    assert np.array_equal(got.layer("P4"), feats[:, 64:192].astype(np.float16))
+    assert msg.object_features.name == wire.OBJECT_FEATURES_NAME and msg.object_features.layer_index == -1
+
+
+def test_client_box_results_carry_ids_and_no_scores():
+    boxes = np.array([[1, 2, 30, 40]], np.float32)
+    msg = wire.fill_objects(pb.FrameResult(), boxes, source=pb.BOX_SOURCE_CLIENT, box_ids=[9],
+                            features=np.ones((1, 3), np.float32), slices=[("P3", 17, 8, 0, 3)])
+    got = wire.objects_from_proto(msg)
+    assert got.source == pb.BOX_SOURCE_CLIENT and got.scores is None and got.classes is None
+    assert got.box_ids.tolist() == [9] and got.features.shape == (1, 3)
+    none = wire.objects_from_proto(pb.FrameResult())
+    assert none.boxes.shape == (0, 4) and none.features is None and none.source == pb.BOX_SOURCE_UNSPECIFIED
+    with pytest.raises(KeyError, match="no object features"):
+        none.layer("P3")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"scores": [0.5]}, "1 scores for 2 boxes"),
+        ({"classes": [1, 2, 3]}, "3 classes for 2 boxes"),
+        ({"features": np.zeros((3, 4), np.float32)}, r"object features must be \(N, D\) with N = 2 boxes"),
+        ({"features": np.zeros((2, 4), np.float32), "slices": [("P3", 17, 8, 0, 5)]},
+         r"slice 'P3' \[0, 5\) is outside the 4 feature columns"),
+    ],
+)
+def test_inconsistent_result_fields_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        wire.fill_objects(pb.FrameResult(), np.zeros((2, 4), np.float32), **kwargs)
+
+
+def test_a_result_with_detections_but_no_scores_is_refused():
+    with pytest.raises(ValueError, match="0 scores for 1 detections"):
+        wire.objects_from_proto(pb.FrameResult(box_source=pb.BOX_SOURCE_DETECTOR, boxes=[0, 0, 1, 1]))

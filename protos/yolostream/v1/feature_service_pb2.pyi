@@ -47,6 +47,19 @@ class LayerRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LAYER_ROLE_BACKBONE: _ClassVar[LayerRole]
     LAYER_ROLE_NECK: _ClassVar[LayerRole]
     LAYER_ROLE_DETECT: _ClassVar[LayerRole]
+
+class ObjectFeatureMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    OBJECT_FEATURE_MODE_UNSPECIFIED: _ClassVar[ObjectFeatureMode]
+    OBJECT_FEATURE_MODE_NONE: _ClassVar[ObjectFeatureMode]
+    OBJECT_FEATURE_MODE_ANCHOR: _ClassVar[ObjectFeatureMode]
+    OBJECT_FEATURE_MODE_ROI: _ClassVar[ObjectFeatureMode]
+
+class BoxSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BOX_SOURCE_UNSPECIFIED: _ClassVar[BoxSource]
+    BOX_SOURCE_DETECTOR: _ClassVar[BoxSource]
+    BOX_SOURCE_CLIENT: _ClassVar[BoxSource]
 DTYPE_UNSPECIFIED: Dtype
 DTYPE_FLOAT32: Dtype
 DTYPE_FLOAT16: Dtype
@@ -70,20 +83,65 @@ LAYER_ROLE_UNSPECIFIED: LayerRole
 LAYER_ROLE_BACKBONE: LayerRole
 LAYER_ROLE_NECK: LayerRole
 LAYER_ROLE_DETECT: LayerRole
+OBJECT_FEATURE_MODE_UNSPECIFIED: ObjectFeatureMode
+OBJECT_FEATURE_MODE_NONE: ObjectFeatureMode
+OBJECT_FEATURE_MODE_ANCHOR: ObjectFeatureMode
+OBJECT_FEATURE_MODE_ROI: ObjectFeatureMode
+BOX_SOURCE_UNSPECIFIED: BoxSource
+BOX_SOURCE_DETECTOR: BoxSource
+BOX_SOURCE_CLIENT: BoxSource
+
+class DetectionOptions(_message.Message):
+    __slots__ = ("enabled", "conf_thres", "iou_thres", "classes", "agnostic", "multi_label", "max_det")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    CONF_THRES_FIELD_NUMBER: _ClassVar[int]
+    IOU_THRES_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    AGNOSTIC_FIELD_NUMBER: _ClassVar[int]
+    MULTI_LABEL_FIELD_NUMBER: _ClassVar[int]
+    MAX_DET_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    conf_thres: float
+    iou_thres: float
+    classes: _containers.RepeatedScalarFieldContainer[int]
+    agnostic: bool
+    multi_label: bool
+    max_det: int
+    def __init__(self, enabled: _Optional[bool] = ..., conf_thres: _Optional[float] = ..., iou_thres: _Optional[float] = ..., classes: _Optional[_Iterable[int]] = ..., agnostic: _Optional[bool] = ..., multi_label: _Optional[bool] = ..., max_det: _Optional[int] = ...) -> None: ...
+
+class ObjectFeatureOptions(_message.Message):
+    __slots__ = ("mode", "layers", "normalize", "dtype", "roi_size", "flatten")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    ROI_SIZE_FIELD_NUMBER: _ClassVar[int]
+    FLATTEN_FIELD_NUMBER: _ClassVar[int]
+    mode: ObjectFeatureMode
+    layers: _containers.RepeatedScalarFieldContainer[str]
+    normalize: bool
+    dtype: Dtype
+    roi_size: int
+    flatten: bool
+    def __init__(self, mode: _Optional[_Union[ObjectFeatureMode, str]] = ..., layers: _Optional[_Iterable[str]] = ..., normalize: _Optional[bool] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., roi_size: _Optional[int] = ..., flatten: _Optional[bool] = ...) -> None: ...
 
 class FeatureOptions(_message.Message):
-    __slots__ = ("layers", "dtype", "pooling", "letterbox", "imgsz")
+    __slots__ = ("layers", "dtype", "pooling", "letterbox", "imgsz", "detection", "object_features")
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     POOLING_FIELD_NUMBER: _ClassVar[int]
     LETTERBOX_FIELD_NUMBER: _ClassVar[int]
     IMGSZ_FIELD_NUMBER: _ClassVar[int]
+    DETECTION_FIELD_NUMBER: _ClassVar[int]
+    OBJECT_FEATURES_FIELD_NUMBER: _ClassVar[int]
     layers: _containers.RepeatedScalarFieldContainer[str]
     dtype: Dtype
     pooling: Pooling
     letterbox: LetterboxPolicy
     imgsz: int
-    def __init__(self, layers: _Optional[_Iterable[str]] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., letterbox: _Optional[_Union[LetterboxPolicy, str]] = ..., imgsz: _Optional[int] = ...) -> None: ...
+    detection: DetectionOptions
+    object_features: ObjectFeatureOptions
+    def __init__(self, layers: _Optional[_Iterable[str]] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., letterbox: _Optional[_Union[LetterboxPolicy, str]] = ..., imgsz: _Optional[int] = ..., detection: _Optional[_Union[DetectionOptions, _Mapping]] = ..., object_features: _Optional[_Union[ObjectFeatureOptions, _Mapping]] = ...) -> None: ...
 
 class StreamConfig(_message.Message):
     __slots__ = ("options", "max_in_flight", "realtime")
@@ -122,16 +180,20 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("frame_id", "capture_timestamp_us", "encoded", "raw")
+    __slots__ = ("frame_id", "capture_timestamp_us", "encoded", "raw", "boxes", "box_ids")
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
     CAPTURE_TIMESTAMP_US_FIELD_NUMBER: _ClassVar[int]
     ENCODED_FIELD_NUMBER: _ClassVar[int]
     RAW_FIELD_NUMBER: _ClassVar[int]
+    BOXES_FIELD_NUMBER: _ClassVar[int]
+    BOX_IDS_FIELD_NUMBER: _ClassVar[int]
     frame_id: int
     capture_timestamp_us: int
     encoded: bytes
     raw: RawImage
-    def __init__(self, frame_id: _Optional[int] = ..., capture_timestamp_us: _Optional[int] = ..., encoded: _Optional[bytes] = ..., raw: _Optional[_Union[RawImage, _Mapping]] = ...) -> None: ...
+    boxes: _containers.RepeatedScalarFieldContainer[float]
+    box_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, frame_id: _Optional[int] = ..., capture_timestamp_us: _Optional[int] = ..., encoded: _Optional[bytes] = ..., raw: _Optional[_Union[RawImage, _Mapping]] = ..., boxes: _Optional[_Iterable[float]] = ..., box_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RawImage(_message.Message):
     __slots__ = ("data", "height", "width", "channels", "format")
@@ -204,7 +266,7 @@ class Timings(_message.Message):
     def __init__(self, queued_us: _Optional[int] = ..., preprocess_us: _Optional[int] = ..., compute_us: _Optional[int] = ..., encode_us: _Optional[int] = ...) -> None: ...
 
 class FrameResult(_message.Message):
-    __slots__ = ("frame_id", "capture_timestamp_us", "status", "error_message", "letterbox", "tensors", "timings", "batch_size")
+    __slots__ = ("frame_id", "capture_timestamp_us", "status", "error_message", "letterbox", "tensors", "timings", "batch_size", "box_source", "boxes", "scores", "classes", "box_ids", "object_features", "object_feature_slices")
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
     CAPTURE_TIMESTAMP_US_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -213,6 +275,13 @@ class FrameResult(_message.Message):
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BOX_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    BOXES_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    BOX_IDS_FIELD_NUMBER: _ClassVar[int]
+    OBJECT_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    OBJECT_FEATURE_SLICES_FIELD_NUMBER: _ClassVar[int]
     frame_id: int
     capture_timestamp_us: int
     status: FrameStatus
@@ -221,10 +290,31 @@ class FrameResult(_message.Message):
     tensors: _containers.RepeatedCompositeFieldContainer[Tensor]
     timings: Timings
     batch_size: int
-    def __init__(self, frame_id: _Optional[int] = ..., capture_timestamp_us: _Optional[int] = ..., status: _Optional[_Union[FrameStatus, str]] = ..., error_message: _Optional[str] = ..., letterbox: _Optional[_Union[LetterboxInfo, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., batch_size: _Optional[int] = ...) -> None: ...
+    box_source: BoxSource
+    boxes: _containers.RepeatedScalarFieldContainer[float]
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    classes: _containers.RepeatedScalarFieldContainer[int]
+    box_ids: _containers.RepeatedScalarFieldContainer[int]
+    object_features: Tensor
+    object_feature_slices: _containers.RepeatedCompositeFieldContainer[ObjectFeatureSlice]
+    def __init__(self, frame_id: _Optional[int] = ..., capture_timestamp_us: _Optional[int] = ..., status: _Optional[_Union[FrameStatus, str]] = ..., error_message: _Optional[str] = ..., letterbox: _Optional[_Union[LetterboxInfo, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., batch_size: _Optional[int] = ..., box_source: _Optional[_Union[BoxSource, str]] = ..., boxes: _Optional[_Iterable[float]] = ..., scores: _Optional[_Iterable[float]] = ..., classes: _Optional[_Iterable[int]] = ..., box_ids: _Optional[_Iterable[int]] = ..., object_features: _Optional[_Union[Tensor, _Mapping]] = ..., object_feature_slices: _Optional[_Iterable[_Union[ObjectFeatureSlice, _Mapping]]] = ...) -> None: ...
+
+class ObjectFeatureSlice(_message.Message):
+    __slots__ = ("name", "layer_index", "stride", "start", "stop")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LAYER_INDEX_FIELD_NUMBER: _ClassVar[int]
+    STRIDE_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    layer_index: int
+    stride: int
+    start: int
+    stop: int
+    def __init__(self, name: _Optional[str] = ..., layer_index: _Optional[int] = ..., stride: _Optional[int] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_name", "source", "random_weights", "device", "dtype", "default_letterbox", "default_imgsz", "stride", "layers", "batching", "limits")
+    __slots__ = ("model_name", "source", "random_weights", "device", "dtype", "default_letterbox", "default_imgsz", "stride", "layers", "batching", "limits", "num_classes", "class_names", "default_detection", "default_object_feature_dim")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     RANDOM_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
@@ -236,6 +326,10 @@ class ModelInfo(_message.Message):
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     BATCHING_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_DETECTION_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_OBJECT_FEATURE_DIM_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     source: str
     random_weights: bool
@@ -247,7 +341,11 @@ class ModelInfo(_message.Message):
     layers: _containers.RepeatedCompositeFieldContainer[LayerInfo]
     batching: BatchingInfo
     limits: Limits
-    def __init__(self, model_name: _Optional[str] = ..., source: _Optional[str] = ..., random_weights: _Optional[bool] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., default_letterbox: _Optional[_Union[LetterboxPolicy, str]] = ..., default_imgsz: _Optional[int] = ..., stride: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., batching: _Optional[_Union[BatchingInfo, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...
+    num_classes: int
+    class_names: _containers.RepeatedScalarFieldContainer[str]
+    default_detection: DetectionOptions
+    default_object_feature_dim: int
+    def __init__(self, model_name: _Optional[str] = ..., source: _Optional[str] = ..., random_weights: _Optional[bool] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., default_letterbox: _Optional[_Union[LetterboxPolicy, str]] = ..., default_imgsz: _Optional[int] = ..., stride: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., batching: _Optional[_Union[BatchingInfo, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., num_classes: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., default_detection: _Optional[_Union[DetectionOptions, _Mapping]] = ..., default_object_feature_dim: _Optional[int] = ...) -> None: ...
 
 class LayerInfo(_message.Message):
     __slots__ = ("index", "type", "inputs", "params", "role", "out_channels", "stride", "output_shape", "aliases")
@@ -286,11 +384,13 @@ class BatchingInfo(_message.Message):
     def __init__(self, max_batch: _Optional[int] = ..., max_delay_ms: _Optional[float] = ..., max_in_flight: _Optional[int] = ..., queue_capacity: _Optional[int] = ..., workers: _Optional[int] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_pixels", "max_frame_bytes", "max_message_bytes")
+    __slots__ = ("max_pixels", "max_frame_bytes", "max_message_bytes", "max_boxes")
     MAX_PIXELS_FIELD_NUMBER: _ClassVar[int]
     MAX_FRAME_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_BOXES_FIELD_NUMBER: _ClassVar[int]
     max_pixels: int
     max_frame_bytes: int
     max_message_bytes: int
-    def __init__(self, max_pixels: _Optional[int] = ..., max_frame_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+    max_boxes: int
+    def __init__(self, max_pixels: _Optional[int] = ..., max_frame_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_boxes: _Optional[int] = ...) -> None: ...

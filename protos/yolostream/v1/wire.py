@@ -11,7 +11,8 @@ shifts the 16 bits back into the top of a float32, which is exact, so bfloat16 a
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -178,3 +179,145 @@ def letterbox_to_proto(info: Mapping[str, Any]) -> pb.LetterboxInfo:
 def letterbox_from_proto(msg: pb.LetterboxInfo) -> dict[str, Any]:
     """The dict form of a LetterboxInfo (ints for sizes and pads, floats for the ratios)."""
     return {k: getattr(msg, k) for k in LETTERBOX_FIELDS}
+
+
+#: Name and layer index of FrameResult.object_features.
+OBJECT_FEATURES_NAME = "object_features"
+
+
+def set_frame_boxes(frame: pb.Frame, boxes: Any, ids: Any = None) -> pb.Frame:
+    """Attach a client's (N, 4) x1, y1, x2, y2 boxes (original-frame pixels) and optional N ids to ``frame``.
+
+    Raises ValueError for a shape other than (N, 4) or an id count other than N. Returns ``frame``.
+    """
+    arr = _as_boxes(boxes)
+    id_arr = _ids(ids, len(arr))
+    frame.boxes[:] = arr.reshape(-1).tolist()
+    frame.box_ids[:] = id_arr.tolist() if id_arr is not None else []
+    return frame
+
+
+def frame_boxes(frame: pb.Frame) -> tuple[np.ndarray, np.ndarray | None]:
+    """The client boxes of a Frame: (N, 4) float32 and the (N,) uint64 ids, or None when it sent none.
+
+    Raises ValueError when the values are not a multiple of 4 or the ids are neither absent nor one per box.
+    """
+    values = np.asarray(frame.boxes, dtype=np.float32)
+    if values.size % 4:
+        raise ValueError(f"Frame.boxes holds {values.size} values, not 4 per box (x1, y1, x2, y2)")
+    boxes = values.reshape(-1, 4)
+    return boxes, _ids(list(frame.box_ids) or None, len(boxes))
+
+
+def _as_boxes(boxes: Any) -> np.ndarray:
+    """``boxes`` as an (N, 4) float32 array (an empty input gives (0, 4)); ValueError for any other shape."""
+    arr = np.asarray(boxes, dtype=np.float32)
+    if arr.size == 0:
+        return arr.reshape(0, 4)
+    if arr.ndim != 2 or arr.shape[1] != 4:
+        raise ValueError(f"boxes must be an (N, 4) array of x1, y1, x2, y2, got shape {arr.shape}")
+    return arr
+
+
+def _ids(ids: Any, n: int) -> np.ndarray | None:
+    if ids is None:
+        return None
+    arr = np.asarray(ids, dtype=np.uint64).reshape(-1)
+    if len(arr) != n:
+        raise ValueError(f"{len(arr)} box ids for {n} boxes: send none, or one per box")
+    return arr
+
+
+def fill_objects(
+    result: pb.FrameResult,
+    boxes: Any,
+    *,
+    source: int = pb.BOX_SOURCE_DETECTOR,
+    scores: Any = None,
+    classes: Any = None,
+    box_ids: Any = None,
+    features: Any = None,
+    slices: Sequence[tuple[str, int, int, int, int]] = (),
+    dtype: int | None = None,
+) -> pb.FrameResult:
+    """Fill a FrameResult's box fields: (N, 4) ``boxes`` from ``source``, optional (N,) ``scores``,
+    ``classes`` and ``box_ids``, optional (N, D) ``features`` in wire ``dtype`` (see :func:`fill_tensor`) with
+    ``slices`` of (name, layer_index, stride, start, stop) per layer. Raises ValueError when the lengths
+    disagree. Returns ``result``.
+    """
+    arr = _as_boxes(boxes)
+    n = len(arr)
+    result.box_source = source
+    result.boxes[:] = arr.reshape(-1).tolist()
+    for name, values, np_dtype in (("scores", scores, np.float32), ("classes", classes, np.int32)):
+        vec = np.zeros(0, np_dtype) if values is None else np.asarray(values, dtype=np_dtype).reshape(-1)
+        if values is not None and len(vec) != n:
+            raise ValueError(f"{len(vec)} {name} for {n} boxes")
+        getattr(result, name)[:] = vec.tolist()
+    ids = _ids(box_ids, n)
+    result.box_ids[:] = ids.tolist() if ids is not None else []
+    if features is not None:
+        feats = np.asarray(features)
+        if feats.ndim != 2 or len(feats) != n:
+            raise ValueError(f"object features must be (N, D) with N = {n} boxes, got shape {feats.shape}")
+        fill_tensor(result.object_features, OBJECT_FEATURES_NAME, -1, 0, feats, dtype)
+        del result.object_feature_slices[:]
+        for name, index, stride, start, stop in slices:
+            if not 0 <= start <= stop <= feats.shape[1]:
+                raise ValueError(f"slice {name!r} [{start}, {stop}) is outside the {feats.shape[1]} feature columns")
+            result.object_feature_slices.add(name=name, layer_index=index, stride=stride, start=start, stop=stop)
+    return result
+
+
+@dataclass(frozen=True)
+class Objects:
+    """The box fields of one FrameResult as numpy arrays.
+
+    ``boxes`` (N, 4) float32 original-frame pixels; ``scores`` (N,) float32 and ``classes`` (N,) int32 for
+    detections, else None; ``box_ids`` (N,) uint64 when the client sent ids, else None; ``features`` (N, D) or
+    None; ``slices`` maps each layer name to its (start, stop) columns; ``source`` a ``BoxSource`` value.
+    """
+
+    source: int
+    boxes: np.ndarray
+    scores: np.ndarray | None
+    classes: np.ndarray | None
+    box_ids: np.ndarray | None
+    features: np.ndarray | None
+    slices: dict[str, tuple[int, int]]
+
+    def layer(self, name: str) -> np.ndarray:
+        """The (N, width) columns of ``features`` read from layer ``name``."""
+        if self.features is None:
+            raise KeyError("this result carries no object features")
+        start, stop = self.slices[name]
+        return self.features[:, start:stop]
+
+
+def objects_from_proto(result: pb.FrameResult) -> Objects:
+    """Read the box fields of a FrameResult (see :class:`Objects`); ValueError when their lengths disagree."""
+    values = np.asarray(result.boxes, dtype=np.float32)
+    if values.size % 4:
+        raise ValueError(f"FrameResult.boxes holds {values.size} values, not 4 per box")
+    boxes = values.reshape(-1, 4)
+    n = len(boxes)
+    arrays = {}
+    for name, np_dtype in (("scores", np.float32), ("classes", np.int32)):
+        vec = np.asarray(getattr(result, name), dtype=np_dtype)
+        if len(vec) not in (0, n) or (len(vec) == 0 and n and result.box_source == pb.BOX_SOURCE_DETECTOR):
+            raise ValueError(f"FrameResult has {len(vec)} {name} for {n} detections")
+        arrays[name] = vec if len(vec) == n and result.box_source != pb.BOX_SOURCE_CLIENT else None
+    features = None
+    if result.HasField("object_features"):
+        features = tensor_from_proto(result.object_features)
+        if features.ndim != 2 or len(features) != n:
+            raise ValueError(f"object features of shape {features.shape} for {n} boxes")
+    return Objects(
+        source=result.box_source,
+        boxes=boxes,
+        scores=arrays["scores"],
+        classes=arrays["classes"],
+        box_ids=_ids(list(result.box_ids) or None, n),
+        features=features,
+        slices={s.name: (s.start, s.stop) for s in result.object_feature_slices},
+    )

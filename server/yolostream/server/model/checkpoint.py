@@ -104,6 +104,8 @@ class Checkpoint:
     names: list[str]
     nc: int | None
     info: dict = field(default_factory=dict)
+    #: Whether the file carried ``names``; when it did not, ``names`` are the ids as strings.
+    names_given: bool = False
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -434,9 +436,8 @@ def _interpret(obj: Any, path: Path) -> Checkpoint:
         raise CheckpointError(f"{path}: the pickled model's state_dict could not be read "
                               f"({one_line(str(err), 300)})") from err
     nc = _find_nc(model, yaml_cfg)
-    names = _normalise_names(getattr(model, "names", None))
-    if not names and nc is not None and 0 < nc <= MAX_CLASSES:
-        names = [str(i) for i in range(nc)]
+    given = _normalise_names(getattr(model, "names", None))
+    names = given or ([str(i) for i in range(nc)] if nc is not None and 0 < nc <= MAX_CLASSES else [])
     return Checkpoint(
         path=path,
         yaml=yaml_cfg,
@@ -446,6 +447,7 @@ def _interpret(obj: Any, path: Path) -> Checkpoint:
         names=names,
         nc=nc,
         info=_info(ckpt, model, isinstance(obj, dict)),
+        names_given=bool(given),
     )
 
 

@@ -35,13 +35,18 @@ LISTED_KEYS = 8
 
 @dataclass
 class LoadedModel:
-    """A built model plus where it came from, so every output can say whether its weights are real."""
+    """A built model plus where it came from, so every output can say whether its weights are real.
+
+    ``class_names`` are the names the checkpoint (or its YAML) carries, index = class id; empty when it carries
+    none, so a server reports names only when they are real.
+    """
 
     model: YoloModel
     name: str
     source: str
     random_weights: bool
     info: dict = field(default_factory=dict)
+    class_names: list[str] = field(default_factory=list)
 
 
 def load_model(
@@ -66,14 +71,16 @@ def load_model(
             _randomise(model)
         log.warning(RANDOM_WEIGHTS_WARNING)
         name = _name_of(cfg if cfg is not None else DEFAULT_CFG, config)
-        return LoadedModel(model.eval(), name, f"cfg:{name} (random weights, seed {seed})", True, {"seed": seed})
+        return LoadedModel(model.eval(), name, f"cfg:{name} (random weights, seed {seed})", True, {"seed": seed},
+                           _yaml_names(model))
 
     path = resolve_weights(str(weights), cache_dir=cache_dir, progress=progress)
     if cfg is not None:
         config = load_config(cfg)
         model = build_model(config)
         _load_weights(model, load_state_dict_file(path), path)
-        return LoadedModel(model.eval(), _name_of(cfg, config), str(path), False, {"format": "state_dict"})
+        return LoadedModel(model.eval(), _name_of(cfg, config), str(path), False, {"format": "state_dict"},
+                           _yaml_names(model))
 
     ckpt = load_checkpoint(path)
     if not ckpt.yaml:
@@ -95,7 +102,16 @@ def load_model(
         model.names = list(ckpt.names)
     info = dict(ckpt.info)
     info["weights_from"] = ckpt.source_key
-    return LoadedModel(model.eval(), Path(path).stem, str(path), False, info)
+    names = list(ckpt.names) if ckpt.names_given else _yaml_names(model)
+    return LoadedModel(model.eval(), Path(path).stem, str(path), False, info, names)
+
+
+def _yaml_names(model: YoloModel) -> list[str]:
+    """Class names from the model's YAML ``names`` (a list, or a dict of id → name, one per class), else []."""
+    names = model.yaml.get("names") if isinstance(model.yaml, dict) else None
+    if isinstance(names, (list, dict)) and len(names) == model.nc:
+        return [model.names[i] for i in range(model.nc)]
+    return []
 
 
 def _randomise(model: nn.Module) -> None:
