@@ -30,6 +30,14 @@ def fixture_path(name: str) -> Path:
     return path
 
 
+def cpu_runner(imgsz: int = 64, **options):
+    """The built-in yolov5n (seeded random weights) on the CPU: the device runner most server tests serve."""
+    from yolostream.server.model.loader import load_model
+    from yolostream.server.runner import DeviceRunner
+
+    return DeviceRunner(load_model(), device="cpu", imgsz=imgsz, **options)
+
+
 @pytest.fixture(scope="session")
 def layers_json() -> dict:
     return json.loads(fixture_path("yolov5n.layers.json").read_text())

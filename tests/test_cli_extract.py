@@ -13,6 +13,8 @@ from yolostream.server import cli
 from yolostream.server.runner import DeviceRunner
 from yolostream.server.model.loader import WeightsMismatchError, load_model
 
+from conftest import cpu_runner
+
 
 def _image(path, h=120, w=160, seed=0):
     rng = np.random.default_rng(seed)
@@ -57,7 +59,7 @@ def test_extract_images_and_video(tmp_path, capsys):
         assert data["meta_orig_hw"].tolist() == [120, 160] and data["meta_input_hw"].tolist() == [96, 128]
         assert data["meta_pad"].tolist() == [0, 0, 0, 0] and bool(data["meta_random_weights"])
         saved = data["backbone"]
-    engine = DeviceRunner(load_model(), device="cpu", imgsz=128)
+    engine = cpu_runner(128)
     direct = engine.extract([frame], ["backbone"])[0]
     np.testing.assert_array_equal(direct.features["backbone"], saved)
     with np.load(out / "clip_000002.npz") as data:

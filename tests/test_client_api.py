@@ -27,7 +27,8 @@ from yolostream.client import (
 from yolostream.client.viz import map_to_frame
 from yolostream.server.runner import DeviceRunner
 from yolostream.server.grpc_server import ServerSettings, ServerThread
-from yolostream.server.model.loader import load_model
+
+from conftest import cpu_runner
 
 IMGSZ = 64
 MAX_PIXELS = 100_000
@@ -36,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def engine() -> DeviceRunner:
-    return DeviceRunner(load_model(), device="cpu", imgsz=IMGSZ)
+    return cpu_runner(IMGSZ)
 
 
 @pytest.fixture(scope="module")

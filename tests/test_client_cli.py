@@ -14,16 +14,16 @@ import pytest
 from yolostream.client import load_features
 from yolostream.client.stats import StatusLine, StreamStats, progress_bar
 from yolostream.server import cli
-from yolostream.server.runner import DeviceRunner
 from yolostream.server.grpc_server import ServerSettings, ServerThread
-from yolostream.server.model.loader import load_model
+
+from conftest import cpu_runner
 
 IMGSZ = 64
 
 
 @pytest.fixture(scope="module")
 def server():
-    engine = DeviceRunner(load_model(), device="cpu", imgsz=IMGSZ)
+    engine = cpu_runner(IMGSZ)
     with ServerThread(engine, ServerSettings(port=0, max_batch=8)) as running:
         yield running
 

@@ -13,6 +13,8 @@ from yolostream.v1 import feature_service_pb2 as pb
 from yolostream.v1 import feature_service_pb2_grpc as pb_grpc
 from yolostream.v1 import wire
 
+from conftest import cpu_runner
+
 KEYS = [(4, "none", "float32"), (9, "avg", "float16"), (17, "max", "bfloat16"), (9, "none", "float16")]
 
 
@@ -20,7 +22,7 @@ KEYS = [(4, "none", "float32"), (9, "avg", "float16"), (17, "max", "bfloat16"), 
 def engines():
     loaded = load_model()
     direct = DeviceRunner(loaded, device="cpu", imgsz=64)
-    staged = DeviceRunner(load_model(), device="cpu", imgsz=64, staged=True)
+    staged = cpu_runner(64, staged=True)
     staged.warmup(max_batch=6)
     return direct, staged
 
@@ -92,8 +94,8 @@ def test_two_workers_sharing_staging_buffers_never_mix_frames():
     """Several streams of distinct frames through two workers on the staged path: every answer is its own frame's."""
     from concurrent.futures import ThreadPoolExecutor
 
-    direct = DeviceRunner(load_model(), device="cpu", imgsz=64)
-    staged = DeviceRunner(load_model(), device="cpu", imgsz=64, staged=True)
+    direct = cpu_runner(64)
+    staged = cpu_runner(64, staged=True)
     frames = {(k, i): np.random.default_rng(100 * k + i).integers(0, 256, (48, 80, 3), dtype=np.uint8)
               for k in range(4) for i in range(15)}
     want = dict(zip(frames, direct.extract(list(frames.values()), ["C4"])))

@@ -11,14 +11,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from yolostream.server.runner import DeviceRunner
 from yolostream.server.grpc_server import ServerSettings, ServerThread
-from yolostream.server.model.loader import load_model
 from yolostream.v1 import feature_service_pb2 as pb
 from yolostream.v1 import feature_service_pb2_grpc as pb_grpc
+
+from conftest import cpu_runner
 
 
 @pytest.fixture(scope="module")
 def engine() -> DeviceRunner:
-    return DeviceRunner(load_model(), device="cpu", imgsz=64)
+    return cpu_runner(64)
 
 
 def _frame(i: int) -> pb.Frame:

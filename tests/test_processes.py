@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -23,7 +25,7 @@ from yolostream.v1 import feature_service_pb2 as pb
 from yolostream.v1 import feature_service_pb2_grpc as pb_grpc
 from yolostream.v1 import wire
 
-from conftest import ServeProcess, grpc_channel, raw_frame
+from conftest import ServeProcess, cpu_runner, grpc_channel, raw_frame, serve_env
 
 WAIT = 60.0
 SERVE = ("--port", "0", "--imgsz", "64", "--device", "cpu", "--max-batch", "1", "--shm-mb", "16")
@@ -91,10 +93,8 @@ def _arrays(result: pb.FrameResult) -> dict[str, np.ndarray]:
 def reference() -> list[dict[str, np.ndarray]]:
     """The features of the streamed frames from the in-process server (one front-end), at batch 1."""
     from yolostream.server.grpc_server import ServerSettings, ServerThread
-    from yolostream.server.model.loader import load_model
-    from yolostream.server.runner import DeviceRunner
 
-    runner = DeviceRunner(load_model(None, "yolov5n"), device="cpu", imgsz=64)
+    runner = cpu_runner(64)
     with ServerThread(runner, ServerSettings(port=0, max_batch=1, shm_mb=16)) as server:
         return [_arrays(r) for r in _stream(server.address, 6)]
 
@@ -133,12 +133,10 @@ def test_frames_of_two_frontends_share_one_device_batch():
     from yolostream.server.device import DeviceHost
     from yolostream.server.grpc_server import FeatureServer, ServerSettings
     from yolostream.server.link import DeviceLink, arena_name
-    from yolostream.server.model.loader import load_model
-    from yolostream.server.runner import DeviceRunner
     from yolostream.server.batcher import BatcherConfig
     from yolostream.server.shm import segment_prefix
 
-    runner = DeviceRunner(load_model(None, "yolov5n"), device="cpu", imgsz=64)
+    runner = cpu_runner(64)
     gate = threading.Event()
     batches: list[int] = []
 
@@ -307,3 +305,10 @@ def test_the_device_dying_ends_streams_unavailable_and_the_server_exits_non_zero
         assert lines == ["yolostream: the device process died (killed by SIGKILL); stopping"], server.stderr()
     finally:
         server.close()
+
+
+def test_the_frontend_side_imports_no_torch():
+    """Everything a front-end process imports (and the supervisor) stays free of torch."""
+    code = ("import sys, yolostream.server.frontend, yolostream.server.supervisor, yolostream.server.grpc_server; "
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:5]")
+    subprocess.run([sys.executable, "-c", code], env=serve_env(), check=True, timeout=WAIT)

@@ -13,7 +13,6 @@ import urllib.request
 from typing import Iterator
 
 import grpc
-import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 

@@ -11,18 +11,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from yolostream.server.runner import DeviceRunner
 from yolostream.server.grpc_server import ServerSettings, ServerThread
-from yolostream.server.model.loader import load_model
 from yolostream.v1 import feature_service_pb2 as pb
 from yolostream.v1 import feature_service_pb2_grpc as pb_grpc
 
-from conftest import self_signed_cert
+from conftest import cpu_runner, self_signed_cert
 
 TOKEN = "s3cret-token"
 
 
 @pytest.fixture(scope="module")
 def engine() -> DeviceRunner:
-    return DeviceRunner(load_model(), device="cpu", imgsz=64)
+    return cpu_runner(64)
 
 
 def _stream_requests(frames: int = 2) -> Iterator[pb.StreamRequest]:

@@ -13,16 +13,17 @@ import pytest
 
 from yolostream.server.runner import DeviceRunner
 from yolostream.server.grpc_server import ServerSettings, ServerThread
-from yolostream.server.model.loader import load_model
 from yolostream.v1 import feature_service_pb2 as pb
 from yolostream.v1 import feature_service_pb2_grpc as pb_grpc
 from yolostream.v1 import wire
+
+from conftest import cpu_runner
 
 IMGSZ = 64
 
 
 def make_engine() -> DeviceRunner:
-    return DeviceRunner(load_model(), device="cpu", imgsz=IMGSZ)
+    return cpu_runner(IMGSZ)
 
 
 @pytest.fixture(scope="module")
