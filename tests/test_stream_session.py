@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from yolostream.server.pipeline import Begun, FrameOptions
+from yolostream.server.pipeline import Begun, FrameOptions, Reply
 from yolostream.server.service import StreamLimits, StreamSession
 from yolostream.v1 import feature_service_pb2 as pb
 
@@ -24,11 +24,9 @@ class GatedPipeline:
         self.started.append(frame.frame_id)
         return Begun(frame, options, None, asyncio.get_running_loop().create_future(), 0)
 
-    async def complete(self, begun: Begun, into: pb.FrameResult) -> pb.FrameResult:
+    async def complete(self, begun: Begun) -> Reply:
         await self.gate.wait()
-        into.frame_id = begun.frame.frame_id
-        into.status = pb.FRAME_STATUS_OK
-        return into
+        return Reply(pb.FrameResult(frame_id=begun.frame.frame_id, status=pb.FRAME_STATUS_OK))
 
     def withdraw(self, computed: asyncio.Future) -> None:
         self.withdrawn.append(computed)
@@ -101,4 +99,5 @@ def test_realtime_answers_every_frame_in_order_with_the_skipped_ones_dropped():
 
 
 async def _collect(responses):
-    return [r async for r in responses]
+    """The answers as messages (the session yields OK answers already serialised)."""
+    return [pb.StreamResponse.FromString(r) if isinstance(r, bytes) else r async for r in responses]

@@ -291,3 +291,24 @@ def test_inconsistent_result_fields_are_refused(kwargs, message):
 def test_a_result_with_detections_but_no_scores_is_refused():
     with pytest.raises(ValueError, match="0 scores for 1 detections"):
         wire.objects_from_proto(pb.FrameResult(box_source=pb.BOX_SOURCE_DETECTOR, boxes=[0, 0, 1, 1]))
+
+
+@pytest.mark.parametrize("in_stream_response", [False, True])
+def test_a_pre_serialised_result_parses_as_the_filled_message(in_stream_response):
+    """Tensor bytes spliced in after serialisation decode exactly like a message whose data fields were set."""
+    arrays = [np.arange(2 * 3 * 200, dtype=np.float32).reshape(2, 3, 200), np.ones(70, np.float16)]
+    head = pb.FrameResult(frame_id=7, status=pb.FRAME_STATUS_OK, batch_size=3)
+    head.timings.compute_us = 1234
+    filled = pb.FrameResult()
+    filled.CopyFrom(head)
+    for k, array in enumerate(arrays):
+        for message in (head, filled):
+            tensor = message.tensors.add(name=f"L{k}", layer_index=k, stride=8, dtype=wire.dtype_from_numpy(array.dtype))
+            tensor.shape[:] = array.shape
+        filled.tensors[k].data = array.tobytes()
+    data = wire.serialize_result(head, arrays, in_stream_response)
+    parsed = pb.StreamResponse.FromString(data).result if in_stream_response else pb.FrameResult.FromString(data)
+    assert parsed == filled
+    np.testing.assert_array_equal(wire.tensor_from_proto(parsed.tensors[0]), arrays[0])
+    with pytest.raises(ValueError, match="2 tensors but 1 payloads"):
+        wire.serialize_result(head, arrays[:1])

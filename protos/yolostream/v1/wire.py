@@ -321,3 +321,48 @@ def objects_from_proto(result: pb.FrameResult) -> Objects:
         features=features,
         slices={s.name: (s.start, s.stop) for s in result.object_feature_slices},
     )
+
+
+#: Wire tags (field number << 3 | length-delimited) that pre-serialised replies are assembled from.
+_TAG_RESPONSE_RESULT = b"\x0a"  # StreamResponse.result = 1
+_TAG_RESULT_TENSORS = b"\x32"  # FrameResult.tensors = 6
+_TAG_TENSOR_DATA = b"\x32"  # Tensor.data = 6
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+def serialize_result(result: pb.FrameResult, payloads: Sequence[Any], in_stream_response: bool = False) -> bytes:
+    """The serialised FrameResult (or StreamResponse around it) whose tensors carry ``payloads`` as their data.
+
+    ``result`` holds everything else, its tensors included but with empty ``data``; ``payloads`` are the
+    tensors' bytes in order (any C-contiguous buffer, e.g. a numpy view of shared memory). Each payload is copied
+    once, into the returned bytes, where filling ``Tensor.data`` and serialising would copy it three times. The
+    bytes are a standard encoding of the same message (fields may come in another order, which every parser
+    accepts), so any client decodes them.
+    """
+    tensors = list(result.tensors)
+    if len(tensors) != len(payloads):
+        raise ValueError(f"{len(tensors)} tensors but {len(payloads)} payloads")
+    head = pb.FrameResult()
+    head.CopyFrom(result)
+    del head.tensors[:]
+    pieces: list[Any] = [head.SerializeToString()]
+    for tensor, payload in zip(tensors, payloads):
+        data = memoryview(payload).cast("B")
+        header = tensor.SerializeToString()
+        inner = len(header) + 1 + len(_varint(data.nbytes)) + data.nbytes
+        pieces += [_TAG_RESULT_TENSORS, _varint(inner), header, _TAG_TENSOR_DATA, _varint(data.nbytes), data]
+    if in_stream_response:
+        total = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in pieces)
+        pieces[:0] = [_TAG_RESPONSE_RESULT, _varint(total)]
+    return b"".join(pieces)

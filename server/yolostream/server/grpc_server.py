@@ -19,7 +19,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from yolostream.v1 import feature_service_pb2 as pb
-from yolostream.v1 import feature_service_pb2_grpc as pb_grpc
 
 from .batcher import BatcherConfig
 from .card import ModelCard
@@ -28,7 +27,7 @@ from .frames import FrameLimits
 from .link import DeviceLink, arena_name
 from .metrics import ServerMetrics
 from .pipeline import Pipeline
-from .service import FeatureService, StreamLimits, model_info
+from .service import FeatureService, StreamLimits, add_to_server, model_info
 from .settings import ServerSettings
 from .shm import segment_prefix
 
@@ -140,7 +139,7 @@ class FeatureServer:
                    ("grpc.keepalive_permit_without_calls", 1)]
         interceptors = [BearerTokenInterceptor(s.token)] if s.token else []
         server = grpc.aio.server(options=options, interceptors=interceptors)
-        pb_grpc.add_FeatureServiceServicer_to_server(self.service, server)
+        add_to_server(self.service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         address = f"{s.host}:{s.port}"

@@ -12,8 +12,11 @@ import asyncio
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
+
+import numpy as np
 
 from yolostream.v1 import feature_service_pb2 as pb
 from yolostream.v1 import wire
@@ -162,46 +165,65 @@ class Pipeline:
         preprocess_us = int((decoded - start + time.perf_counter() - waited) * 1e6)
         return Begun(frame, options, letterbox, self.device.submit(slot), preprocess_us)
 
-    async def complete(self, begun: "Begun", into: pb.FrameResult | None = None) -> pb.FrameResult:
-        """Wait for a begun frame's features and build its OK result (or ERROR when its batch failed).
-
-        ``into`` is filled in place (e.g. ``response.result`` of the StreamResponse about to be sent), so a
-        multi-megabyte reply is never copied from one message into another.
-        """
-        result = pb.FrameResult() if into is None else into
+    async def complete(self, begun: "Begun") -> "Reply":
+        """Wait for a begun frame's features: an OK ``Reply`` whose tensor bytes are still in shared memory (its
+        ``serialize`` or ``to_message`` copies them out and frees them), or an ERROR one when its batch failed."""
         frame, options = begun.frame, begun.options
         try:
             out = await asyncio.shield(begun.computed)
         except DeviceFrameError as err:  # a failed batch (e.g. CUDA out of memory) fails its frames, not the server
-            return error_result(frame, f"feature computation failed: {err}", result)
+            return Reply(error_result(frame, f"feature computation failed: {err}"))
         except asyncio.CancelledError:
             self.device.withdraw(begun.computed)
             raise
         encode_start = time.perf_counter()
-        try:
-            _identify(result, frame, pb.FRAME_STATUS_OK)
-            result.letterbox.CopyFrom(wire.letterbox_to_proto(begun.letterbox.as_dict()))
-            for layer, array in zip(options.layers, out.arrays):
-                wire.fill_tensor(result.tensors.add(), layer.name, layer.index, layer.stride, array, options.dtype)
-        finally:
-            out.release()
+        result = pb.FrameResult()
+        _identify(result, frame, pb.FRAME_STATUS_OK)
+        result.letterbox.CopyFrom(wire.letterbox_to_proto(begun.letterbox.as_dict()))
+        for layer, array in zip(options.layers, out.arrays):
+            tensor = result.tensors.add(name=layer.name, layer_index=layer.index, stride=layer.stride,
+                                        dtype=options.dtype)
+            tensor.shape[:] = array.shape
         result.batch_size = out.batch_size
         timings = result.timings
         timings.queued_us = out.queued_us
         timings.preprocess_us = begun.preprocess_us
         timings.compute_us = out.compute_us
         timings.encode_us = out.fetch_us + int((time.perf_counter() - encode_start) * 1e6)
-        return result
+        return Reply(result, out.arrays, out.release)
 
-    async def process(self, frame: pb.Frame, options: FrameOptions, into: pb.FrameResult | None = None) -> pb.FrameResult:
+    async def process(self, frame: pb.Frame, options: FrameOptions) -> pb.FrameResult:
         """One frame's FrameResult (``begin`` then ``complete``): OK with tensors, or ERROR with a message."""
         begun = await self.begin(frame, options)
         if isinstance(begun, pb.FrameResult):
-            if into is not None:
-                into.CopyFrom(begun)
-                return into
             return begun
-        return await self.complete(begun, into)
+        return (await self.complete(begun)).to_message()
+
+
+@dataclass
+class Reply:
+    """A frame's answer. ``result`` is complete but for the tensors' bytes, which are ``payloads`` (views of the
+    front-end's shared memory until ``serialize`` or ``to_message`` copies them out and calls ``release``)."""
+
+    result: pb.FrameResult
+    payloads: list[np.ndarray] = field(default_factory=list)
+    release: Callable[[], None] = lambda: None
+
+    def serialize(self, in_stream_response: bool) -> bytes:
+        """The wire bytes of the FrameResult (or of a StreamResponse around it), with each payload copied once."""
+        try:
+            return wire.serialize_result(self.result, self.payloads, in_stream_response)
+        finally:
+            self.release()
+
+    def to_message(self) -> pb.FrameResult:
+        """``result`` with the tensors' bytes filled in (for the unary call, where one copy more is no matter)."""
+        try:
+            for tensor, payload in zip(self.result.tensors, self.payloads):
+                tensor.data = payload.tobytes()
+            return self.result
+        finally:
+            self.release()
 
 
 @dataclass

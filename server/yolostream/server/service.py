@@ -14,7 +14,7 @@ import logging
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable
 
 import grpc
 
@@ -28,7 +28,7 @@ from .errors import one_line
 from .frames import FrameLimits
 from .link import CANCEL_WAIT_S, DeviceUnavailable
 from .metrics import ServerMetrics
-from .pipeline import Begun, FrameOptions, Pipeline, dropped_result, error_result
+from .pipeline import Begun, FrameOptions, Pipeline, Reply, dropped_result, error_result
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,6 @@ class StreamSession:
                         break
                     entry = self.order[0]
                 response = await self._response(await entry.result)
-                self.observe(response.result)
                 yield response
                 async with self.changed:
                     self.order.popleft()
@@ -122,19 +121,21 @@ class StreamSession:
             if withdrawn:
                 await asyncio.wait(withdrawn, timeout=CANCEL_WAIT_S)
 
-    async def _response(self, item: "Begun | pb.StreamResponse") -> pb.StreamResponse:
-        """The answer to write for an entry: ready already, or a begun frame's features now turned into tensors."""
+    async def _response(self, item: "Begun | pb.StreamResponse") -> "pb.StreamResponse | bytes":
+        """The answer to write for an entry: ready already, or a begun frame's features, serialised straight from
+        shared memory (the servicer passes bytes through; see ``add_to_server``)."""
         if not isinstance(item, Begun):
+            self.observe(item.result)
             return item
-        response = pb.StreamResponse()
         try:
-            await self.pipeline.complete(item, response.result)
+            reply = await self.pipeline.complete(item)
         except (asyncio.CancelledError, DeviceUnavailable):
             raise
         except Exception as err:  # defensive: one frame's bug must not take down its stream
             log.exception("frame %d failed", item.frame.frame_id)
-            error_result(item.frame, f"internal error: {type(err).__name__}: {err}", response.result)
-        return response
+            reply = Reply(error_result(item.frame, f"internal error: {type(err).__name__}: {err}"))
+        self.observe(reply.result)
+        return reply.serialize(in_stream_response=True)
 
     def _writer_has_work(self) -> bool:
         """Answers to write, or the end: the reader finished, or the server drains and no frame is half-read."""
@@ -360,6 +361,29 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         return self.model_info
+
+
+def _serialize(message: Any) -> bytes:
+    """Pre-serialised replies (bytes) go out as they are; messages are serialised as usual."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def add_to_server(service: FeatureService, server: Any) -> None:
+    """Register the feature service like the generated ``add_FeatureServiceServicer_to_server``, except that
+    ``StreamFeatures`` may yield already-serialised StreamResponse bytes (one copy of each tensor, not three)."""
+    handlers = {
+        "StreamFeatures": grpc.stream_stream_rpc_method_handler(
+            service.StreamFeatures, request_deserializer=pb.StreamRequest.FromString, response_serializer=_serialize),
+        "Extract": grpc.unary_unary_rpc_method_handler(
+            service.Extract, request_deserializer=pb.ExtractRequest.FromString,
+            response_serializer=pb.FrameResult.SerializeToString),
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+            service.GetModelInfo, request_deserializer=pb.GetModelInfoRequest.FromString,
+            response_serializer=pb.ModelInfo.SerializeToString),
+    }
+    name = pb.DESCRIPTOR.services_by_name["FeatureService"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)
 
 
 def model_info(card: ModelCard, batching: BatcherConfig, stream_limits: StreamLimits, limits: FrameLimits,
