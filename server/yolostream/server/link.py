@@ -123,6 +123,11 @@ class DeviceLink:
         self._space: asyncio.Condition | None = None
         self.lost = False
 
+    @property
+    def in_flight(self) -> int:
+        """Frames this front-end has at the device now (queued or computing there)."""
+        return len(self._pending)
+
     async def start(self) -> None:
         """Create and share the arena, connect to the device, and start reading its answers."""
         loop = asyncio.get_running_loop()

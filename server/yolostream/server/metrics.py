@@ -33,7 +33,7 @@ class ServerMetrics:
         self.batch_size = Histogram("yolostream_batch_size", "Frames in the device batch each OK frame ran in.",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
         self.streams = Gauge("yolostream_streams_active", "Open StreamFeatures calls.", registry=self.registry)
-        queue = Gauge("yolostream_queue_frames", "Frames waiting for a device worker, over all streams.",
+        queue = Gauge("yolostream_queue_frames", "Frames this front-end has at the device (queued or computing).",
                       registry=self.registry)
         queue.set_function(lambda: float(queue_depth()))
         Info("yolostream_model", "The served model.", registry=self.registry).info(model)
