@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import queue
 import re
 import signal
 import socket
@@ -12,7 +10,6 @@ import sys
 import threading
 import time
 import urllib.request
-from pathlib import Path
 from typing import Iterator
 
 import grpc
@@ -23,64 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from yolostream.v1 import feature_service_pb2 as pb
 from yolostream.v1 import feature_service_pb2_grpc as pb_grpc
 
-REPO = Path(__file__).resolve().parents[1]
-START_TIMEOUT = 60.0
-SERVING = re.compile(r"^yolostream serving (\S+) on (\S+):(\d+) \((.*)\)$")
-
-
-def _env() -> dict[str, str]:
-    paths = [str(REPO / d) for d in ("protos", "server", "client")]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in [env.get("PYTHONPATH")] if p])
-    env.pop("YOLOSTREAM_TOKEN", None)
-    return env
-
-
-def _serve_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "yolostream.server.cli", "serve", *args]
-
-
-class ServeProcess:
-    """A ``yolostream serve`` subprocess: stdout read line by line on a thread, stderr to a file."""
-
-    def __init__(self, tmp_path: Path, *args: str) -> None:
-        self.stderr_path = tmp_path / f"serve-{os.getpid()}-{id(self)}.stderr"
-        self._stderr = self.stderr_path.open("w")
-        self.proc = subprocess.Popen(_serve_cmd(*args), stdout=subprocess.PIPE, stderr=self._stderr, text=True,
-                                     env=_env(), cwd=tmp_path)
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-        self.model = self.address = self.details = ""
-
-    def _pump(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)
-
-    def wait_serving(self) -> str:
-        """Block until the start-up line; returns ``host:port``."""
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            try:
-                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(f"no 'serving' line within {START_TIMEOUT} s; stderr:\n{self.stderr()}")
-            if line is None:
-                raise AssertionError(f"server exited with {self.proc.wait()} before serving; stderr:\n{self.stderr()}")
-            match = SERVING.match(line)
-            if match:
-                self.model, host, port, self.details = match.groups()
-                self.address = f"{host}:{port}"
-                return self.address
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=30)
-        self._stderr.close()
+from conftest import ServeProcess, serve_cmd as _serve_cmd, serve_env as _env
 
 
 def _frame(k: int, h: int = 48, w: int = 64) -> pb.Frame:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-from pathlib import Path
 from typing import Iterator
 
 import grpc
@@ -12,6 +9,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from conftest import self_signed_cert
 from yolostream.server.engine import Engine
 from yolostream.server.grpc_server import ServerSettings, ServerThread
 from yolostream.server.model.loader import load_model
@@ -85,22 +83,11 @@ def test_the_right_token_works_for_unary_and_stream(stub):
     assert all(r.result.status == pb.FRAME_STATUS_OK and r.result.tensors for r in responses)
 
 
-def _self_signed(directory: Path, name: str, san: str) -> tuple[Path, Path]:
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("TLS test needs the openssl command to make a self-signed certificate (not on PATH)")
-    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
-    subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", f"subjectAltName={san}"], check=True, capture_output=True, timeout=60)
-    return cert, key
-
-
 @pytest.fixture(scope="module")
 def tls_server(engine, tmp_path_factory) -> Iterator[tuple[ServerThread, bytes, bytes]]:
     tmp = tmp_path_factory.mktemp("tls")
-    cert, key = _self_signed(tmp, "server", "DNS:localhost,IP:127.0.0.1")
-    other_cert, _ = _self_signed(tmp, "other", "DNS:localhost,IP:127.0.0.1")
+    cert, key = self_signed_cert(tmp, "server", "DNS:localhost,IP:127.0.0.1")
+    other_cert, _ = self_signed_cert(tmp, "other", "DNS:localhost,IP:127.0.0.1")
     settings = ServerSettings(port=0, tls_cert=str(cert), tls_key=str(key), token=TOKEN)
     with ServerThread(engine, settings) as server:
         yield server, cert.read_bytes(), other_cert.read_bytes()

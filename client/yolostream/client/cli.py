@@ -17,6 +17,7 @@ from dataclasses import asdict
 from typing import Any, Sequence
 
 from .api import DEFAULT_ADDRESS, ENCODINGS, LETTERBOXES, POOLINGS, FeatureClient, ModelInfo
+from .resume import ResumePolicy
 from .sources import open_source
 from .stats import StatusLine, StreamStats
 from .store import FeatureWriter
@@ -32,7 +33,9 @@ EXIT_INTERRUPTED = 130
 def _connection_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("connection")
     g.add_argument("--server", default=os.environ.get(SERVER_ENV, DEFAULT_ADDRESS), metavar="HOST:PORT",
-                   help=f"server address (default ${SERVER_ENV} or {DEFAULT_ADDRESS})")
+                   help=f"server address, a comma list of IP:PORT replicas, or a gRPC target such as "
+                        f"dns:///NAME:PORT (every address NAME resolves to); calls are balanced round-robin over "
+                        f"the healthy replicas (default ${SERVER_ENV} or {DEFAULT_ADDRESS})")
     g.add_argument("--token", default=None, help=f"bearer token (default ${TOKEN_ENV}; the variable keeps it out of "
                                                  "the process list)")
     g.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
@@ -40,13 +43,21 @@ def _connection_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tls-server-name", metavar="NAME", help="name the server certificate must carry, when it "
                                                              "differs from the host in --server")
     g.add_argument("--timeout", type=float, default=30.0, help="deadline of one-shot calls in seconds (default 30)")
+    g.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="end a stream when its server fails instead of resuming it on another replica")
+    g.add_argument("--resume-timeout", type=float, default=ResumePolicy.timeout_s, metavar="S",
+                   help="give up resuming a stream when no replica has answered for S seconds after its server "
+                        f"failed (default {ResumePolicy.timeout_s:g})")
 
 
 def _client(args: argparse.Namespace) -> FeatureClient:
     if args.tls_ca is not None and not os.path.isfile(args.tls_ca):
         raise FileNotFoundError(f"--tls-ca {args.tls_ca}: no such file")
+    if args.resume_timeout <= 0:
+        raise ValueError(f"--resume-timeout must be positive, got {args.resume_timeout}")
     return FeatureClient(args.server, token=args.token or os.environ.get(TOKEN_ENV) or None, tls=args.tls,
-                         tls_ca=args.tls_ca, tls_server_name=args.tls_server_name, timeout=args.timeout)
+                         tls_ca=args.tls_ca, tls_server_name=args.tls_server_name, timeout=args.timeout,
+                         resume=ResumePolicy(enabled=args.resume, timeout_s=args.resume_timeout))
 
 
 def register_info(p: argparse.ArgumentParser) -> None:
