@@ -125,6 +125,17 @@ def is_address_list(target: str) -> bool:
     return target.startswith(("ipv4:", "ipv6:")) and "," in target
 
 
+def names_one_address(target: str) -> bool:
+    """True when the target is a single ``ip:port``: it cannot resolve to several replicas."""
+    if "," in target or target.split(":", 1)[0] in TARGET_SCHEMES:
+        return False
+    try:
+        ipaddress.ip_address(_split_host_port(target)[0].strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
 def service_config(health_service: str = HEALTH_SERVICE) -> str:
     """The channel's service config: round_robin over every resolved replica, each health-checked (gRFC A17)."""
     return json.dumps({"loadBalancingConfig": [{"round_robin": {}}],
