@@ -328,19 +328,22 @@ class FeatureClient:
             self._channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=root), options)
         else:
             self._channel = grpc.insecure_channel(target, options)
-        # Whether any replica was ever reached: a stream that fails before that has nothing to resume (fail fast).
-        self._reached = False
-        self.settle_s = (0.0 if names_one_address(target) else DEFAULT_SETTLE_S) if settle_s is None else settle_s
+        # When a replica was first reached (a call answered, or the channel seen ready): a stream that fails
+        # before that has nothing to resume and fails at once. Found without a standing connectivity subscription,
+        # whose polling thread races channel.close() in grpcio ("Cannot monitor channel state: Channel closed!").
         self._reached_at: float | None = None
-        self._channel.subscribe(self._on_connectivity)
+        self.settle_s = (0.0 if names_one_address(target) else DEFAULT_SETTLE_S) if settle_s is None else settle_s
         self._stub = pb_grpc.FeatureServiceStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._in_flight_default: int | None = None
 
-    def _on_connectivity(self, state: grpc.ChannelConnectivity) -> None:
-        if state == grpc.ChannelConnectivity.READY and not self._reached:
+    @property
+    def _reached(self) -> bool:
+        return self._reached_at is not None
+
+    def _mark_reached(self) -> None:
+        if self._reached_at is None:
             self._reached_at = time.monotonic()
-            self._reached = True
 
     def _settle(self) -> None:
         """Before the first streams of a new channel, give every replica ``settle_s`` to connect.
@@ -368,6 +371,7 @@ class FeatureClient:
         ready = grpc.channel_ready_future(self._channel)
         try:
             ready.result(timeout=timeout)
+            self._mark_reached()
             return True
         except grpc.FutureTimeoutError:
             return False
@@ -382,12 +386,13 @@ class FeatureClient:
 
     def close(self) -> None:
         """Close the channel; streams still open on it end with an error."""
-        self._channel.unsubscribe(self._on_connectivity)
         self._channel.close()
 
     def _unary(self, method: Any, request: Any) -> Any:
         try:
-            return method(request, timeout=self.timeout, metadata=self._metadata)
+            reply = method(request, timeout=self.timeout, metadata=self._metadata)
+            self._mark_reached()
+            return reply
         except grpc.RpcError as err:
             raise FeatureServerError.from_rpc(err, self.address) from None
 
@@ -660,6 +665,7 @@ class FeatureStream:
                                      f"{state.answered} was expected: answers must come once each, in order",
                                      self._address)
         pending = state.answer(result.frame_id)
+        self._client._mark_reached()
         if self._cut is not None:
             self._watchdog.cancel()
             self._cut, self._failures = None, 0
