@@ -53,7 +53,7 @@ class _CountingService(pb_grpc.FeatureServiceServicer):
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.calls = self.streams = 0
+        self.calls = self.streams = self.active = 0
 
     def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
         with self.lock:
@@ -65,9 +65,14 @@ class _CountingService(pb_grpc.FeatureServiceServicer):
         next(requests)
         with self.lock:
             self.streams += 1
-        for request in requests:
-            yield pb.StreamResponse(result=pb.FrameResult(frame_id=request.frame.frame_id,
-                                                          status=pb.FRAME_STATUS_OK, batch_size=1))
+            self.active += 1
+        try:
+            for request in requests:
+                yield pb.StreamResponse(result=pb.FrameResult(frame_id=request.frame.frame_id,
+                                                              status=pb.FRAME_STATUS_OK, batch_size=1))
+        finally:
+            with self.lock:
+                self.active -= 1
 
 
 class FakeReplica:
@@ -170,6 +175,29 @@ def test_every_replica_down_ends_the_stream_with_unavailable_within_the_bound(fa
         elapsed = time.monotonic() - down_at
     assert err.value.code == grpc.StatusCode.UNAVAILABLE and "not resumed" in err.value.details, err.value
     assert elapsed < bound + 1.5, f"gave up {elapsed:.1f} s after every replica went down (bound {bound} s)"
+
+
+@pytest.mark.parametrize("realtime", [False, True], ids=["ordered", "realtime"])
+def test_a_stream_moves_off_a_stopped_replica_unless_resuming_is_off(fakes, realtime):
+    frames = [np.full((8, 8, 3), k, np.uint8) for k in range(60)]
+    with FeatureClient([r.address for r in fakes]) as client:
+        stream = client.stream(frames, max_in_flight=2, realtime=realtime)
+        got = []
+        for result in stream:
+            got.append(result)
+            if result.frame_id == 20:
+                (carrier,) = [r for r in fakes if r.service.active]
+                carrier.server.stop(None).wait(5)
+        assert [r.frame_id for r in got] == list(range(60)) and all(r.ok for r in got)
+        assert stream.resumes >= 1
+        survivors = [r for r in fakes if r is not carrier]
+        endless = (np.zeros((8, 8, 3), np.uint8) for _ in iter(int, 1))
+        with pytest.raises(FeatureServerError) as err:
+            for result in client.stream(endless, max_in_flight=2, realtime=realtime, resume=False):
+                if result.frame_id == 20:
+                    (carrier,) = [r for r in survivors if r.service.active]
+                    carrier.server.stop(None).wait(5)
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE and "not resumed" not in err.value.details
 
 
 # ---- real `yolostream serve` replicas, TLS and bearer token ------------------------------------------------------
