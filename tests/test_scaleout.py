@@ -25,8 +25,8 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from conftest import ServeProcess, self_signed_cert
-from yolostream.client import FeatureClient, FeatureServerError
-from yolostream.client.resume import HEALTH_SERVICE, ResumePolicy, channel_target
+from yolostream.client import FeatureClient, FeatureServerError, ResumePolicy
+from yolostream.client.resume import HEALTH_SERVICE, channel_target
 from yolostream.v1 import feature_service_pb2 as pb
 from yolostream.v1 import feature_service_pb2_grpc as pb_grpc
 
