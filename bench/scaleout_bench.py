@@ -41,6 +41,10 @@ from yolostream.client import FeatureClient  # noqa: E402
 from yolostream.client.api import DEFAULT_SETTLE_S  # noqa: E402
 
 
+#: Replicas start together and share the cores: on a busy 2-core machine that took over a minute.
+START_S = 300.0
+
+
 def _streams_active(metrics_port: int) -> int:
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as reply:
         text = reply.read().decode()
@@ -54,7 +58,7 @@ class Group:
         self.procs = [ServeProcess(folder, "--port", "0", "--imgsz", str(imgsz), "--device", "cpu",
                                    "--metrics-port", "0", "--grace", "5") for _ in range(count)]
         try:
-            self.addresses = [p.wait_serving() for p in self.procs]
+            self.addresses = [p.wait_serving(START_S) for p in self.procs]
         except BaseException:
             self.close()
             raise
