@@ -397,6 +397,23 @@ def test_token_and_tls_are_required_through_the_replica_list(replicas):
         assert [r.ok for r in client.stream([_image(0)] * 6, max_in_flight=1)] == [True] * 6
 
 
+def test_the_command_line_streams_through_the_replica_list(replicas, tmp_path, capsys):
+    import cv2
+
+    from yolostream.server import cli
+
+    for k in range(5):
+        cv2.imwrite(str(tmp_path / f"f{k}.png"), _image(k))
+    secure = ["--tls-ca", str(replicas.cert), "--tls-server-name", "localhost", "--token", TOKEN]
+    assert cli.main(["stream", str(tmp_path), "--server", ",".join(replicas.addresses), *secure, "-q",
+                     "--resume-timeout", "5"]) == 0
+    assert "5 answered" in capsys.readouterr().out
+    assert cli.main(["info", "--server", "cam-a:1,cam-b:2"]) == 2
+    assert "dns:///" in capsys.readouterr().err
+    assert cli.main(["info", "--server", replicas.addresses[0], "--resume-timeout", "0"]) == 2
+    assert "--resume-timeout" in capsys.readouterr().err
+
+
 # ---- server side of issue 10: specified here, implemented in server/ by the front-end/device split -----------------
 
 SERVER_SIDE = "server side of issue 10 (drain delay, max connection age, NOT_SERVING during warm-up) is not in server/ yet"
