@@ -26,7 +26,7 @@ import numpy as np
 import psutil
 import torch
 
-from yolostream.server.engine import Engine
+from yolostream.server.runner import DeviceRunner
 from yolostream.server.model.loader import load_model
 
 from e2e_bench import LAYER_SETS, synthetic_frame
@@ -57,7 +57,7 @@ class SeedModel:
     """The seed approach: the full detector with forward hooks on the wanted layers, batch 1, fp32."""
 
     def __init__(self, cfg: str, device: torch.device, hooked: Sequence[int]) -> None:
-        engine = Engine(load_model(cfg=cfg), device=str(device), half=False,
+        engine = DeviceRunner(load_model(cfg=cfg), device=str(device), half=False,
                         channels_last=False, fuse=True, staged=False)
         self.model, self.device = engine.model, engine.device
         self.captured: dict[int, torch.Tensor] = {}
@@ -79,7 +79,7 @@ class SeedModel:
             return {i: t.cpu().numpy() for i, t in self.captured.items()}
 
 
-def _modes(engine: Engine, seed: SeedModel | None, chw: np.ndarray, case: EngineCase) -> list[tuple[dict, Callable]]:
+def _modes(engine: DeviceRunner, seed: SeedModel | None, chw: np.ndarray, case: EngineCase) -> list[tuple[dict, Callable]]:
     """(row fields, timed callable) for every row of this case."""
     sync = _sync(engine.device)
     precision = "fp16+channels_last" if engine.dtype == torch.float16 else "fp32"
@@ -135,7 +135,7 @@ def time_interleaved(calls: Sequence[Callable[[], None]], repeats: int, warmup: 
 def run_engine_case(case: EngineCase, progress: Callable[[str], None] = lambda s: None) -> list[dict]:
     """All rows of one model: server way at every batch size and layer set, plus the seed approach."""
     loaded = load_model(cfg=case.cfg)
-    engine = Engine(loaded, device=case.device, half=case.half, imgsz=case.imgsz)
+    engine = DeviceRunner(loaded, device=case.device, half=case.half, imgsz=case.imgsz)
     chw, _ = engine.preprocess(synthetic_frame())
     if engine.staged:
         engine.warmup(max(case.batches), imgsz=case.imgsz)

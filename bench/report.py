@@ -117,7 +117,7 @@ TRANSPORT_COLUMNS = [
 ]
 
 SECTIONS = {
-    "engine": ("Engine alone, in-process", ENGINE_COLUMNS),
+    "engine": ("DeviceRunner alone, in-process", ENGINE_COLUMNS),
     "e2e": ("End to end through gRPC on loopback", E2E_COLUMNS),
     "camera": ("Latency at camera rate", CAMERA_COLUMNS),
     "transport": ("Transport alone (model bypassed) against a raw TCP socket", TRANSPORT_COLUMNS),

@@ -1,9 +1,10 @@
 """A feature server in its own process, for the benchmarks: its CPU time can be read apart from the clients'.
 
-Run as a script it builds an Engine (wrapped in ModelBypass with ``--bypass``) and a FeatureServer on
-127.0.0.1, port 0, prints one JSON line ``{"port": …, "pid": …, "device": …}`` on stdout, and serves until its
-stdin reaches EOF or it receives SIGTERM; then it drains and exits. ``ServerProcess`` starts and stops one from
-the bench driver; ``ServeProcess`` runs the real ``yolostream serve`` command instead (the scale-out benchmark and
+Run as a script it is ``yolostream serve``'s supervisor (device process, with ``ModelBypass`` in place of the
+model under ``--bypass``, and ``--frontends`` front-end processes) on 127.0.0.1, port 0. It prints one JSON line
+``{"port": …, "pid": …, "pids": {…}, "device": …}`` on stdout and serves until SIGTERM; then it drains and exits.
+``ServerProcess`` starts and stops one from the bench driver and reads the CPU time of the whole process tree,
+split by role; ``ServeProcess`` runs the real ``yolostream serve`` command instead (the scale-out benchmark and
 the tests). The driver side imports neither torch nor the server package.
 """
 
@@ -14,7 +15,6 @@ import json
 import os
 import queue
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -65,30 +65,33 @@ class ServerProcess:
         self._ps = psutil.Process(self.proc.pid)
 
     def cpu_seconds(self) -> float:
-        """User plus system CPU time of the server process so far (all its threads)."""
-        times = self._ps.cpu_times()
-        return float(times.user + times.system)
+        """User plus system CPU time of every server process so far (supervisor, device, front-ends)."""
+        return sum(self.cpu_by_role().values())
+
+    def cpu_by_role(self) -> dict[str, float]:
+        """CPU seconds so far per role: ``supervisor``, ``device`` and ``frontends`` (summed)."""
+        roles = {"supervisor": float(sum(self._ps.cpu_times()[:2])), "device": 0.0, "frontends": 0.0}
+        for role, pids in (("device", [self.info["pids"]["device"]]), ("frontends", self.info["pids"]["frontends"])):
+            for pid in pids:
+                try:
+                    roles[role] += float(sum(psutil.Process(pid).cpu_times()[:2]))
+                except psutil.NoSuchProcess:
+                    pass
+        return roles
 
     def log_tail(self, chars: int = 4000) -> str:
         self._log.flush()
         return Path(self._log.name).read_text(errors="replace")[-chars:]
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Close its stdin (it drains and exits); terminate, then kill, if it does not."""
+        """SIGTERM (it drains and exits); kill if it does not within ``timeout``."""
         if self.proc.poll() is None:
-            try:
-                self.proc.stdin.close()
-            except OSError:
-                pass
+            self.proc.terminate()
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
+                self.proc.kill()
+                self.proc.wait()
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         self._log.close()
@@ -176,9 +179,11 @@ def _read_line(proc: subprocess.Popen, timeout: float) -> str:
 
 def server_args(cfg: str, imgsz: int, *, device: str = "auto", half: bool = False, bypass: bool = False,
                 threads: int | None = None, max_batch: int | None = None, max_delay_ms: float | None = None,
-                weights: str | None = None) -> list[str]:
+                weights: str | None = None, frontends: int | None = None) -> list[str]:
     """Command-line arguments of ``server_proc.py`` for these settings."""
     args = ["--cfg", cfg, "--imgsz", str(imgsz), "--device", device]
+    if frontends:
+        args += ["--frontends", str(frontends)]
     if weights:
         args += ["--weights", weights]
     if half:
@@ -194,14 +199,6 @@ def server_args(cfg: str, imgsz: int, *, device: str = "auto", half: bool = Fals
     return args
 
 
-class _Stop(Exception):
-    pass
-
-
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise _Stop()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cfg", default="yolov5n")
@@ -210,46 +207,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--half", action="store_true")
     parser.add_argument("--bypass", action="store_true", help="move real-sized replies without running the model")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of the device, over all workers")
     parser.add_argument("--max-batch", type=int, default=None)
     parser.add_argument("--max-delay-ms", type=float, default=None)
+    parser.add_argument("--frontends", type=int, default=None)
     args = parser.parse_args(argv)
     ensure_importable()
 
     import logging
 
-    import torch
-
-    from yolostream.server.engine import Engine
-    from yolostream.server.grpc_server import ServerSettings, ServerThread
-    from yolostream.server.model.loader import load_model
-    from yolostream.server.transport_probe import ModelBypass
+    from yolostream.server.settings import ServerSettings
+    from yolostream.server.supervisor import Supervisor
 
     logging.basicConfig(level=logging.WARNING)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    engine = Engine(load_model(args.weights, None if args.weights else args.cfg), device=args.device,
-                    half=args.half, imgsz=args.imgsz)
-    served = ModelBypass(engine) if args.bypass else engine
-    settings = ServerSettings(host="127.0.0.1", port=0, max_batch=args.max_batch, max_delay_ms=args.max_delay_ms)
-    server = ServerThread(served, settings).start()
-    workers = server.server.batcher.config.workers
-    if args.threads:  # the same total thread budget as the engine rows: split it across the device workers
-        torch.set_num_threads(max(1, args.threads // workers))
-    try:
-        print(json.dumps({"port": server.port, "pid": os.getpid(), "device": str(engine.device),
-                          "model": engine.name, "bypass": args.bypass,
-                          "max_batch": server.server.batcher.config.max_batch,
-                          "max_delay_ms": server.server.batcher.config.max_delay_ms,
-                          "workers": workers, "threads_per_worker": torch.get_num_threads()}), flush=True)
-        sys.stdin.read()
-    except (_Stop, KeyboardInterrupt):
-        pass
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        server.stop(grace=2.0)
-    return 0
+    settings = ServerSettings(weights=args.weights, cfg=None if args.weights else args.cfg, imgsz=args.imgsz,
+                              device=args.device, half=args.half, host="127.0.0.1", port=0,
+                              max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, frontends=args.frontends,
+                              grace=2.0)
+
+    def announce(line: str) -> None:
+        b = supervisor.batching
+        print(json.dumps({"port": supervisor.port, "pid": os.getpid(), "device": supervisor.card.device,
+                          "model": supervisor.card.name, "bypass": args.bypass, "max_batch": b.max_batch,
+                          "max_delay_ms": b.max_delay_ms, "workers": b.workers,
+                          "threads_per_worker": max(1, (args.threads or os.cpu_count() or 1) // b.workers),
+                          "frontends": len(supervisor.frontends),
+                          "pids": {"device": supervisor.device.process.pid,
+                                   "frontends": [c.process.pid for c in supervisor.frontends.values()]}}),
+              flush=True)
+
+    supervisor = Supervisor(settings, bypass=args.bypass, device_threads=args.threads, announce=announce)
+    return supervisor.run()
 
 
 if __name__ == "__main__":

@@ -9,7 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grpc
+import numpy as np
 import pytest
+
+from yolostream.v1 import feature_service_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO.parent / "shared" / "fixtures"
@@ -46,3 +50,22 @@ def self_signed_cert(directory: Path, name: str, san: str) -> tuple[Path, Path]:
                     "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
                     "-addext", f"subjectAltName={san}"], check=True, capture_output=True, timeout=60)
     return cert, key
+
+
+# The small messages tests send a server.
+
+def raw_frame(k: int, h: int = 48, w: int = 64) -> pb.Frame:
+    data = np.random.default_rng(k).integers(0, 256, (h, w, 3), dtype=np.uint8).tobytes()
+    return pb.Frame(frame_id=k, capture_timestamp_us=1000 + k,
+                    raw=pb.RawImage(data=data, height=h, width=w, channels=3, format=pb.PIXEL_FORMAT_BGR))
+
+
+def stream_config(max_in_flight: int = 4) -> pb.StreamRequest:
+    return pb.StreamRequest(config=pb.StreamConfig(options=pb.FeatureOptions(layers=["backbone"]),
+                                                   max_in_flight=max_in_flight))
+
+
+def grpc_channel(address: str) -> grpc.Channel:
+    channel = grpc.insecure_channel(address)
+    grpc.channel_ready_future(channel).result(timeout=10)
+    return channel

@@ -58,7 +58,7 @@ def run(coro):
 def test_frames_are_batched_by_shape_up_to_max_batch_and_each_gets_its_own_row():
     gate = threading.Event()
     engine = FakeEngine(gate=gate)
-    batcher = MicroBatcher(engine, BatcherConfig(max_batch=3, workers=1))
+    batcher = MicroBatcher(engine, BatcherConfig(max_batch=3, workers=1)).start()
 
     async def main():
         first = asyncio.ensure_future(batcher.submit(frame(100), [KEY]))
@@ -81,7 +81,7 @@ def test_frames_are_batched_by_shape_up_to_max_batch_and_each_gets_its_own_row()
 
 def test_two_cpu_workers_run_batches_concurrently():
     engine = FakeEngine(barrier=threading.Barrier(2))
-    batcher = MicroBatcher(engine, BatcherConfig(max_batch=1, workers=2))
+    batcher = MicroBatcher(engine, BatcherConfig(max_batch=1, workers=2)).start()
 
     async def main():
         return await asyncio.gather(*(batcher.submit(frame(v), [KEY]) for v in (1, 2)))
@@ -93,7 +93,7 @@ def test_two_cpu_workers_run_batches_concurrently():
 
 def test_a_failed_batch_fails_its_frames_and_the_worker_goes_on():
     engine = FakeEngine(fail_on=13)
-    batcher = MicroBatcher(engine, BatcherConfig(max_batch=1, workers=1))
+    batcher = MicroBatcher(engine, BatcherConfig(max_batch=1, workers=1)).start()
 
     async def main():
         with pytest.raises(RuntimeError, match="device fell over"):
@@ -107,7 +107,7 @@ def test_a_failed_batch_fails_its_frames_and_the_worker_goes_on():
 def test_a_cancelled_frame_leaves_the_queue_and_a_full_queue_pushes_back():
     gate = threading.Event()
     engine = FakeEngine(gate=gate)
-    batcher = MicroBatcher(engine, BatcherConfig(max_batch=1, queue_capacity=2, workers=1))
+    batcher = MicroBatcher(engine, BatcherConfig(max_batch=1, queue_capacity=2, workers=1)).start()
 
     async def main():
         busy = asyncio.ensure_future(batcher.submit(frame(0), [KEY]))
@@ -135,7 +135,7 @@ def test_a_cancelled_frame_leaves_the_queue_and_a_full_queue_pushes_back():
 def test_close_drains_queued_work_and_then_refuses_new_work():
     gate = threading.Event()
     engine = FakeEngine(gate=gate)
-    batcher = MicroBatcher(engine, BatcherConfig(max_batch=1, workers=1))
+    batcher = MicroBatcher(engine, BatcherConfig(max_batch=1, workers=1)).start()
 
     async def main():
         futures = [asyncio.ensure_future(batcher.submit(frame(v), [KEY])) for v in (1, 2, 3)]

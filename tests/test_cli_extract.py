@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from yolostream.server import cli
-from yolostream.server.engine import Engine
+from yolostream.server.runner import DeviceRunner
 from yolostream.server.model.loader import WeightsMismatchError, load_model
 
 
@@ -57,7 +57,7 @@ def test_extract_images_and_video(tmp_path, capsys):
         assert data["meta_orig_hw"].tolist() == [120, 160] and data["meta_input_hw"].tolist() == [96, 128]
         assert data["meta_pad"].tolist() == [0, 0, 0, 0] and bool(data["meta_random_weights"])
         saved = data["backbone"]
-    engine = Engine(load_model(), device="cpu", imgsz=128)
+    engine = DeviceRunner(load_model(), device="cpu", imgsz=128)
     direct = engine.extract([frame], ["backbone"])[0]
     np.testing.assert_array_equal(direct.features["backbone"], saved)
     with np.load(out / "clip_000002.npz") as data:
@@ -120,8 +120,8 @@ def test_state_dict_plus_cfg_and_mismatch(tmp_path, fixture_weights):
     again = load_model(sd_path, cfg="yolov5n")
     assert not again.random_weights
     x = torch.rand(1, 3, 64, 64)
-    e1 = Engine(official, device="cpu", fuse=False)
-    e2 = Engine(again, device="cpu", fuse=False)
+    e1 = DeviceRunner(official, device="cpu", fuse=False)
+    e2 = DeviceRunner(again, device="cpu", fuse=False)
     assert torch.equal(e1.forward(x, [9])[9], e2.forward(x, [9])[9])
     broken = dict(official.model.state_dict())
     del broken["model.0.conv.weight"]

@@ -25,7 +25,7 @@ from yolostream.client import (
     open_source,
 )
 from yolostream.client.viz import map_to_frame
-from yolostream.server.engine import Engine
+from yolostream.server.runner import DeviceRunner
 from yolostream.server.grpc_server import ServerSettings, ServerThread
 from yolostream.server.model.loader import load_model
 
@@ -35,8 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def engine() -> Engine:
-    return Engine(load_model(), device="cpu", imgsz=IMGSZ)
+def engine() -> DeviceRunner:
+    return DeviceRunner(load_model(), device="cpu", imgsz=IMGSZ)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def sender_threads() -> list[threading.Thread]:
 class SlowEngine:
     """An engine whose every batch takes at least ``delay`` seconds: a model slower than the camera."""
 
-    def __init__(self, engine: Engine, delay: float) -> None:
+    def __init__(self, engine: DeviceRunner, delay: float) -> None:
         self._engine, self._delay = engine, delay
 
     def __getattr__(self, name):
@@ -327,10 +327,10 @@ def test_a_server_stopped_mid_stream_gives_unavailable(engine):
 
 _SERVER_PROCESS = """
 import sys
-from yolostream.server.engine import Engine
+from yolostream.server.runner import DeviceRunner
 from yolostream.server.grpc_server import ServerSettings, ServerThread
 from yolostream.server.model.loader import load_model
-server = ServerThread(Engine(load_model(), device="cpu", imgsz=64), ServerSettings(port=0)).start()
+server = ServerThread(DeviceRunner(load_model(), device="cpu", imgsz=64), ServerSettings(port=0)).start()
 print(server.port, flush=True)
 sys.stdin.read()
 """

@@ -13,7 +13,7 @@ import pytest
 from yolostream.client import load_features
 from yolostream.client.stats import StatusLine, StreamStats, progress_bar
 from yolostream.server import cli
-from yolostream.server.engine import Engine
+from yolostream.server.runner import DeviceRunner
 from yolostream.server.grpc_server import ServerSettings, ServerThread
 from yolostream.server.model.loader import load_model
 
@@ -22,7 +22,7 @@ IMGSZ = 64
 
 @pytest.fixture(scope="module")
 def server():
-    engine = Engine(load_model(), device="cpu", imgsz=IMGSZ)
+    engine = DeviceRunner(load_model(), device="cpu", imgsz=IMGSZ)
     with ServerThread(engine, ServerSettings(port=0, max_batch=8)) as running:
         yield running
 

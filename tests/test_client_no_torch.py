@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from yolostream.server.engine import Engine
+from yolostream.server.runner import DeviceRunner
 from yolostream.server.grpc_server import ServerSettings, ServerThread
 from yolostream.server.model.loader import load_model
 
@@ -64,7 +64,7 @@ def run(script: str, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def server():
-    with ServerThread(Engine(load_model(), device="cpu", imgsz=64), ServerSettings(port=0)) as running:
+    with ServerThread(DeviceRunner(load_model(), device="cpu", imgsz=64), ServerSettings(port=0)) as running:
         yield running
 
 

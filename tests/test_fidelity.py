@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import fixture_path
-from yolostream.server.engine import Engine
+from yolostream.server.runner import DeviceRunner
 from yolostream.server.model.loader import load_model
 
 REL_TOL = 1e-4
@@ -25,7 +25,7 @@ def _feature_layers(expected: dict[str, np.ndarray]) -> list[int]:
 
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
 def test_every_layer_matches_upstream(fixture_weights, expected, fuse):
-    engine = Engine(load_model(fixture_weights), device="cpu", fuse=fuse)
+    engine = DeviceRunner(load_model(fixture_weights), device="cpu", fuse=fuse)
     layers = _feature_layers(expected)
     assert layers == list(range(24))
     out = engine.forward(torch.from_numpy(expected["input"]), layers)
@@ -38,7 +38,7 @@ def test_every_layer_matches_upstream(fixture_weights, expected, fuse):
 
 
 def test_truncated_backbone_is_bit_exact_to_the_full_forward(fixture_weights, expected):
-    engine = Engine(load_model(fixture_weights), device="cpu", fuse=False)
+    engine = DeviceRunner(load_model(fixture_weights), device="cpu", fuse=False)
     x = torch.from_numpy(expected["input"])
     backbone = engine.forward(x, [engine.resolve(["backbone"])[0].index])
     full = engine.forward(x, range(24))

@@ -6,7 +6,7 @@ import grpc
 import numpy as np
 import pytest
 
-from yolostream.server.engine import Engine
+from yolostream.server.runner import DeviceRunner
 from yolostream.server.grpc_server import ServerSettings, ServerThread
 from yolostream.server.model.loader import load_model
 from yolostream.v1 import feature_service_pb2 as pb
@@ -19,8 +19,8 @@ KEYS = [(4, "none", "float32"), (9, "avg", "float16"), (17, "max", "bfloat16"), 
 @pytest.fixture(scope="module")
 def engines():
     loaded = load_model()
-    direct = Engine(loaded, device="cpu", imgsz=64)
-    staged = Engine(load_model(), device="cpu", imgsz=64, staged=True)
+    direct = DeviceRunner(loaded, device="cpu", imgsz=64)
+    staged = DeviceRunner(load_model(), device="cpu", imgsz=64, staged=True)
     staged.warmup(max_batch=6)
     return direct, staged
 
@@ -92,8 +92,8 @@ def test_two_workers_sharing_staging_buffers_never_mix_frames():
     """Several streams of distinct frames through two workers on the staged path: every answer is its own frame's."""
     from concurrent.futures import ThreadPoolExecutor
 
-    direct = Engine(load_model(), device="cpu", imgsz=64)
-    staged = Engine(load_model(), device="cpu", imgsz=64, staged=True)
+    direct = DeviceRunner(load_model(), device="cpu", imgsz=64)
+    staged = DeviceRunner(load_model(), device="cpu", imgsz=64, staged=True)
     frames = {(k, i): np.random.default_rng(100 * k + i).integers(0, 256, (48, 80, 3), dtype=np.uint8)
               for k in range(4) for i in range(15)}
     want = dict(zip(frames, direct.extract(list(frames.values()), ["C4"])))
@@ -114,7 +114,7 @@ def test_two_workers_sharing_staging_buffers_never_mix_frames():
 
         with ThreadPoolExecutor(4) as pool:
             results = list(pool.map(one_stream, range(4)))
-    assert srv.server.batcher.config.workers == 2
+    assert srv.batcher.config.workers == 2
     for k, responses in enumerate(results):
         for i, r in enumerate(responses):
             expected = want[(k, i)].features["C4"]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from yolostream.server.engine import Engine
+from yolostream.server.runner import DeviceRunner
 from yolostream.server.grpc_server import ServerSettings, ServerThread
 from yolostream.server.model.loader import load_model
 from yolostream.v1 import feature_service_pb2 as pb
@@ -17,8 +17,8 @@ from yolostream.v1 import feature_service_pb2_grpc as pb_grpc
 
 
 @pytest.fixture(scope="module")
-def engine() -> Engine:
-    return Engine(load_model(), device="cpu", imgsz=64)
+def engine() -> DeviceRunner:
+    return DeviceRunner(load_model(), device="cpu", imgsz=64)
 
 
 def _frame(i: int) -> pb.Frame:

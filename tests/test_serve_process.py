@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import queue
 import re
 import signal
 import socket
@@ -10,6 +12,7 @@ import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
 from typing import Iterator
 
 import grpc
@@ -20,24 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from yolostream.v1 import feature_service_pb2 as pb
 from yolostream.v1 import feature_service_pb2_grpc as pb_grpc
 
-from conftest import ServeProcess, serve_cmd as _serve_cmd, serve_env as _env
-
-
-def _frame(k: int, h: int = 48, w: int = 64) -> pb.Frame:
-    data = np.random.default_rng(k).integers(0, 256, (h, w, 3), dtype=np.uint8).tobytes()
-    return pb.Frame(frame_id=k, capture_timestamp_us=1000 + k,
-                    raw=pb.RawImage(data=data, height=h, width=w, channels=3, format=pb.PIXEL_FORMAT_BGR))
-
-
-def _config(max_in_flight: int = 4) -> pb.StreamRequest:
-    return pb.StreamRequest(config=pb.StreamConfig(options=pb.FeatureOptions(layers=["backbone"]),
-                                                   max_in_flight=max_in_flight))
-
-
-def _channel(address: str) -> grpc.Channel:
-    channel = grpc.insecure_channel(address)
-    grpc.channel_ready_future(channel).result(timeout=10)
-    return channel
+from conftest import ServeProcess, grpc_channel as _channel, raw_frame as _frame, serve_cmd as _serve_cmd, serve_env as _env, stream_config as _config
 
 
 @pytest.fixture(scope="module")

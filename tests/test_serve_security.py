@@ -10,7 +10,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import self_signed_cert
-from yolostream.server.engine import Engine
+from yolostream.server.runner import DeviceRunner
 from yolostream.server.grpc_server import ServerSettings, ServerThread
 from yolostream.server.model.loader import load_model
 from yolostream.v1 import feature_service_pb2 as pb
@@ -20,8 +20,8 @@ TOKEN = "s3cret-token"
 
 
 @pytest.fixture(scope="module")
-def engine() -> Engine:
-    return Engine(load_model(), device="cpu", imgsz=64)
+def engine() -> DeviceRunner:
+    return DeviceRunner(load_model(), device="cpu", imgsz=64)
 
 
 def _stream_requests(frames: int = 2) -> Iterator[pb.StreamRequest]:

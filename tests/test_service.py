@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 import pytest
 
-from yolostream.server.engine import Engine
+from yolostream.server.runner import DeviceRunner
 from yolostream.server.grpc_server import ServerSettings, ServerThread
 from yolostream.server.model.loader import load_model
 from yolostream.v1 import feature_service_pb2 as pb
@@ -21,12 +21,12 @@ from yolostream.v1 import wire
 IMGSZ = 64
 
 
-def make_engine() -> Engine:
-    return Engine(load_model(), device="cpu", imgsz=IMGSZ)
+def make_engine() -> DeviceRunner:
+    return DeviceRunner(load_model(), device="cpu", imgsz=IMGSZ)
 
 
 @pytest.fixture(scope="module")
-def engine() -> Engine:
+def engine() -> DeviceRunner:
     return make_engine()
 
 
@@ -225,7 +225,7 @@ def test_unary_extract_rejects_bad_options(stub):
 class SlowEngine:
     """Wraps an engine so every batch takes at least ``delay`` seconds: a model slower than the camera."""
 
-    def __init__(self, engine: Engine, delay: float) -> None:
+    def __init__(self, engine: DeviceRunner, delay: float) -> None:
         self._engine, self._delay = engine, delay
         self.max_batch_seen = 0
         self.max_queue_seen = 0
@@ -248,7 +248,7 @@ def test_flood_is_pushed_back_and_memory_stays_bounded(engine):
     img = image(9, 240, 320)
     n = 400
     with ServerThread(slow, ServerSettings(port=0, max_batch=4)) as srv:
-        slow.batcher = srv.server.batcher
+        slow.batcher = srv.batcher
         process = psutil.Process()
         rss_before = process.memory_info().rss
         sent = []
@@ -301,7 +301,7 @@ def test_a_client_that_disconnects_releases_everything(engine, realtime):
             assert service.active_streams == 1
             call.cancel()
         assert service.wait_streams(0, timeout=30)
-        assert srv.server.batcher.queued == 0
+        assert srv.batcher.queued == 0
         with grpc.insecure_channel(srv.address) as channel:
             stub = pb_grpc.FeatureServiceStub(channel)
             result = stub.Extract(pb.ExtractRequest(frame=raw_frame(3, image(0))), timeout=30)
@@ -317,7 +317,7 @@ def test_drain_answers_accepted_frames_and_ends_idle_streams(engine):
             yield pb.StreamRequest(frame=raw_frame(i, image(i)))
         release.wait(timeout=60)
 
-    srv = ServerThread(engine, ServerSettings(port=0, grace_s=60)).start()
+    srv = ServerThread(engine, ServerSettings(port=0, grace=60)).start()
     try:
         with grpc.insecure_channel(srv.address) as channel:
             stub = pb_grpc.FeatureServiceStub(channel)
@@ -342,7 +342,7 @@ def test_drain_answers_accepted_frames_and_ends_idle_streams(engine):
 def test_an_open_health_watch_does_not_hold_the_drain(engine):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    srv = ServerThread(engine, ServerSettings(port=0, grace_s=120)).start()
+    srv = ServerThread(engine, ServerSettings(port=0, grace=120)).start()
     try:
         with grpc.insecure_channel(srv.address) as channel:
             watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())

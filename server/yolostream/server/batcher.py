@@ -3,8 +3,9 @@
 The worker takes whatever is queued when it frees up (up to ``max_batch``), optionally waiting ``max_delay_ms``
 for more. A batch holds frames of one input shape only (letterboxed frames of different aspect ratios cannot be
 stacked) and runs to the deepest layer any of its frames asked for; each frame gets back only its own layers,
-pooled and cast as its stream asked. The module knows nothing of torch or gRPC: it drives an engine through
-``forward`` and ``fetch`` and hands results to asyncio futures, so it can be tested with a stand-in engine.
+pooled and cast as its stream asked. The module knows nothing of torch or gRPC: it drives a runner through
+``launch`` and ``collect`` and hands each batch's results to the sinks of its frames (asyncio futures, or the
+device process's link to a front-end), so it can be tested with a stand-in runner.
 """
 
 from __future__ import annotations
@@ -76,15 +77,22 @@ class BatcherConfig:
         return self
 
 
+class ResultSink(Protocol):
+    """Where a batch's results go: called once per batch with that sink's frames, on a device worker thread."""
+
+    def deliver(self, results: list[tuple["WorkItem", "BatchResult | BaseException"]]) -> None: ...
+
+
 @dataclass(eq=False)
 class WorkItem:
-    """One preprocessed frame waiting for the device (compared by identity)."""
+    """One preprocessed frame waiting for the device (compared by identity). ``tag`` is the sink's own handle."""
 
     image: np.ndarray
     outputs: tuple[OutputKey, ...]
-    future: asyncio.Future
-    loop: asyncio.AbstractEventLoop
+    sink: ResultSink
+    tag: Any = None
     enqueued: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
 
 
 @dataclass
@@ -96,6 +104,22 @@ class BatchResult:
     queued_us: int
     compute_us: int
     fetch_us: int
+
+
+class _FutureSink:
+    """Delivers to asyncio futures on their own event loops (``MicroBatcher.submit``)."""
+
+    def deliver(self, results: list[tuple[WorkItem, BatchResult | BaseException]]) -> None:
+        for item, outcome in results:
+            loop, future = item.tag
+            setter = _fail if isinstance(outcome, BaseException) else _succeed
+            try:
+                loop.call_soon_threadsafe(setter, future, outcome)
+            except RuntimeError:  # that loop is closed: nobody is left to tell
+                pass
+
+
+_FUTURES = _FutureSink()
 
 
 class ServerBusy(RuntimeError):
@@ -116,10 +140,16 @@ class MicroBatcher:
         self.batches_run = 0
         self.frames_run = 0
         self._counts = threading.Lock()
-        self._threads = [threading.Thread(target=self._work, name=f"yolostream-device-{k}", daemon=True)
-                         for k in range(self.config.workers)]
-        for thread in self._threads:
-            thread.start()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> "MicroBatcher":
+        """Start the device worker thread(s)."""
+        if not self._threads:
+            self._threads = [threading.Thread(target=self._work, name=f"yolostream-device-{k}", daemon=True)
+                             for k in range(self.config.workers)]
+            for thread in self._threads:
+                thread.start()
+        return self
 
     @property
     def accepting(self) -> bool:
@@ -131,11 +161,32 @@ class MicroBatcher:
         with self._cond:
             return len(self._queue)
 
+    def put(self, item: WorkItem) -> None:
+        """Queue one frame whose result goes to ``item.sink``; ServerBusy once closing.
+
+        Takes no capacity into account: the device process's callers (front-ends) bound what they have in flight.
+        """
+        with self._cond:
+            if not self._accepting:
+                raise ServerBusy("server is shutting down")
+            self._queue.append(item)
+            self._cond.notify_all()
+
+    def cancel(self, item: WorkItem) -> bool:
+        """Take ``item`` out of the queue; False when it is already running (its result will be delivered)."""
+        with self._cond:
+            item.cancelled = True
+            if item in self._queue:
+                self._queue.remove(item)
+                self._wake_submitters()
+                return True
+            return False
+
     async def submit(self, image: np.ndarray, outputs: Sequence[OutputKey]) -> BatchResult:
         """Queue one frame and wait for its outputs. Waits while the shared queue is full (back-pressure)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
-        item = WorkItem(image, tuple(outputs), future, loop)
+        item = WorkItem(image, tuple(outputs), _FUTURES, (loop, future))
         while True:
             with self._cond:
                 if not self._accepting:
@@ -150,10 +201,7 @@ class MicroBatcher:
         try:
             return await future
         except asyncio.CancelledError:
-            with self._cond:
-                if item in self._queue:
-                    self._queue.remove(item)
-                    self._wake_submitters()
+            self.cancel(item)
             raise
 
     def close(self, drain: bool = True, timeout: float | None = None) -> None:
@@ -162,8 +210,7 @@ class MicroBatcher:
             self._accepting = False
             self._wake_submitters()
             if not drain:
-                for item in self._queue:
-                    _post(item, _fail, ServerBusy("server stopped"))
+                _deliver_each([(item, ServerBusy("server stopped")) for item in self._queue])
                 self._queue.clear()
             self._stop = True
             self._cond.notify_all()
@@ -246,13 +293,13 @@ class MicroBatcher:
 
     def _discard_cancelled(self) -> None:
         """Frames whose stream went away are dropped before they cost device time."""
-        if any(item.future.cancelled() for item in self._queue):
-            self._queue = deque(item for item in self._queue if not item.future.cancelled())
+        if any(item.cancelled for item in self._queue):
+            self._queue = deque(item for item in self._queue if not item.cancelled)
             self._wake_submitters()
             self._cond.notify_all()
 
     def _launch(self, batch: list[WorkItem]) -> tuple[list[WorkItem], PendingLike, float] | None:
-        batch = [item for item in batch if not item.future.cancelled()]
+        batch = [item for item in batch if not item.cancelled]
         if not batch:
             return None
         start = time.perf_counter()
@@ -275,29 +322,28 @@ class MicroBatcher:
             self.batches_run += 1
             self.frames_run += n
         fetch_us = done.fetch_us // n
-        for row, item in enumerate(batch):
-            result = BatchResult(
-                arrays=[done.host[key][row] for key in item.outputs],
-                batch_size=n,
-                queued_us=int((start - item.enqueued) * 1e6),
-                compute_us=done.compute_us,
-                fetch_us=fetch_us,
-            )
-            _post(item, _succeed, result)
+        _deliver_each([
+            (item, BatchResult(arrays=[done.host[key][row] for key in item.outputs], batch_size=n,
+                               queued_us=int((start - item.enqueued) * 1e6), compute_us=done.compute_us,
+                               fetch_us=fetch_us))
+            for row, item in enumerate(batch)])
 
     @staticmethod
     def _fail_all(batch: list[WorkItem], err: BaseException) -> None:
         log.error("batch of %d failed: %s: %s", len(batch), type(err).__name__, err)
-        for item in batch:
-            _post(item, _fail, err)
+        _deliver_each([(item, err) for item in batch])
 
 
-def _post(item: WorkItem, setter: Any, value: Any) -> None:
-    """Hand a result to the item's event loop; a loop already closed has nobody left to tell."""
-    try:
-        item.loop.call_soon_threadsafe(setter, item.future, value)
-    except RuntimeError:
-        pass
+def _deliver_each(results: list[tuple[WorkItem, BatchResult | BaseException]]) -> None:
+    """Hand each sink its own frames of a batch in one call (a front-end gets one message per batch)."""
+    by_sink: dict[int, tuple[ResultSink, list]] = {}
+    for item, outcome in results:
+        by_sink.setdefault(id(item.sink), (item.sink, []))[1].append((item, outcome))
+    for sink, members in by_sink.values():
+        try:
+            sink.deliver(members)
+        except Exception:  # one sink's failure (e.g. its front-end went away) must not stop the worker
+            log.exception("delivering %d result(s) failed", len(members))
 
 
 def _succeed(future: asyncio.Future, value: Any) -> None:

@@ -31,11 +31,11 @@ def _model_args(p: argparse.ArgumentParser, *, device: bool = True) -> None:
 
 
 def _load_engine(args: argparse.Namespace, device: str | None = None):
-    from .engine import Engine
+    from .runner import DeviceRunner
     from .model.loader import load_model
 
     loaded = load_model(args.weights, args.cfg)
-    return Engine(
+    return DeviceRunner(
         loaded,
         device=device or getattr(args, "device", "cpu"),
         half=getattr(args, "half", False),

@@ -80,7 +80,7 @@ def print_features(save: Path) -> None:
 
 
 def main() -> int:
-    from .engine import Engine
+    from .runner import DeviceRunner
     from .grpc_server import ServerSettings, ServerThread
     from .model.loader import load_model
 
@@ -89,7 +89,7 @@ def main() -> int:
     clip = make_clip(OUT / f"shapes{suffix}", fourcc)
     save, heatmap = OUT / "features", OUT / f"heatmap{suffix}"
     shutil.rmtree(save, ignore_errors=True)
-    engine = Engine(load_model(), device="auto", imgsz=IMGSZ)
+    engine = DeviceRunner(load_model(), device="auto", imgsz=IMGSZ)
     with ServerThread(engine, ServerSettings(port=0)) as server:
         print(f"== server: built-in {engine.name} (random weights) on {engine.device}, imgsz {IMGSZ}, "
               f"listening on {server.address}\n", flush=True)

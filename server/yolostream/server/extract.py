@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from .engine import Engine, FrameFeatures
+from .runner import DeviceRunner, FrameFeatures
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def write_npz(path: Path, result: FrameFeatures, frame_index: int, model_name: s
 
 
 def run_extract(
-    engine: Engine,
+    engine: DeviceRunner,
     inputs: Sequence[str | Path],
     out_dir: Path,
     layers: Sequence[str],

@@ -1,7 +1,8 @@
-"""Assembling the grpc.aio server: servicer, health, reflection, auth, TLS, message sizes and draining.
+"""One front-end: the grpc.aio server with its servicer, health, reflection, auth, TLS, message sizes and drain.
 
-``FeatureServer`` is what ``yolostream serve`` runs; ``ServerThread`` runs the same server on a private event
-loop in a background thread, for tests, the demo and benchmarks.
+``FeatureServer`` is what each front-end process runs: it knows the model only as a card and computes through its
+link to the device process. ``ServerThread`` runs the very same pieces inside one process (a ``DeviceHost`` on
+threads and one ``FeatureServer`` on a private event loop), for tests, the demo and benchmarks.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import asyncio
 import hmac
 import logging
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -21,52 +21,21 @@ from grpc_reflection.v1alpha import reflection
 from yolostream.v1 import feature_service_pb2 as pb
 from yolostream.v1 import feature_service_pb2_grpc as pb_grpc
 
-from .batcher import BatcherConfig, MicroBatcher
-from .engine import Engine, available_cores
+from .batcher import BatcherConfig
+from .card import ModelCard
 from .frames import FrameLimits
+from .link import DeviceLink, arena_name
 from .metrics import ServerMetrics
 from .pipeline import Pipeline
 from .service import FeatureService, StreamLimits, model_info
+from .settings import ServerSettings
+from .shm import segment_prefix
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeatureService"].full_name
 #: Room left in a reply for everything but the tensor bytes (names, shapes, letterbox, timings).
 REPLY_ENVELOPE_BYTES = 64 * 1024
-
-
-@dataclass
-class ServerSettings:
-    """Every knob of a server; ``yolostream serve`` flags and the YAML file map onto these names."""
-
-    host: str = "127.0.0.1"
-    port: int = 50051
-    max_batch: int | None = None
-    max_delay_ms: float | None = None
-    queue_capacity: int | None = None
-    workers: int | None = None
-    max_in_flight: int = 8
-    max_in_flight_limit: int = 64
-    max_pixels: int = FrameLimits.max_pixels
-    max_frame_bytes: int = FrameLimits.max_frame_bytes
-    max_message_bytes: int = 128 * 1024 * 1024
-    decode_threads: int = 4
-    default_layers: tuple[str, ...] = ("backbone",)
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    token: str | None = None
-    grace_s: float = 30.0
-    metrics_port: int | None = None
-
-    def batcher_config(self, device_type: str) -> BatcherConfig:
-        base = BatcherConfig.for_device(device_type, available_cores())
-        max_batch = self.max_batch or base.max_batch
-        return BatcherConfig(
-            max_batch=max_batch,
-            max_delay_ms=base.max_delay_ms if self.max_delay_ms is None else self.max_delay_ms,
-            queue_capacity=self.queue_capacity or max(base.queue_capacity, 4 * max_batch),
-            workers=self.workers or base.workers,
-        ).validated()
 
 
 HEALTH_PREFIX = f"/{health.SERVICE_NAME}/"
@@ -105,26 +74,33 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         return self._deny_unary
 
 
-@dataclass
 class FeatureServer:
-    """The feature service on one port, with its batcher and decode pool; drains cleanly on stop."""
+    """The feature service of one front-end on its port (and optional Unix socket); drains cleanly on stop.
 
-    engine: Engine
-    settings: ServerSettings = field(default_factory=ServerSettings)
+    Args:
+        settings: the server's settings (address, limits, security, grace).
+        card: the served model, as data.
+        batching: the device's batching settings (reported by GetModelInfo).
+        link: this front-end's link to the device process (started by ``start``).
+        reuse_port: share the port with the other front-ends (SO_REUSEPORT).
+        uds: also listen on this Unix domain socket path.
+        serve_metrics: serve Prometheus metrics on ``settings.metrics_port``.
+    """
 
-    def __post_init__(self) -> None:
-        s = self.settings
-        batching = s.batcher_config(self.engine.device.type)
-        self._threads_before = self.engine.share_cpu(batching.workers)
-        self.engine.warmup(batching.max_batch)
-        self.batcher = MicroBatcher(self.engine, batching)
+    def __init__(self, settings: ServerSettings, card: ModelCard, batching: BatcherConfig, link: DeviceLink, *,
+                 reuse_port: bool = False, uds: str | None = None, serve_metrics: bool = True) -> None:
+        s = self.settings = settings
+        self.card = card
+        self.link = link
+        self.reuse_port = reuse_port
+        self.uds = uds
+        self.serve_metrics = serve_metrics and s.metrics_port is not None
         limits = FrameLimits(max_pixels=s.max_pixels, max_frame_bytes=s.max_frame_bytes)
-        self.pipeline = Pipeline(self.engine, self.batcher, limits, default_layers=tuple(s.default_layers),
-                                 decode_threads=s.decode_threads,
+        self.pipeline = Pipeline(card, link, limits, default_layers=tuple(s.layers), decode_threads=s.decode_threads,
                                  max_reply_bytes=s.max_message_bytes - REPLY_ENVELOPE_BYTES)
         stream_limits = StreamLimits(default_in_flight=s.max_in_flight, max_in_flight=s.max_in_flight_limit)
-        info = model_info(self.pipeline, stream_limits, s.max_message_bytes)
-        self.metrics = ServerMetrics(lambda: self.batcher.queued, {
+        info = model_info(card, batching, stream_limits, limits, s.max_message_bytes)
+        self.metrics = ServerMetrics(lambda: len(link._pending), {
             "model": info.model_name, "source": info.source, "device": info.device, "dtype": info.dtype,
             "random_weights": str(info.random_weights).lower()})
         self.service = FeatureService(self.pipeline, info, stream_limits, self.metrics)
@@ -132,13 +108,28 @@ class FeatureServer:
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _device_lost(self) -> None:
+        """The device process is gone: report NOT_SERVING; calls now end with UNAVAILABLE."""
+        if self._loop is not None:
+            self._loop.create_task(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
 
     async def start(self) -> int:
-        """Bind and start; returns the bound port (useful with port 0). Raises OSError if the port is taken."""
+        """Connect to the device, bind and start; returns the bound port (useful with port 0).
+
+        Health stays NOT_SERVING until the server can answer (the device warmed up before it reported ready), so
+        readiness probes and health-checking clients send nothing earlier. Raises OSError if the port is taken.
+        """
         s = self.settings
+        self._loop = asyncio.get_running_loop()
+        self.link.on_lost = self._device_lost
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.link.start()
+        self.pipeline.start()
         options = [("grpc.max_send_message_length", s.max_message_bytes),
                    ("grpc.max_receive_message_length", s.max_message_bytes),
-                   ("grpc.so_reuseport", 0),
+                   ("grpc.so_reuseport", 1 if self.reuse_port else 0),
                    # Clients ping to notice a vanished server while a camera stream is quiet; grpc's default
                    # allows one ping per 5 minutes without data and then closes the connection ("too many
                    # pings"), killing a stream that merely paused. Accept one per second; floods still strike out.
@@ -158,20 +149,24 @@ class FeatureServer:
                 port = server.add_secure_port(address, creds)
             else:
                 port = server.add_insecure_port(address)
+            if self.uds:
+                uds = f"unix:{self.uds}"
+                if (server.add_secure_port(uds, creds) if s.tls_cert else server.add_insecure_port(uds)) == 0:
+                    raise OSError(f"cannot listen on {uds}")
         except RuntimeError as err:
             raise OSError(f"cannot listen on {address}: {err}") from err
         if port == 0:
             raise OSError(f"cannot listen on {address}: address in use or not available")
         await server.start()
         self.server, self.port = server, port
-        if s.metrics_port is not None:
+        if self.serve_metrics:
             try:
                 self.metrics_port = self.metrics.serve(s.host, s.metrics_port)
             except OSError as err:
                 await server.stop(0)
                 raise OSError(f"cannot serve metrics on {s.host}:{s.metrics_port}: {err}") from err
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s on %s:%d (device %s)", self.engine.name, s.host, port, self.engine.device)
+        log.info("serving %s on %s:%d (device %s)", self.card.name, s.host, port, self.card.device)
         return port
 
     async def _set_health(self, status: int) -> None:
@@ -182,7 +177,7 @@ class FeatureServer:
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: report NOT_SERVING, stop reading frames, answer every accepted frame, then stop."""
-        grace = self.settings.grace_s if grace is None else grace
+        grace = self.settings.grace if grace is None else grace
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.service.drain()
         if self.server is not None:
@@ -196,29 +191,52 @@ class FeatureServer:
                 log.warning("drain: feature calls still running after %.0f s; cancelling them", grace)
             await self.server.stop(min(grace, 1.0))
             await stopping
-        await asyncio.get_running_loop().run_in_executor(None, self.batcher.close, True, grace)
+        self.link.close()
         self.pipeline.close()
         self.metrics.close()
-        self.engine.set_cpu_threads(self._threads_before)
 
 
 class ServerThread:
-    """Run a FeatureServer on its own event loop in a daemon thread (tests, demo, benchmarks).
+    """Run the device host and one front-end inside this process, on threads (tests, demo, benchmarks).
 
-    Use as a context manager; ``address`` is ``host:port`` once entered. Exiting drains and stops the server.
+    The same classes as ``yolostream serve`` (``DeviceHost``, ``DeviceLink`` over a local socket and a shared-memory
+    arena, ``FeatureServer``), only without child processes. Use as a context manager; ``address`` is
+    ``host:port`` once entered. Exiting drains and stops the server.
+
+    Args:
+        runner: a ``DeviceRunner`` (or a stand-in with its ``launch``/``collect``/``card``).
+        settings: server settings (default: port 0).
     """
 
-    def __init__(self, engine: Engine, settings: ServerSettings | None = None) -> None:
-        self.server = FeatureServer(engine, settings or ServerSettings(port=0))
+    def __init__(self, runner: Any, settings: ServerSettings | None = None) -> None:
+        from .device import DeviceHost, batching_for
+        from .lifecycle import available_cores
+
+        self.settings = settings or ServerSettings(port=0)
+        self.runner = runner
+        self.batching = batching_for(self.settings, runner.device.type, available_cores())
+        self.device = DeviceHost(runner, self.batching)
+        link = DeviceLink(self.device.address, self.device.authkey,
+                          arena_name(segment_prefix(), 0, id(self)), self.settings.shm_bytes,
+                          self.batching.queue_capacity)
+        self.server = FeatureServer(self.settings, runner.card(), self.batching, link, uds=self.settings.uds)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="yolostream-server-loop", daemon=True)
+        self._threads_before: int | None = None
         self.port: int | None = None
 
     @property
     def address(self) -> str:
-        return f"{self.server.settings.host}:{self.port}"
+        return f"{self.settings.host}:{self.port}"
+
+    @property
+    def batcher(self):
+        return self.device.batcher
 
     def start(self) -> "ServerThread":
+        self._threads_before = self.runner.share_cpu(self.batching.workers)
+        self.runner.warmup(self.batching.max_batch)
+        self.device.start()
         self._thread.start()
         try:
             self.port = asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result()
@@ -235,6 +253,10 @@ class ServerThread:
                 self.loop.call_soon_threadsafe(self.loop.stop)
                 self._thread.join()
                 self.loop.close()
+                self.device.stop(drain=True, timeout=grace)
+                if self._threads_before is not None:
+                    self.runner.set_cpu_threads(self._threads_before)
+                    self._threads_before = None
 
     def __enter__(self) -> "ServerThread":
         return self.start()

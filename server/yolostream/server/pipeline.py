@@ -1,6 +1,7 @@
-"""One frame's trip through the server, shared by the unary and the streaming RPCs.
+"""One frame's trip through a front-end, shared by the unary and the streaming RPCs.
 
-decode (thread pool) → letterbox to uint8 → micro-batcher → pooled, cast outputs → Tensor messages.
+decode (thread pool for JPEG/PNG) → letterbox to uint8 → device link (shared memory) → pooled, cast outputs →
+Tensor messages.
 Option validation lives here too: a bad option is a ValueError whose text names the problem and the valid
 choices, which the service turns into INVALID_ARGUMENT.
 """
@@ -17,10 +18,11 @@ import numpy as np
 from yolostream.v1 import feature_service_pb2 as pb
 from yolostream.v1 import wire
 
-from .batcher import MicroBatcher, OutputKey, ServerBusy
-from .engine import Engine
+from .card import ModelCard, ResolvedLayer
+from .errors import quote
 from .frames import FrameError, FrameLimits, decode_frame
-from .model.catalogue import ResolvedLayer
+from .link import DeviceFrameError, DeviceLink, FrameTooLarge, OutputKey
+from .preprocess import prepare
 
 _DTYPES = {pb.DTYPE_FLOAT32: "float32", pb.DTYPE_FLOAT16: "float16", pb.DTYPE_BFLOAT16: "bfloat16"}
 _POOLINGS = {pb.POOLING_NONE: "none", pb.POOLING_GLOBAL_AVG: "avg", pb.POOLING_GLOBAL_MAX: "max"}
@@ -53,12 +55,22 @@ def _enum(value: int, table: dict[int, str], enum, field: str, default: int) -> 
 
 
 class Pipeline:
-    """Validates options and runs frames; owns the decode pool, shares the engine and batcher."""
+    """Validates options and runs frames: decodes and letterboxes here, computes through the device link.
+
+    Args:
+        card: the served model.
+        device: this front-end's link to the device process.
+        limits: per-frame size limits.
+        default_layers: what a request that names no layers gets.
+        max_imgsz: largest imgsz a request may ask for.
+        decode_threads: threads decoding JPEG/PNG (OpenCV releases the GIL there).
+        max_reply_bytes: largest reply a frame may produce (the gRPC message limit less an envelope).
+    """
 
     def __init__(
         self,
-        engine: Engine,
-        batcher: MicroBatcher,
+        card: ModelCard,
+        device: DeviceLink,
         limits: FrameLimits,
         *,
         default_layers: tuple[str, ...] = ("backbone",),
@@ -66,45 +78,55 @@ class Pipeline:
         decode_threads: int = 4,
         max_reply_bytes: int = 128 * 1024 * 1024 - 64 * 1024,
     ) -> None:
-        self.engine = engine
+        self.card = card
+        self.device = device
         self.max_reply_bytes = max_reply_bytes
-        self._channels = {row.index: row.out_channels for row in engine.default_catalogue}
-        self.batcher = batcher
         self.limits = limits
         self.default_layers = default_layers
         self.max_imgsz = max_imgsz
-        self.decode_pool = ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="yolostream-decode")
+        self.decode_threads = decode_threads
+        self.decode_pool: ThreadPoolExecutor | None = None
+
+    def start(self) -> None:
+        self.decode_pool = ThreadPoolExecutor(max_workers=self.decode_threads, thread_name_prefix="yolostream-decode")
 
     def close(self) -> None:
-        self.decode_pool.shutdown(wait=True, cancel_futures=True)
+        if self.decode_pool is not None:
+            self.decode_pool.shutdown(wait=True, cancel_futures=True)
 
     def options(self, msg: pb.FeatureOptions) -> FrameOptions:
         """Validate a FeatureOptions message; ValueError names the problem and the valid choices."""
-        layers = tuple(self.engine.resolve(list(msg.layers) or list(self.default_layers)))
+        layers = tuple(self.card.resolve(list(msg.layers) or list(self.default_layers)))
         dtype = _enum(msg.dtype, _DTYPES, pb.Dtype, "dtype", pb.DTYPE_FLOAT32)
         pooling = _POOLINGS[_enum(msg.pooling, _POOLINGS, pb.Pooling, "pooling", pb.POOLING_NONE)]
         policy_enum = _enum(msg.letterbox, _POLICIES, pb.LetterboxPolicy, "letterbox policy",
-                            POLICY_ENUMS[self.engine.letterbox_policy])
-        imgsz = int(msg.imgsz) or self.engine.imgsz
+                            POLICY_ENUMS[self.card.letterbox])
+        imgsz = int(msg.imgsz) or self.card.imgsz
         if not 32 <= imgsz <= self.max_imgsz:
             raise ValueError(f"imgsz {imgsz} is out of range: choose 32..{self.max_imgsz} (or 0 for the server "
-                             f"default {self.engine.imgsz})")
+                             f"default {self.card.imgsz})")
         return FrameOptions(layers, dtype, pooling, _POLICIES[policy_enum], imgsz)
+
+    def output_shapes(self, options: FrameOptions, input_hw: tuple[int, int]) -> list[tuple[int, ...]]:
+        """Shape of each requested output (without the batch dim) for a model input of ``input_hw``."""
+        h, w = input_hw
+        shapes = []
+        for layer in options.layers:
+            channels = self.card.channels(layer.index)
+            if options.pooling != "none":
+                shapes.append((channels,))
+            else:
+                shapes.append((channels, -(-h // layer.stride), -(-w // layer.stride)))
+        return shapes
 
     def reply_bytes(self, options: FrameOptions, input_hw: tuple[int, int]) -> int:
         """Tensor bytes of one frame's reply for a model input of ``input_hw`` (the envelope is a few hundred more)."""
-        h, w = input_hw
         itemsize = wire.ITEMSIZE[options.dtype]
-        total = 0
-        for layer in options.layers:
-            channels = self._channels[layer.index]
-            cells = 1 if options.pooling != "none" else -(-h // layer.stride) * -(-w // layer.stride)
-            total += channels * cells * itemsize
-        return total
+        return sum(int(np.prod(shape)) * itemsize for shape in self.output_shapes(options, input_hw))
 
     def _prepare(self, frame: pb.Frame, options: FrameOptions) -> tuple[np.ndarray, object]:
         image = decode_frame(frame, self.limits)
-        return self.engine.preprocess(image, options.imgsz, options.policy)
+        return prepare(image, options.imgsz, self.card.stride, options.policy)
 
     async def process(self, frame: pb.Frame, options: FrameOptions, into: pb.FrameResult | None = None) -> pb.FrameResult:
         """One frame's FrameResult: OK with tensors, or ERROR with a message. Never raises for bad input.
@@ -114,13 +136,17 @@ class Pipeline:
         """
         result = pb.FrameResult() if into is None else into
         start = time.perf_counter()
-        loop = asyncio.get_running_loop()
         try:
-            image, letterbox = await loop.run_in_executor(self.decode_pool, self._prepare, frame, options)
+            if frame.WhichOneof("data") == "encoded":
+                loop = asyncio.get_running_loop()
+                image, letterbox = await loop.run_in_executor(self.decode_pool, self._prepare, frame, options)
+            else:  # raw pixels need no decoding: a thread hop would cost more than it saves
+                image, letterbox = self._prepare(frame, options)
         except FrameError as err:
             return error_result(frame, str(err), result)
         except Exception as err:  # e.g. an OpenCV assertion on a degenerate frame: that frame fails, nothing else
             return error_result(frame, f"could not preprocess the frame: {type(err).__name__}: {err}", result)
+        shapes = self.output_shapes(options, image.shape[1:])
         reply = self.reply_bytes(options, image.shape[1:])
         if reply > self.max_reply_bytes:
             return error_result(frame, f"the reply would be {reply:,} bytes, over the server's message limit of "
@@ -128,16 +154,19 @@ class Pipeline:
                                        f"or a smaller imgsz", result)
         prepared = time.perf_counter()
         try:
-            out = await self.batcher.submit(image, options.output_keys)
-        except ServerBusy as err:
+            out = await self.device.run(image, options.output_keys, shapes)
+        except FrameTooLarge as err:
             return error_result(frame, str(err), result)
-        except Exception as err:  # a failed batch (e.g. CUDA out of memory) fails its frames, not the server
-            return error_result(frame, f"feature computation failed: {type(err).__name__}: {err}", result)
+        except DeviceFrameError as err:  # a failed batch (e.g. CUDA out of memory) fails its frames, not the server
+            return error_result(frame, f"feature computation failed: {err}", result)
         encode_start = time.perf_counter()
-        _identify(result, frame, pb.FRAME_STATUS_OK)
-        result.letterbox.CopyFrom(wire.letterbox_to_proto(letterbox.as_dict()))
-        for layer, array in zip(options.layers, out.arrays):
-            wire.fill_tensor(result.tensors.add(), layer.name, layer.index, layer.stride, array, options.dtype)
+        try:
+            _identify(result, frame, pb.FRAME_STATUS_OK)
+            result.letterbox.CopyFrom(wire.letterbox_to_proto(letterbox.as_dict()))
+            for layer, array in zip(options.layers, out.arrays):
+                wire.fill_tensor(result.tensors.add(), layer.name, layer.index, layer.stride, array, options.dtype)
+        finally:
+            out.release()
         result.batch_size = out.batch_size
         timings = result.timings
         timings.queued_us = out.queued_us

@@ -21,6 +21,10 @@ import grpc
 from yolostream.v1 import feature_service_pb2 as pb
 from yolostream.v1 import feature_service_pb2_grpc as pb_grpc
 
+from .batcher import BatcherConfig
+from .card import ModelCard
+from .frames import FrameLimits
+from .link import DeviceUnavailable
 from .metrics import ServerMetrics
 from .pipeline import POLICY_ENUMS, FrameOptions, Pipeline, dropped_result, error_result
 
@@ -195,6 +199,10 @@ class StreamSession:
             await self.pipeline.process(frame, self.options, response.result)
         except asyncio.CancelledError:
             raise
+        except DeviceUnavailable as err:  # the whole stream ends with UNAVAILABLE (the writer re-raises this)
+            if not entry.result.done():
+                entry.result.set_exception(err)
+            return
         except Exception as err:  # defensive: one frame's bug must not take down its stream
             log.exception("frame %d failed", frame.frame_id)
             error_result(frame, f"internal error: {type(err).__name__}: {err}", response.result)
@@ -271,11 +279,17 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
         self._count_stream(+1)
         self._call(+1)
         self._sessions.add(session)
+        responses = session.run(requests)
         try:
             try:
-                async for response in session.run(requests):
+                async for response in responses:
                     yield response
+            except DeviceUnavailable as err:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"{err}: the server cannot compute features now")
             finally:
+                # Close the session now, not when the event loop gets round to finalising it: a stream that has
+                # ended (the client went away mid-yield) must hold nothing at the device once it is counted out.
+                await responses.aclose()
                 self._sessions.discard(session)
             if session.error:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, session.error)
@@ -304,6 +318,8 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
         self._call(+1)
         try:
             result = await self.pipeline.process(request.frame, options)
+        except DeviceUnavailable as err:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{err}: the server cannot compute features now")
         finally:
             self._call(-1)
         if self.metrics:
@@ -314,28 +330,28 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
         return self.model_info
 
 
-def model_info(pipeline: Pipeline, stream_limits: StreamLimits, max_message_bytes: int) -> pb.ModelInfo:
-    """Everything a client needs to choose layers and size its buffers, built once at start-up."""
-    engine, batching = pipeline.engine, pipeline.batcher.config
+def model_info(card: ModelCard, batching: BatcherConfig, stream_limits: StreamLimits, limits: FrameLimits,
+               max_message_bytes: int) -> pb.ModelInfo:
+    """Everything a client needs to choose layers and size its buffers, built once at start-up from the card."""
     layers = [
         pb.LayerInfo(index=row.index, type=row.type, inputs=list(row.source), params=row.params,
                      role=ROLE_ENUMS[row.role], out_channels=row.out_channels, stride=row.stride,
                      output_shape=list(row.shape), aliases=list(row.aliases))
-        for row in engine.default_catalogue
+        for row in card.catalogue
     ]
     return pb.ModelInfo(
-        model_name=engine.name,
-        source=engine.loaded.source,
-        random_weights=engine.random_weights,
-        device=str(engine.device),
-        dtype=str(engine.dtype).removeprefix("torch."),
-        default_letterbox=POLICY_ENUMS[engine.letterbox_policy],
-        default_imgsz=engine.imgsz,
-        stride=engine.stride,
+        model_name=card.name,
+        source=card.source,
+        random_weights=card.random_weights,
+        device=card.device,
+        dtype=card.dtype,
+        default_letterbox=POLICY_ENUMS[card.letterbox],
+        default_imgsz=card.imgsz,
+        stride=card.stride,
         layers=layers,
         batching=pb.BatchingInfo(max_batch=batching.max_batch, max_delay_ms=batching.max_delay_ms,
                                  max_in_flight=stream_limits.default_in_flight,
                                  queue_capacity=batching.queue_capacity, workers=batching.workers),
-        limits=pb.Limits(max_pixels=pipeline.limits.max_pixels, max_frame_bytes=pipeline.limits.max_frame_bytes,
+        limits=pb.Limits(max_pixels=limits.max_pixels, max_frame_bytes=limits.max_frame_bytes,
                          max_message_bytes=max_message_bytes),
     )

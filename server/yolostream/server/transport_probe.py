@@ -11,15 +11,15 @@ from typing import Sequence
 
 import numpy as np
 
-from .engine import Engine, OutputKey, PendingBatch
+from .runner import DeviceRunner, OutputKey, PendingBatch
 
 _NUMPY = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 
 
 class ModelBypass:
-    """Looks like an Engine to the batcher and pipeline; ``launch`` allocates zeros instead of computing."""
+    """Looks like an DeviceRunner to the batcher and pipeline; ``launch`` allocates zeros instead of computing."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: DeviceRunner) -> None:
         self._engine = engine
         self._channels = {row.index: (row.out_channels, row.stride) for row in engine.default_catalogue}
 

@@ -8,52 +8,14 @@ same thing for yolov5n, a P6 model or a legacy v5.0 file (see DESIGN.md §Naming
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import torch
 from torch import nn
 
+from ..card import LayerInfo, ResolvedLayer, alias_table, resolve_layers
 from .plan import layer_inputs, make_plan, run_plan
 
-ROLES = ("backbone", "neck", "detect")
-
-
-@dataclass(frozen=True)
-class LayerInfo:
-    """One row of the catalogue: what a client needs to ask for a layer and interpret its tensor."""
-
-    index: int
-    type: str
-    source: tuple[int, ...]
-    params: int
-    role: str
-    out_channels: int
-    stride: int
-    shape: tuple[int, ...]
-    aliases: tuple[str, ...] = field(default=())
-
-    def as_dict(self) -> dict:
-        return {
-            "index": self.index,
-            "type": self.type,
-            "from": list(self.source),
-            "params": self.params,
-            "role": self.role,
-            "out_channels": self.out_channels,
-            "stride": self.stride,
-            "shape": list(self.shape),
-            "aliases": list(self.aliases),
-        }
-
-
-@dataclass(frozen=True)
-class ResolvedLayer:
-    """A requested name bound to its layer: tensors go back under the name the client used."""
-
-    name: str
-    index: int
-    stride: int
+__all__ = ["LayerInfo", "ResolvedLayer", "alias_table", "build_catalogue", "resolve_layers"]
 
 
 def _short_type(module: nn.Module) -> str:
@@ -118,57 +80,3 @@ def _aliases(layers: nn.Sequential, backbone_end: int, strides: dict[int, int]) 
             level = int(round(math.log2(strides[j])))
             names.setdefault(j, []).append(f"P{level}")
     return names
-
-
-def alias_table(catalogue: Sequence[LayerInfo]) -> dict[str, int]:
-    """Map every alias (``backbone``, ``C4``, ``P3`` …) to its layer index."""
-    return {alias: row.index for row in catalogue for alias in row.aliases}
-
-
-def resolve_layers(catalogue: Sequence[LayerInfo], requested: Iterable[str | int]) -> list[ResolvedLayer]:
-    """Bind requested names to layers; ``all`` expands to every layer except Detect, keyed by index.
-
-    Unknown names raise ValueError that lists the valid choices, because a typo in a stream config must end that
-    stream with a message the user can act on.
-    """
-    by_alias = {k.lower(): v for k, v in alias_table(catalogue).items()}
-    by_index = {row.index: row for row in catalogue}
-    features = [row for row in catalogue if row.role != "detect"]
-    resolved: list[ResolvedLayer] = []
-    seen: set[str] = set()
-    items = list(requested)
-    if not items:
-        raise ValueError("no layers requested: " + _choices(catalogue))
-    for item in items:
-        text = str(item).strip()
-        if text.lower() == "all":
-            group = [ResolvedLayer(str(r.index), r.index, r.stride) for r in features]
-        else:
-            index = _parse_index(text, by_alias, len(catalogue))
-            if index is None:
-                raise ValueError(f"unknown layer {text!r}: " + _choices(catalogue))
-            row = by_index[index]
-            if row.role == "detect":
-                raise ValueError(f"layer {index} is the Detect head, not a feature layer: " + _choices(catalogue))
-            group = [ResolvedLayer(text, index, row.stride)]
-        for layer in group:
-            if layer.name not in seen:
-                seen.add(layer.name)
-                resolved.append(layer)
-    return resolved
-
-
-def _parse_index(text: str, by_alias: dict[str, int], count: int) -> int | None:
-    if text.lower() in by_alias:
-        return by_alias[text.lower()]
-    try:
-        index = int(text)
-    except ValueError:
-        return None
-    return index if 0 <= index < count else None
-
-
-def _choices(catalogue: Sequence[LayerInfo]) -> str:
-    features = [row.index for row in catalogue if row.role != "detect"]
-    names = sorted(alias_table(catalogue), key=lambda a: (a != "backbone", a))
-    return f"valid layers are indices {features[0]}..{features[-1]}, 'all', or names {', '.join(names)}"

@@ -1,4 +1,7 @@
-"""The device side: owns the model on CUDA or CPU, its dtype and fusion, and runs truncated forwards on batches.
+"""The device runner: owns the model on CUDA or CPU, its dtype and fusion, and runs truncated forwards on batches.
+
+It is what the micro-batcher drives (``launch``/``collect``) and lives in the device process only; everything
+else about the model that is plain data (name, stride, catalogue, name resolution) is its ``card()``.
 
 Frames arrive letterboxed as uint8 (4× fewer bytes to move than float); normalisation to [0, 1] happens on the
 device, in the model's dtype, exactly as upstream does it (``.float()`` or ``.half()``, then ``/ 255``).
@@ -18,7 +21,9 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from .model.catalogue import LayerInfo, ResolvedLayer, build_catalogue, resolve_layers
+from .card import LayerInfo, ModelCard, ResolvedLayer
+from .lifecycle import available_cores
+from .model.catalogue import build_catalogue
 from .model.loader import LoadedModel
 from .model.modules import fuse_model
 from .model.plan import ForwardPlan, make_plan, run_plan
@@ -99,14 +104,6 @@ def _to_host(t: torch.Tensor) -> np.ndarray:
     return t.cpu().numpy()
 
 
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity, not the machine's total)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` picks CUDA when present, else CPU; asking for CUDA without one is an error, not a silent fallback."""
     name = (device or "auto").lower()
@@ -127,8 +124,18 @@ class FrameFeatures:
     letterbox: Letterbox
 
 
-class Engine:
-    """A model resident on one device, ready to run truncated forwards on batches of frames."""
+class DeviceRunner:
+    """A model resident on one device, ready to run truncated forwards on batches of frames.
+
+    Args:
+        loaded: the model and where it came from (``model.loader.load_model``).
+        device: ``auto``, ``cpu`` or ``cuda[:N]``.
+        half: float16 weights and activations (CUDA only).
+        channels_last: NHWC memory format (default: on CUDA).
+        fuse: fold BatchNorm into the convolutions.
+        imgsz: default input size; letterbox: default letterbox policy.
+        staged: use the pinned-staging, own-stream path (default: on CUDA).
+    """
 
     def __init__(
         self,
@@ -179,7 +186,10 @@ class Engine:
             # ordered after them, so finish them before anything is launched there.
             torch.cuda.synchronize(self.device)
         self._catalogues: dict[tuple[int, int], list[LayerInfo]] = {}
-        self.default_catalogue = self.catalogue()
+        self._card = ModelCard(
+            name=loaded.name, source=loaded.source, random_weights=loaded.random_weights, device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."), stride=self.stride, imgsz=self.imgsz,
+            letterbox=letterbox, catalogue=tuple(self.catalogue()))
 
     @property
     def name(self) -> str:
@@ -199,9 +209,17 @@ class Engine:
             self._catalogues[hw] = build_catalogue(self.model, hw)
         return self._catalogues[hw]
 
+    def card(self) -> ModelCard:
+        """The model as torch-free data, for front-ends, ModelInfo and the CLI."""
+        return self._card
+
+    @property
+    def default_catalogue(self) -> tuple[LayerInfo, ...]:
+        return self._card.catalogue
+
     def resolve(self, names: Iterable[str | int]) -> list[ResolvedLayer]:
         """Requested names → layers, raising ValueError that lists the valid names."""
-        return resolve_layers(self.default_catalogue, names)
+        return self._card.resolve(names)
 
     def plan(self, indices: Iterable[int]) -> ForwardPlan:
         key = tuple(sorted(set(indices)))
@@ -374,7 +392,7 @@ class Engine:
         shapes = {self.input_hw(imgsz)}
         for h, w in frame_sizes:
             shapes.add(self.preprocess(np.zeros((h, w, 3), np.uint8), imgsz)[0].shape[1:])
-        deepest = max(r.index for r in self.default_catalogue if r.role != "detect")
+        deepest = self._card.deepest_feature
         for hw in sorted(shapes):
             for size in self.buckets:
                 images = [np.zeros((3, *hw), np.uint8)] * size

@@ -1,0 +1,284 @@
+"""The front-end's side of the device link: frames go to the device process through shared memory.
+
+A front-end owns one shared-memory arena (``shm.SharedArena``). For each frame it takes a slot for the
+letterboxed uint8 input and one for the features, writes the input, and sends the device a small control message
+(slot offsets, shape, requested outputs) over a ``multiprocessing.connection`` socket. The device answers once per
+batch with the timings of every frame of this front-end in it, after writing the features into their slots. Only
+offsets and a few numbers are pickled, never arrays. See BENCHMARKS.md for why this channel and not pyzmq.
+
+Slots are freed only when the device has answered for them (a cancelled frame is first withdrawn from the device
+queue, or finished), so the device never writes into memory the front-end has handed to another frame. The number
+of frames a front-end has at the device is bounded by ``capacity`` and by the arena itself; a frame that could
+never fit is refused at once with a per-frame error.
+
+Torch-free: this module runs in front-end processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass
+from multiprocessing.connection import Client, Connection
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .shm import ArenaFull, SharedArena, SlotAllocator
+
+log = logging.getLogger(__name__)
+
+# Control messages, front-end → device.
+HELLO = "hello"  # (HELLO, arena name)
+RUN = "run"  # (RUN, rid, in_offset, in_shape, out_offset, out_bytes, keys)
+CANCEL = "cancel"  # (CANCEL, rid)
+# Device → front-end.
+WELCOME = "welcome"  # (WELCOME,)
+RESULTS = "results"  # (RESULTS, [(rid, batch_size, queued_us, compute_us, fetch_us)], [(rid, message or None)])
+
+#: A requested output: (layer index, pooling, dtype name).
+OutputKey = tuple[int, str, str]
+
+#: Seconds a cancelled frame waits for the device to withdraw or finish it.
+CANCEL_WAIT_S = 30.0
+
+NUMPY_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": np.dtype(np.uint16)}
+
+
+class DeviceUnavailable(ConnectionError):
+    """The device process is gone (or the link is closing): the server cannot compute features any more."""
+
+
+class DeviceFrameError(RuntimeError):
+    """The device could not compute this frame (its batch failed); the frame fails, the stream goes on."""
+
+
+class FrameTooLarge(ValueError):
+    """This frame's input plus features exceed the front-end's whole shared-memory arena."""
+
+
+@dataclass
+class Computed:
+    """A frame's features as views of the arena; ``release`` frees them (call it once the reply is built)."""
+
+    arrays: list[np.ndarray]
+    batch_size: int
+    queued_us: int
+    compute_us: int
+    fetch_us: int
+    release: Callable[[], None]
+
+
+@dataclass(eq=False)
+class _Pending:
+    future: asyncio.Future
+    in_offset: int
+    out_offset: int
+    out_shapes: Sequence[tuple[tuple[int, ...], np.dtype]]
+
+
+class DeviceLink:
+    """One front-end's connection to the device process. Construct, then ``await start()`` on the serving loop.
+
+    Args:
+        address: the device process's listener (``multiprocessing.connection`` address).
+        authkey: its shared secret.
+        arena_name: name of this front-end's shared-memory segment (under the server's prefix).
+        arena_bytes: its size.
+        capacity: frames this front-end may have at the device at once.
+        on_lost: called once, on the loop, when the device goes away.
+    """
+
+    def __init__(self, address: Any, authkey: bytes, arena_name: str, arena_bytes: int, capacity: int,
+                 on_lost: Callable[[], None] = lambda: None) -> None:
+        self.address = address
+        self.authkey = authkey
+        self.arena_name = arena_name
+        self.arena_bytes = arena_bytes
+        self.capacity = capacity
+        self.on_lost = on_lost
+        self.arena: SharedArena | None = None
+        self.slots = SlotAllocator(arena_bytes)
+        self._conn: Connection | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: dict[int, _Pending] = {}
+        self._next_rid = 0
+        self._credit: asyncio.Semaphore | None = None
+        self._space: asyncio.Condition | None = None
+        self.lost = False
+
+    async def start(self) -> None:
+        """Create and share the arena, connect to the device, and start reading its answers."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._credit = asyncio.Semaphore(self.capacity)
+        self._space = asyncio.Condition()
+        self.arena = SharedArena.create(self.arena_name, self.arena_bytes)
+        try:
+            conn = await loop.run_in_executor(None, self._connect)
+        finally:
+            # The device has mapped it (or failed to): the name is no longer needed and must not outlive us.
+            self.arena.unlink()
+        self._conn = conn
+        loop.add_reader(conn.fileno(), self._on_readable)
+
+    def _connect(self) -> Connection:
+        conn = Client(self.address, authkey=self.authkey)
+        conn.send((HELLO, self.arena_name))
+        reply = conn.recv()
+        if reply != (WELCOME,):
+            conn.close()
+            raise DeviceUnavailable(f"the device refused this front-end: {reply!r}"[:200])
+        return conn
+
+    def close(self) -> None:
+        """Stop reading and fail whatever is still waiting (the device ends our frames when the socket closes)."""
+        if self._conn is not None and self._loop is not None:
+            try:
+                self._loop.remove_reader(self._conn.fileno())
+            except (ValueError, OSError):
+                pass
+            self._conn.close()
+            self._conn = None
+        self._fail_all(DeviceUnavailable("front-end is shutting down"))
+
+    async def run(self, image: np.ndarray, keys: Sequence[OutputKey],
+                  out_shapes: Sequence[tuple[int, ...]]) -> Computed:
+        """Compute one frame's outputs; ``out_shapes`` are the shapes of the requested outputs, in ``keys`` order."""
+        if self.lost or self._conn is None:
+            raise DeviceUnavailable("the device process is not available")
+        layout = [(tuple(shape), NUMPY_DTYPES[key[2]]) for shape, key in zip(out_shapes, keys)]
+        out_bytes = sum(int(np.prod(shape)) * dtype.itemsize for shape, dtype in layout)
+        if not self.slots.fits(image.nbytes) or not self.slots.fits(out_bytes) or \
+                not self.slots.fits(image.nbytes + out_bytes):
+            raise FrameTooLarge(f"the frame needs {image.nbytes + out_bytes:,} bytes of shared memory (input "
+                                f"{image.nbytes:,}, features {out_bytes:,}), over this server's {self.arena_bytes:,} "
+                                f"per front-end (--shm-mb): ask for fewer layers, pooling or a smaller imgsz")
+        await self._credit.acquire()
+        try:
+            in_offset, out_offset = await self._allocate(image.nbytes, out_bytes)
+        except BaseException:
+            self._credit.release()
+            raise
+        self.arena.view(in_offset, image.shape)[...] = image
+        rid = self._next_rid
+        self._next_rid += 1
+        pending = _Pending(self._loop.create_future(), in_offset, out_offset, layout)
+        pending.future.add_done_callback(_retrieve)
+        self._pending[rid] = pending
+        try:
+            self._conn.send((RUN, rid, in_offset, image.shape, out_offset, out_bytes, tuple(keys)))
+        except (OSError, ValueError, AttributeError) as err:
+            self._lost(err)
+        try:
+            return await asyncio.shield(pending.future)
+        except asyncio.CancelledError:
+            if not pending.future.done() and self._conn is not None:
+                try:
+                    self._conn.send((CANCEL, rid))
+                except (OSError, ValueError):
+                    pass
+                # Until the device answers, this frame is still queued or running there: wait (bounded) so that a
+                # stream that has ended holds nothing at the device.
+                await asyncio.wait([pending.future], timeout=CANCEL_WAIT_S)
+            if pending.future.done() and not pending.future.cancelled():
+                if pending.future.exception() is None:
+                    pending.future.result().release()
+            raise
+
+    async def _allocate(self, in_bytes: int, out_bytes: int) -> tuple[int, int]:
+        async with self._space:
+            while True:
+                if self.lost:
+                    raise DeviceUnavailable("the device process is not available")
+                try:
+                    in_offset = self.slots.alloc(in_bytes)
+                except ArenaFull:
+                    await self._space.wait()
+                    continue
+                try:
+                    return in_offset, self.slots.alloc(out_bytes)
+                except ArenaFull:
+                    self.slots.free(in_offset)
+                    await self._space.wait()
+
+    def _free(self, *offsets: int) -> None:
+        for offset in offsets:
+            self.slots.free(offset)
+        self._loop.create_task(self._notify_space())
+
+    async def _notify_space(self) -> None:
+        async with self._space:
+            self._space.notify_all()
+
+    def _on_readable(self) -> None:
+        try:
+            while self._conn is not None and self._conn.poll():
+                self._handle(self._conn.recv())
+        except (EOFError, OSError) as err:
+            self._lost(err)
+
+    def _handle(self, message: tuple) -> None:
+        _, done, failed = message
+        for rid, batch_size, queued_us, compute_us, fetch_us in done:
+            pending = self._pending.pop(rid)
+            self._credit.release()
+            self.slots.free(pending.in_offset)
+            arrays, offset = [], pending.out_offset
+            for shape, dtype in pending.out_shapes:
+                array = self.arena.view(offset, shape, dtype)
+                arrays.append(array)
+                offset += array.nbytes
+            released = [False]
+
+            def release(out_offset: int = pending.out_offset, flag: list = released) -> None:
+                if not flag[0]:
+                    flag[0] = True
+                    self._free(out_offset)
+
+            if pending.future.cancelled():
+                release()
+            else:
+                pending.future.set_result(Computed(arrays, batch_size, queued_us, compute_us, fetch_us, release))
+        for rid, message_text in failed:
+            pending = self._pending.pop(rid)
+            self._credit.release()
+            self._free(pending.in_offset, pending.out_offset)
+            if not pending.future.done():
+                pending.future.set_exception(DeviceFrameError(message_text or "withdrawn"))
+        if done:
+            self._loop.create_task(self._notify_space())
+
+    def _lost(self, err: BaseException) -> None:
+        if self.lost:
+            return
+        self.lost = True
+        log.error("lost the device process (%s); failing %d frame(s) in flight", type(err).__name__,
+                  len(self._pending))
+        if self._conn is not None:
+            try:
+                self._loop.remove_reader(self._conn.fileno())
+            except (ValueError, OSError):
+                pass
+        self._fail_all(DeviceUnavailable("the device process went away"))
+        self.on_lost()
+
+    def _fail_all(self, err: BaseException) -> None:
+        pending, self._pending = self._pending, {}
+        for entry in pending.values():
+            if not entry.future.done():
+                entry.future.set_exception(err)
+        if self._space is not None and self._loop is not None and not self._loop.is_closed():
+            self._loop.create_task(self._notify_space())
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    """Mark a failure as seen: the frame's own caller may have gone (its stream ended) before it came."""
+    if not future.cancelled():
+        future.exception()
+
+
+def arena_name(prefix: str, frontend: int, generation: int) -> str:
+    """The shared-memory name of front-end ``frontend``'s arena (a replaced front-end gets a new generation)."""
+    return f"{prefix}fe{frontend}-{generation}-{os.getpid()}"
