@@ -223,6 +223,7 @@ class Window:
     client_cpu_s: float | None = None
     machine_busy_s: float | None = None
     timings_us: dict[str, float] = field(default_factory=dict)
+    cpu_by_role_s: dict[str, float] = field(default_factory=dict)
 
     @property
     def fps(self) -> float:
@@ -230,8 +231,12 @@ class Window:
 
 
 def run_clients(worker: Callable, specs: Sequence[Any], *, warm_s: float, duration_s: float,
-                cpu_seconds: Callable[[], float] | None = None, ready_timeout: float = 120.0) -> Window:
-    """Start one spawned process per spec, start them together, and sum up their measuring window."""
+                cpu_seconds: Callable[[], float] | None = None, ready_timeout: float = 120.0,
+                cpu_by_role: Callable[[], dict[str, float]] | None = None) -> Window:
+    """Start one spawned process per spec, start them together, and sum up their measuring window.
+
+    ``cpu_seconds`` (and ``cpu_by_role``, per server process role) are sampled at the window's edges.
+    """
     ctx = mp.get_context("spawn")
     ready, results, go, start = ctx.Queue(), ctx.Queue(), ctx.Event(), ctx.Value("d", 0.0)
     procs = [ctx.Process(target=_client_main, args=(worker, spec, ready, go, start, results, k), daemon=True)
@@ -247,8 +252,10 @@ def run_clients(worker: Callable, specs: Sequence[Any], *, warm_s: float, durati
         clients = [psutil.Process(p.pid) for p in procs]
         _sleep_until(window_start)
         first = _cpu_sample(cpu_seconds, clients)
+        roles_first = cpu_by_role() if cpu_by_role else {}
         _sleep_until(window_end)
         last = _cpu_sample(cpu_seconds, clients)
+        roles_last = cpu_by_role() if cpu_by_role else {}
         outputs = _collect(results, procs, timeout=warm_s + duration_s + 600)
     finally:
         go.set()
@@ -261,6 +268,7 @@ def run_clients(worker: Callable, specs: Sequence[Any], *, warm_s: float, durati
                        (first[0], last[0]) if cpu_seconds is not None else (None, None))
     window.client_cpu_s = last[1] - first[1]
     window.machine_busy_s = last[2] - first[2]
+    window.cpu_by_role_s = {role: roles_last[role] - roles_first[role] for role in roles_last}
     return window
 
 

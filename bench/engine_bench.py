@@ -79,7 +79,8 @@ class SeedModel:
             return {i: t.cpu().numpy() for i, t in self.captured.items()}
 
 
-def _modes(engine: DeviceRunner, seed: SeedModel | None, chw: np.ndarray, case: EngineCase) -> list[tuple[dict, Callable]]:
+def _modes(engine: DeviceRunner, seed: SeedModel | None, frame: np.ndarray,
+           case: EngineCase) -> list[tuple[dict, Callable]]:
     """(row fields, timed callable) for every row of this case."""
     sync = _sync(engine.device)
     precision = "fp16+channels_last" if engine.dtype == torch.float16 else "fp32"
@@ -87,7 +88,7 @@ def _modes(engine: DeviceRunner, seed: SeedModel | None, chw: np.ndarray, case: 
     server_way = f"server: fused {precision}, {path}"
     modes = []
     for batch in case.batches:
-        images = [chw] * batch
+        images = [frame] * batch
         for layers, names in LAYER_SETS.items():
             keys = [(r.index, "none", case.out_dtype) for r in engine.resolve(names)]
 
@@ -99,12 +100,13 @@ def _modes(engine: DeviceRunner, seed: SeedModel | None, chw: np.ndarray, case: 
         if case.full:
             def run_full(images=images):
                 with torch.inference_mode():
-                    engine.model(engine.to_input(np.stack(images)))
+                    engine.model(engine.frames_to_input(torch.from_numpy(np.stack(images)).to(engine.device)))
                 sync()
 
             modes.append(({"way": server_way, "layers": "full (Detect)", "batch": batch, "out_dtype": None},
                           run_full))
     if seed is not None:
+        chw = np.ascontiguousarray(frame.transpose(2, 0, 1)[::-1])  # the seed feeds upstream's layout
         for layers, names in LAYER_SETS.items():
             indices = [r.index for r in engine.resolve(names)]
 
@@ -136,12 +138,12 @@ def run_engine_case(case: EngineCase, progress: Callable[[str], None] = lambda s
     """All rows of one model: server way at every batch size and layer set, plus the seed approach."""
     loaded = load_model(cfg=case.cfg)
     engine = DeviceRunner(loaded, device=case.device, half=case.half, imgsz=case.imgsz)
-    chw, _ = engine.preprocess(synthetic_frame())
+    frame, _ = engine.preprocess(synthetic_frame())
     if engine.staged:
         engine.warmup(max(case.batches), imgsz=case.imgsz)
     hooked = [r.index for names in LAYER_SETS.values() for r in engine.resolve(names)]
     seed = SeedModel(case.cfg, engine.device, hooked) if case.seed else None
-    modes = _modes(engine, seed, chw, case)
+    modes = _modes(engine, seed, frame, case)
     progress(f"engine {engine.name}@{case.imgsz} on {engine.device}: {len(modes)} modes × "
              f"{case.warmup}+{case.repeats} rounds")
     own, machine = psutil.Process(), psutil.cpu_times()
@@ -155,7 +157,7 @@ def run_engine_case(case: EngineCase, progress: Callable[[str], None] = lambda s
     rows = []
     for (fields, _), runs in zip(modes, times):
         ms = median(runs)
-        rows.append({"model": engine.name, "imgsz": case.imgsz, "input": f"{chw.shape[1]}x{chw.shape[2]}",
+        rows.append({"model": engine.name, "imgsz": case.imgsz, "input": f"{frame.shape[0]}x{frame.shape[1]}",
                      "device": str(engine.device), **fields, "ms_batch": ms, "ms_frame": ms / fields["batch"],
                      "fps": 1000.0 * fields["batch"] / ms, "min_ms": min(runs), "runs_ms": runs,
                      "random_weights": engine.random_weights, **load})

@@ -109,10 +109,13 @@ CAMERA_COLUMNS = [
 ]
 
 TRANSPORT_COLUMNS = [
-    ("reply", "what", 0), ("reply bytes", "reply_bytes", 0), ("in flight", "in_flight", 0),
+    ("reply", "what", 0), ("reply bytes", "reply_bytes", 0), ("front-ends", "frontends", 0),
+    ("in flight", "in_flight", 0),
     ("service msgs/s", "grpc_msgs_s", 0), ("service MB/s", "grpc_mb_s", 0), ("plain gRPC MB/s", "echo_mb_s", 0),
     ("socket MB/s", "socket_mb_s", 0), ("service / socket", "ratio", 2), ("plain gRPC / socket", "echo_ratio", 2),
-    ("service server CPU-ms/msg", "server_cpu_ms_per_msg", 2), ("plain gRPC server CPU-ms/msg", "echo_server_cpu_ms_per_msg", 2),
+    ("service server CPU-ms/msg", "server_cpu_ms_per_msg", 3), ("of it front-ends", "frontend_cpu_ms_per_msg", 3),
+    ("of it device", "device_cpu_ms_per_msg", 3), ("plain gRPC server CPU-ms/msg", "echo_server_cpu_ms_per_msg", 3),
+    ("service / plain gRPC CPU", "cpu_vs_plain_grpc", 2), ("front-end / plain gRPC CPU", "frontend_vs_plain_grpc", 2),
     ("other load (cores)", "other_cpu_cores", 2),
 ]
 

@@ -31,11 +31,14 @@ from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from server_proc import ServeProcess, ensure_importable  # noqa: E402
+from server_proc import REPO, ensure_importable  # noqa: E402
 
 ensure_importable()
+# The one ``yolostream serve`` launcher (start-up line, stderr kept) lives with the tests that share it.
+sys.path.insert(0, str(REPO / "tests"))
 
 import numpy as np  # noqa: E402
+from conftest import ServeProcess  # noqa: E402
 
 from yolostream.client import FeatureClient  # noqa: E402
 from yolostream.client.api import DEFAULT_SETTLE_S  # noqa: E402

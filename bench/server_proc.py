@@ -4,8 +4,7 @@ Run as a script it is ``yolostream serve``'s supervisor (device process, with ``
 model under ``--bypass``, and ``--frontends`` front-end processes) on 127.0.0.1, port 0. It prints one JSON line
 ``{"port": …, "pid": …, "pids": {…}, "device": …}`` on stdout and serves until SIGTERM; then it drains and exits.
 ``ServerProcess`` starts and stops one from the bench driver and reads the CPU time of the whole process tree,
-split by role; ``ServeProcess`` runs the real ``yolostream serve`` command instead (the scale-out benchmark and
-the tests). The driver side imports neither torch nor the server package.
+split by role. The driver side imports neither torch nor the server package.
 """
 
 from __future__ import annotations
@@ -13,13 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
-import re
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -102,68 +97,6 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-START_TIMEOUT = 60.0
-SERVING = re.compile(r"^yolostream serving (\S+) on (\S+):(\d+) \((.*)\)$")
-
-
-def serve_env() -> dict[str, str]:
-    """The environment of a server subprocess: the checkout importable, no token inherited from the caller."""
-    paths = [str(REPO / d) for d in ("protos", "server", "client")]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in [env.get("PYTHONPATH")] if p])
-    env.pop("YOLOSTREAM_TOKEN", None)
-    return env
-
-
-def serve_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "yolostream.server.cli", "serve", *args]
-
-
-class ServeProcess:
-    """A ``yolostream serve`` subprocess (the real command, flags and signals included): stdout read line by line
-    on a thread, stderr to a file. Unlike ServerProcess it runs exactly what a user runs."""
-
-    def __init__(self, tmp_path: Path, *args: str) -> None:
-        """Start ``yolostream serve ARGS`` with ``tmp_path`` as its working folder, where its stderr is kept."""
-        self.stderr_path = tmp_path / f"serve-{os.getpid()}-{id(self)}.stderr"
-        self._stderr = self.stderr_path.open("w")
-        self.proc = subprocess.Popen(serve_cmd(*args), stdout=subprocess.PIPE, stderr=self._stderr, text=True,
-                                     env=serve_env(), cwd=tmp_path)
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-        self.model = self.address = self.details = ""
-
-    def _pump(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)
-
-    def wait_serving(self, timeout: float = START_TIMEOUT) -> str:
-        """Block until the start-up line, at most ``timeout`` s; returns ``host:port``."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(f"no 'serving' line within {timeout:g} s; stderr:\n{self.stderr()}")
-            if line is None:
-                raise AssertionError(f"server exited with {self.proc.wait()} before serving; stderr:\n{self.stderr()}")
-            match = SERVING.match(line)
-            if match:
-                self.model, host, port, self.details = match.groups()
-                self.address = f"{host}:{port}"
-                return self.address
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=30)
-        self._stderr.close()
 
 
 def _read_line(proc: subprocess.Popen, timeout: float) -> str:

@@ -230,41 +230,66 @@ def _client_cpu_ms(window: Any) -> float | None:
 
 
 def run_transport(cases: Sequence[TransportCase], *, in_flight: Sequence[int] = (8,), warm_s: float = 0.5,
-                  duration_s: float = 3.0, progress: Callable[[str], None] = lambda s: None) -> list[dict]:
-    """One row per (case, in-flight depth): our service (model bypassed), plain gRPC and a raw socket, same bytes."""
+                  duration_s: float = 3.0, frontends: Sequence[int] = (1, 2),
+                  progress: Callable[[str], None] = lambda s: None) -> list[dict]:
+    """One row per (case, front-ends, in-flight depth): our service (model bypassed) with that many front-end
+    processes and as many client streams, plain gRPC and a raw socket moving the same bytes.
+
+    Server CPU is the whole process tree (supervisor, device, front-ends), also given per role; the plain gRPC
+    and socket references are one process each.
+    """
     rows = []
     for case in cases:
         strip = FramePayload("raw", bytes(case.imgsz * 3), 1, case.imgsz)
-        with ServerProcess(server_args(case.cfg, case.imgsz, device="cpu", bypass=True)) as server:
-            for depth in in_flight:
-                spec = StreamSpec(server.address, strip, case.layers, case.dtype, depth, 0.0, warm_s, duration_s,
-                                  imgsz=case.imgsz, square=True)
-                grpc_window = run_clients(grpc_worker, [spec], warm_s=warm_s, duration_s=duration_s,
-                                          cpu_seconds=server.cpu_seconds)
-                request_bytes = frame_message(strip, 0, 0).ByteSize()
-                reply_bytes = grpc_window.reply_bytes
-                echo = run_pair(echo_server, echo_worker, request_bytes, reply_bytes, depth, warm_s, duration_s)
-                sock = run_pair(socket_server, socket_worker, request_bytes, reply_bytes, depth, warm_s, duration_s)
-                row = {
-                    "what": case.what, "cfg": case.cfg, "layers": ",".join(case.layers), "dtype": case.dtype,
-                    "imgsz": case.imgsz, "in_flight": depth, "request_bytes": request_bytes,
-                    "reply_bytes": reply_bytes,
-                    "grpc_msgs_s": grpc_window.fps, "grpc_mb_s": grpc_window.fps * reply_bytes / MB,
-                    "grpc_latency_ms": percentiles(grpc_window.latencies_ms),
-                    "grpc_errors": grpc_window.errors,
-                    "server_cpu_ms_per_msg": _cpu_ms(grpc_window), "client_cpu_ms_per_msg": _client_cpu_ms(grpc_window),
-                    "server_timings_ms": {k.removesuffix("_us"): v / 1000.0 for k, v in grpc_window.timings_us.items()},
-                    "echo_msgs_s": echo.fps, "echo_mb_s": echo.fps * reply_bytes / MB,
-                    "echo_latency_ms": percentiles(echo.latencies_ms),
-                    "echo_server_cpu_ms_per_msg": _cpu_ms(echo), "echo_client_cpu_ms_per_msg": _client_cpu_ms(echo),
-                    "socket_msgs_s": sock.fps, "socket_mb_s": sock.fps * reply_bytes / MB,
-                    "socket_latency_ms": percentiles(sock.latencies_ms),
-                    "socket_server_cpu_ms_per_msg": _cpu_ms(sock), "socket_client_cpu_ms_per_msg": _client_cpu_ms(sock),
-                }
-                row["other_cpu_cores"] = _other_cores(grpc_window)
-                row["ratio"] = row["grpc_mb_s"] / row["socket_mb_s"] if row["socket_mb_s"] else None
-                row["echo_ratio"] = row["echo_mb_s"] / row["socket_mb_s"] if row["socket_mb_s"] else None
-                rows.append(row)
-                progress(f"transport {case.what} in-flight {depth}: service {row['grpc_mb_s']:.0f} MB/s, "
-                         f"plain gRPC {row['echo_mb_s']:.0f} MB/s, socket {row['socket_mb_s']:.0f} MB/s")
+        for count in frontends:
+            with ServerProcess(server_args(case.cfg, case.imgsz, device="cpu", bypass=True,
+                                           frontends=count)) as server:
+                for depth in in_flight:
+                    spec = StreamSpec(server.address, strip, case.layers, case.dtype, depth, 0.0, warm_s, duration_s,
+                                      imgsz=case.imgsz, square=True)
+                    grpc_window = run_clients(grpc_worker, [spec] * count, warm_s=warm_s, duration_s=duration_s,
+                                              cpu_seconds=server.cpu_seconds, cpu_by_role=server.cpu_by_role)
+                    request_bytes = frame_message(strip, 0, 0).ByteSize()
+                    reply_bytes = grpc_window.reply_bytes
+                    echo = run_pair(echo_server, echo_worker, request_bytes, reply_bytes, depth, warm_s, duration_s)
+                    sock = run_pair(socket_server, socket_worker, request_bytes, reply_bytes, depth, warm_s,
+                                    duration_s)
+                    row = {
+                        "what": case.what, "cfg": case.cfg, "layers": ",".join(case.layers), "dtype": case.dtype,
+                        "imgsz": case.imgsz, "frontends": count, "streams": count, "in_flight": depth,
+                        "request_bytes": request_bytes, "reply_bytes": reply_bytes,
+                        "grpc_msgs_s": grpc_window.fps, "grpc_mb_s": grpc_window.fps * reply_bytes / MB,
+                        "grpc_latency_ms": percentiles(grpc_window.latencies_ms),
+                        "grpc_errors": grpc_window.errors,
+                        "server_cpu_ms_per_msg": _cpu_ms(grpc_window),
+                        "server_cpu_ms_per_msg_by_role": {
+                            role: seconds / max(1, grpc_window.frames) * 1000.0
+                            for role, seconds in grpc_window.cpu_by_role_s.items()},
+                        "client_cpu_ms_per_msg": _client_cpu_ms(grpc_window),
+                        "server_timings_ms": {k.removesuffix("_us"): v / 1000.0
+                                              for k, v in grpc_window.timings_us.items()},
+                        "echo_msgs_s": echo.fps, "echo_mb_s": echo.fps * reply_bytes / MB,
+                        "echo_latency_ms": percentiles(echo.latencies_ms),
+                        "echo_server_cpu_ms_per_msg": _cpu_ms(echo), "echo_client_cpu_ms_per_msg": _client_cpu_ms(echo),
+                        "socket_msgs_s": sock.fps, "socket_mb_s": sock.fps * reply_bytes / MB,
+                        "socket_latency_ms": percentiles(sock.latencies_ms),
+                        "socket_server_cpu_ms_per_msg": _cpu_ms(sock),
+                        "socket_client_cpu_ms_per_msg": _client_cpu_ms(sock),
+                    }
+                    row["other_cpu_cores"] = _other_cores(grpc_window)
+                    row["ratio"] = row["grpc_mb_s"] / row["socket_mb_s"] if row["socket_mb_s"] else None
+                    row["echo_ratio"] = row["echo_mb_s"] / row["socket_mb_s"] if row["socket_mb_s"] else None
+                    by_role = row["server_cpu_ms_per_msg_by_role"]
+                    row["frontend_cpu_ms_per_msg"] = by_role.get("frontends")
+                    row["device_cpu_ms_per_msg"] = by_role.get("device")
+                    echo_cpu = row["echo_server_cpu_ms_per_msg"]
+                    row["frontend_vs_plain_grpc"] = (row["frontend_cpu_ms_per_msg"] / echo_cpu
+                                                     if echo_cpu and row["frontend_cpu_ms_per_msg"] else None)
+                    row["cpu_vs_plain_grpc"] = (row["server_cpu_ms_per_msg"] / echo_cpu
+                                                if echo_cpu and row["server_cpu_ms_per_msg"] else None)
+                    rows.append(row)
+                    progress(f"transport {case.what} x{count} front-end(s) in-flight {depth}: service "
+                             f"{row['grpc_mb_s']:.0f} MB/s, plain gRPC {row['echo_mb_s']:.0f} MB/s, socket "
+                             f"{row['socket_mb_s']:.0f} MB/s; server CPU {row['server_cpu_ms_per_msg'] or 0:.3f} "
+                             f"ms/msg ({row['cpu_vs_plain_grpc'] or 0:.2f}x plain gRPC)")
     return rows

@@ -1,12 +1,16 @@
-"""Shared test fixtures: the upstream reference data lives in ../shared/fixtures beside the repo; ``ServeProcess``
-(from bench/server_proc.py, which the scale-out benchmark uses too) runs a real ``yolostream serve``."""
+"""Shared test fixtures: the upstream reference data lives in ../shared/fixtures beside the repo; ``ServeProcess`` runs
+a real ``yolostream serve`` (the tests, and bench/scaleout_bench.py, which imports it from here)."""
 
 from __future__ import annotations
 
 import json
-import shutil
+import os
+import queue
+import re
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -17,9 +21,6 @@ from yolostream.v1 import feature_service_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO.parent / "shared" / "fixtures"
-sys.path.insert(0, str(REPO / "bench"))
-
-from server_proc import ServeProcess, serve_cmd, serve_env  # noqa: E402,F401  (shared with the benchmarks)
 
 
 def fixture_path(name: str) -> Path:
@@ -40,24 +41,80 @@ def fixture_weights() -> Path:
     return fixture_path("yolov5n.pt")
 
 
-def self_signed_cert(directory: Path, name: str, san: str) -> tuple[Path, Path]:
-    """A throw-away EC certificate and key for ``san`` (e.g. ``DNS:localhost,IP:127.0.0.1``), made with openssl."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("TLS test needs the openssl command to make a self-signed certificate (not on PATH)")
-    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
-    subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", f"subjectAltName={san}"], check=True, capture_output=True, timeout=60)
-    return cert, key
+# A real ``yolostream serve`` process, and the small messages tests send it.
+
+START_TIMEOUT = 60.0
+SERVING = re.compile(r"^yolostream serving (\S+) on (\S+):(\d+) \((.*)\)$")
 
 
-# The small messages tests send a server.
+def serve_env(**extra: str) -> dict[str, str]:
+    """The environment of a ``yolostream`` subprocess: this checkout on PYTHONPATH, no inherited token, ``extra``."""
+    paths = [str(REPO / d) for d in ("protos", "server", "client")]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in [env.get("PYTHONPATH")] if p])
+    env.pop("YOLOSTREAM_TOKEN", None)
+    env.update(extra)
+    return env
 
-def raw_frame(k: int, h: int = 48, w: int = 64) -> pb.Frame:
-    data = np.random.default_rng(k).integers(0, 256, (h, w, 3), dtype=np.uint8).tobytes()
+
+def cli_cmd(*args: str) -> list[str]:
+    """``yolostream ARGS…`` as a command line for this interpreter and checkout."""
+    return [sys.executable, "-m", "yolostream.server.cli", *args]
+
+
+def serve_cmd(*args: str) -> list[str]:
+    return cli_cmd("serve", *args)
+
+
+class ServeProcess:
+    """A ``yolostream serve`` subprocess: stdout read line by line on a thread, stderr to a file."""
+
+    def __init__(self, tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.stderr_path = tmp_path / f"serve-{os.getpid()}-{id(self)}.stderr"
+        self._stderr = self.stderr_path.open("w")
+        self.proc = subprocess.Popen(serve_cmd(*args), stdout=subprocess.PIPE, stderr=self._stderr, text=True,
+                                     env=env if env is not None else serve_env(), cwd=tmp_path)
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+        self.model = self.address = self.details = ""
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def wait_serving(self, timeout: float = START_TIMEOUT) -> str:
+        """Block until the start-up line, at most ``timeout`` s; returns ``host:port``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no 'serving' line within {timeout:g} s; stderr:\n{self.stderr()}")
+            if line is None:
+                raise AssertionError(f"server exited with {self.proc.wait()} before serving; stderr:\n{self.stderr()}")
+            match = SERVING.match(line)
+            if match:
+                self.model, host, port, self.details = match.groups()
+                self.address = f"{host}:{port}"
+                return self.address
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=30)
+        self._stderr.close()
+
+
+def raw_frame(k: int, h: int = 48, w: int = 64, channels: int = 3) -> pb.Frame:
+    """Seeded random pixels as a raw BGR frame (or GRAY with ``channels=1``)."""
+    data = np.random.default_rng(k).integers(0, 256, (h, w, channels), dtype=np.uint8).tobytes()
+    fmt = pb.PIXEL_FORMAT_BGR if channels == 3 else pb.PIXEL_FORMAT_GRAY
     return pb.Frame(frame_id=k, capture_timestamp_us=1000 + k,
-                    raw=pb.RawImage(data=data, height=h, width=w, channels=3, format=pb.PIXEL_FORMAT_BGR))
+                    raw=pb.RawImage(data=data, height=h, width=w, channels=channels, format=fmt))
 
 
 def stream_config(max_in_flight: int = 4) -> pb.StreamRequest:
@@ -69,3 +126,54 @@ def grpc_channel(address: str) -> grpc.Channel:
     channel = grpc.insecure_channel(address)
     grpc.channel_ready_future(channel).result(timeout=10)
     return channel
+
+
+def run_commands(commands: dict, cwd: Path, timeout: float = 120.0, parallel: int = 4) -> dict:
+    """Run ``yolostream`` commands (name → argument list), ``parallel`` at a time; name → (stdout, stderr, exit code).
+
+    Each start pays for importing torch, so they overlap; every one is killed if it outlives ``timeout``.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(args: list[str]) -> tuple[str, str, int]:
+        proc = subprocess.Popen(cli_cmd(*args), env=serve_env(), cwd=cwd, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        return out, err, proc.returncode
+
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        futures = {name: pool.submit(run, args) for name, args in commands.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+def assert_one_line_error(name: str, outcome: tuple[str, str, int], command: str, words: list[str],
+                          code: int = 2) -> str:
+    """The command failed with ``code``, and stderr is exactly one ``yolostream COMMAND: error:`` line holding
+    every one of ``words``, without a traceback; returns that line."""
+    _, err, returncode = outcome
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert returncode == code, f"{name}: exit {returncode}, stderr {err!r}"
+    assert len(lines) == 1 and "Traceback" not in err, f"{name}: {err!r}"
+    assert lines[0].startswith(f"yolostream {command}: error: "), f"{name}: {lines[0]}"
+    for word in words:
+        assert word in lines[0], f"{name}: {word!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def self_signed_cert(directory: Path, name: str, san: str) -> tuple[Path, Path]:
+    """A fresh self-signed certificate and key (``openssl req``) for ``san``; skips without the openssl command."""
+    import shutil
+
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("TLS test needs the openssl command to make a self-signed certificate (not on PATH)")
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", f"subjectAltName={san}"], check=True, capture_output=True, timeout=60)
+    return cert, key

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import cv2
@@ -68,22 +69,25 @@ def test_stream_saves_features_and_writes_the_heatmap_video(server, tmp_path, ca
     assert saved.meta["layers"]["P3"]["layer_index"] == 17 and saved.meta["layers"]["P3"]["stride"] == 8
 
 
-def _pngs_extracted_offline(tmp_path: Path, count: int, seed: int, layers: str) -> tuple[Path, Path]:
-    """A folder of random PNGs and the folder ``yolostream extract`` (batch 1) wrote their features to."""
+def _images_extracted_offline(tmp_path: Path, count: int, seed: int, layers: str,
+                              suffix: str = ".png") -> tuple[Path, Path]:
+    """A folder of random images (PNG, or JPEG at OpenCV's default quality) and the folder ``yolostream extract``
+    (batch 1) wrote their features to."""
     folder = tmp_path / "images"
     folder.mkdir()
     rng = np.random.default_rng(seed)
     for i in range(count):
-        cv2.imwrite(str(folder / f"img{i}.png"), rng.integers(0, 256, (48, 80, 3), dtype=np.uint8))
+        cv2.imwrite(str(folder / f"img{i}{suffix}"), rng.integers(0, 256, (48, 80, 3), dtype=np.uint8))
     offline = tmp_path / "offline"
     assert cli.main(["extract", "--imgsz", str(IMGSZ), "--device", "cpu", "--batch", "1", "--layers", layers,
                      "--out", str(offline), str(folder)]) == 0
     return folder, offline
 
 
-@pytest.mark.parametrize("encoding", ["png", "raw"])
-def test_a_folder_of_pngs_gives_the_features_of_yolostream_extract(server, tmp_path, capsys, encoding):
-    folder, offline = _pngs_extracted_offline(tmp_path, 4, 7, "backbone,P3")
+@pytest.mark.parametrize("suffix, encoding", [(".png", "png"), (".png", "raw"), (".jpg", "jpeg")])
+def test_a_folder_of_images_gives_the_features_of_yolostream_extract(server, tmp_path, capsys, suffix, encoding):
+    """Lossless encodings, and JPEG files sent as their own bytes (re-encoding them would change the pixels)."""
+    folder, offline = _images_extracted_offline(tmp_path, 4, 7, "backbone,P3", suffix)
     save = tmp_path / "streamed"
     assert cli.main(["stream", str(folder), "--server", server.address, "--layers", "backbone,P3", "--encoding",
                      encoding, "--max-in-flight", "1", "--save", str(save), "-q"]) == 0
@@ -100,7 +104,7 @@ def test_a_folder_of_pngs_gives_the_features_of_yolostream_extract(server, tmp_p
 
 
 def test_frames_batched_together_stay_within_float_rounding(server, tmp_path, capsys):
-    folder, offline = _pngs_extracted_offline(tmp_path, 8, 8, "P3")
+    folder, offline = _images_extracted_offline(tmp_path, 8, 8, "P3")
     save = tmp_path / "streamed"
     assert cli.main(["stream", str(folder / "*.png"), "--server", server.address, "--layers", "P3", "--encoding",
                      "raw", "--max-in-flight", "8", "--save", str(save), "-q"]) == 0
@@ -111,6 +115,20 @@ def test_frames_batched_together_stay_within_float_rounding(server, tmp_path, ca
         with np.load(offline / f"{Path(meta['file']).stem}.npz") as want:
             tol = 1e-4 * np.abs(want["P3"]).max()
             np.testing.assert_allclose(saved["P3"][meta["row"]], want["P3"], rtol=0, atol=tol)
+
+
+def test_load_features_is_a_mapping_of_layer_to_array(server, tmp_path, capsys):
+    video = write_video(tmp_path / "clip.avi", n=3)
+    assert cli.main(["stream", str(video), "--server", server.address, "--layers", "P3,backbone", "--save",
+                     str(tmp_path / "s"), "-q"]) == 0
+    capsys.readouterr()
+    saved = load_features(tmp_path / "s")
+    assert isinstance(saved, Mapping)
+    assert "P3" in saved and "P4" not in saved and len(saved) == 2 and list(saved) == ["P3", "backbone"]
+    as_dict = dict(saved)
+    assert list(as_dict) == ["P3", "backbone"] and all(a.shape[0] == 3 for a in as_dict.values())
+    assert [name for name, _ in saved.items()] == ["P3", "backbone"] and saved.get("P9") is None
+    assert all(array is saved[name] for name, array in saved.items())
 
 
 def test_info_prints_the_model_and_its_layer_table(server, capsys):

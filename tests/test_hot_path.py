@@ -27,7 +27,7 @@ def engines():
 
 def _images(n, seed=0):
     rng = np.random.default_rng(seed)
-    return [rng.integers(0, 256, (3, 64, 96), dtype=np.uint8) for _ in range(n)]
+    return [rng.integers(0, 256, (64, 96, 3), dtype=np.uint8) for _ in range(n)]
 
 
 def _as_float(array, key):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import queue
 import re
 import signal
 import socket
@@ -12,7 +10,6 @@ import sys
 import threading
 import time
 import urllib.request
-from pathlib import Path
 from typing import Iterator
 
 import grpc
@@ -23,7 +20,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from yolostream.v1 import feature_service_pb2 as pb
 from yolostream.v1 import feature_service_pb2_grpc as pb_grpc
 
-from conftest import ServeProcess, grpc_channel as _channel, raw_frame as _frame, serve_cmd as _serve_cmd, serve_env as _env, stream_config as _config
+from conftest import ServeProcess, assert_one_line_error, run_commands
+from conftest import grpc_channel as _channel, raw_frame as _frame, serve_env as _env, stream_config as _config
 
 
 @pytest.fixture(scope="module")
@@ -139,27 +137,13 @@ def test_startup_errors_are_one_line_without_traceback(tmp_path):
         "bad tls": (["--tls-cert", "cert.pem", "--tls-key", "cert.pem", "--port", "0"], ["cert.pem", "PEM"]),
     }
     try:
-        procs = {name: subprocess.Popen(_serve_cmd("--imgsz", "64", "--device", "cpu", *args), env=_env(),
-                                        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for name, (args, _) in cases.items()}
-        try:
-            outcomes = {name: proc.communicate(timeout=60) + (proc.returncode,) for name, proc in procs.items()}
-        finally:
-            for proc in procs.values():
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+        outcomes = run_commands({name: ["serve", "--imgsz", "64", "--device", "cpu", *args]
+                                 for name, (args, _) in cases.items()}, tmp_path, timeout=60, parallel=len(cases))
     finally:
         holder.close()
     for name, (_, expected) in cases.items():
-        out, err, code = outcomes[name]
-        lines = [line for line in err.splitlines() if line.strip()]
-        assert code != 0, name
-        assert len(lines) == 1 and "Traceback" not in err, f"{name}: {err!r}"
-        assert lines[0].startswith("yolostream serve: error: "), f"{name}: {lines[0]}"
-        for word in expected:
-            assert word in lines[0], f"{name}: {word!r} not in {lines[0]!r}"
-        assert "serving" not in out, name
+        assert_one_line_error(name, outcomes[name], "serve", expected)
+        assert "serving" not in outcomes[name][0], name
 
 
 def test_sigterm_drains_accepted_frames_and_exits_zero(tmp_path):

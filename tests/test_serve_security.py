@@ -16,6 +16,8 @@ from yolostream.server.model.loader import load_model
 from yolostream.v1 import feature_service_pb2 as pb
 from yolostream.v1 import feature_service_pb2_grpc as pb_grpc
 
+from conftest import self_signed_cert
+
 TOKEN = "s3cret-token"
 
 

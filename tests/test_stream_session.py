@@ -6,24 +6,33 @@ import asyncio
 
 import pytest
 
-from yolostream.server.pipeline import FrameOptions
+from yolostream.server.pipeline import Begun, FrameOptions
 from yolostream.server.service import StreamLimits, StreamSession
 from yolostream.v1 import feature_service_pb2 as pb
 
 
 class GatedPipeline:
-    """``process`` waits for ``gate``; ``started`` counts frames that reached it."""
+    """Frames begin at once (``started`` lists them) and complete once ``gate`` is set."""
 
     def __init__(self) -> None:
         self.gate = asyncio.Event()
         self.started: list[int] = []
+        self.withdrawn: list[asyncio.Future] = []
+        self.device = self
 
-    async def process(self, frame: pb.Frame, options: FrameOptions, into: pb.FrameResult) -> pb.FrameResult:
+    async def begin(self, frame: pb.Frame, options: FrameOptions) -> Begun:
         self.started.append(frame.frame_id)
+        return Begun(frame, options, None, asyncio.get_running_loop().create_future(), 0)
+
+    async def complete(self, begun: Begun, into: pb.FrameResult) -> pb.FrameResult:
         await self.gate.wait()
-        into.frame_id = frame.frame_id
+        into.frame_id = begun.frame.frame_id
         into.status = pb.FRAME_STATUS_OK
         return into
+
+    def withdraw(self, computed: asyncio.Future) -> None:
+        self.withdrawn.append(computed)
+        computed.cancel()
 
 
 async def _frames(pipeline: GatedPipeline, later: range, sent: list[int], hold: asyncio.Event | None):

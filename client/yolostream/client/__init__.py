@@ -23,7 +23,7 @@ from .api import (
     TensorInfo,
 )
 from .resume import ResumePolicy
-from .sources import Source, SourceError, open_source
+from .sources import ImageFile, Source, SourceError, open_source
 from .store import FeatureWriter, SavedFeatures, load_features
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "FeatureStream",
     "FeatureWriter",
     "FrameError",
+    "ImageFile",
     "LayerInfo",
     "ModelInfo",
     "ResumePolicy",

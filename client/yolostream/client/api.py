@@ -54,6 +54,7 @@ from .resume import (
     names_one_address,
     resume_policy,
 )
+from .sources import file_bytes
 
 log = logging.getLogger(__name__)
 
@@ -251,11 +252,17 @@ def _check_encoding(encoding: str, quality: int) -> None:
 def fill_frame(frame: pb.Frame, image: np.ndarray, encoding: str = "jpeg", quality: int = 90) -> None:
     """Put ``image`` (BGR, BGRA or grey, uint8, as OpenCV returns it) into a Frame message, encoded as asked.
 
-    PNG uses the fastest compression level (it is lossless at every level); ``quality`` applies to JPEG only.
+    PNG uses the fastest compression level (it is lossless at every level); ``quality`` applies to JPEG only. An
+    :class:`~yolostream.client.sources.ImageFile` (a frame of an image source) whose file is already in the chosen
+    encoding goes as the file's own bytes: re-encoding would change the pixels the server sees.
     """
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
         kind = f"array of {image.dtype}" if isinstance(image, np.ndarray) else type(image).__name__
         raise ValueError(f"frames must be uint8 numpy arrays (BGR, as OpenCV reads them), got {kind}")
+    own = file_bytes(image, encoding)
+    if own is not None:
+        frame.encoded = own
+        return
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[:, :, 0]
     if image.ndim == 3 and image.shape[2] == 4:

@@ -16,7 +16,9 @@ from contextlib import ExitStack
 from dataclasses import asdict
 from typing import Any, Sequence
 
-from .api import DEFAULT_ADDRESS, ENCODINGS, LETTERBOXES, POOLINGS, FeatureClient, ModelInfo
+import grpc
+
+from .api import DEFAULT_ADDRESS, ENCODINGS, LETTERBOXES, POOLINGS, FeatureClient, FeatureServerError, ModelInfo
 from .resume import ResumePolicy
 from .sources import open_source
 from .stats import StatusLine, StreamStats
@@ -60,6 +62,41 @@ def _client(args: argparse.Namespace) -> FeatureClient:
                          resume=ResumePolicy(enabled=args.resume, timeout_s=args.resume_timeout))
 
 
+#: Words of a connect failure (gRPC's "failed to connect to all addresses; last error: …") and the hint each gets.
+_PLAINTEXT_TO_TLS = ("Socket closed", "Connection reset")
+_TLS_TO_PLAINTEXT = ("WRONG_VERSION_NUMBER", "packet length too long", "record layer failure")
+_UNTRUSTED = ("CERTIFICATE_VERIFY_FAILED",)
+
+
+def connect_hint(err: FeatureServerError, tls: bool) -> str | None:
+    """What to try when the connection failed in a way that suggests a TLS/plaintext or certificate mistake.
+
+    gRPC reports a plaintext client at a TLS port as "Socket closed" and a TLS client at a plaintext port as a
+    handshake error: both true but unhelpful, as the fix is a flag. Other failures (refused, timed out) get none.
+    """
+    if err.code != grpc.StatusCode.UNAVAILABLE or "failed to connect" not in err.details:
+        return None
+    if not tls and any(word in err.details for word in _PLAINTEXT_TO_TLS):
+        return "the server may expect TLS: try --tls (or --tls-ca CA.pem for a private certificate authority)"
+    if tls and any(word in err.details for word in _UNTRUSTED):
+        return ("the server's certificate is not trusted: pass its CA with --tls-ca CA.pem (and --tls-server-name "
+                "NAME when the certificate names another host)")
+    if tls and any(word in err.details for word in _TLS_TO_PLAINTEXT):
+        return "the server may be plaintext: try without --tls and --tls-ca"
+    return None
+
+
+def _model_info(client: FeatureClient, args: argparse.Namespace) -> ModelInfo:
+    """The first call of every command, so a wrong TLS choice fails here; adds a hint to such failures."""
+    try:
+        return client.model_info()
+    except FeatureServerError as err:
+        hint = connect_hint(err, tls=bool(args.tls or args.tls_ca))
+        if hint is None:
+            raise
+        raise FeatureServerError(err.code, f"{err.details} (hint: {hint})", err.address) from None
+
+
 def register_info(p: argparse.ArgumentParser) -> None:
     """``yolostream info``: the served model and its layer catalogue."""
     _connection_args(p)
@@ -69,7 +106,7 @@ def register_info(p: argparse.ArgumentParser) -> None:
 
 def cmd_info(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        info = client.model_info()
+        info = _model_info(client, args)
     if args.json:
         print(json.dumps(asdict(info), indent=2))
         return 0
@@ -120,7 +157,8 @@ def register_stream(p: argparse.ArgumentParser) -> None:
     f.add_argument("--imgsz", type=int, help="model input size (default: the server's)")
     s = p.add_argument_group("sending")
     s.add_argument("--encoding", choices=ENCODINGS, default="jpeg",
-                   help="jpeg: small, lossy; png: lossless, slow to encode; raw: lossless, large (default jpeg)")
+                   help="jpeg: small, lossy; png: lossless, slow to encode; raw: lossless, large (default jpeg). "
+                        "JPEG and PNG image files already in the chosen encoding are sent as they are, unchanged")
     s.add_argument("--quality", type=int, default=90, help="JPEG quality 1..100 (default 90)")
     s.add_argument("--realtime", action="store_true",
                    help="never hold the source back: the server drops frames it has no time for (answered DROPPED)")
@@ -180,7 +218,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
         raise RuntimeError(problem)
     source = open_source(args.source, max_frames=args.max_frames)
     with source, _client(args) as client:
-        info = client.model_info()
+        info = _model_info(client, args)
         known = f"{source.frame_count} frames" if source.frame_count is not None else "length unknown"
         rate = f"{source.fps:g} fps, " if source.fps else ""
         print(f"streaming {source.description} ({rate}{known}) to {args.server}: {info.model_name} on {info.device}, "

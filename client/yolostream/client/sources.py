@@ -6,6 +6,9 @@ before anything connects, and reports fps and frame count when they are known. I
 source (camera, or a URL without a frame count) that stops delivering frames raises :class:`SourceError`; a file
 simply ends. Timestamps are wall-clock ``time.time()`` for live sources and images, the position in the video
 (frame index / fps) for files.
+
+Frames of image sources are :class:`ImageFile` arrays: read-only, and holding the JPEG or PNG file's bytes, which
+``FeatureClient`` sends unchanged when the stream's encoding is the file's own (exact features, no re-encoding).
 """
 
 from __future__ import annotations
@@ -19,8 +22,52 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+from yolostream.v1.vocab import IMAGE_SUFFIXES
+
 _GLOB_CHARS = frozenset("*?[")
+
+
+#: The encodings a file can be sent as unchanged, by the magic bytes that start such a file.
+_FILE_FORMATS = ((b"\xff\xd8\xff", "jpeg"), (b"\x89PNG\r\n\x1a\n", "png"))
+
+
+class ImageFile(np.ndarray):
+    """A frame decoded from an image file that still holds the file's bytes, so that they can be sent unchanged.
+
+    Re-encoding a JPEG changes its pixels (and the features, by several percent in the first layers), while the
+    server decodes a file's own bytes exactly as ``yolostream extract`` reads the file. The array is read-only so
+    that the bytes always match the pixels; a view or a copy of it is a plain image without them.
+    """
+
+    file_bytes: bytes | None = None
+    file_format: str | None = None
+
+    def __array_finalize__(self, obj: np.ndarray | None) -> None:
+        self.file_bytes = None
+        self.file_format = None
+
+    @classmethod
+    def read(cls, path: Path) -> "ImageFile":
+        """Decode ``path`` as OpenCV's ``imread`` does, keeping its bytes when it is a JPEG or PNG file."""
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise SourceError(f"cannot read image {path}: {err.strerror or err}") from err
+        decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+        if decoded is None:
+            raise SourceError(f"cannot decode image {path}")
+        image = decoded.view(cls)
+        image.flags.writeable = False
+        image.file_format = next((name for magic, name in _FILE_FORMATS if data.startswith(magic)), None)
+        image.file_bytes = data if image.file_format is not None else None
+        return image
+
+
+def file_bytes(image: np.ndarray, encoding: str) -> bytes | None:
+    """The bytes of the file ``image`` was read from, when ``encoding`` is that file's own format; else None."""
+    if isinstance(image, ImageFile) and image.file_format == encoding and not image.flags.writeable:
+        return image.file_bytes
+    return None
 
 
 class SourceError(OSError):
@@ -54,10 +101,7 @@ class Source:
         for index, path in enumerate(self._paths):
             if self.max_frames is not None and index >= self.max_frames:
                 return
-            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-            if image is None:
-                raise SourceError(f"cannot decode image {path}")
-            yield image, time.time()
+            yield ImageFile.read(path), time.time()
 
     def _iter_capture(self) -> Iterator[tuple[np.ndarray, float]]:
         cap = self._capture

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -160,10 +161,15 @@ class FeatureWriter:
         self.close()
 
 
-@dataclass
-class SavedFeatures:
-    """A save directory read back: ``features[layer]`` is a read-only memory-mapped (rows, ...) array, row ``i``
-    belonging to the frame whose metadata has ``row == i``; ``frames`` lists every frame's metadata in order."""
+@dataclass(eq=False)
+class SavedFeatures(Mapping[str, np.ndarray]):
+    """A save directory read back, as a mapping of layer name → read-only memory-mapped (rows, ...) array.
+
+    Row ``i`` of every array belongs to the frame whose metadata has ``row == i``; ``frames`` lists every frame's
+    metadata in order. Being a real Mapping, ``"P3" in saved``, ``len(saved)``, ``saved.items()`` and
+    ``dict(saved)`` work as they do on the ``features`` dict it wraps; equality stays identity, as comparing
+    arrays element-wise has no single truth value.
+    """
 
     path: Path
     meta: dict[str, Any]
@@ -172,6 +178,15 @@ class SavedFeatures:
 
     def __getitem__(self, layer: str) -> np.ndarray:
         return self.features[layer]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.features)
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
 
     @property
     def frame_ids(self) -> np.ndarray:

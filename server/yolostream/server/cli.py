@@ -1,7 +1,9 @@
 """The ``yolostream`` command. Subcommands import torch lazily, so ``yolostream --help`` stays instant.
 
-Every expected failure (missing weights, bad YAML, unknown layer, unreadable input) exits non-zero with one
-clear line, not a traceback; ``--verbose`` shows the traceback for bug reports.
+Every expected failure (missing weights, bad YAML, unknown layer, unreadable input, a checkpoint the safe loader
+refuses) exits 2 with one clear line, not a traceback; ``--verbose`` shows the traceback for bug reports. Such
+failures are raised as :class:`~yolostream.server.errors.UserError` (the one base for them) or, in older code and
+in the client, as ValueError, OSError or RuntimeError; library messages that span lines are flattened to one.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import logging
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
+
+from .errors import UserError, one_line
 
 EXIT_USAGE = 2
 #: Top-level modules of the ``server`` extra: a client-only install lacks them.
@@ -157,10 +161,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"yolostream {args.command}: error: this command needs the server extra, which is not installed "
               f"(no module named {err.name!r}): pip install 'yolostream[server]'", file=sys.stderr)
         return EXIT_USAGE
-    except (ValueError, OSError, RuntimeError, KeyError) as err:
+    except (UserError, ValueError, OSError, RuntimeError, KeyError) as err:
         if args.verbose:
             raise
-        print(f"yolostream {args.command}: error: {err}", file=sys.stderr)
+        print(f"yolostream {args.command}: error: {one_line(str(err))}", file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from .batcher import BatcherConfig, BatchEngine, BatchResult, MicroBatcher, ServerBusy, WorkItem
+from .errors import one_line
 from .lifecycle import become_child
 from .link import CANCEL, HELLO, RESULTS, RUN, WELCOME
 from .shm import SharedArena
@@ -37,8 +38,7 @@ def listener_address(tag: str) -> str:
 
 
 def _one_line(err: BaseException) -> str:
-    text = f"{type(err).__name__}: {err}".splitlines()[0] if str(err) else type(err).__name__
-    return text[:500]
+    return one_line(f"{type(err).__name__}: {err}" if str(err) else type(err).__name__, 500)
 
 
 class _FrontEndPort:
@@ -57,14 +57,14 @@ class _FrontEndPort:
         try:
             while True:
                 try:
-                    message = self.conn.recv()
+                    messages = self.conn.recv()
                 except (EOFError, OSError):
                     return
-                kind = message[0]
-                if kind == RUN:
-                    self._run(*message[1:])
-                elif kind == CANCEL:
-                    self._cancel(message[1])
+                for message in messages:
+                    if message[0] == RUN:
+                        self._run(*message[1:])
+                    elif message[0] == CANCEL:
+                        self._cancel(message[1])
         finally:
             with self._items_lock:
                 items, self.items = list(self.items.values()), {}
@@ -214,7 +214,7 @@ def device_main(settings: Any, parent_pid: int, status: Connection, bypass: bool
         runner, host = build_device(settings, bypass=bypass, threads=threads)
         host.start()
     except Exception as err:  # every start-up failure is one line for the supervisor to print
-        status.send(("error", str(err).splitlines()[0] if str(err) else type(err).__name__))
+        status.send(("error", one_line(str(err)) if str(err) else type(err).__name__))
         return
     status.send(("ready", runner.card().to_dict(), host.batching, host.address, host.authkey))
     try:

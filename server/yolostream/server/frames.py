@@ -28,6 +28,11 @@ class FrameLimits:
     max_frame_bytes: int = 64 * 1024 * 1024
     max_side: int = 16384
 
+    def check_bytes(self, size: int, what: str) -> None:
+        """``max_frame_bytes`` holds for encoded and raw frames alike (the proto says "encoded or raw")."""
+        if size > self.max_frame_bytes:
+            raise FrameError(f"{what} is {size} bytes, over the server limit of {self.max_frame_bytes} bytes per frame")
+
     def check_size(self, height: int, width: int, what: str) -> None:
         if height <= 0 or width <= 0:
             raise FrameError(f"{what} has an empty size {width}x{height}")
@@ -78,8 +83,7 @@ def decode_frame(frame: pb.Frame, limits: FrameLimits) -> np.ndarray:
         data = frame.encoded
         if not data:
             raise FrameError("encoded image is empty")
-        if len(data) > limits.max_frame_bytes:
-            raise FrameError(f"encoded image is {len(data)} bytes, over the limit of {limits.max_frame_bytes}")
+        limits.check_bytes(len(data), "encoded image")
         fmt, height, width = encoded_size(data)
         limits.check_size(height, width, f"{fmt} image")
         image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
@@ -97,12 +101,14 @@ _CHANNELS = {pb.PIXEL_FORMAT_BGR: 3, pb.PIXEL_FORMAT_RGB: 3, pb.PIXEL_FORMAT_GRA
 def _raw_to_bgr(raw: pb.RawImage, limits: FrameLimits) -> np.ndarray:
     if raw.format not in _CHANNELS:
         raise FrameError("raw image needs a pixel format: PIXEL_FORMAT_BGR, PIXEL_FORMAT_RGB or PIXEL_FORMAT_GRAY")
+    limits.check_bytes(len(raw.data), "raw image data")
     channels = _CHANNELS[raw.format]
     if raw.channels and raw.channels != channels:
         raise FrameError(f"raw {pb.PixelFormat.Name(raw.format)} image has {channels} channel(s), "
                          f"but the frame says {raw.channels}")
     limits.check_size(raw.height, raw.width, "raw image")
     expected = raw.height * raw.width * channels
+    limits.check_bytes(expected, f"a raw {raw.width}x{raw.height}x{channels} image")
     if len(raw.data) != expected:
         raise FrameError(f"raw image data is {len(raw.data)} bytes, but {raw.width}x{raw.height}x{channels} "
                          f"needs {expected}")

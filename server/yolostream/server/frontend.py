@@ -21,6 +21,7 @@ from typing import Any
 
 from .batcher import BatcherConfig
 from .card import ModelCard
+from .errors import one_line
 from .lifecycle import become_child
 from .link import DeviceLink, arena_name
 from .settings import ServerSettings
@@ -84,7 +85,7 @@ async def _serve(settings: ServerSettings, spec: FrontEndSpec, status: Connectio
     try:
         port = await server.start()
     except Exception as err:  # one line for the supervisor to print
-        status.send(("error", str(err).splitlines()[0] if str(err) else type(err).__name__))
+        status.send(("error", one_line(str(err)) if str(err) else type(err).__name__))
         await server.stop(0)
         return 2
     status.send(("ready", port, server.metrics_port))

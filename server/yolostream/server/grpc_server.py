@@ -23,6 +23,7 @@ from yolostream.v1 import feature_service_pb2_grpc as pb_grpc
 
 from .batcher import BatcherConfig
 from .card import ModelCard
+from .errors import GRPC_AIO_LOGGER, UnparsableRequestFilter
 from .frames import FrameLimits
 from .link import DeviceLink, arena_name
 from .metrics import ServerMetrics
@@ -32,6 +33,8 @@ from .settings import ServerSettings
 from .shm import segment_prefix
 
 log = logging.getLogger(__name__)
+# grpc.aio logs a whole traceback for every message a client sends that does not parse: one line is enough.
+logging.getLogger(GRPC_AIO_LOGGER).addFilter(UnparsableRequestFilter())
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeatureService"].full_name
 #: Room left in a reply for everything but the tensor bytes (names, shapes, letterbox, timings).

@@ -17,6 +17,7 @@ Torch-free: this module runs in front-end processes.
 from __future__ import annotations
 
 import asyncio
+import math
 import logging
 import os
 from dataclasses import dataclass
@@ -29,9 +30,9 @@ from .shm import ArenaFull, SharedArena, SlotAllocator
 
 log = logging.getLogger(__name__)
 
-# Control messages, front-end → device.
+# Control messages, front-end → device (after the hello, each write is a list of RUN and CANCEL messages).
 HELLO = "hello"  # (HELLO, arena name)
-RUN = "run"  # (RUN, rid, in_offset, in_shape, out_offset, out_bytes, keys)
+RUN = "run"  # (RUN, rid, in_offset, in_shape (H, W, 3), out_offset, out_bytes, keys)
 CANCEL = "cancel"  # (CANCEL, rid)
 # Device → front-end.
 WELCOME = "welcome"  # (WELCOME,)
@@ -71,11 +72,24 @@ class Computed:
 
 
 @dataclass(eq=False)
+class FrameSlot:
+    """A reserved place in the arena: ``input`` is the frame's (H,W,3) uint8 view to fill before ``compute``."""
+
+    input: np.ndarray
+    keys: tuple[OutputKey, ...]
+    layout: list[tuple[tuple[int, ...], np.dtype]]
+    in_offset: int
+    out_offset: int
+    out_bytes: int
+
+
+@dataclass(eq=False)
 class _Pending:
     future: asyncio.Future
     in_offset: int
     out_offset: int
     out_shapes: Sequence[tuple[tuple[int, ...], np.dtype]]
+    rid: int
 
 
 class DeviceLink:
@@ -103,6 +117,7 @@ class DeviceLink:
         self._conn: Connection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: dict[int, _Pending] = {}
+        self._outbox: list[tuple] = []
         self._next_rid = 0
         self._credit: asyncio.Semaphore | None = None
         self._space: asyncio.Condition | None = None
@@ -143,49 +158,85 @@ class DeviceLink:
             self._conn = None
         self._fail_all(DeviceUnavailable("front-end is shutting down"))
 
-    async def run(self, image: np.ndarray, keys: Sequence[OutputKey],
-                  out_shapes: Sequence[tuple[int, ...]]) -> Computed:
-        """Compute one frame's outputs; ``out_shapes`` are the shapes of the requested outputs, in ``keys`` order."""
+    async def reserve(self, in_shape: tuple[int, ...], keys: Sequence[OutputKey],
+                      out_shapes: Sequence[tuple[int, ...]]) -> "FrameSlot":
+        """Room for one frame: its (H,W,3) uint8 input (``slot.input``, to fill) and its outputs, whose shapes
+        (``out_shapes``, in ``keys`` order) the caller derives from the model card. Waits while the arena or the
+        front-end's share of the device queue is full; FrameTooLarge when it could never fit."""
         if self.lost or self._conn is None:
             raise DeviceUnavailable("the device process is not available")
         layout = [(tuple(shape), NUMPY_DTYPES[key[2]]) for shape, key in zip(out_shapes, keys)]
-        out_bytes = sum(int(np.prod(shape)) * dtype.itemsize for shape, dtype in layout)
-        if not self.slots.fits(image.nbytes) or not self.slots.fits(out_bytes) or \
-                not self.slots.fits(image.nbytes + out_bytes):
-            raise FrameTooLarge(f"the frame needs {image.nbytes + out_bytes:,} bytes of shared memory (input "
-                                f"{image.nbytes:,}, features {out_bytes:,}), over this server's {self.arena_bytes:,} "
+        in_bytes = math.prod(in_shape)
+        out_bytes = sum(math.prod(shape) * dtype.itemsize for shape, dtype in layout)
+        if not self.slots.fits(in_bytes) or not self.slots.fits(out_bytes) or \
+                not self.slots.fits(in_bytes + out_bytes):
+            raise FrameTooLarge(f"the frame needs {in_bytes + out_bytes:,} bytes of shared memory (input "
+                                f"{in_bytes:,}, features {out_bytes:,}), over this server's {self.arena_bytes:,} "
                                 f"per front-end (--shm-mb): ask for fewer layers, pooling or a smaller imgsz")
         await self._credit.acquire()
         try:
-            in_offset, out_offset = await self._allocate(image.nbytes, out_bytes)
+            in_offset, out_offset = await self._allocate(in_bytes, out_bytes)
         except BaseException:
             self._credit.release()
             raise
-        self.arena.view(in_offset, image.shape)[...] = image
+        return FrameSlot(self.arena.view(in_offset, tuple(in_shape)), tuple(keys), layout, in_offset, out_offset,
+                         out_bytes)
+
+    def unreserve(self, slot: "FrameSlot") -> None:
+        """Give back a slot that will not be computed (its frame failed before reaching the device)."""
+        self._credit.release()
+        self._free(slot.in_offset, slot.out_offset)
+
+    def submit(self, slot: "FrameSlot") -> asyncio.Future:
+        """Send a filled slot to the device; the future resolves to its ``Computed`` features (call ``release``
+        on them once used) or fails with DeviceFrameError / DeviceUnavailable. ``withdraw`` it if it will not be
+        awaited."""
+        if self.lost or self._conn is None:
+            self.unreserve(slot)
+            raise DeviceUnavailable("the device process is not available")
         rid = self._next_rid
         self._next_rid += 1
-        pending = _Pending(self._loop.create_future(), in_offset, out_offset, layout)
+        pending = _Pending(self._loop.create_future(), slot.in_offset, slot.out_offset, slot.layout, rid)
         pending.future.add_done_callback(_retrieve)
         self._pending[rid] = pending
+        self._send((RUN, rid, slot.in_offset, slot.input.shape, slot.out_offset, slot.out_bytes, slot.keys))
+        return pending.future
+
+    def withdraw(self, future: asyncio.Future) -> None:
+        """Nobody will use this frame's features: take it off the device queue, or free them when they come."""
+        if future.done():
+            _release_unused(future)
+            return
+        future.add_done_callback(_release_unused)
+        rid = next((r for r, p in self._pending.items() if p.future is future), None)
+        if rid is not None and self._conn is not None:
+            self._send((CANCEL, rid))
+
+    async def compute(self, slot: "FrameSlot") -> Computed:
+        """``submit`` and wait. A cancelled caller withdraws the frame and waits (bounded) until the device has
+        let go of it, so that a call that has ended holds nothing at the device."""
+        future = self.submit(slot)
         try:
-            self._conn.send((RUN, rid, in_offset, image.shape, out_offset, out_bytes, tuple(keys)))
-        except (OSError, ValueError, AttributeError) as err:
-            self._lost(err)
-        try:
-            return await asyncio.shield(pending.future)
+            return await asyncio.shield(future)
         except asyncio.CancelledError:
-            if not pending.future.done() and self._conn is not None:
-                try:
-                    self._conn.send((CANCEL, rid))
-                except (OSError, ValueError):
-                    pass
-                # Until the device answers, this frame is still queued or running there: wait (bounded) so that a
-                # stream that has ended holds nothing at the device.
-                await asyncio.wait([pending.future], timeout=CANCEL_WAIT_S)
-            if pending.future.done() and not pending.future.cancelled():
-                if pending.future.exception() is None:
-                    pending.future.result().release()
+            self.withdraw(future)
+            await asyncio.wait([future], timeout=CANCEL_WAIT_S)
             raise
+
+    def _send(self, message: tuple) -> None:
+        """Queue a control message; everything queued in one turn of the event loop goes out in one write."""
+        self._outbox.append(message)
+        if len(self._outbox) == 1:
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        messages, self._outbox = self._outbox, []
+        if not messages or self._conn is None:
+            return
+        try:
+            self._conn.send(messages)
+        except (OSError, ValueError) as err:
+            self._lost(err)
 
     async def _allocate(self, in_bytes: int, out_bytes: int) -> tuple[int, int]:
         async with self._space:
@@ -237,10 +288,7 @@ class DeviceLink:
                     flag[0] = True
                     self._free(out_offset)
 
-            if pending.future.cancelled():
-                release()
-            else:
-                pending.future.set_result(Computed(arrays, batch_size, queued_us, compute_us, fetch_us, release))
+            pending.future.set_result(Computed(arrays, batch_size, queued_us, compute_us, fetch_us, release))
         for rid, message_text in failed:
             pending = self._pending.pop(rid)
             self._credit.release()
@@ -271,6 +319,11 @@ class DeviceLink:
                 entry.future.set_exception(err)
         if self._space is not None and self._loop is not None and not self._loop.is_closed():
             self._loop.create_task(self._notify_space())
+
+
+def _release_unused(future: asyncio.Future) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result().release()
 
 
 def _retrieve(future: asyncio.Future) -> None:

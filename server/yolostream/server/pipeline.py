@@ -9,25 +9,25 @@ choices, which the service turns into INVALID_ARGUMENT.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
 
 from yolostream.v1 import feature_service_pb2 as pb
 from yolostream.v1 import wire
+from yolostream.v1.vocab import DTYPES, LETTERBOX_POLICIES, POOLINGS, names_of
 
 from .card import ModelCard, ResolvedLayer
-from .errors import quote
+from .errors import one_line
 from .frames import FrameError, FrameLimits, decode_frame
 from .link import DeviceFrameError, DeviceLink, FrameTooLarge, OutputKey
-from .preprocess import prepare
+from .preprocess import Letterbox, apply_letterbox, input_shape, letterbox_geometry
 
-_DTYPES = {pb.DTYPE_FLOAT32: "float32", pb.DTYPE_FLOAT16: "float16", pb.DTYPE_BFLOAT16: "bfloat16"}
-_POOLINGS = {pb.POOLING_NONE: "none", pb.POOLING_GLOBAL_AVG: "avg", pb.POOLING_GLOBAL_MAX: "max"}
-_POLICIES = {pb.LETTERBOX_POLICY_AUTO: "auto", pb.LETTERBOX_POLICY_SQUARE: "square"}
-POLICY_ENUMS = {name: value for value, name in _POLICIES.items()}
+_DTYPES = names_of(DTYPES)
+_POOLINGS = names_of(POOLINGS)
+_POLICIES = names_of(LETTERBOX_POLICIES)
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ class Pipeline:
         dtype = _enum(msg.dtype, _DTYPES, pb.Dtype, "dtype", pb.DTYPE_FLOAT32)
         pooling = _POOLINGS[_enum(msg.pooling, _POOLINGS, pb.Pooling, "pooling", pb.POOLING_NONE)]
         policy_enum = _enum(msg.letterbox, _POLICIES, pb.LetterboxPolicy, "letterbox policy",
-                            POLICY_ENUMS[self.card.letterbox])
+                            LETTERBOX_POLICIES[self.card.letterbox])
         imgsz = int(msg.imgsz) or self.card.imgsz
         if not 32 <= imgsz <= self.max_imgsz:
             raise ValueError(f"imgsz {imgsz} is out of range: choose 32..{self.max_imgsz} (or 0 for the server "
@@ -122,47 +122,65 @@ class Pipeline:
     def reply_bytes(self, options: FrameOptions, input_hw: tuple[int, int]) -> int:
         """Tensor bytes of one frame's reply for a model input of ``input_hw`` (the envelope is a few hundred more)."""
         itemsize = wire.ITEMSIZE[options.dtype]
-        return sum(int(np.prod(shape)) * itemsize for shape in self.output_shapes(options, input_hw))
+        return sum(math.prod(shape) * itemsize for shape in self.output_shapes(options, input_hw))
 
-    def _prepare(self, frame: pb.Frame, options: FrameOptions) -> tuple[np.ndarray, object]:
-        image = decode_frame(frame, self.limits)
-        return prepare(image, options.imgsz, self.card.stride, options.policy)
 
-    async def process(self, frame: pb.Frame, options: FrameOptions, into: pb.FrameResult | None = None) -> pb.FrameResult:
-        """One frame's FrameResult: OK with tensors, or ERROR with a message. Never raises for bad input.
+    async def begin(self, frame: pb.Frame, options: FrameOptions) -> "Begun | pb.FrameResult":
+        """Decode, letterbox straight into a shared-memory slot and send the frame to the device, without waiting
+        for its features: a ``Begun`` to ``complete``, or an ERROR result for a bad frame. Never raises for bad
+        input (DeviceUnavailable when the device is gone)."""
+        start = time.perf_counter()
+        try:
+            if frame.WhichOneof("data") == "encoded":
+                loop = asyncio.get_running_loop()
+                image = await loop.run_in_executor(self.decode_pool, decode_frame, frame, self.limits)
+            else:  # raw pixels need no decoding: a thread hop would cost more than it saves
+                image = decode_frame(frame, self.limits)
+            letterbox = letterbox_geometry(image.shape[:2], input_shape(options.imgsz, self.card.stride),
+                                           self.card.stride, auto=options.policy == "auto")
+        except FrameError as err:
+            return error_result(frame, str(err))
+        except Exception as err:  # e.g. an OpenCV assertion on a degenerate frame: that frame fails, nothing else
+            return error_result(frame, f"could not preprocess the frame: {type(err).__name__}: {one_line(str(err), 300)}")
+        shapes = self.output_shapes(options, letterbox.out_hw)
+        reply = self.reply_bytes(options, letterbox.out_hw)
+        if reply > self.max_reply_bytes:
+            return error_result(frame, f"the reply would be {reply:,} bytes, over the server's message limit of "
+                                       f"{self.max_reply_bytes:,}: ask for fewer or deeper layers, pooling, float16, "
+                                       f"or a smaller imgsz")
+        decoded = time.perf_counter()
+        try:
+            slot = await self.device.reserve((*letterbox.out_hw, 3), options.output_keys, shapes)
+        except FrameTooLarge as err:
+            return error_result(frame, str(err))
+        waited = time.perf_counter()
+        try:
+            apply_letterbox(image, letterbox, out=slot.input)  # straight into shared memory: no further copy
+        except Exception as err:  # e.g. an OpenCV assertion on a degenerate frame: that frame fails, nothing else
+            self.device.unreserve(slot)
+            return error_result(frame, f"could not preprocess the frame: {type(err).__name__}: {one_line(str(err), 300)}")
+        preprocess_us = int((decoded - start + time.perf_counter() - waited) * 1e6)
+        return Begun(frame, options, letterbox, self.device.submit(slot), preprocess_us)
+
+    async def complete(self, begun: "Begun", into: pb.FrameResult | None = None) -> pb.FrameResult:
+        """Wait for a begun frame's features and build its OK result (or ERROR when its batch failed).
 
         ``into`` is filled in place (e.g. ``response.result`` of the StreamResponse about to be sent), so a
         multi-megabyte reply is never copied from one message into another.
         """
         result = pb.FrameResult() if into is None else into
-        start = time.perf_counter()
+        frame, options = begun.frame, begun.options
         try:
-            if frame.WhichOneof("data") == "encoded":
-                loop = asyncio.get_running_loop()
-                image, letterbox = await loop.run_in_executor(self.decode_pool, self._prepare, frame, options)
-            else:  # raw pixels need no decoding: a thread hop would cost more than it saves
-                image, letterbox = self._prepare(frame, options)
-        except FrameError as err:
-            return error_result(frame, str(err), result)
-        except Exception as err:  # e.g. an OpenCV assertion on a degenerate frame: that frame fails, nothing else
-            return error_result(frame, f"could not preprocess the frame: {type(err).__name__}: {err}", result)
-        shapes = self.output_shapes(options, image.shape[1:])
-        reply = self.reply_bytes(options, image.shape[1:])
-        if reply > self.max_reply_bytes:
-            return error_result(frame, f"the reply would be {reply:,} bytes, over the server's message limit of "
-                                       f"{self.max_reply_bytes:,}: ask for fewer or deeper layers, pooling, float16, "
-                                       f"or a smaller imgsz", result)
-        prepared = time.perf_counter()
-        try:
-            out = await self.device.run(image, options.output_keys, shapes)
-        except FrameTooLarge as err:
-            return error_result(frame, str(err), result)
+            out = await asyncio.shield(begun.computed)
         except DeviceFrameError as err:  # a failed batch (e.g. CUDA out of memory) fails its frames, not the server
             return error_result(frame, f"feature computation failed: {err}", result)
+        except asyncio.CancelledError:
+            self.device.withdraw(begun.computed)
+            raise
         encode_start = time.perf_counter()
         try:
             _identify(result, frame, pb.FRAME_STATUS_OK)
-            result.letterbox.CopyFrom(wire.letterbox_to_proto(letterbox.as_dict()))
+            result.letterbox.CopyFrom(wire.letterbox_to_proto(begun.letterbox.as_dict()))
             for layer, array in zip(options.layers, out.arrays):
                 wire.fill_tensor(result.tensors.add(), layer.name, layer.index, layer.stride, array, options.dtype)
         finally:
@@ -170,10 +188,31 @@ class Pipeline:
         result.batch_size = out.batch_size
         timings = result.timings
         timings.queued_us = out.queued_us
-        timings.preprocess_us = int((prepared - start) * 1e6)
+        timings.preprocess_us = begun.preprocess_us
         timings.compute_us = out.compute_us
         timings.encode_us = out.fetch_us + int((time.perf_counter() - encode_start) * 1e6)
         return result
+
+    async def process(self, frame: pb.Frame, options: FrameOptions, into: pb.FrameResult | None = None) -> pb.FrameResult:
+        """One frame's FrameResult (``begin`` then ``complete``): OK with tensors, or ERROR with a message."""
+        begun = await self.begin(frame, options)
+        if isinstance(begun, pb.FrameResult):
+            if into is not None:
+                into.CopyFrom(begun)
+                return into
+            return begun
+        return await self.complete(begun, into)
+
+
+@dataclass
+class Begun:
+    """A frame on its way through the device: what ``Pipeline.complete`` needs to build its reply."""
+
+    frame: pb.Frame
+    options: FrameOptions
+    letterbox: Letterbox
+    computed: asyncio.Future
+    preprocess_us: int
 
 
 def _identify(result: pb.FrameResult, frame: pb.Frame, status: int) -> None:

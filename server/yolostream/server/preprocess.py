@@ -15,6 +15,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from yolostream.v1.vocab import cell_to_frame, input_to_frame
+
 #: Border colour upstream pads with (all three channels).
 PAD_VALUE = 114
 
@@ -54,19 +56,11 @@ class Letterbox:
         )
 
     def to_original(self, points: Any) -> np.ndarray:
-        """Map (..., 2) x/y points in model-input pixels to original-frame pixels (float64).
+        """Map (..., 2) x/y points in model-input pixels to original-frame pixels (float64); nothing is clipped.
 
-        Coordinates are continuous (pixel edges): ``x_orig = (x - pad_left) / sx``. Points in the
-        padding map outside ``[0, w]``; nothing is clipped.
+        The formula is the wire's (``yolostream.v1.vocab.input_to_frame``), which clients use too.
         """
-        pts = np.asarray(points, dtype=np.float64)
-        if pts.ndim == 0 or pts.shape[-1] != 2:
-            raise ValueError(f"points must have shape (..., 2), got {pts.shape}")
-        sx, sy = self.scale
-        out = np.empty_like(pts)
-        out[..., 0] = (pts[..., 0] - self.pad_left) / sx
-        out[..., 1] = (pts[..., 1] - self.pad_top) / sy
-        return out
+        return input_to_frame(points, self.as_dict())
 
     def box_to_original(self, boxes: Any, clip: bool = True) -> np.ndarray:
         """Map (..., 4) x1/y1/x2/y2 boxes in model-input pixels to original-frame pixels (float64).
@@ -85,15 +79,9 @@ class Letterbox:
         return out
 
     def cell_to_original(self, row: int, col: int, stride: int, clip: bool = True) -> np.ndarray:
-        """The frame region (x1, y1, x2, y2) seen by feature-map cell (row, col) of a stride-``stride`` layer.
-
-        The cell covers model-input pixels ``[col*stride, (col+1)*stride)`` by
-        ``[row*stride, (row+1)*stride)``; its receptive field is larger, this is its footprint.
-        """
-        if stride <= 0:
-            raise ValueError(f"stride must be positive, got {stride}")
-        box = (col * stride, row * stride, (col + 1) * stride, (row + 1) * stride)
-        return self.box_to_original(box, clip=clip)
+        """The frame region (x1, y1, x2, y2) under feature-map cell (row, col) of a stride-``stride`` layer
+        (``yolostream.v1.vocab.cell_to_frame``)."""
+        return cell_to_frame(row, col, stride, self.as_dict(), clip=clip)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain dict whose keys are the field names of the wire's ``LetterboxInfo`` message."""
@@ -151,25 +139,23 @@ def _check_frame(frame: Any) -> np.ndarray:
     return np.ascontiguousarray(frame)
 
 
-def letterbox(
-    frame: np.ndarray,
+def letterbox_geometry(
+    frame_hw: tuple[int, int],
     new_shape: int | tuple[int, int],
     stride: int = 32,
     auto: bool = True,
     scaleup: bool = True,
-) -> tuple[np.ndarray, Letterbox]:
-    """Resize and pad an HxWx3 uint8 BGR frame into ``new_shape`` (int or (h, w)), upstream's way.
+) -> Letterbox:
+    """Upstream's letterbox geometry for a frame of ``frame_hw`` (h, w), without touching pixels.
 
     r = min(new_h/h, new_w/w) (capped at 1 without ``scaleup``); the resized size is (round(w*r),
     round(h*r)); the remaining padding is reduced modulo ``stride`` when ``auto`` (minimal rectangle),
-    split in halves with the odd pixel going bottom/right, and filled with 114. Returns the padded HWC BGR
-    image and its geometry.
+    split in halves with the odd pixel going bottom/right. Knowing the output size first lets a caller
+    letterbox straight into memory it owns (a front-end's shared-memory slot).
     """
-    img = _check_frame(frame)
     s = _positive_int(stride, "stride")
     new_h, new_w = _hw(new_shape, "new_shape")
-    h, w = img.shape[:2]
-
+    h, w = frame_hw
     r = min(new_h / h, new_w / w)
     if not scaleup:
         r = min(r, 1.0)
@@ -179,25 +165,53 @@ def letterbox(
     if auto:
         dw, dh = dw % s, dh % s
     dw, dh = dw / 2, dh / 2
-
-    if (w, h) != (unpad_w, unpad_h):
-        img = cv2.resize(img, (unpad_w, unpad_h), interpolation=cv2.INTER_LINEAR)
     top, bottom = int(round(dh - 0.1)), int(round(dh + 0.1))
     left, right = int(round(dw - 0.1)), int(round(dw + 0.1))
-    img = cv2.copyMakeBorder(
-        img, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(PAD_VALUE, PAD_VALUE, PAD_VALUE)
-    )
-    info = Letterbox(
+    return Letterbox(
         ratio=(r, r),
         pad_left=left,
         pad_top=top,
         pad_right=right,
         pad_bottom=bottom,
         orig_hw=(h, w),
-        out_hw=(img.shape[0], img.shape[1]),
+        out_hw=(unpad_h + top + bottom, unpad_w + left + right),
         resized_hw=(unpad_h, unpad_w),
     )
-    return img, info
+
+
+def apply_letterbox(frame: np.ndarray, info: Letterbox, out: np.ndarray | None = None) -> np.ndarray:
+    """Resize (INTER_LINEAR) and pad (114) an HxWx3 uint8 BGR frame as ``info`` says, into ``out`` when given."""
+    img = _check_frame(frame)
+    unpad_h, unpad_w = info.resized_hw
+    if img.shape[:2] != (unpad_h, unpad_w):
+        img = cv2.resize(img, (unpad_w, unpad_h), interpolation=cv2.INTER_LINEAR)
+    border = (info.pad_top, info.pad_bottom, info.pad_left, info.pad_right)
+    if out is None:
+        return cv2.copyMakeBorder(img, *border, cv2.BORDER_CONSTANT, value=(PAD_VALUE, PAD_VALUE, PAD_VALUE))
+    if out.shape != (*info.out_hw, 3) or out.dtype != np.uint8:
+        raise ValueError(f"letterbox output must be {(*info.out_hw, 3)} uint8, got {out.shape} {out.dtype}")
+    written = cv2.copyMakeBorder(img, *border, cv2.BORDER_CONSTANT, dst=out,
+                                 value=(PAD_VALUE, PAD_VALUE, PAD_VALUE))
+    if written is not out and not np.shares_memory(written, out):
+        out[...] = written
+    return out
+
+
+def letterbox(
+    frame: np.ndarray,
+    new_shape: int | tuple[int, int],
+    stride: int = 32,
+    auto: bool = True,
+    scaleup: bool = True,
+) -> tuple[np.ndarray, Letterbox]:
+    """Resize and pad an HxWx3 uint8 BGR frame into ``new_shape`` (int or (h, w)), upstream's way.
+
+    See ``letterbox_geometry`` for the rule; the padding is filled with 114. Returns the padded HWC BGR
+    image and its geometry.
+    """
+    img = _check_frame(frame)
+    info = letterbox_geometry(img.shape[:2], new_shape, stride, auto, scaleup)
+    return apply_letterbox(img, info), info
 
 
 def prepare(

@@ -28,7 +28,8 @@ from .model.loader import LoadedModel
 from .model.modules import fuse_model
 from .model.plan import ForwardPlan, make_plan, run_plan
 from .preprocess import POLICIES as LETTERBOX_POLICIES
-from .preprocess import Letterbox, input_shape, prepare
+from .preprocess import Letterbox, input_shape
+from .preprocess import letterbox as letterbox_frame
 
 log = logging.getLogger(__name__)
 
@@ -228,8 +229,21 @@ class DeviceRunner:
         return self._plans[key]
 
     def preprocess(self, frame: np.ndarray, imgsz: int | None = None, policy: str | None = None) -> tuple[np.ndarray, Letterbox]:
-        """Letterbox one BGR frame to CHW RGB uint8 (upstream detect.py's rule)."""
-        return prepare(frame, imgsz or self.imgsz, self.stride, policy or self.letterbox_policy)
+        """Letterbox one BGR frame (upstream detect.py's rule) to the HWC BGR uint8 frame ``launch`` takes."""
+        policy = policy or self.letterbox_policy
+        return letterbox_frame(frame, input_shape(imgsz or self.imgsz, self.stride), stride=self.stride,
+                               auto=policy == "auto")
+
+    def frames_to_input(self, frames: torch.Tensor) -> torch.Tensor:
+        """(N,H,W,3) uint8 BGR frames, on the device, → the model input: (N,3,H,W) RGB in [0, 1], model dtype.
+
+        Frames cross from the front-ends in the layout the letterbox wrote them, so the host never transposes;
+        the channel flip, the permute, the cast and the scaling are one pass here. The values equal upstream's
+        ``img.transpose((2, 0, 1))[::-1] / 255`` exactly, and the result is laid out as ``to_input``'s.
+        """
+        x = frames.permute(0, 3, 1, 2).flip(1).to(self.dtype).div_(255)
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        return x.contiguous(memory_format=memory_format)
 
     def to_input(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Move a (N,3,H,W) batch to the device in the model dtype; uint8 is scaled to [0, 1] there."""
@@ -251,7 +265,8 @@ class DeviceRunner:
             return run_plan(self.layers, self.to_input(batch), plan)
 
     def launch(self, images: Sequence[np.ndarray], keys: Sequence[OutputKey]) -> PendingBatch:
-        """Start one batch: stage, upload, forward, pool and cast, and queue the copy back to the host.
+        """Start one batch of letterboxed (H,W,3) uint8 BGR frames: stage, upload, forward, pool and cast, and queue
+        the copy back to the host.
 
         On CUDA everything is queued on the engine's own stream and this returns at once, so the caller can
         prepare the next batch while the GPU runs this one; ``collect`` waits for this batch only. The uint8
@@ -266,7 +281,7 @@ class DeviceRunner:
             start = time.perf_counter()
             batch = np.stack(images) if n > 1 else np.asarray(images[0])[None]
             with torch.inference_mode():
-                outputs = run_plan(self.layers, self.to_input(batch), plan)
+                outputs = run_plan(self.layers, self.frames_to_input(torch.from_numpy(batch)), plan)
                 computed = time.perf_counter()
                 host = {key: _to_host(_pool_cast(outputs[key[0]], key)) for key in keys}
             return PendingBatch(n, keys, host=host, compute_us=int((computed - start) * 1e6),
@@ -293,10 +308,7 @@ class DeviceRunner:
                     x = x.clone()
                 staging.ready.record(self.stream)
             timer[0].record(self.stream)
-            x = x.to(self.dtype).div_(255)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            outputs = run_plan(self.layers, x, plan)
+            outputs = run_plan(self.layers, self.frames_to_input(x), plan)
             timer[1].record(self.stream)
             groups: dict[str, list[OutputKey]] = {}
             for key in keys:
@@ -391,11 +403,11 @@ class DeviceRunner:
         self.buckets = tuple(sorted(set(sizes) | {max_batch}))
         shapes = {self.input_hw(imgsz)}
         for h, w in frame_sizes:
-            shapes.add(self.preprocess(np.zeros((h, w, 3), np.uint8), imgsz)[0].shape[1:])
+            shapes.add(self.preprocess(np.zeros((h, w, 3), np.uint8), imgsz)[0].shape[:2])
         deepest = self._card.deepest_feature
         for hw in sorted(shapes):
             for size in self.buckets:
-                images = [np.zeros((3, *hw), np.uint8)] * size
+                images = [np.zeros((*hw, 3), np.uint8)] * size
                 for _ in range(2):
                     self.collect(self.launch(images, [(deepest, "none", "float32")]))
         log.info("warmed up %s on %s for batch buckets %s at inputs %s", self.name, self.device, self.buckets,

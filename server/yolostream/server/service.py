@@ -20,18 +20,17 @@ import grpc
 
 from yolostream.v1 import feature_service_pb2 as pb
 from yolostream.v1 import feature_service_pb2_grpc as pb_grpc
+from yolostream.v1.vocab import LETTERBOX_POLICIES, ROLES
 
 from .batcher import BatcherConfig
 from .card import ModelCard
+from .errors import one_line
 from .frames import FrameLimits
-from .link import DeviceUnavailable
+from .link import CANCEL_WAIT_S, DeviceUnavailable
 from .metrics import ServerMetrics
-from .pipeline import POLICY_ENUMS, FrameOptions, Pipeline, dropped_result, error_result
+from .pipeline import Begun, FrameOptions, Pipeline, dropped_result, error_result
 
 log = logging.getLogger(__name__)
-
-ROLE_ENUMS = {"backbone": pb.LAYER_ROLE_BACKBONE, "neck": pb.LAYER_ROLE_NECK, "detect": pb.LAYER_ROLE_DETECT}
-
 
 @dataclass(frozen=True)
 class StreamLimits:
@@ -94,7 +93,7 @@ class StreamSession:
                     if not self.order:
                         break
                     entry = self.order[0]
-                response = await entry.result
+                response = await self._response(await entry.result)
                 self.observe(response.result)
                 yield response
                 async with self.changed:
@@ -108,10 +107,34 @@ class StreamSession:
             pending = [reader, *([dispatcher] if dispatcher is not None else []), *self.tasks]
             for task in pending:
                 task.cancel()
-            for entry in self.order:
-                entry.result.cancel()
-            # Wait until every frame of this stream has left the queue, so a closed stream holds nothing.
             await asyncio.gather(*pending, return_exceptions=True)
+            # Frames already at the device are withdrawn, and waited for (bounded), so a closed stream holds
+            # nothing there.
+            withdrawn = []
+            for entry in self.order:
+                if not entry.result.done():
+                    entry.result.cancel()
+                elif not entry.result.cancelled() and entry.result.exception() is None \
+                        and isinstance(entry.result.result(), Begun):
+                    computed = entry.result.result().computed
+                    self.pipeline.device.withdraw(computed)
+                    withdrawn.append(computed)
+            if withdrawn:
+                await asyncio.wait(withdrawn, timeout=CANCEL_WAIT_S)
+
+    async def _response(self, item: "Begun | pb.StreamResponse") -> pb.StreamResponse:
+        """The answer to write for an entry: ready already, or a begun frame's features now turned into tensors."""
+        if not isinstance(item, Begun):
+            return item
+        response = pb.StreamResponse()
+        try:
+            await self.pipeline.complete(item, response.result)
+        except (asyncio.CancelledError, DeviceUnavailable):
+            raise
+        except Exception as err:  # defensive: one frame's bug must not take down its stream
+            log.exception("frame %d failed", item.frame.frame_id)
+            error_result(item.frame, f"internal error: {type(err).__name__}: {err}", response.result)
+        return response
 
     def _writer_has_work(self) -> bool:
         """Answers to write, or the end: the reader finished, or the server drains and no frame is half-read."""
@@ -145,7 +168,7 @@ class StreamSession:
                     await self.slots.acquire()
                     entry = _Entry(asyncio.get_running_loop().create_future(), holds_slot=True)
                     await self._append(entry)
-                    self._start(request.frame, entry)
+                    await self._start(request.frame, entry)
                 self.reading = False
         except ProtocolError as err:
             self.error = str(err)
@@ -184,19 +207,23 @@ class StreamSession:
             self.latest.frame = self.latest.entry = None
             self.latest.ready.clear()
             entry.holds_slot = True
-            self._start(frame, entry)
+            await self._start(frame, entry)
             async with self.changed:
                 self.changed.notify_all()
 
-    def _start(self, frame: pb.Frame, entry: _Entry) -> None:
-        task = asyncio.create_task(self._process(frame, entry))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+    async def _start(self, frame: pb.Frame, entry: _Entry) -> None:
+        """Send the frame on its way. A raw frame is letterboxed and handed to the device right here, with no
+        task of its own; an encoded one gets a task, so that the decode pool works on several frames at once."""
+        if frame.WhichOneof("data") == "encoded":
+            task = asyncio.create_task(self._begin(frame, entry))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        else:
+            await self._begin(frame, entry)
 
-    async def _process(self, frame: pb.Frame, entry: _Entry) -> None:
-        response = pb.StreamResponse()
+    async def _begin(self, frame: pb.Frame, entry: _Entry) -> None:
         try:
-            await self.pipeline.process(frame, self.options, response.result)
+            item = await self.pipeline.begin(frame, self.options)
         except asyncio.CancelledError:
             raise
         except DeviceUnavailable as err:  # the whole stream ends with UNAVAILABLE (the writer re-raises this)
@@ -205,9 +232,14 @@ class StreamSession:
             return
         except Exception as err:  # defensive: one frame's bug must not take down its stream
             log.exception("frame %d failed", frame.frame_id)
-            error_result(frame, f"internal error: {type(err).__name__}: {err}", response.result)
-        if not entry.result.done():
-            entry.result.set_result(response)
+            item = error_result(frame, f"internal error: {type(err).__name__}: {err}")
+        if isinstance(item, pb.FrameResult):
+            item = pb.StreamResponse(result=item)
+        if entry.result.done():  # the stream ended meanwhile
+            if isinstance(item, Begun):
+                self.pipeline.device.withdraw(item.computed)
+            return
+        entry.result.set_result(item)
 
 
 class FeatureService(pb_grpc.FeatureServiceServicer):
@@ -271,7 +303,7 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
             options = self.pipeline.options(config.options)
             in_flight = self._in_flight(config.max_in_flight)
         except ValueError as err:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, one_line(str(err), 1000))
         if self.draining.is_set():
             await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
         session = StreamSession(self.pipeline, options, in_flight, config.realtime, self.limits, self.draining,
@@ -292,7 +324,7 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
                 await responses.aclose()
                 self._sessions.discard(session)
             if session.error:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, session.error)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, one_line(session.error, 1000))
             if self.draining.is_set():
                 await context.abort(grpc.StatusCode.UNAVAILABLE,
                                     "server is shutting down: every frame it accepted has been answered")
@@ -314,7 +346,7 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
         try:
             options = self.pipeline.options(request.options)
         except ValueError as err:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, one_line(str(err), 1000))
         self._call(+1)
         try:
             result = await self.pipeline.process(request.frame, options)
@@ -335,7 +367,7 @@ def model_info(card: ModelCard, batching: BatcherConfig, stream_limits: StreamLi
     """Everything a client needs to choose layers and size its buffers, built once at start-up from the card."""
     layers = [
         pb.LayerInfo(index=row.index, type=row.type, inputs=list(row.source), params=row.params,
-                     role=ROLE_ENUMS[row.role], out_channels=row.out_channels, stride=row.stride,
+                     role=ROLES[row.role], out_channels=row.out_channels, stride=row.stride,
                      output_shape=list(row.shape), aliases=list(row.aliases))
         for row in card.catalogue
     ]
@@ -345,7 +377,7 @@ def model_info(card: ModelCard, batching: BatcherConfig, stream_limits: StreamLi
         random_weights=card.random_weights,
         device=card.device,
         dtype=card.dtype,
-        default_letterbox=POLICY_ENUMS[card.letterbox],
+        default_letterbox=LETTERBOX_POLICIES[card.letterbox],
         default_imgsz=card.imgsz,
         stride=card.stride,
         layers=layers,

@@ -242,7 +242,8 @@ def _coerce(s: Setting, value: Any, where: str) -> Any:
     }[s.kind]
     if not ok:
         expected = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}[s.kind]
-        raise UserError(f"{where}: expected {expected}, got {quote(value)}")
+        got = f"a {type(value).__name__}" if s.key == "token" else quote(value)  # never echo a secret
+        raise UserError(f"{where}: expected {expected}, got {got}")
     if s.choices and value not in s.choices:
         raise UserError(f"{where}: invalid choice {quote(value)}: choose {', '.join(s.choices)}")
     return float(value) if s.kind == "float" else value

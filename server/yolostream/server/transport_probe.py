@@ -28,7 +28,7 @@ class ModelBypass:
 
     def launch(self, images: Sequence[np.ndarray], keys: Sequence[OutputKey]) -> PendingBatch:
         n = len(images)
-        _, h, w = images[0].shape
+        h, w, _ = images[0].shape
         host = {}
         for key in keys:
             index, pooling, dtype = key

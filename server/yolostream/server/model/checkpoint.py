@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import UserError, one_line
+
 __all__ = [
     "Checkpoint",
     "CheckpointError",
@@ -74,11 +76,16 @@ _DTYPE_NAMES = (
 )
 
 _ACTIVATION_MODULE = "torch.nn.modules.activation"
+#: Most classes for which default names ("0", "1", …) are made up; a tampered ``nc`` must not exhaust memory.
+MAX_CLASSES = 100_000
 _NOT_ACTIVATIONS = frozenset({"MultiheadAttention"})
 
 
-class CheckpointError(Exception):
-    """The file cannot be used as a YOLOv5 checkpoint (not a torch file, wrong layout, ...)."""
+class CheckpointError(UserError):
+    """The file cannot be used as a YOLOv5 checkpoint (not a torch file, wrong layout, ...).
+
+    A UserError: the command line shows it as one line and exits 2, because the fix is another file.
+    """
 
 
 class UnsafeCheckpointError(CheckpointError):
@@ -307,7 +314,7 @@ def _restricted_load(path: Path) -> Any:
             raise
         except Exception as err:
             raise CheckpointError(
-                f"{path} could not be read as a PyTorch checkpoint ({type(err).__name__}: {err})"
+                f"{path} could not be read as a PyTorch checkpoint ({type(err).__name__}: {one_line(str(err), 300)})"
             ) from err
 
 
@@ -405,16 +412,30 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     """
     path = Path(path)
     obj = _restricted_load(path)
+    try:
+        return _interpret(obj, path)
+    except CheckpointError:
+        raise
+    except (AttributeError, TypeError, KeyError, IndexError, ValueError, RuntimeError) as err:
+        # The allow-list guarantees that nothing ran, not that the objects have the shapes upstream writes: a
+        # tampered or corrupted file can put anything into a stand-in's __dict__.
+        raise CheckpointError(f"{path} is not a usable YOLOv5 checkpoint: its pickled objects are malformed "
+                              f"({type(err).__name__}: {one_line(str(err), 300)})") from err
+
+
+def _interpret(obj: Any, path: Path) -> Checkpoint:
+    """The Checkpoint in an unpickled object; any surprise in its layout raises (see ``load_checkpoint``)."""
     model, source_key, ckpt = _pick_model(obj, path)
     yaml_cfg = getattr(model, "yaml", None)
     yaml_cfg = yaml_cfg if isinstance(yaml_cfg, dict) else {}
     try:
         state_dict = dict(model.state_dict())
     except Exception as err:
-        raise CheckpointError(f"{path}: the pickled model's state_dict could not be read ({err})") from err
+        raise CheckpointError(f"{path}: the pickled model's state_dict could not be read "
+                              f"({one_line(str(err), 300)})") from err
     nc = _find_nc(model, yaml_cfg)
     names = _normalise_names(getattr(model, "names", None))
-    if not names and nc is not None:
+    if not names and nc is not None and 0 < nc <= MAX_CLASSES:
         names = [str(i) for i in range(nc)]
     return Checkpoint(
         path=path,
@@ -442,7 +463,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         ) from err
     except Exception as err:
         raise CheckpointError(
-            f"{path} could not be read as a PyTorch file ({type(err).__name__}: {err})"
+            f"{path} could not be read as a PyTorch file ({type(err).__name__}: {one_line(str(err), 300)})"
         ) from err
     for candidate in (obj, *(obj.get(k) for k in ("state_dict", "model") if isinstance(obj, dict))):
         if _is_tensor_mapping(candidate):

@@ -23,8 +23,14 @@ from typing import Any
 import yaml
 from torch import nn
 
+from ..errors import UserError
 from . import modules as M
 from .modules import ActivationFactory
+
+
+class ConfigError(UserError):
+    """A model config that cannot be used: not found, not YAML, or not a valid yolov5 architecture."""
+
 
 CONFIG_DIR = Path(__file__).resolve().with_name("configs")
 REQUIRED_KEYS = ("nc", "depth_multiple", "width_multiple", "anchors", "backbone", "head")
@@ -109,7 +115,7 @@ def load_config(source: str | Path | dict) -> dict:
     elif isinstance(source, (str, Path)):
         cfg = _read_yaml(_locate(source))
     else:
-        raise ValueError(f"a config is a dict, a YAML path or a built-in name, not {type(source).__name__}")
+        raise ConfigError(f"a config is a dict, a YAML path or a built-in name, not {type(source).__name__}")
     validate_config(cfg)
     return cfg
 
@@ -121,7 +127,7 @@ def _locate(source: str | Path) -> Path:
     stem = path.name.removesuffix(".yaml").removesuffix(".yml")
     if isinstance(source, str) and path.parent == Path(".") and (CONFIG_DIR / f"{stem}.yaml").is_file():
         return CONFIG_DIR / f"{stem}.yaml"
-    raise ValueError(
+    raise ConfigError(
         f"config {str(source)!r} is neither a YAML file nor a built-in name; "
         f"built-in configs: {', '.join(builtin_configs())}"
     )
@@ -134,9 +140,9 @@ def _read_yaml(path: Path) -> dict:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
         problem = getattr(err, "problem", None) or type(err).__name__
-        raise ValueError(f"{path}: not valid YAML{where}: {problem}") from err
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from err
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: a model config must be a YAML mapping, got {type(data).__name__}")
+        raise ConfigError(f"{path}: a model config must be a YAML mapping, got {type(data).__name__}")
     return data
 
 
@@ -152,24 +158,24 @@ def validate_config(cfg: dict) -> None:
     """Raise ValueError naming the first problem: missing keys, bad multiples or anchors, malformed rows."""
     missing = [k for k in REQUIRED_KEYS if k not in cfg]
     if missing:
-        raise ValueError(f"model config lacks required key(s) {', '.join(missing)} (needs {', '.join(REQUIRED_KEYS)})")
+        raise ConfigError(f"model config lacks required key(s) {', '.join(missing)} (needs {', '.join(REQUIRED_KEYS)})")
     if not _is_int(cfg["nc"]) or cfg["nc"] < 1:
-        raise ValueError(f"nc must be a positive integer (number of classes), got {cfg['nc']!r}")
+        raise ConfigError(f"nc must be a positive integer (number of classes), got {cfg['nc']!r}")
     for key in ("depth_multiple", "width_multiple"):
         if not _is_number(cfg[key]) or cfg[key] <= 0:
-            raise ValueError(f"{key} must be a positive number, got {cfg[key]!r}")
+            raise ConfigError(f"{key} must be a positive number, got {cfg[key]!r}")
     _validate_anchors(cfg["anchors"])
     for key in ("channel_multiple", "ch"):
         if cfg.get(key) is not None and (not _is_int(cfg[key]) or cfg[key] < 1):
-            raise ValueError(f"{key} must be a positive integer, got {cfg[key]!r}")
+            raise ConfigError(f"{key} must be a positive integer, got {cfg[key]!r}")
     if cfg.get("activation") is not None and not isinstance(cfg["activation"], str):
-        raise ValueError(f"activation must be a string like 'nn.SiLU()', got {cfg['activation']!r}")
+        raise ConfigError(f"activation must be a string like 'nn.SiLU()', got {cfg['activation']!r}")
     for key in ("backbone", "head"):
         if not isinstance(cfg[key], list):
             kind = type(cfg[key]).__name__
-            raise ValueError(f"{key} must be a list of [from, number, module, args] rows, got {kind}")
+            raise ConfigError(f"{key} must be a list of [from, number, module, args] rows, got {kind}")
     if not cfg["backbone"]:
-        raise ValueError("backbone has no layers")
+        raise ConfigError("backbone has no layers")
     for i, row in enumerate(cfg["backbone"] + cfg["head"]):
         _validate_row(i, row, _where(cfg, i))
 
@@ -182,14 +188,14 @@ def _where(cfg: dict, i: int) -> str:
 def _validate_anchors(anchors: Any) -> None:
     if _is_int(anchors):
         if anchors < 1:
-            raise ValueError(f"anchors as a count must be positive, got {anchors}")
+            raise ConfigError(f"anchors as a count must be positive, got {anchors}")
         return
     ok = isinstance(anchors, list) and anchors and all(
         isinstance(level, list) and level and len(level) % 2 == 0 and all(_is_number(v) for v in level)
         for level in anchors
     )
     if not ok or len({len(level) for level in anchors}) != 1:
-        raise ValueError(
+        raise ConfigError(
             "anchors must be a count or a list of levels, each a flat list of w,h pixel pairs "
             f"with the same number of anchors per level; got {anchors!r}"
         )
@@ -197,20 +203,20 @@ def _validate_anchors(anchors: Any) -> None:
 
 def _validate_row(i: int, row: Any, where: str) -> None:
     if not isinstance(row, (list, tuple)) or len(row) != 4:
-        raise ValueError(f"{where}: a row is [from, number, module, args], got {row!r}")
+        raise ConfigError(f"{where}: a row is [from, number, module, args], got {row!r}")
     f, n, module, args = row
     froms = [f] if _is_int(f) else f
     if not isinstance(froms, list) or not froms or not all(_is_int(x) for x in froms):
-        raise ValueError(f"{where}: 'from' must be an integer or a list of integers, got {f!r}")
+        raise ConfigError(f"{where}: 'from' must be an integer or a list of integers, got {f!r}")
     for x in froms:
         if not (x == -1 or 0 <= x < i or (i > 0 and -i <= x < -1)):
-            raise ValueError(f"{where}: 'from' entry {x} does not name an earlier layer")
+            raise ConfigError(f"{where}: 'from' entry {x} does not name an earlier layer")
     if not _is_int(n) or n < 1:
-        raise ValueError(f"{where}: 'number' must be a positive integer, got {n!r}")
+        raise ConfigError(f"{where}: 'number' must be a positive integer, got {n!r}")
     if not isinstance(module, str):
-        raise ValueError(f"{where}: module must be a name like 'C3' or 'nn.Upsample', got {module!r}")
+        raise ConfigError(f"{where}: module must be a name like 'C3' or 'nn.Upsample', got {module!r}")
     if not isinstance(args, list):
-        raise ValueError(f"{where}: args must be a list, got {args!r}")
+        raise ConfigError(f"{where}: args must be a list, got {args!r}")
 
 
 def supported_modules() -> list[str]:
@@ -225,7 +231,7 @@ def canonical_module_name(name: str) -> str:
         text = text[len("torch."):]
     if text in _OWN_MODULES or text in _TORCH_MODULES:
         return text
-    raise ValueError(f"unknown module {name!r}; supported: {', '.join(supported_modules())}")
+    raise ConfigError(f"unknown module {name!r}; supported: {', '.join(supported_modules())}")
 
 
 def module_class(name: str) -> type[nn.Module]:
@@ -264,20 +270,20 @@ def parse_activation(text: str) -> ActivationFactory:
     try:
         node = ast.parse(text.strip(), mode="eval").body
     except SyntaxError as err:
-        raise ValueError(problem) from err
+        raise ConfigError(problem) from err
     if not isinstance(node, ast.Call) or any(k.arg is None for k in node.keywords):
-        raise ValueError(problem)
+        raise ConfigError(problem)
     dotted = _dotted_name(node.func)
     name = dotted.removeprefix("torch.").removeprefix("nn.") if dotted.startswith(("nn.", "torch.nn.")) else None
     if name not in _ACTIVATIONS:
-        raise ValueError(problem)
+        raise ConfigError(problem)
     try:
         args = [_literal_number(a) for a in node.args]
         kwargs = {k.arg: _literal_number(k.value) for k in node.keywords}
         factory = functools.partial(_ACTIVATIONS[name], *args, **kwargs)
         factory()
     except (TypeError, ValueError) as err:
-        raise ValueError(f"{problem}: {err}") from err
+        raise ConfigError(f"{problem}: {err}") from err
     return factory
 
 
@@ -295,7 +301,7 @@ def _literal_number(node: ast.AST) -> int | float | bool:
         return -value if isinstance(node.op, ast.USub) else value
     if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, bool)):
         return node.value
-    raise ValueError(f"argument {ast.unparse(node)!r} is not a literal number")
+    raise ConfigError(f"argument {ast.unparse(node)!r} is not a literal number")
 
 
 class _Unresolved(Exception):
@@ -364,15 +370,15 @@ def parse_model(cfg: dict, ch: int | None = None) -> ModelSpec:
         try:
             name = canonical_module_name(module)
         except ValueError as err:
-            raise ValueError(f"{where}: {err}") from None
+            raise ConfigError(f"{where}: {err}") from None
         froms = [f] if isinstance(f, int) else list(f)
         args = [resolve_arg(a, names) for a in raw_args]
         n = scale_depth(n, gd)
         if name in WIDTH_SCALED:
             if not isinstance(f, int):
-                raise ValueError(f"{where}: {name} takes one input, got from={f!r}")
+                raise ConfigError(f"{where}: {name} takes one input, got from={f!r}")
             if not args or not _is_int(args[0]):
-                raise ValueError(f"{where}: {name} needs its output channels as the first argument, got {raw_args!r}")
+                raise ConfigError(f"{where}: {name} needs its output channels as the first argument, got {raw_args!r}")
             c1, c2 = channels[f], args[0]
             if c2 != no:
                 c2 = scale_width(c2, gw, divisor)
@@ -389,7 +395,7 @@ def parse_model(cfg: dict, ch: int | None = None) -> ModelSpec:
             if name == "nn.BatchNorm2d":
                 args = [c2]
         else:
-            raise ValueError(f"{where}: {name} takes one input, got from={f!r}")
+            raise ConfigError(f"{where}: {name} takes one input, got from={f!r}")
         layers.append(LayerSpec(
             index=i, from_=f, n=n, module=name,
             type=upstream_type(module_class(name)), args=args,
@@ -408,12 +414,12 @@ def parse_model(cfg: dict, ch: int | None = None) -> ModelSpec:
 def _detect_args(args: list[Any], froms: list[int], channels: list[int], where: str) -> list[Any]:
     """Detect gets [nc, anchors, input widths]; an anchor count becomes placeholder pairs, as upstream."""
     if len(args) < 2 or not _is_int(args[0]) or args[0] < 1:
-        raise ValueError(f"{where}: Detect args are [nc, anchors], got {args!r}")
+        raise ConfigError(f"{where}: Detect args are [nc, anchors], got {args!r}")
     args = list(args)
     if _is_int(args[1]):
         args[1] = [list(range(args[1] * 2))] * len(froms)
     _validate_anchors(args[1])
     if len(args[1]) != len(froms):
-        raise ValueError(f"{where}: Detect has {len(args[1])} anchor levels but {len(froms)} inputs {froms}")
+        raise ConfigError(f"{where}: Detect has {len(args[1])} anchor levels but {len(froms)} inputs {froms}")
     args.append([channels[x] for x in froms])
     return args

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..errors import UserError
+
 __all__ = [
     "DEFAULT_BASE_URL",
     "WeightsUnavailableError",
@@ -40,8 +42,11 @@ _OFFICIAL_NAME = re.compile(r"yolov5[A-Za-z0-9_-]*\.pt")
 _TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
 
 
-class WeightsUnavailableError(RuntimeError):
-    """An official weights file is neither cached nor downloadable; the message says where to put it by hand."""
+class WeightsUnavailableError(UserError, RuntimeError):
+    """An official weights file is neither cached nor downloadable; the message says where to put it by hand.
+
+    A UserError (one line, exit 2); still a RuntimeError for callers written before that base existed.
+    """
 
 
 def default_cache_dir() -> Path:

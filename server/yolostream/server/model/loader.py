@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint, load_state_dict_file
+from ..errors import UserError, one_line
+from .checkpoint import CheckpointError, load_checkpoint, load_state_dict_file
 from .config import load_config
 from .download import resolve_weights
 from .graph import YoloModel, build_model
@@ -25,8 +26,11 @@ DEFAULT_CFG = "yolov5n"
 RANDOM_WEIGHTS_WARNING = "RANDOM WEIGHTS: no checkpoint given; features are for testing only, not meaningful"
 
 
-class WeightsMismatchError(ValueError):
+class WeightsMismatchError(UserError):
     """The checkpoint's keys or shapes do not fit the architecture built from its YAML."""
+
+#: Keys of each kind a mismatch message lists; the count says how many more there are.
+LISTED_KEYS = 8
 
 
 @dataclass
@@ -73,11 +77,20 @@ def load_model(
 
     ckpt = load_checkpoint(path)
     if not ckpt.yaml:
-        raise ValueError(f"{path} holds a model without its architecture (no 'yaml' attribute): "
-                         "pass the matching --cfg and a state_dict instead")
-    model = build_model(ckpt.yaml)
-    _load_weights(model, ckpt.state_dict, path)
-    _install_activations(model, ckpt.activations, path)
+        raise CheckpointError(f"{path} holds a model without its architecture (no 'yaml' attribute): "
+                              "pass the matching --cfg and a state_dict instead")
+    try:
+        model = build_model(ckpt.yaml)
+        _load_weights(model, ckpt.state_dict, path)
+        _install_activations(model, ckpt.activations, path)
+    except WeightsMismatchError:
+        raise
+    except UserError as err:  # the YAML inside the file is invalid
+        raise CheckpointError(f"{path}: the model config inside it is invalid: {err}") from err
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError, RuntimeError) as err:
+        # Everything here comes from the file (its YAML, tensors and activations): a surprise is the file's fault.
+        raise CheckpointError(f"{path}: the model it describes cannot be built "
+                              f"({type(err).__name__}: {one_line(str(err), 300)})") from err
     if ckpt.names:
         model.names = list(ckpt.names)
     info = dict(ckpt.info)
@@ -136,13 +149,12 @@ def _load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], path: P
     )
     if missing or unexpected or wrong_shape:
         parts = [f"weights in {path} do not match the architecture"]
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
-        if wrong_shape:
-            parts.append(f"shape mismatches ({len(wrong_shape)}): {'; '.join(wrong_shape)}")
-        raise WeightsMismatchError("\n  ".join(parts))
+        for what, keys, sep in (("missing keys", missing, ", "), ("unexpected keys", unexpected, ", "),
+                                ("shape mismatches", wrong_shape, "; ")):
+            if keys:
+                more = f"{sep}… {len(keys) - LISTED_KEYS} more" if len(keys) > LISTED_KEYS else ""
+                parts.append(f"{what} ({len(keys)}): {sep.join(keys[:LISTED_KEYS])}{more}")
+        raise WeightsMismatchError(" | ".join(parts))
     model.load_state_dict(state_dict, strict=True)
     model.float()
 
