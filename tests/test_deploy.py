@@ -86,6 +86,22 @@ def test_ports_probes_and_grace_periods_agree_with_the_server_flags():
     assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1
     assert values["device"] == "cuda"
 
+    # Front-ends map --shm-mb of /dev/shm each; the container default (64 MiB) is too small, so a memory volume.
+    assert values["frontends"] is not None, "give --frontends: its CUDA default depends on the node's cores"
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+    (volume,) = [v for v in pod["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert volume["emptyDir"]["medium"] == "Memory"
+    assert _mebibytes(volume["emptyDir"]["sizeLimit"]) >= values["shm_mb"] * values["frontends"]
+
+
+def _mebibytes(quantity: str) -> float:
+    """A Kubernetes memory quantity (``640Mi``, ``1Gi``, ``500M``) in MiB."""
+    units = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024, "Ti": 1024 ** 2, "k": 1e3 / 2 ** 20, "M": 1e6 / 2 ** 20,
+             "G": 1e9 / 2 ** 20}
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]i|[kMG])?", quantity)
+    assert match, f"not a memory quantity: {quantity}"
+    return float(match.group(1)) * (units[match.group(2)] if match.group(2) else 1 / 2 ** 20)
+
 
 def test_the_service_is_headless_and_the_selectors_match_the_pods():
     docs = _documents()
