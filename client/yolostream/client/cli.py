@@ -62,7 +62,9 @@ def _client(args: argparse.Namespace) -> FeatureClient:
                          resume=ResumePolicy(enabled=args.resume, timeout_s=args.resume_timeout))
 
 
-#: Words of a connect failure (gRPC's "failed to connect to all addresses; last error: …") and the hint each gets.
+#: Words of a connect failure and the hint each gets. gRPC says "failed to connect to all addresses; last error: …"
+#: under pick_first, and "connections to all backends failing; last error: …" under round_robin (our channels).
+_CONNECT_FAILED = ("failed to connect", "connections to all backends failing")
 _PLAINTEXT_TO_TLS = ("Socket closed", "Connection reset")
 _TLS_TO_PLAINTEXT = ("WRONG_VERSION_NUMBER", "packet length too long", "record layer failure")
 _UNTRUSTED = ("CERTIFICATE_VERIFY_FAILED",)
@@ -74,7 +76,7 @@ def connect_hint(err: FeatureServerError, tls: bool) -> str | None:
     gRPC reports a plaintext client at a TLS port as "Socket closed" and a TLS client at a plaintext port as a
     handshake error: both true but unhelpful, as the fix is a flag. Other failures (refused, timed out) get none.
     """
-    if err.code != grpc.StatusCode.UNAVAILABLE or "failed to connect" not in err.details:
+    if err.code != grpc.StatusCode.UNAVAILABLE or not any(words in err.details for words in _CONNECT_FAILED):
         return None
     if not tls and any(word in err.details for word in _PLAINTEXT_TO_TLS):
         return "the server may expect TLS: try --tls (or --tls-ca CA.pem for a private certificate authority)"
