@@ -1,4 +1,5 @@
-"""Shared test fixtures: the upstream reference data lives in ../shared/fixtures beside the repo."""
+"""Shared test fixtures: the upstream reference data lives in ../shared/fixtures beside the repo; ``ServeProcess`` runs
+a real ``yolostream serve`` (the tests, and bench/scaleout_bench.py, which imports it from here)."""
 
 from __future__ import annotations
 
@@ -90,14 +91,14 @@ class ServeProcess:
             self.lines.put(line.rstrip("\n"))
         self.lines.put(None)
 
-    def wait_serving(self) -> str:
-        """Block until the start-up line; returns ``host:port``."""
-        deadline = time.monotonic() + START_TIMEOUT
+    def wait_serving(self, timeout: float = START_TIMEOUT) -> str:
+        """Block until the start-up line, at most ``timeout`` s; returns ``host:port``."""
+        deadline = time.monotonic() + timeout
         while True:
             try:
                 line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                raise AssertionError(f"no 'serving' line within {START_TIMEOUT} s; stderr:\n{self.stderr()}")
+                raise AssertionError(f"no 'serving' line within {timeout:g} s; stderr:\n{self.stderr()}")
             if line is None:
                 raise AssertionError(f"server exited with {self.proc.wait()} before serving; stderr:\n{self.stderr()}")
             match = SERVING.match(line)

@@ -7,6 +7,9 @@ Needs grpcio, protobuf, numpy and OpenCV only — never torch — so it runs on 
     with FeatureClient("127.0.0.1:50051") as client, open_source("0") as camera:
         for result in client.stream(camera, layers="P3,P4,P5", realtime=True):
             p3 = result.features["P3"]  # (C, H, W) float32, a zero-copy view of the reply
+
+Several replicas: ``FeatureClient(["10.0.0.5:50051", "10.0.0.6:50051"])`` or ``FeatureClient("dns:///name:50051")``
+balances streams over the healthy ones and moves a stream to another when its replica fails (``ResumePolicy``).
 """
 
 from .api import (
@@ -19,6 +22,7 @@ from .api import (
     ModelInfo,
     TensorInfo,
 )
+from .resume import ResumePolicy
 from .sources import ImageFile, Source, SourceError, open_source
 from .store import FeatureWriter, SavedFeatures, load_features
 
@@ -32,6 +36,7 @@ __all__ = [
     "ImageFile",
     "LayerInfo",
     "ModelInfo",
+    "ResumePolicy",
     "SavedFeatures",
     "Source",
     "SourceError",

@@ -3,29 +3,32 @@
 ``stream`` keeps three things moving at once, so that neither side waits for the other:
 
 - a *sender thread* pulls frames from the caller's iterable (a camera, say), encodes them (JPEG, PNG or raw) and
-  puts them on a bounded queue;
-- gRPC's own thread takes them from that queue and writes them to the connection;
+  keeps them, numbered, until they are answered;
+- gRPC's own thread takes them from there, in order, and writes them to the connection;
 - the caller's thread reads the answers as they arrive and turns them into :class:`FeatureResult` objects.
 
-Backpressure, the choice made here. Outside realtime mode the sender takes a slot in a window of
-``2 × max_in_flight`` frames *before* it reads the next frame from the source, and the slot comes back when that
-frame's answer arrives: a slow server slows the source down and the client never buffers more than the window.
-In realtime mode the sender does not wait for answers; the server keeps only the newest waiting frame and answers
-the others DROPPED, so a fast camera is never held back by a slow model. The client then holds at most its small
-send queue, because the queue blocks the sender when the connection itself cannot take more bytes. The client never
-drops frames on its own: every frame it read gets exactly one result (OK, ERROR or DROPPED) from the server.
+Backpressure, the choice made here. Outside realtime mode the sender waits for room in a window of
+``2 × max_in_flight`` unanswered frames *before* it reads the next frame from the source: a slow server slows the
+source down and the client never buffers more than the window. In realtime mode the sender does not wait for
+answers; the server keeps only the newest waiting frame and answers the others DROPPED, so a fast camera is never
+held back by a slow model. The sender then only waits while gRPC has not taken its few frames read ahead, which
+happens when the connection itself cannot take more bytes. The client never drops frames on its own: every frame
+it read gets exactly one result (OK, ERROR or DROPPED) from the server.
+
+Many replicas. The address may name several servers (a list, ``ipv4:a:p,b:p``, ``dns:///name:port``): the channel
+balances calls round-robin over the healthy ones (see :mod:`.resume`). Keeping every unanswered frame is what lets
+a stream survive its replica: on UNAVAILABLE the stream is reopened on another and those frames are sent again.
 
 The sender thread always ends: when the answers run out, when the server fails, when the caller stops iterating
 early (``close()``, leaving a ``with`` block, ``break`` and letting the stream go) or on KeyboardInterrupt, the call
-is cancelled, the queue is unblocked and the thread is joined. A server that dies mid-stream ends the iteration with
-:class:`FeatureServerError` (UNAVAILABLE) thanks to the closed connection or, for a host that vanishes silently,
-to the channel's keepalive pings.
+is cancelled, the waiting threads are woken and the sender is joined. A server that dies mid-stream (and no replica
+to resume on) ends the iteration with :class:`FeatureServerError` (UNAVAILABLE) thanks to the closed connection or,
+for a host that vanishes silently, to the channel's keepalive pings.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -41,6 +44,16 @@ from yolostream.v1 import feature_service_pb2 as pb
 from yolostream.v1 import feature_service_pb2_grpc as pb_grpc
 from yolostream.v1 import wire
 
+from .resume import (
+    DRAIN_REFUSAL,
+    RESUMABLE_CODES,
+    ResumePolicy,
+    balancing_options,
+    channel_target,
+    is_address_list,
+    names_one_address,
+    resume_policy,
+)
 from .sources import file_bytes
 
 log = logging.getLogger(__name__)
@@ -50,7 +63,9 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 MAX_MESSAGE_BYTES = 128 * 1024 * 1024
 #: The server's default ``max_in_flight``; the client window is twice the stream's value.
 SERVER_DEFAULT_IN_FLIGHT = 8
-#: Frames encoded ahead of gRPC's writer in realtime mode (outside it, the window bounds the queue).
+#: Default FeatureClient.settle_s for targets that may name several replicas.
+DEFAULT_SETTLE_S = 0.5
+#: Frames encoded ahead of gRPC's writer in realtime mode (outside it, the window bounds them).
 REALTIME_SEND_QUEUE = 2
 
 ENCODINGS = ("jpeg", "png", "raw")
@@ -62,8 +77,6 @@ TIMING_FIELDS = ("queued_us", "preprocess_us", "compute_us", "encode_us")
 
 #: Longest wait in close() for the sender thread, which may be stuck in a network camera's read.
 SENDER_JOIN_S = 30.0
-# Polling period of the sender and request threads while they wait, so that close() is seen promptly.
-_POLL_S = 0.1
 
 
 class FeatureServerError(RuntimeError):
@@ -164,6 +177,8 @@ class FeatureResult:
     capture time in seconds as given to ``stream`` (to the microsecond). ``latency`` is the client-measured round
     trip in seconds, from the moment the frame was handed to gRPC until its answer was read. ``letterbox`` (dict of
     ``LetterboxInfo`` fields) maps model-input pixels back to the frame: ``x = (x_in - pad_left) / ratio_w``.
+    ``retries`` is how many times the frame was sent again because the replica it was on failed before answering
+    (0 normally); ``latency`` then runs from its first send.
     """
 
     frame_id: int
@@ -177,6 +192,7 @@ class FeatureResult:
     batch_size: int
     latency: float | None
     image: np.ndarray | None = field(default=None, repr=False)
+    retries: int = 0
 
     @property
     def ok(self) -> bool:
@@ -272,21 +288,32 @@ def fill_frame(frame: pb.Frame, image: np.ndarray, encoding: str = "jpeg", quali
 
 
 class FeatureClient:
-    """A connection to a yolostream server; use it as a context manager (``with FeatureClient(addr) as c:``).
+    """A connection to a yolostream server or to several replicas; use it as a context manager.
 
+    ``address`` is ``host:port``, a list of ``ip:port`` replicas (or one comma-separated string of them), or any
+    gRPC target (``dns:///name:port``, ``ipv4:a:p,b:p``). Calls are balanced round-robin over the replicas that
+    are up and report SERVING on their health service; a replica that drains or warms up gets no new calls.
     ``token`` is sent as ``authorization: Bearer <token>`` with every call. TLS is used when ``tls`` is true or
     ``tls_ca`` (a PEM file of root certificates; the system roots otherwise) is given; ``tls_server_name`` overrides
-    the name the certificate must carry. ``timeout`` (seconds) is the deadline of ``model_info`` and ``extract``;
-    streams have none, as a camera may run for days, and rely on keepalive pings every ``keepalive_s`` (answered
-    within ``keepalive_timeout_s``) to notice a server host that disappears without closing the connection.
+    the name the certificate must carry (required with a list of IP addresses, which names no host). ``timeout``
+    (seconds) is the deadline of ``model_info`` and ``extract``; streams have none, as a camera may run for days, and
+    rely on keepalive pings every ``keepalive_s`` (answered within ``keepalive_timeout_s``) to notice a server host
+    that disappears without closing the connection. ``resume`` (a :class:`ResumePolicy`, or False to turn it off)
+    says how streams move to another replica when theirs fails; it is on by default. ``settle_s`` is how long the
+    first streams of a new client wait for every replica to connect, so that they spread (see ``_settle``; None:
+    ``DEFAULT_SETTLE_S``, or 0 when the target is one IP address, which cannot name several replicas).
     """
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, token: str | None = None, tls: bool = False,
-                 tls_ca: str | Path | None = None, tls_server_name: str | None = None, timeout: float | None = 30.0,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES, keepalive_s: float = 20.0,
-                 keepalive_timeout_s: float = 10.0) -> None:
-        self.address = address
+    def __init__(self, address: str | Sequence[str] = DEFAULT_ADDRESS, *, token: str | None = None,
+                 tls: bool = False, tls_ca: str | Path | None = None, tls_server_name: str | None = None,
+                 timeout: float | None = 30.0, max_message_bytes: int = MAX_MESSAGE_BYTES, keepalive_s: float = 20.0,
+                 keepalive_timeout_s: float = 10.0, resume: ResumePolicy | bool = True,
+                 settle_s: float | None = None) -> None:
+        target = channel_target(address)
+        self.address = address if isinstance(address, str) else ",".join(address)
+        self.target = target
         self.timeout = timeout
+        self.resume = resume_policy(resume, ResumePolicy())
         options: list[tuple[str, Any]] = [
             ("grpc.max_send_message_length", int(max_message_bytes)),
             ("grpc.max_receive_message_length", int(max_message_bytes)),
@@ -296,17 +323,67 @@ class FeatureClient:
             # freezes is never timed out and keeps the keepalive ping from being sent (measured: a stream to a
             # SIGSTOPped server then hangs forever instead of failing after keepalive_s + keepalive_timeout_s).
             ("grpc.http2.ping_timeout_ms", int(keepalive_timeout_s * 1000)),
+            *balancing_options(),
         ]
         if tls or tls_ca is not None:
+            if is_address_list(target) and not tls_server_name:
+                raise ValueError("TLS over a list of IP addresses needs tls_server_name (--tls-server-name): the "
+                                 "name every replica's certificate carries")
             root = Path(tls_ca).read_bytes() if tls_ca is not None else None
             if tls_server_name:
                 options.append(("grpc.ssl_target_name_override", tls_server_name))
-            self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=root), options)
+            self._channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=root), options)
         else:
-            self._channel = grpc.insecure_channel(address, options)
+            self._channel = grpc.insecure_channel(target, options)
+        # When a replica was first reached (a call answered, or the channel seen ready): a stream that fails
+        # before that has nothing to resume and fails at once. Found without a standing connectivity subscription,
+        # whose polling thread races channel.close() in grpcio ("Cannot monitor channel state: Channel closed!").
+        self._reached_at: float | None = None
+        self.settle_s = (0.0 if names_one_address(target) else DEFAULT_SETTLE_S) if settle_s is None else settle_s
         self._stub = pb_grpc.FeatureServiceStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._in_flight_default: int | None = None
+
+    @property
+    def _reached(self) -> bool:
+        return self._reached_at is not None
+
+    def _mark_reached(self) -> None:
+        if self._reached_at is None:
+            self._reached_at = time.monotonic()
+
+    def _settle(self) -> None:
+        """Before the first streams of a new channel, give every replica ``settle_s`` to connect.
+
+        round_robin spreads calls over the replicas that are ready *when each call starts*; the first replica to
+        answer its health check makes the channel ready while the others are still connecting, so streams opened
+        at once on a new client would all land on it and, being long-lived, stay there (measured on 3 loopback
+        replicas and a loaded 2-core machine, 6 streams: 0/4/2 without settling, 1/4/1 with 0.25 s, 2/2/2 with
+        1 s). Waiting ``settle_s`` after the channel first became ready (and at most ``settle_s`` for it to)
+        costs that once per client.
+        """
+        if self.settle_s <= 0:
+            return
+        if self._reached_at is None:
+            self._wait_ready(self.settle_s)
+        if self._reached_at is not None:
+            left = self._reached_at + self.settle_s - time.monotonic()
+            if left > 0:
+                threading.Event().wait(left)
+
+    def _wait_ready(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for a replica that is up and healthy; False if none came."""
+        if timeout <= 0:
+            return False
+        ready = grpc.channel_ready_future(self._channel)
+        try:
+            ready.result(timeout=timeout)
+            self._mark_reached()
+            return True
+        except grpc.FutureTimeoutError:
+            return False
+        finally:
+            ready.cancel()
 
     def __enter__(self) -> "FeatureClient":
         return self
@@ -320,7 +397,9 @@ class FeatureClient:
 
     def _unary(self, method: Any, request: Any) -> Any:
         try:
-            return method(request, timeout=self.timeout, metadata=self._metadata)
+            reply = method(request, timeout=self.timeout, metadata=self._metadata)
+            self._mark_reached()
+            return reply
         except grpc.RpcError as err:
             raise FeatureServerError.from_rpc(err, self.address) from None
 
@@ -358,14 +437,16 @@ class FeatureClient:
                layers: str | Sequence[str | int] | None = None, dtype: str | None = None,
                pooling: str | None = None, letterbox: str | None = None, imgsz: int | None = None,
                realtime: bool = False, max_in_flight: int | None = None, encoding: str = "jpeg",
-               quality: int = 90, keep_images: bool = False) -> "FeatureStream":
+               quality: int = 90, keep_images: bool = False,
+               resume: ResumePolicy | bool | None = None) -> "FeatureStream":
         """Stream ``frames`` (BGR arrays, or ``(array, capture_time_seconds)`` pairs) and iterate over the results.
 
         Results come in frame order, one per frame, with frame ids 0, 1, 2... in the order of ``frames``; a frame
         without a timestamp is stamped with ``time.time()`` when read. ``max_in_flight`` is how many frames the
         server holds at once (None: the server's default, from GetModelInfo); ``keep_images`` puts each frame on its result (``image``),
         for drawing. The iterable is consumed in a background thread; an exception it raises (a camera that
-        disappears) is re-raised after the results of the frames read before it.
+        disappears) is re-raised after the results of the frames read before it. ``resume`` overrides the client's
+        policy for this stream (False: end with UNAVAILABLE as soon as the replica carrying it fails).
         """
         _check_encoding(encoding, quality)
         if max_in_flight is not None and max_in_flight < 1:
@@ -373,80 +454,100 @@ class FeatureClient:
         config = pb.StreamConfig(options=feature_options(layers, dtype, pooling, letterbox, imgsz),
                                  max_in_flight=max_in_flight or 0, realtime=realtime)
         window = None if realtime else 2 * (max_in_flight or self._server_in_flight())
+        self._settle()
         return FeatureStream(self, frames, config, encoding=encoding, quality=quality, window=window,
-                             keep_images=keep_images)
+                             keep_images=keep_images, policy=resume_policy(resume, self.resume))
 
     def _open_stream(self, requests: Iterator[pb.StreamRequest]) -> Any:
         return self._stub.StreamFeatures(requests, metadata=self._metadata)
 
 
-_END = object()
+@dataclass
+class _Pending:
+    """A frame read from the source and not answered yet: kept, encoded, so that it can be sent again."""
+
+    request: pb.StreamRequest
+    image: np.ndarray | None
+    sent: float | None = None
+    sends: int = 0
 
 
 @dataclass
-class _Pending:
-    """What the client remembers about a frame until its answer arrives."""
+class _Attempt:
+    """One StreamFeatures call of a stream; ``cursor`` is the id of the next frame its request iterator sends."""
 
-    image: np.ndarray | None
-    sent: float | None = None
+    cursor: int
+    closed: bool = False
 
 
 class _SendState:
-    """Shared by the sender thread, gRPC's request thread and the reader; never references the FeatureStream,
-    so that dropping the stream object lets it be finalised (and closed) while the threads still run."""
+    """Shared by the sender thread, gRPC's request threads and the reader; never references the FeatureStream,
+    so that dropping the stream object lets it be finalised (and closed) while the threads still run.
 
-    def __init__(self, queue_size: int, window: int | None) -> None:
-        self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
-        self.window = threading.BoundedSemaphore(window) if window else None
+    Frames are numbered 0, 1, 2... as read; ``answered`` is the lowest id without an answer, ``read`` the next id,
+    and ``frames`` holds every id in between. Each attempt (call) sends from its own cursor, so a new call can start
+    again at ``answered`` while the sender keeps adding frames. ``room`` bounds how far the sender reads ahead: the
+    window of unanswered frames outside realtime mode, the frames not yet taken by the current call in it.
+    """
+
+    def __init__(self, window: int | None, send_ahead: int) -> None:
+        self.cond = threading.Condition()
+        self.window = window
+        self.send_ahead = send_ahead
         self.stop = threading.Event()
-        self.pending: dict[int, _Pending] = {}
-        self.error: BaseException | None = None
+        self.frames: dict[int, _Pending] = {}
         self.read = 0
+        self.answered = 0
+        self.source_done = False
+        self.error: BaseException | None = None
+        self.attempt = _Attempt(0)
 
-    def put(self, item: object) -> bool:
-        """Queue ``item``; False if the stream was closed while waiting for room."""
-        while not self.stop.is_set():
-            try:
-                self.queue.put(item, timeout=_POLL_S)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def acquire_slot(self) -> bool:
-        if self.window is None:
-            return True
-        while not self.stop.is_set():
-            if self.window.acquire(timeout=_POLL_S):
-                return True
-        return False
-
-    def release_slot(self) -> None:
+    def has_room(self) -> bool:
         if self.window is not None:
-            try:
-                self.window.release()
-            except ValueError:  # more answers than frames would be a server bug; never block on it
-                pass
+            return self.read - self.answered < self.window
+        return self.read - self.attempt.cursor < self.send_ahead
 
-    def unblock(self) -> None:
-        """Empty the queue and leave an end marker, so that both waiting threads return."""
-        while True:
-            try:
-                self.queue.get_nowait()
-            except queue.Empty:
-                break
-        try:
-            self.queue.put_nowait(_END)
-        except queue.Full:
-            pass
+    def wait_for_room(self) -> bool:
+        """Block until the sender may read another frame; False once the stream is closed."""
+        with self.cond:
+            self.cond.wait_for(lambda: self.stop.is_set() or self.has_room())
+            return not self.stop.is_set()
+
+    def add(self, pending: _Pending) -> None:
+        with self.cond:
+            self.frames[self.read] = pending
+            self.read += 1
+            self.cond.notify_all()
+
+    def answer(self, frame_id: int) -> _Pending | None:
+        """Take the answered frame out; answers come in frame order, so it is the lowest unanswered one."""
+        with self.cond:
+            pending = self.frames.pop(frame_id, None)
+            self.answered = max(self.answered, frame_id + 1)
+            self.cond.notify_all()
+            return pending
+
+    def new_attempt(self) -> _Attempt:
+        """Close the current call's request iterator and start another at the first unanswered frame."""
+        with self.cond:
+            self.attempt.closed = True
+            self.attempt = _Attempt(self.answered)
+            self.cond.notify_all()
+            return self.attempt
+
+    def finish(self) -> None:
+        """Wake every waiting thread after ``stop`` was set."""
+        self.stop.set()
+        with self.cond:
+            self.attempt.closed = True
+            self.cond.notify_all()
 
 
 def _send_frames(state: _SendState, frames: Iterable[Any], encoding: str, quality: int, keep_images: bool) -> None:
-    """Sender thread: read, encode and queue frames until the source ends, fails or the stream is closed."""
+    """Sender thread: read and encode frames until the source ends, fails or the stream is closed."""
     iterator = iter(frames)
     try:
-        frame_id = 0
-        while state.acquire_slot():
+        while state.wait_for_room():
             try:
                 item = next(iterator)
             except StopIteration:
@@ -457,12 +558,9 @@ def _send_frames(state: _SendState, frames: Iterable[Any], encoding: str, qualit
                 image, timestamp = item, time.time()
             request = pb.StreamRequest()
             fill_frame(request.frame, image, encoding, quality)
-            request.frame.frame_id = frame_id
+            request.frame.frame_id = state.read
             request.frame.capture_timestamp_us = int(round(float(timestamp) * 1e6))
-            state.pending[frame_id] = _Pending(image if keep_images else None)
-            if not state.put(request):
-                break
-            state.read = frame_id = frame_id + 1
+            state.add(_Pending(request, image if keep_images else None))
     except BaseException as err:  # re-raised in the reader's thread once the answers are in
         state.error = err
     finally:
@@ -472,40 +570,63 @@ def _send_frames(state: _SendState, frames: Iterable[Any], encoding: str, qualit
                 close()
             except Exception:  # a source failing to release must not hide the stream's own outcome
                 log.exception("closing the frame source failed")
-        state.put(_END)
+        with state.cond:
+            state.source_done = True
+            state.cond.notify_all()
 
 
-def _requests(state: _SendState, config: pb.StreamConfig) -> Iterator[pb.StreamRequest]:
-    """The request iterator gRPC consumes in its own thread: the config, then queued frames until the end marker."""
+def _requests(state: _SendState, attempt: _Attempt, config: pb.StreamConfig) -> Iterator[pb.StreamRequest]:
+    """The request iterator of one call, consumed by gRPC in its own thread: the config, then every frame from the
+    attempt's cursor on, until the source ends (the half-close lets the server finish) or the attempt is closed."""
     yield pb.StreamRequest(config=config)
-    while not state.stop.is_set():
-        try:
-            item = state.queue.get(timeout=_POLL_S)
-        except queue.Empty:
-            continue
-        if item is _END or state.stop.is_set():
-            return
-        pending = state.pending.get(item.frame.frame_id)
-        if pending is not None:
-            pending.sent = time.perf_counter()
-        yield item
+    while True:
+        with state.cond:
+            state.cond.wait_for(lambda: attempt.closed or max(attempt.cursor, state.answered) < state.read
+                                or state.source_done)
+            following = max(attempt.cursor, state.answered)
+            if attempt.closed or following >= state.read:
+                return  # closed, or the source ended and every frame went out on this call
+            pending = state.frames[following]
+            attempt.cursor = pending.request.frame.frame_id + 1
+            pending.sends += 1
+            if pending.sent is None:
+                pending.sent = time.perf_counter()
+            state.cond.notify_all()
+        yield pending.request
 
 
 class FeatureStream:
     """An iterator of :class:`FeatureResult`, one per frame in frame order; also a context manager.
 
-    ``close()`` stops early: it cancels the call, unblocks and joins the sender thread. It runs by itself when the
-    iteration ends, fails, or the object is garbage-collected. ``frames_read`` counts frames taken from the source.
+    When the replica carrying the stream fails (UNAVAILABLE: it died, drained, or keepalive found it frozen), the
+    stream is reopened over the same channel, which round_robin places on a healthy replica, and the frames sent
+    but not answered are sent again: every frame still gets exactly one result, in order, and ``retries`` on a
+    result says how many times it was re-sent. ``resumes`` counts the reopenings. The policy bounds the attempts
+    and the time; past them the stream ends with FeatureServerError UNAVAILABLE. A stream whose first call fails
+    while the channel has never reached any replica fails at once (there is nothing to resume).
+
+    ``close()`` stops early: it cancels the call and joins the sender thread. It runs by itself when the iteration
+    ends, fails, or the object is garbage-collected. ``frames_read`` counts frames taken from the source.
     """
 
     def __init__(self, client: FeatureClient, frames: Iterable[Any], config: pb.StreamConfig, *, encoding: str,
-                 quality: int, window: int | None, keep_images: bool) -> None:
+                 quality: int, window: int | None, keep_images: bool, policy: ResumePolicy) -> None:
         self._closed = True  # until fully started, so that a failed start leaves nothing for __del__ to close
+        self._client = client
+        self._config = config
+        self._policy = policy
         self._address = client.address
-        self._state = state = _SendState(window or REALTIME_SEND_QUEUE, window)
+        self._state = state = _SendState(window, REALTIME_SEND_QUEUE)
         self._sender = threading.Thread(target=_send_frames, args=(state, frames, encoding, quality, keep_images),
                                         name="yolostream-sender", daemon=True)
-        self._call = client._open_stream(_requests(state, config))
+        self._call = client._open_stream(_requests(state, state.attempt, config))
+        self.resumes = 0
+        self._cut: tuple[float, FeatureServerError] | None = None  # when and why the stream was cut, until an answer
+        self._failures = 0
+        # Cancels a resumed call that has not answered by the end of the resume time (a replica that accepts the
+        # connection but never answers would otherwise hold the stream for as long as keepalive takes to tell).
+        self._watchdog = threading.Timer(0, lambda: None)
+        self._expired = threading.Event()
         self._sender.start()
         self._closed = False
 
@@ -520,38 +641,104 @@ class FeatureStream:
         if self._closed:
             raise StopIteration
         state = self._state
-        try:
-            msg = next(self._call)
-        except StopIteration:
-            self.close()
-            if state.error is not None:
-                raise state.error from None
-            raise
-        except grpc.RpcError as err:
-            self.close()
-            raise FeatureServerError.from_rpc(err, self._address) from None
-        except BaseException:
-            self.close()
-            raise
+        while True:
+            try:
+                msg = next(self._call)
+            except StopIteration:
+                self.close()
+                if state.error is not None:
+                    raise state.error from None
+                raise
+            except grpc.RpcError as err:
+                error = FeatureServerError.from_rpc(err, self._address)
+                if self._expired.is_set():
+                    self._give_up(error)
+                self._resume_or_raise(error)
+                continue
+            except BaseException:
+                self.close()
+                raise
+            result = msg.result
+            if (self._policy.enabled and result.status == pb.FRAME_STATUS_ERROR
+                    and result.error_message.startswith(DRAIN_REFUSAL)):
+                self._resume_or_raise(FeatureServerError(grpc.StatusCode.UNAVAILABLE, result.error_message,
+                                                         self._address))
+                continue
+            break
         received = time.perf_counter()
-        result = msg.result
-        pending = state.pending.pop(result.frame_id, None)
-        state.release_slot()
+        if result.frame_id != state.answered:
+            self.close()
+            raise FeatureServerError(grpc.StatusCode.INTERNAL, f"answer for frame {result.frame_id} while frame "
+                                     f"{state.answered} was expected: answers must come once each, in order",
+                                     self._address)
+        pending = state.answer(result.frame_id)
+        self._client._mark_reached()
+        if self._cut is not None:
+            self._watchdog.cancel()
+            self._cut, self._failures = None, 0
         sent = pending.sent if pending is not None else None
-        return _result_from_proto(result, received - sent if sent is not None else None,
-                                  pending.image if pending is not None else None)
+        answer = _result_from_proto(result, received - sent if sent is not None else None,
+                                    pending.image if pending is not None else None)
+        answer.retries = max(0, pending.sends - 1) if pending is not None else 0
+        return answer
+
+    def _resume_or_raise(self, error: FeatureServerError) -> None:
+        """Reopen the stream after ``error``, or close it and raise: not resumable, or out of attempts or time."""
+        policy = self._policy
+        if not policy.enabled or error.code not in RESUMABLE_CODES or not self._client._reached:
+            self.close()
+            raise error
+        now = time.monotonic()
+        if self._cut is None:
+            self._cut = (now, error)
+        since = self._cut[0]
+        self._failures += 1
+        remaining = since + policy.timeout_s - now
+        if self._failures > policy.max_attempts or remaining <= 0:
+            self._give_up(error)
+        self._state.stop.wait(min(policy.backoff(self._failures), remaining))
+        if not self._client._wait_ready(since + policy.timeout_s - time.monotonic()):
+            self._give_up(error)
+        if self._state.stop.is_set():
+            raise StopIteration
+        self._call.cancel()
+        attempt = self._state.new_attempt()
+        log.info("resuming the stream at frame %d after %s", attempt.cursor, error)
+        self._call = call = self._client._open_stream(_requests(self._state, attempt, self._config))
+        self.resumes += 1
+        self._watchdog.cancel()
+        self._watchdog = threading.Timer(max(0.0, since + policy.timeout_s - time.monotonic()), self._expire, (call,))
+        self._watchdog.daemon = True
+        self._watchdog.start()
+
+    def _expire(self, call: Any) -> None:
+        """Watchdog: the resume time ran out before the resumed call answered; end it, and the stream with it."""
+        if call is self._call and self._cut is not None:
+            self._expired.set()
+            call.cancel()
+
+    def _give_up(self, last: FeatureServerError) -> None:
+        since, first = self._cut
+        self.close()
+        policy = self._policy
+        raise FeatureServerError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"stream lost and not resumed within {policy.timeout_s:g} s / {policy.max_attempts} attempt(s) "
+            f"({self._failures - 1} reopening(s) over {time.monotonic() - since:.1f} s); cut by: {first.details}"
+            + (f"; last: {last.details}" if last is not first else ""),
+            self._address) from None
 
     def close(self) -> None:
         """End the stream now; idempotent."""
         if self._closed:
             return
         self._closed = True
-        self._state.stop.set()
+        self._watchdog.cancel()
+        self._state.finish()
         self._call.cancel()
-        self._state.unblock()
         if self._sender is not threading.current_thread():
-            # The sender notices the stop within _POLL_S, unless it is inside a source read; a network camera
-            # that hangs there must not hang the caller too (the thread is a daemon).
+            # The sender notices the stop at once, unless it is inside a source read; a network camera that hangs
+            # there must not hang the caller too (the thread is a daemon).
             self._sender.join(timeout=SENDER_JOIN_S)
             if self._sender.is_alive():
                 log.warning("the frame source did not return within %.0f s; leaving its thread behind", SENDER_JOIN_S)

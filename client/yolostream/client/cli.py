@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import grpc
 
 from .api import DEFAULT_ADDRESS, ENCODINGS, LETTERBOXES, POOLINGS, FeatureClient, FeatureServerError, ModelInfo
+from .resume import ResumePolicy
 from .sources import open_source
 from .stats import StatusLine, StreamStats
 from .store import FeatureWriter
@@ -34,7 +35,9 @@ EXIT_INTERRUPTED = 130
 def _connection_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("connection")
     g.add_argument("--server", default=os.environ.get(SERVER_ENV, DEFAULT_ADDRESS), metavar="HOST:PORT",
-                   help=f"server address (default ${SERVER_ENV} or {DEFAULT_ADDRESS})")
+                   help=f"server address, a comma list of IP:PORT replicas, or a gRPC target such as "
+                        f"dns:///NAME:PORT (every address NAME resolves to); calls are balanced round-robin over "
+                        f"the healthy replicas (default ${SERVER_ENV} or {DEFAULT_ADDRESS})")
     g.add_argument("--token", default=None, help=f"bearer token (default ${TOKEN_ENV}; the variable keeps it out of "
                                                  "the process list)")
     g.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
@@ -42,16 +45,26 @@ def _connection_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tls-server-name", metavar="NAME", help="name the server certificate must carry, when it "
                                                              "differs from the host in --server")
     g.add_argument("--timeout", type=float, default=30.0, help="deadline of one-shot calls in seconds (default 30)")
+    g.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="end a stream when its server fails instead of resuming it on another replica")
+    g.add_argument("--resume-timeout", type=float, default=ResumePolicy.timeout_s, metavar="S",
+                   help="give up resuming a stream when no replica has answered for S seconds after its server "
+                        f"failed (default {ResumePolicy.timeout_s:g})")
 
 
 def _client(args: argparse.Namespace) -> FeatureClient:
     if args.tls_ca is not None and not os.path.isfile(args.tls_ca):
         raise FileNotFoundError(f"--tls-ca {args.tls_ca}: no such file")
+    if args.resume_timeout <= 0:
+        raise ValueError(f"--resume-timeout must be positive, got {args.resume_timeout}")
     return FeatureClient(args.server, token=args.token or os.environ.get(TOKEN_ENV) or None, tls=args.tls,
-                         tls_ca=args.tls_ca, tls_server_name=args.tls_server_name, timeout=args.timeout)
+                         tls_ca=args.tls_ca, tls_server_name=args.tls_server_name, timeout=args.timeout,
+                         resume=ResumePolicy(enabled=args.resume, timeout_s=args.resume_timeout))
 
 
-#: Words of a connect failure (gRPC's "failed to connect to all addresses; last error: …") and the hint each gets.
+#: Words of a connect failure and the hint each gets. gRPC says "failed to connect to all addresses; last error: …"
+#: under pick_first, and "connections to all backends failing; last error: …" under round_robin (our channels).
+_CONNECT_FAILED = ("failed to connect", "connections to all backends failing")
 _PLAINTEXT_TO_TLS = ("Socket closed", "Connection reset")
 _TLS_TO_PLAINTEXT = ("WRONG_VERSION_NUMBER", "packet length too long", "record layer failure")
 _UNTRUSTED = ("CERTIFICATE_VERIFY_FAILED",)
@@ -63,7 +76,7 @@ def connect_hint(err: FeatureServerError, tls: bool) -> str | None:
     gRPC reports a plaintext client at a TLS port as "Socket closed" and a TLS client at a plaintext port as a
     handshake error: both true but unhelpful, as the fix is a flag. Other failures (refused, timed out) get none.
     """
-    if err.code != grpc.StatusCode.UNAVAILABLE or "failed to connect" not in err.details:
+    if err.code != grpc.StatusCode.UNAVAILABLE or not any(words in err.details for words in _CONNECT_FAILED):
         return None
     if not tls and any(word in err.details for word in _PLAINTEXT_TO_TLS):
         return "the server may expect TLS: try --tls (or --tls-ca CA.pem for a private certificate authority)"

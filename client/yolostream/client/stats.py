@@ -69,9 +69,11 @@ class StreamStats:
         self.recent_latency: deque[float] = deque(maxlen=RECENT)
         self.recent_times: deque[float] = deque(maxlen=RECENT)
         self.last_error = ""
+        self.retried = 0
 
     def update(self, result: FeatureResult) -> None:
         self.answered += 1
+        self.retried += result.retries > 0
         self.recent_times.append(self.clock())
         if result.status == "ok":
             self.ok += 1
@@ -137,6 +139,8 @@ class StreamStats:
                          f"ms, encode {means['encode_us']:.1f} ms")
         if self.errors:
             lines.append(f"errors   last: {self.last_error}")
+        if self.retried:
+            lines.append(f"resumed  {self.retried} frame(s) sent again to another replica after theirs failed")
         return "\n".join(lines)
 
 
