@@ -79,8 +79,8 @@ def test_ports_probes_and_grace_periods_agree_with_the_server_flags():
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
     sleep_s = float(pre_stop[1])
-    # SIGTERM comes after preStop; the server then reports NOT_SERVING for drain_delay (a setting once the server
-    # has it) before it stops taking frames, and answers what it accepted within --grace.
+    # SIGTERM comes after preStop; the server then reports NOT_SERVING for --drain-delay
+    # before it stops taking frames, and answers what it accepted within --grace.
     stopping_s = sleep_s + (values.get("drain_delay") or 0) + values["grace"]
     grace_period = pod["spec"]["terminationGracePeriodSeconds"]
     assert stopping_s <= grace_period <= stopping_s + 15, (sleep_s, values.get("drain_delay"), values["grace"],

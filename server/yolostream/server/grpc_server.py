@@ -137,6 +137,10 @@ class FeatureServer:
                    # pings"), killing a stream that merely paused. Accept one per second; floods still strike out.
                    ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
                    ("grpc.keepalive_permit_without_calls", 1)]
+        if s.max_connection_age is not None:
+            options.append(("grpc.max_connection_age_ms", max(1, int(s.max_connection_age * 1000))))
+        if s.max_connection_age_grace is not None:
+            options.append(("grpc.max_connection_age_grace_ms", int(s.max_connection_age_grace * 1000)))
         interceptors = [BearerTokenInterceptor(s.token)] if s.token else []
         server = grpc.aio.server(options=options, interceptors=interceptors)
         add_to_server(self.service, server)
@@ -177,10 +181,14 @@ class FeatureServer:
             if asyncio.iscoroutine(result):
                 await result
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Drain: report NOT_SERVING, stop reading frames, answer every accepted frame, then stop."""
+    async def stop(self, grace: float | None = None, drain_delay: float | None = None) -> None:
+        """Drain: report NOT_SERVING, keep serving for ``drain_delay`` (health-checking clients send new streams
+        elsewhere meanwhile), then stop reading frames, answer every accepted frame, and stop."""
         grace = self.settings.grace if grace is None else grace
+        drain_delay = self.settings.drain_delay if drain_delay is None else drain_delay
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if drain_delay > 0 and self.service.active_calls:
+            await asyncio.sleep(drain_delay)
         await self.service.drain()
         if self.server is not None:
             stopping = asyncio.create_task(self.server.stop(grace))
@@ -250,7 +258,7 @@ class ServerThread:
     def stop(self, grace: float = 5.0) -> None:
         if self._thread.is_alive():
             try:
-                asyncio.run_coroutine_threadsafe(self.server.stop(grace), self.loop).result()
+                asyncio.run_coroutine_threadsafe(self.server.stop(grace, drain_delay=0), self.loop).result()
             finally:
                 self.loop.call_soon_threadsafe(self.loop.stop)
                 self._thread.join()

@@ -102,8 +102,18 @@ class ServerSettings:
                                    metavar="KEY.pem")
     token: str | None = _setting(None, "str", "security", f"require 'authorization: Bearer TOKEN' on every call "
                                  f"(prefer ${TOKEN_ENV}: a flag is visible in the process list)")
+    max_connection_age: float | None = _setting(
+        None, "float", "network", "close each client connection after about S seconds (GOAWAY; its streams "
+        "resume on a new connection), so long-lived clients re-resolve DNS and find new replicas (default off)",
+        metavar="S", low=0.001)
+    max_connection_age_grace: float | None = _setting(
+        None, "float", "network", "seconds a connection's streams may still run after its max age (default: "
+        "unlimited)", metavar="S", low=0)
+    drain_delay: float = _setting(1.0, "float", "process", "seconds between turning health NOT_SERVING and "
+                                  "refusing frames on SIGTERM, so health-checking clients move first (default 1)",
+                                  metavar="S", low=0)
     grace: float = _setting(30.0, "float", "process", "seconds SIGTERM/SIGINT wait for accepted frames before "
-                            "cancelling what is left (default 30)", metavar="S", low=0)
+                            "cancelling what is left, after the drain delay (default 30)", metavar="S", low=0)
 
     def replace(self, **changes: Any) -> "ServerSettings":
         return dataclasses.replace(self, **changes)

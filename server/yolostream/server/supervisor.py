@@ -146,6 +146,18 @@ class Supervisor:
         s = self.settings
         from .device import device_main
 
+        placeholder = StartupHealth(s)
+        self.port = placeholder.start()
+        try:
+            self._start_children(device_main)
+        finally:
+            placeholder.stop()
+        self.announce(f"yolostream serving {self.card.name} on {s.host}:{self.port} "
+                      f"({self._describe(len(self.frontends))})")
+
+    def _start_children(self, device_main: Callable) -> None:
+        s = self.settings
+
         parent, child = self.ctx.Pipe()
         process = self.ctx.Process(target=device_main, args=(s, os.getpid(), child, self.bypass, self.device_threads),
                                    name="yolostream-device", daemon=False)
@@ -160,12 +172,10 @@ class Supervisor:
         if self.card.random_weights:
             print(RANDOM_WEIGHTS_BANNER.format(name=self.card.name), file=self.err, flush=True)
         count = s.frontends or default_frontends(self.card.device, available_cores())
-        self.port = s.port
         for index in range(count):
             port, metrics_port = self._start_frontend(index)
             if index == 0:
-                self.port, self.metrics_port = port, metrics_port
-        self.announce(f"yolostream serving {self.card.name} on {s.host}:{self.port} ({self._describe(count)})")
+                self.metrics_port = metrics_port
 
     def _start_frontend(self, index: int) -> tuple[int, int | None]:
         generation = self.generations.get(index, -1) + 1
@@ -235,8 +245,8 @@ class Supervisor:
 
     def _drain(self) -> int:
         name = signal.Signals(self._signals[0]).name
-        self._say(f"{name}: draining (health NOT_SERVING; answering accepted frames, up to "
-                  f"{self.settings.grace:g} s)")
+        self._say(f"{name}: draining (health NOT_SERVING; taking frames for {self.settings.drain_delay:g} s more, "
+                  f"then answering accepted frames, up to {self.settings.grace:g} s)")
         self._stop_frontends(grace=self.settings.grace)
         self._stop_device()
         self._say("stopped")
@@ -248,7 +258,7 @@ class Supervisor:
         for child in children:
             _signal(child.process, signal.SIGTERM)
         forwarded = len(self._signals)
-        deadline = time.monotonic() + grace + STOP_SLACK_S
+        deadline = time.monotonic() + self.settings.drain_delay + grace + STOP_SLACK_S
         while any(c.process.is_alive() for c in children) and time.monotonic() < deadline:
             wait([self._wake_r, *(c.process.sentinel for c in children if c.process.is_alive())],
                  timeout=max(0.0, deadline - time.monotonic()))
@@ -299,6 +309,56 @@ class Supervisor:
         if self.metrics_port is not None:
             parts.append(f"metrics on :{self.metrics_port}/metrics")
         return ", ".join(parts)
+
+
+class StartupHealth:
+    """The port's answer while the model loads and warms up: health NOT_SERVING, nothing else.
+
+    Kubernetes readiness (and client-side health checking) then sees a server that is starting, not a refused
+    connection. It listens with SO_REUSEPORT, as the front-ends do, so they bind beside it and it closes once
+    they serve: the port never goes quiet in between.
+    """
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self._server: Any = None
+
+    def start(self) -> int:
+        """Bind and serve; the bound port (the one the front-ends must share, when the settings say 0)."""
+        from concurrent.futures import ThreadPoolExecutor
+        from pathlib import Path
+
+        import grpc
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+        from yolostream.v1 import feature_service_pb2 as pb
+
+        s = self.settings
+        server = grpc.server(ThreadPoolExecutor(max_workers=2, thread_name_prefix="yolostream-startup"),
+                             options=[("grpc.so_reuseport", 1)])
+        servicer = health.HealthServicer()
+        for name in ("", pb.DESCRIPTOR.services_by_name["FeatureService"].full_name):
+            servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        address = f"{s.host}:{s.port}"
+        try:
+            if s.tls_cert:
+                creds = grpc.ssl_server_credentials([(Path(s.tls_key).read_bytes(), Path(s.tls_cert).read_bytes())])
+                port = server.add_secure_port(address, creds)
+            else:
+                port = server.add_insecure_port(address)
+        except RuntimeError as err:
+            raise OSError(f"cannot listen on {address}: {err}") from err
+        if port == 0:
+            raise OSError(f"cannot listen on {address}: address in use or not available")
+        server.start()
+        self._server = server
+        return port
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop(0).wait(5)
+            self._server = None
 
 
 def _signal(process: Any, signum: int) -> None:
