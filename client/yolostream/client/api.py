@@ -42,7 +42,7 @@ import numpy as np
 
 from yolostream.v1 import feature_service_pb2 as pb
 from yolostream.v1 import feature_service_pb2_grpc as pb_grpc
-from yolostream.v1 import wire
+from yolostream.v1 import vocab, wire
 
 from .resume import (
     DRAIN_REFUSAL,
@@ -69,10 +69,10 @@ DEFAULT_SETTLE_S = 0.5
 REALTIME_SEND_QUEUE = 2
 
 ENCODINGS = ("jpeg", "png", "raw")
-POOLINGS = {"none": pb.POOLING_NONE, "avg": pb.POOLING_GLOBAL_AVG, "max": pb.POOLING_GLOBAL_MAX}
-LETTERBOXES = {"auto": pb.LETTERBOX_POLICY_AUTO, "square": pb.LETTERBOX_POLICY_SQUARE}
-STATUSES = {pb.FRAME_STATUS_OK: "ok", pb.FRAME_STATUS_ERROR: "error", pb.FRAME_STATUS_DROPPED: "dropped"}
-ROLES = {pb.LAYER_ROLE_BACKBONE: "backbone", pb.LAYER_ROLE_NECK: "neck", pb.LAYER_ROLE_DETECT: "detect"}
+POOLINGS = vocab.POOLINGS
+LETTERBOXES = vocab.LETTERBOX_POLICIES
+STATUSES = vocab.names_of(vocab.STATUSES)
+ROLES = vocab.names_of(vocab.ROLES)
 TIMING_FIELDS = ("queued_us", "preprocess_us", "compute_us", "encode_us")
 
 #: Longest wait in close() for the sender thread, which may be stuck in a network camera's read.
@@ -147,7 +147,7 @@ class ModelInfo:
                       output_shape=tuple(row.output_shape), aliases=tuple(row.aliases))
             for row in msg.layers
         )
-        letterbox = {v: k for k, v in LETTERBOXES.items()}.get(msg.default_letterbox, "?")
+        letterbox = vocab.names_of(LETTERBOXES).get(msg.default_letterbox, "?")
         return cls(
             model_name=msg.model_name, source=msg.source, random_weights=msg.random_weights, device=msg.device,
             dtype=msg.dtype, default_letterbox=letterbox, default_imgsz=msg.default_imgsz, stride=msg.stride,
@@ -176,7 +176,8 @@ class FeatureResult:
     zero-copy view of the response bytes for float32/float16 (bfloat16 arrives as float32). ``timestamp`` is the
     capture time in seconds as given to ``stream`` (to the microsecond). ``latency`` is the client-measured round
     trip in seconds, from the moment the frame was handed to gRPC until its answer was read. ``letterbox`` (dict of
-    ``LetterboxInfo`` fields) maps model-input pixels back to the frame: ``x = (x_in - pad_left) / ratio_w``.
+    ``LetterboxInfo`` fields) maps model-input pixels back to the frame with ``yolostream.v1.vocab.input_to_frame``:
+    ``x = (x_in - pad_left) * original_width / resized_width``.
     ``retries`` is how many times the frame was sent again because the replica it was on failed before answering
     (0 normally); ``latency`` then runs from its first send.
     """

@@ -18,6 +18,8 @@ from typing import Any, Sequence
 
 import grpc
 
+from yolostream.v1 import vocab
+
 from .api import DEFAULT_ADDRESS, ENCODINGS, LETTERBOXES, POOLINGS, FeatureClient, FeatureServerError, ModelInfo
 from .resume import ResumePolicy
 from .sources import open_source
@@ -27,7 +29,7 @@ from .viz import VideoSink, Window, display_problem, render
 
 TOKEN_ENV = "YOLOSTREAM_TOKEN"
 SERVER_ENV = "YOLOSTREAM_SERVER"
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = tuple(vocab.DTYPES)
 EXIT_FRAME_ERRORS = 1
 EXIT_INTERRUPTED = 130
 
