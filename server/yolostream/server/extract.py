@@ -1,5 +1,8 @@
 """Offline extraction: images and videos in, one ``.npz`` of features per image or video frame out, no server.
 
+Built on ``FeatureExtractor.extract`` (the numpy API of the library), so the command, the library and the server
+share one truncated forward and one letterbox.
+
 File format (documented in the README): one float32 array per requested layer, keyed by the name as requested
 (``all`` → layer indices as strings), shape (C, H, W), plus ``meta_*`` entries: ``meta_ratio`` (rw, rh),
 ``meta_pad`` (left, top, right, bottom), ``meta_orig_hw``, ``meta_input_hw``, ``meta_frame`` (index within the
@@ -18,7 +21,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from .runner import DeviceRunner, FrameFeatures
+from .extractor import FeatureExtractor, ImageFeatures
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +91,8 @@ def iter_video(path: Path, max_frames: int | None = None) -> tuple[int | None, I
     return total, frames()
 
 
-def write_npz(path: Path, result: FrameFeatures, frame_index: int, model_name: str, random_weights: bool) -> None:
+def write_npz(path: Path, result: ImageFeatures, frame_index: int, model_name: str, random_weights: bool) -> None:
+    """Write one image's features and letterbox metadata (the README's format) atomically: a crash leaves no half file."""
     lb = result.letterbox
     arrays = {name: np.ascontiguousarray(a, dtype=np.float32) for name, a in result.features.items()}
     arrays.update(
@@ -107,19 +111,26 @@ def write_npz(path: Path, result: FrameFeatures, frame_index: int, model_name: s
 
 
 def run_extract(
-    engine: DeviceRunner,
+    extractor: FeatureExtractor,
     inputs: Sequence[str | Path],
     out_dir: Path,
-    layers: Sequence[str],
     *,
     imgsz: int | None = None,
-    policy: str | None = None,
+    policy: str = "auto",
     max_frames: int | None = None,
     batch: int = 8,
     progress: bool | None = None,
 ) -> list[Path]:
-    """Extract features for every image and video frame in ``inputs``; return the files written, in order."""
-    engine.resolve(layers)
+    """Extract the extractor's layers for every image and video frame in ``inputs``; return the files written.
+
+    Args:
+        extractor: the model and the layers to write (keys of the .npz files are its output names).
+        inputs: image files, folders of images, or video files.
+        out_dir: where ``<stem>.npz`` and ``<stem>_<frame:06d>.npz`` go (created if needed).
+        imgsz: model input size (default: the extractor's); policy: the letterbox policy (``auto`` or ``square``).
+        max_frames: stop each video after this many frames; batch: video frames per forward.
+        progress: show a progress bar (None: only on a terminal).
+    """
     sources = collect_sources(inputs)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -137,9 +148,9 @@ def run_extract(
             if frame is not None:
                 chunk.append(frame)
             if chunk and (frame is None or len(chunk) >= batch):
-                for result in engine.extract(chunk, layers, imgsz, policy):
+                for result in extractor.extract(chunk, imgsz=imgsz, letterbox=policy, batch_size=batch):
                     path = out_dir / next(names)
-                    write_npz(path, result, index, engine.name, engine.random_weights)
+                    write_npz(path, result, index, extractor.model_name, extractor.random_weights)
                     written.append(path)
                     index += 1
                 bar.update(len(chunk))
