@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: minimal stride-multiple rectangle (upstream detect.py); square: full imgsz square")
     p.add_argument("--layers", default="backbone", help="comma list of indices or names: all, backbone, C3..C6, P3..P6")
     p.add_argument("--max-frames", type=int, default=None, help="stop each video after N frames")
-    p.add_argument("--batch", type=int, default=8, help="video frames per forward (default 8)")
+    p.add_argument("--batch", type=int, default=8, help="images or video frames per forward (default 8)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_VIDEO", help="image files, image folders or video files")
     p.set_defaults(func=cmd_extract)

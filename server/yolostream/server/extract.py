@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Sequence, TypeVar
 
 import cv2
 import numpy as np
@@ -24,6 +24,8 @@ from tqdm import tqdm
 from .extractor import FeatureExtractor, ImageFeatures
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -128,40 +130,51 @@ def run_extract(
         inputs: image files, folders of images, or video files.
         out_dir: where ``<stem>.npz`` and ``<stem>_<frame:06d>.npz`` go (created if needed).
         imgsz: model input size (default: the extractor's); policy: the letterbox policy (``auto`` or ``square``).
-        max_frames: stop each video after this many frames; batch: video frames per forward.
+        max_frames: stop each video after this many frames; batch: images or frames per forward.
         progress: show a progress bar (None: only on a terminal).
     """
     sources = collect_sources(inputs)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    for source in sources:
-        if source.is_video:
-            total, frames = iter_video(source.path, max_frames)
-            names = (f"{source.path.stem}_{k:06d}.npz" for k in range(total if total is not None else 10**12))
-        else:
-            total, frames = 1, iter([read_image(source.path)])
-            names = iter([f"{source.path.stem}.npz"])
-        bar = tqdm(total=total, desc=source.path.name, unit="frame", disable=(not progress) if progress is not None else None)
-        index = 0
-        chunk: list[np.ndarray] = []
-        for frame in _then_flush(frames):
-            if frame is not None:
-                chunk.append(frame)
-            if chunk and (frame is None or len(chunk) >= batch):
-                for result in extractor.extract(chunk, imgsz=imgsz, letterbox=policy, batch_size=batch):
-                    path = out_dir / next(names)
-                    write_npz(path, result, index, extractor.model_name, extractor.random_weights)
-                    written.append(path)
-                    index += 1
-                bar.update(len(chunk))
-                chunk = []
-        bar.close()
-        if source.is_video and index == 0:
-            raise ValueError(f"{source.path}: no frames could be read")
+    bar = tqdm(total=0, unit="frame", disable=(not progress) if progress is not None else None)
+    chunk: list[tuple[np.ndarray, Path, int]] = []
+    for item in _then_flush(_frames(sources, out_dir, max_frames, bar)):
+        if item is not None:
+            chunk.append(item)
+        if chunk and (item is None or len(chunk) >= batch):
+            results = extractor.extract([frame for frame, _, _ in chunk], imgsz=imgsz, letterbox=policy,
+                                        batch_size=batch)
+            for (_, path, index), result in zip(chunk, results):
+                write_npz(path, result, index, extractor.model_name, extractor.random_weights)
+                written.append(path)
+            bar.update(len(chunk))
+            chunk = []
+    bar.close()
     return written
 
 
-def _then_flush(frames: Iterator[np.ndarray]) -> Iterator[np.ndarray | None]:
+def _frames(sources: Sequence[Source], out_dir: Path, max_frames: int | None,
+            bar: tqdm) -> Iterator[tuple[np.ndarray, Path, int]]:
+    """Every frame to extract, in input order, with its output file and its index within its source.
+
+    One stream over all sources, so that a folder of images is batched like the frames of a video.
+    """
+    for source in sources:
+        bar.set_description(source.path.name)
+        if not source.is_video:
+            bar.total += 1
+            yield read_image(source.path), out_dir / f"{source.path.stem}.npz", 0
+            continue
+        total, frames = iter_video(source.path, max_frames)
+        bar.total += total or 0
+        count = 0
+        for count, frame in enumerate(frames, 1):
+            yield frame, out_dir / f"{source.path.stem}_{count - 1:06d}.npz", count - 1
+        if count == 0:
+            raise ValueError(f"{source.path}: no frames could be read")
+
+
+def _then_flush(frames: Iterator[T]) -> Iterator[T | None]:
     """Yield every frame, then one None so the caller flushes its last partial batch."""
     yield from frames
     yield None
