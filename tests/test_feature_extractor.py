@@ -198,7 +198,7 @@ def test_feature_info_matches_the_catalogue_that_getmodelinfo_reports(fixture_we
         info = client.model_info()
     for feature in module.feature_info:
         row = info.layer(feature.name)
-        assert (feature.index, feature.channels, feature.stride, feature.module) == (
+        assert (feature.index, feature.channels, feature.stride, feature.type) == (
             row.index, row.out_channels, row.stride, row.type), feature.name
     assert module.feature_info.channels() == [info.layer(n).out_channels for n in names]
     assert module.feature_info.reduction() == module.feature_info.strides() == [info.layer(n).stride for n in names]

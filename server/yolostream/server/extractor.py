@@ -32,7 +32,7 @@ class FeatureInfo:
     index: int
     channels: int
     stride: int
-    module: str
+    type: str
 
 
 class FeatureInfoList(tuple):
