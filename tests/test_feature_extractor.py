@@ -204,7 +204,9 @@ def test_feature_info_matches_the_catalogue_that_getmodelinfo_reports(fixture_we
     assert module.feature_info.reduction() == module.feature_info.strides() == [info.layer(n).stride for n in names]
 
 
-def test_unknown_layer_lists_the_valid_names(fixture_weights):
+def test_layer_requests_by_list_or_comma_string_and_unknown_names(fixture_weights):
+    module = feature_extractor(weights=fixture_weights, layers="P5, 4,C3")
+    assert module.feature_info.names() == ["P5", "4", "C3"] and module.feature_info.indices() == [23, 4, 4]
     with pytest.raises(ValueError, match=r"unknown layer 'P7'.*backbone"):
         feature_extractor(weights=fixture_weights, layers=["P3", "P7"])
     with pytest.raises(ValueError, match="Detect"):

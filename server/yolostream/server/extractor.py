@@ -77,7 +77,8 @@ class FeatureExtractor(TruncatedModel):
 
     Args:
         loaded: a model from ``load_model`` (its layers are taken over, not copied).
-        layers: names as everywhere in yolostream: indices, ``backbone``, ``C3``..``C6``, ``P3``..``P6``, ``all``.
+        layers: names as everywhere in yolostream: indices, ``backbone``, ``C3``..``C6``, ``P3``..``P6``, ``all``; a
+            list, or one comma-separated string as on the command line.
         trainable: leave parameters trainable and let ``.train()`` put BatchNorm in training mode; otherwise the
             parameters are frozen and the module stays in eval mode whatever ``.train()`` asks, so a frozen backbone
             inside a model being trained keeps its BatchNorm statistics.
@@ -86,7 +87,7 @@ class FeatureExtractor(TruncatedModel):
         imgsz: default input size for ``extract`` (rounded up to the stride, as upstream).
     """
 
-    def __init__(self, loaded: LoadedModel, layers: Iterable[str | int], *, trainable: bool = False,
+    def __init__(self, loaded: LoadedModel, layers: str | Iterable[str | int], *, trainable: bool = False,
                  fuse: bool | None = None, imgsz: int = 640) -> None:
         fuse = not trainable if fuse is None else bool(fuse)
         if fuse and trainable:
@@ -94,7 +95,7 @@ class FeatureExtractor(TruncatedModel):
         model = loaded.model.eval()
         stride = max(int(model.stride.max()), 32)
         catalogue = build_catalogue(model, (2 * stride, 2 * stride))
-        resolved = resolve_layers(catalogue, layers)
+        resolved = resolve_layers(catalogue, layers.split(",") if isinstance(layers, str) else layers)
         if fuse:
             fuse_model(model)
         super().__init__(model.model, {r.name: r.index for r in resolved})
@@ -171,7 +172,7 @@ class FeatureExtractor(TruncatedModel):
 def feature_extractor(
     weights: str | Path | None = None,
     cfg: str | Path | dict | None = None,
-    layers: Iterable[str | int] = ("P3", "P4", "P5"),
+    layers: str | Iterable[str | int] = ("P3", "P4", "P5"),
     *,
     trainable: bool = False,
     fuse: bool | None = None,
@@ -185,7 +186,8 @@ def feature_extractor(
             such as ``"yolov5s.pt"`` to download, or a plain state_dict file together with ``cfg``.
         cfg: a yolov5-format YAML or a built-in name (``yolov5n`` … ``yolov5x6``); alone it gives seeded random
             weights (``random_weights`` is then True). Neither: the built-in yolov5n with random weights.
-        layers: the outputs, in order: indices, ``backbone``, ``C3``..``C6``, ``P3``..``P6``, or ``all``.
+        layers: the outputs, in order: indices, ``backbone``, ``C3``..``C6``, ``P3``..``P6``, or ``all`` (a list, or
+            a comma-separated string such as ``"P3,P4,P5"``).
         trainable: gradients for the parameters and BatchNorm training under ``.train()``; frozen by default.
         fuse: fold BatchNorm into the convolutions; defaults to True when frozen, and must be False when trainable.
         imgsz: default input size of ``extract``.
