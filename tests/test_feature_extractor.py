@@ -20,7 +20,7 @@ from torch import nn
 from conftest import REPO, fixture_path
 from yolostream.client import FeatureClient
 from yolostream.server import FeatureExtractor, feature_extractor
-from yolostream.server.engine import Engine
+from yolostream.server.runner import DeviceRunner
 from yolostream.server.grpc_server import ServerSettings, ServerThread
 from yolostream.server.model.loader import load_model
 
@@ -193,8 +193,8 @@ def test_feature_info_matches_the_catalogue_that_getmodelinfo_reports(fixture_we
     names = ["backbone", "C3", "C4", "C5", "P3", "P4", "P5", "2", "13"]
     module = feature_extractor(weights=fixture_weights, layers=names)
     assert module.feature_info.names() == names
-    engine = Engine(load_model(fixture_weights), device="cpu", imgsz=128)
-    with ServerThread(engine, ServerSettings(port=0)) as server, FeatureClient(server.address) as client:
+    runner = DeviceRunner(load_model(fixture_weights), device="cpu", imgsz=128)
+    with ServerThread(runner, ServerSettings(port=0)) as server, FeatureClient(server.address) as client:
         info = client.model_info()
     for feature in module.feature_info:
         row = info.layer(feature.name)
@@ -254,7 +254,7 @@ def test_extract_batches_by_shape_keeps_order_and_equals_the_server_path(fixture
     finally:
         hook.remove()
     assert sorted(calls) == [1, 1, 2, 2] and len(results) == len(frames)
-    server = Engine(load_model(fixture_weights), device="cpu", imgsz=128).extract(frames, ["P3", "C4"])
+    server = DeviceRunner(load_model(fixture_weights), device="cpu", imgsz=128).extract(frames, ["P3", "C4"])
     for mine, theirs, hw in zip(results, server, sizes):
         assert mine.letterbox == theirs.letterbox and mine.letterbox.orig_hw == hw
         for name in ("P3", "C4"):
