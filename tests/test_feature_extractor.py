@@ -288,7 +288,7 @@ def test_the_readme_examples_run_as_written(fixture_weights, tmp_path, monkeypat
     assert list(scope["features"]) == ["P3", "P4", "P5"] and scope["backbone"].source == "yolov5s.pt"
     exec(compile(images, "README.md", "exec"), {})
     out = capsys.readouterr().out
-    assert "(64, 48, 80)" in out and "'pad_top'" in out
+    assert "(64, 48, 80)" in out and "'pad_top'" in out and "(96, 160)" in out
 
 
 def test_the_example_trains_a_head_on_the_fixture(fixture_weights, tmp_path, capsys):
