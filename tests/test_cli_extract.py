@@ -66,6 +66,29 @@ def test_extract_images_and_video(tmp_path, capsys):
         assert int(data["meta_frame"]) == 2
 
 
+def test_extract_batches_a_folder_of_images_and_keeps_their_order(tmp_path):
+    from yolostream.server.extract import run_extract
+    from yolostream.server.extractor import feature_extractor
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    frames = [_image(folder / f"{k}.png", 64, 96 if k % 2 else 64, seed=k) for k in range(5)]
+    extractor = feature_extractor(layers=["P4"], imgsz=128)
+    batches: list[int] = []
+    hook = extractor.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+    try:
+        written = run_extract(extractor, [folder], tmp_path / "o", batch=4)
+    finally:
+        hook.remove()
+    assert [p.name for p in written] == [f"{k}.npz" for k in range(5)]
+    assert sorted(batches) == [1, 2, 2], "4 images per chunk, each chunk split by letterboxed shape"
+    for path, frame in zip(written, frames):
+        with np.load(path) as data:
+            alone = extractor.extract([frame])[0].features["P4"]  # batch 1: summation order differs from batch 2
+            np.testing.assert_allclose(data["P4"], alone, rtol=0, atol=1e-5 * float(np.abs(alone).max()))
+            assert data["meta_orig_hw"].tolist() == list(frame.shape[:2])
+
+
 def test_extract_all_keys_every_feature_layer_by_index(tmp_path):
     _image(tmp_path / "x.png", 64, 64)
     assert cli.main(["extract", "--imgsz", "64", "--layers", "all", "--out", str(tmp_path / "o"),

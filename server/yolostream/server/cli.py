@@ -86,14 +86,27 @@ def format_catalogue(rows: Sequence[dict]) -> str:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from .extract import run_extract
+    """The ``extract`` command: the library's ``FeatureExtractor`` on the chosen device, written by ``run_extract``."""
+    import torch
 
-    engine = _load_engine(args)
-    if engine.random_weights:
-        print("WARNING: RANDOM WEIGHTS - features are for testing only", file=sys.stderr)
+    from .runner import resolve_device
+    from .extract import run_extract
+    from .extractor import feature_extractor
+
+    device = resolve_device(args.device)
+    if args.half and device.type != "cuda":
+        raise ValueError("--half needs CUDA: float16 on CPU runs about 26x slower than float32")
     layers = [s for s in args.layers.split(",") if s.strip()]
-    written = run_extract(engine, args.inputs, Path(args.out), layers, max_frames=args.max_frames, batch=args.batch)
-    print(f"wrote {len(written)} file(s) to {args.out}" + (" (RANDOM WEIGHTS)" if engine.random_weights else ""))
+    extractor = feature_extractor(args.weights, args.cfg, layers, fuse=args.fuse, imgsz=args.imgsz, device=device)
+    if args.half:
+        extractor.half()
+    if device.type == "cuda":
+        extractor.to(memory_format=torch.channels_last)
+    if extractor.random_weights:
+        print("WARNING: RANDOM WEIGHTS - features are for testing only", file=sys.stderr)
+    written = run_extract(extractor, args.inputs, Path(args.out), policy=args.letterbox, max_frames=args.max_frames,
+                          batch=args.batch)
+    print(f"wrote {len(written)} file(s) to {args.out}" + (" (RANDOM WEIGHTS)" if extractor.random_weights else ""))
     return 0
 
 
@@ -113,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: minimal stride-multiple rectangle (upstream detect.py); square: full imgsz square")
     p.add_argument("--layers", default="backbone", help="comma list of indices or names: all, backbone, C3..C6, P3..P6")
     p.add_argument("--max-frames", type=int, default=None, help="stop each video after N frames")
-    p.add_argument("--batch", type=int, default=8, help="frames per forward (default 8)")
+    p.add_argument("--batch", type=int, default=8, help="images or video frames per forward (default 8)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_VIDEO", help="image files, image folders or video files")
     p.set_defaults(func=cmd_extract)

@@ -1,5 +1,8 @@
 """Offline extraction: images and videos in, one ``.npz`` of features per image or video frame out, no server.
 
+Built on ``FeatureExtractor.extract`` (the numpy API of the library), so the command, the library and the server
+share one truncated forward and one letterbox.
+
 File format (documented in the README): one float32 array per requested layer, keyed by the name as requested
 (``all`` → layer indices as strings), shape (C, H, W), plus ``meta_*`` entries: ``meta_ratio`` (rw, rh),
 ``meta_pad`` (left, top, right, bottom), ``meta_orig_hw``, ``meta_input_hw``, ``meta_frame`` (index within the
@@ -12,15 +15,17 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Sequence, TypeVar
 
 import cv2
 import numpy as np
 from tqdm import tqdm
 
-from .runner import DeviceRunner, FrameFeatures
+from .extractor import FeatureExtractor, ImageFeatures
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -88,7 +93,8 @@ def iter_video(path: Path, max_frames: int | None = None) -> tuple[int | None, I
     return total, frames()
 
 
-def write_npz(path: Path, result: FrameFeatures, frame_index: int, model_name: str, random_weights: bool) -> None:
+def write_npz(path: Path, result: ImageFeatures, frame_index: int, model_name: str, random_weights: bool) -> None:
+    """Write one image's features and letterbox metadata (the README's format) atomically: a crash leaves no half file."""
     lb = result.letterbox
     arrays = {name: np.ascontiguousarray(a, dtype=np.float32) for name, a in result.features.items()}
     arrays.update(
@@ -107,50 +113,68 @@ def write_npz(path: Path, result: FrameFeatures, frame_index: int, model_name: s
 
 
 def run_extract(
-    engine: DeviceRunner,
+    extractor: FeatureExtractor,
     inputs: Sequence[str | Path],
     out_dir: Path,
-    layers: Sequence[str],
     *,
     imgsz: int | None = None,
-    policy: str | None = None,
+    policy: str = "auto",
     max_frames: int | None = None,
     batch: int = 8,
     progress: bool | None = None,
 ) -> list[Path]:
-    """Extract features for every image and video frame in ``inputs``; return the files written, in order."""
-    engine.resolve(layers)
+    """Extract the extractor's layers for every image and video frame in ``inputs``; return the files written.
+
+    Args:
+        extractor: the model and the layers to write (keys of the .npz files are its output names).
+        inputs: image files, folders of images, or video files.
+        out_dir: where ``<stem>.npz`` and ``<stem>_<frame:06d>.npz`` go (created if needed).
+        imgsz: model input size (default: the extractor's); policy: the letterbox policy (``auto`` or ``square``).
+        max_frames: stop each video after this many frames; batch: images or frames per forward.
+        progress: show a progress bar (None: only on a terminal).
+    """
     sources = collect_sources(inputs)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    for source in sources:
-        if source.is_video:
-            total, frames = iter_video(source.path, max_frames)
-            names = (f"{source.path.stem}_{k:06d}.npz" for k in range(total if total is not None else 10**12))
-        else:
-            total, frames = 1, iter([read_image(source.path)])
-            names = iter([f"{source.path.stem}.npz"])
-        bar = tqdm(total=total, desc=source.path.name, unit="frame", disable=(not progress) if progress is not None else None)
-        index = 0
-        chunk: list[np.ndarray] = []
-        for frame in _then_flush(frames):
-            if frame is not None:
-                chunk.append(frame)
-            if chunk and (frame is None or len(chunk) >= batch):
-                for result in engine.extract(chunk, layers, imgsz, policy):
-                    path = out_dir / next(names)
-                    write_npz(path, result, index, engine.name, engine.random_weights)
-                    written.append(path)
-                    index += 1
-                bar.update(len(chunk))
-                chunk = []
-        bar.close()
-        if source.is_video and index == 0:
-            raise ValueError(f"{source.path}: no frames could be read")
+    bar = tqdm(total=0, unit="frame", disable=(not progress) if progress is not None else None)
+    chunk: list[tuple[np.ndarray, Path, int]] = []
+    for item in _then_flush(_frames(sources, out_dir, max_frames, bar)):
+        if item is not None:
+            chunk.append(item)
+        if chunk and (item is None or len(chunk) >= batch):
+            results = extractor.extract([frame for frame, _, _ in chunk], imgsz=imgsz, letterbox=policy,
+                                        batch_size=batch)
+            for (_, path, index), result in zip(chunk, results):
+                write_npz(path, result, index, extractor.model_name, extractor.random_weights)
+                written.append(path)
+            bar.update(len(chunk))
+            chunk = []
+    bar.close()
     return written
 
 
-def _then_flush(frames: Iterator[np.ndarray]) -> Iterator[np.ndarray | None]:
+def _frames(sources: Sequence[Source], out_dir: Path, max_frames: int | None,
+            bar: tqdm) -> Iterator[tuple[np.ndarray, Path, int]]:
+    """Every frame to extract, in input order, with its output file and its index within its source.
+
+    One stream over all sources, so that a folder of images is batched like the frames of a video.
+    """
+    for source in sources:
+        bar.set_description(source.path.name)
+        if not source.is_video:
+            bar.total += 1
+            yield read_image(source.path), out_dir / f"{source.path.stem}.npz", 0
+            continue
+        total, frames = iter_video(source.path, max_frames)
+        bar.total += total or 0
+        count = 0
+        for count, frame in enumerate(frames, 1):
+            yield frame, out_dir / f"{source.path.stem}_{count - 1:06d}.npz", count - 1
+        if count == 0:
+            raise ValueError(f"{source.path}: no frames could be read")
+
+
+def _then_flush(frames: Iterator[T]) -> Iterator[T | None]:
     """Yield every frame, then one None so the caller flushes its last partial batch."""
     yield from frames
     yield None
