@@ -25,7 +25,7 @@ from .lifecycle import available_cores
 from .model.catalogue import build_catalogue
 from .model.loader import LoadedModel
 from .model.modules import fuse_model
-from .model.plan import ForwardPlan, make_plan, run_plan
+from .model.truncated import TruncatedModel
 from .preprocess import POLICIES as LETTERBOX_POLICIES
 from .preprocess import Letterbox, input_shape
 from .preprocess import letterbox as letterbox_frame
@@ -173,7 +173,7 @@ class DeviceRunner:
         self.stride = max(int(model.stride.max()), 32) if getattr(model, "stride", None) is not None else 32
         self.imgsz = int(imgsz)
         self.letterbox_policy = letterbox
-        self._plans: dict[tuple[int, ...], ForwardPlan] = {}
+        self._plans: dict[tuple[int, ...], TruncatedModel] = {}
         self._staging: OrderedDict[tuple[int, ...], _Staging] = OrderedDict()
         self._staging_lock = threading.Lock()
         self.buckets: tuple[int, ...] = ()
@@ -221,10 +221,10 @@ class DeviceRunner:
         """Requested names → layers, raising ValueError that lists the valid names."""
         return self._card.resolve(names)
 
-    def plan(self, indices: Iterable[int]) -> ForwardPlan:
+    def plan(self, indices: Iterable[int]) -> TruncatedModel:
         key = tuple(sorted(set(indices)))
         if key not in self._plans:
-            self._plans[key] = make_plan(self.layers, key)
+            self._plans[key] = TruncatedModel(self.layers, key)
         return self._plans[key]
 
     def preprocess(self, frame: np.ndarray, imgsz: int | None = None, policy: str | None = None) -> tuple[np.ndarray, Letterbox]:
@@ -261,7 +261,7 @@ class DeviceRunner:
         """Run the truncated forward for ``indices``; outputs stay on the device, keyed by layer index."""
         plan = self.plan(indices)
         with torch.inference_mode():
-            return run_plan(self.layers, self.to_input(batch), plan)
+            return plan.by_index(self.to_input(batch))
 
     def launch(self, images: Sequence[np.ndarray], keys: Sequence[OutputKey]) -> PendingBatch:
         """Start one batch of letterboxed (H,W,3) uint8 BGR frames: stage, upload, forward, pool and cast, and queue
@@ -280,7 +280,7 @@ class DeviceRunner:
             start = time.perf_counter()
             batch = np.stack(images) if n > 1 else np.asarray(images[0])[None]
             with torch.inference_mode():
-                outputs = run_plan(self.layers, self.frames_to_input(torch.from_numpy(batch)), plan)
+                outputs = plan.by_index(self.frames_to_input(torch.from_numpy(batch)))
                 computed = time.perf_counter()
                 host = {key: _to_host(_pool_cast(outputs[key[0]], key)) for key in keys}
             return PendingBatch(n, keys, host=host, compute_us=int((computed - start) * 1e6),
@@ -290,7 +290,7 @@ class DeviceRunner:
     def _event(self, timing: bool = False):
         return torch.cuda.Event(enable_timing=timing) if self.device.type == "cuda" else _HostEvent(timing)
 
-    def _launch_staged(self, images: Sequence[np.ndarray], keys: tuple[OutputKey, ...], plan: ForwardPlan) -> PendingBatch:
+    def _launch_staged(self, images: Sequence[np.ndarray], keys: tuple[OutputKey, ...], plan: TruncatedModel) -> PendingBatch:
         n = len(images)
         shape = (self.bucket(n), *images[0].shape)
         timer = (self._event(True), self._event(True), self._event(True))
@@ -307,7 +307,7 @@ class DeviceRunner:
                     x = x.clone()
                 staging.ready.record(self.stream)
             timer[0].record(self.stream)
-            outputs = run_plan(self.layers, self.frames_to_input(x), plan)
+            outputs = plan.by_index(self.frames_to_input(x))
             timer[1].record(self.stream)
             groups: dict[str, list[OutputKey]] = {}
             for key in keys:
