@@ -13,6 +13,7 @@ on threads inside one process for tests and the demo (``grpc_server.ServerThread
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import secrets
 import signal
@@ -146,11 +147,12 @@ class DeviceHost:
         return self
 
     def _accept(self) -> None:
+        listener = self._listener
         while True:
             try:
-                conn = self._listener.accept()
-            except (OSError, EOFError):
-                if self._listener is None or self._listener._listener is None:  # closed: stop accepting
+                conn = listener.accept()
+            except (OSError, EOFError, multiprocessing.AuthenticationError):
+                if self._listener is None:  # stopped: stop accepting
                     return
                 continue  # a peer with the wrong key, or one that went away mid-handshake
             threading.Thread(target=self._welcome, args=(conn,), name="yolostream-device-port", daemon=True).start()
