@@ -242,7 +242,7 @@ class Replicas:
     def _spawn(self, port: str) -> ServeProcess:
         return ServeProcess(self.tmp, "--port", port, "--imgsz", "64", "--device", "cpu", "--metrics-port", "0",
                             "--max-batch", "2", "--tls-cert", str(self.cert), "--tls-key", str(self.key), "--token", TOKEN,
-                            "--grace", "5")
+                            "--grace", "5", "--drain-delay", "0")  # SIGTERM cuts a stream at once: it must resume
 
     def _register(self, proc: ServeProcess, index: int) -> None:
         proc.wait_serving()

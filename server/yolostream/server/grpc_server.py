@@ -191,16 +191,15 @@ class FeatureServer:
             await asyncio.sleep(drain_delay)
         await self.service.drain()
         if self.server is not None:
-            stopping = asyncio.create_task(self.server.stop(grace))
             try:
-                # Feature calls finish their accepted frames; after that only their final statuses are worth a
-                # moment (1 s at most), and open health Watch or reflection streams (which never end by
-                # themselves) are cancelled instead of holding the whole grace period.
+                # Feature calls finish their accepted frames (new ones are refused UNAVAILABLE meanwhile); after
+                # that only their final statuses are worth a moment (1 s at most), and open health Watch or
+                # reflection streams (which never end by themselves) are cancelled instead of holding the grace
+                # period. A first stop(grace) here would be awaited by the second whatever its grace.
                 await asyncio.wait_for(self.service.wait_idle(), grace)
             except asyncio.TimeoutError:
                 log.warning("drain: feature calls still running after %.0f s; cancelling them", grace)
             await self.server.stop(min(grace, 1.0))
-            await stopping
         self.link.close()
         self.pipeline.close()
         self.metrics.close()
