@@ -25,7 +25,7 @@ from yolostream.v1 import feature_service_pb2 as pb
 from yolostream.v1 import feature_service_pb2_grpc as pb_grpc
 from yolostream.v1 import wire
 
-from conftest import ServeProcess, cpu_runner, grpc_channel, raw_frame, serve_env
+from conftest import ServeProcess, cpu_runner, grpc_channel, raw_frame, serve_cmd, serve_env
 
 WAIT = 60.0
 SERVE = ("--port", "0", "--imgsz", "64", "--device", "cpu", "--max-batch", "1", "--shm-mb", "16")
@@ -312,3 +312,13 @@ def test_the_frontend_side_imports_no_torch():
     code = ("import sys, yolostream.server.frontend, yolostream.server.supervisor, yolostream.server.grpc_server; "
             "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:5]")
     subprocess.run([sys.executable, "-c", code], env=serve_env(), check=True, timeout=WAIT)
+
+
+@pytest.mark.parametrize("flags, needle", [(("--frontends", "0"), "--frontends must be at least 1"),
+                                           (("--frontends", "65"), "--frontends 65 is over 64"),
+                                           (("--shm-mb", "4"), "--shm-mb must be at least 8")])
+def test_process_settings_out_of_range_are_one_line_errors(tmp_path, flags, needle):
+    proc = subprocess.run(serve_cmd("--port", "0", *flags), capture_output=True, text=True, env=serve_env(),
+                          timeout=WAIT, cwd=tmp_path)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr

@@ -23,6 +23,8 @@ from .errors import UserError, quote
 TOKEN_ENV = "YOLOSTREAM_TOKEN"
 
 MIB = 1024 * 1024
+#: Most front-end processes one server may run.
+MAX_FRONTENDS = 64
 
 GROUPS = {
     "model": "model (default: built-in yolov5n with random weights)",
@@ -70,7 +72,7 @@ class ServerSettings:
                                         "(0 picks a free port, printed in the start-up line; default off)",
                                         metavar="PORT", low=0)
     frontends: int | None = _setting(None, "int", "processes", "gRPC front-end processes sharing the port (decode, "
-                                     "letterbox, replies); default 1 on CPU, cores/4 (1..8) on CUDA",
+                                     "letterbox, replies); default 1 on CPU, cores/4 (1..8) on CUDA; at most 64",
                                      metavar="N", low=1)
     shm_mb: int = _setting(256, "int", "processes", "shared memory per front-end for frames and features in flight, "
                            "in MiB; a frame whose input plus reply exceeds it fails (default 256)", metavar="MIB",
@@ -130,6 +132,9 @@ class ServerSettings:
             value = getattr(self, key)
             if value is not None and value > 65535:
                 raise UserError(f"{BY_KEY[key].option} {value} is out of range: choose 0..65535 (0 picks a free port)")
+        if self.frontends is not None and self.frontends > MAX_FRONTENDS:
+            raise UserError(f"--frontends {self.frontends} is over {MAX_FRONTENDS}: each is a process with its own "
+                            f"--shm-mb of shared memory")
         if self.max_in_flight > self.max_in_flight_limit:
             raise UserError(f"--max-in-flight {self.max_in_flight} is over --max-in-flight-limit "
                             f"{self.max_in_flight_limit}")
