@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from yolostream.v1 import feature_service_pb2 as pb
+from yolostream.v1.vocab import DTYPES
 
 #: Wire dtypes that map one-to-one onto a numpy dtype (always little-endian).
 _NUMPY_DTYPES: dict[int, np.dtype] = {
@@ -28,12 +29,8 @@ _NUMPY_DTYPES: dict[int, np.dtype] = {
 #: Bytes per element of each wire dtype.
 ITEMSIZE: dict[int, int] = {pb.DTYPE_FLOAT32: 4, pb.DTYPE_FLOAT16: 2, pb.DTYPE_BFLOAT16: 2}
 
-#: Names used in configs, CLIs and ``ModelInfo.dtype``.
-DTYPE_NAMES: dict[str, int] = {
-    "float32": pb.DTYPE_FLOAT32,
-    "float16": pb.DTYPE_FLOAT16,
-    "bfloat16": pb.DTYPE_BFLOAT16,
-}
+#: Names used in configs, CLIs and ``ModelInfo.dtype`` (the shared vocabulary's table).
+DTYPE_NAMES: dict[str, int] = DTYPES
 
 _BF16_STORAGE = np.dtype("<u2")
 _BF16_QUIET_NAN = np.uint16(0x7FC0)
@@ -67,6 +64,12 @@ def dtype_to_numpy(dtype: int) -> np.dtype:
     """The numpy dtype :func:`tensor_from_proto` returns for a wire dtype (float32 for bfloat16)."""
     _check_dtype(dtype)
     return _NUMPY_DTYPES.get(dtype, np.dtype("<f4"))
+
+
+def storage_dtype(dtype: int) -> np.dtype:
+    """The numpy dtype of a wire dtype's raw bytes: itself for float32/float16, uint16 bit patterns for bfloat16."""
+    _check_dtype(dtype)
+    return _NUMPY_DTYPES.get(dtype, _BF16_STORAGE)
 
 
 def dtype_from_numpy(dtype: Any) -> int:

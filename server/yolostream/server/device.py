@@ -177,11 +177,6 @@ class DeviceHost:
         with self._lock:
             self._ports.discard(port)
 
-    @property
-    def frontends(self) -> int:
-        with self._lock:
-            return len(self._ports)
-
     def stop(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop listening; finish (``drain``) or fail what is queued; close every front-end's link."""
         listener, self._listener = self._listener, None

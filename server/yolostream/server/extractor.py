@@ -21,7 +21,7 @@ from .model.catalogue import build_catalogue, resolve_layers
 from .model.loader import LoadedModel, load_model
 from .model.modules import fuse_model
 from .model.truncated import TruncatedModel
-from .preprocess import Letterbox, input_shape, prepare
+from .preprocess import Letterbox, prepare
 
 
 @dataclass(frozen=True)

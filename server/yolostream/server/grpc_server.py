@@ -40,6 +40,32 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeatureService"].full_name
 REPLY_ENVELOPE_BYTES = 64 * 1024
 
 
+def listen(server: Any, settings: ServerSettings, address: str | None = None) -> int:
+    """Add ``address`` (default ``host:port`` of the settings) to a grpc server, with TLS when the settings have
+    it; the bound port. OSError with one line when it cannot be bound.
+
+    Args:
+        server: a ``grpc.server`` or ``grpc.aio.server``, not yet started.
+        settings: where to listen and the TLS files.
+        address: another address, e.g. ``unix:PATH``.
+    """
+    address = address or f"{settings.host}:{settings.port}"
+    try:
+        if settings.tls_cert or settings.tls_key:
+            if not (settings.tls_cert and settings.tls_key):
+                raise ValueError("TLS needs both --tls-cert and --tls-key")
+            creds = grpc.ssl_server_credentials([(Path(settings.tls_key).read_bytes(),
+                                                  Path(settings.tls_cert).read_bytes())])
+            port = server.add_secure_port(address, creds)
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError as err:
+        raise OSError(f"cannot listen on {address}: {err}") from err
+    if port == 0:
+        raise OSError(f"cannot listen on {address}: address in use or not available")
+    return port
+
+
 HEALTH_PREFIX = f"/{health.SERVICE_NAME}/"
 
 
@@ -146,23 +172,9 @@ class FeatureServer:
         add_to_server(self.service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        address = f"{s.host}:{s.port}"
-        try:
-            if s.tls_cert or s.tls_key:
-                if not (s.tls_cert and s.tls_key):
-                    raise ValueError("TLS needs both --tls-cert and --tls-key")
-                creds = grpc.ssl_server_credentials([(Path(s.tls_key).read_bytes(), Path(s.tls_cert).read_bytes())])
-                port = server.add_secure_port(address, creds)
-            else:
-                port = server.add_insecure_port(address)
-            if self.uds:
-                uds = f"unix:{self.uds}"
-                if (server.add_secure_port(uds, creds) if s.tls_cert else server.add_insecure_port(uds)) == 0:
-                    raise OSError(f"cannot listen on {uds}")
-        except RuntimeError as err:
-            raise OSError(f"cannot listen on {address}: {err}") from err
-        if port == 0:
-            raise OSError(f"cannot listen on {address}: address in use or not available")
+        port = listen(server, s)
+        if self.uds:
+            listen(server, s, f"unix:{self.uds}")
         await server.start()
         self.server, self.port = server, port
         if self.serve_metrics:

@@ -26,6 +26,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from yolostream.v1 import wire
+from yolostream.v1.vocab import DTYPES
+
 from .shm import ArenaFull, SharedArena, SlotAllocator
 
 log = logging.getLogger(__name__)
@@ -43,8 +46,6 @@ OutputKey = tuple[int, str, str]
 
 #: Seconds a cancelled frame waits for the device to withdraw or finish it.
 CANCEL_WAIT_S = 30.0
-
-NUMPY_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": np.dtype(np.uint16)}
 
 
 class DeviceUnavailable(ConnectionError):
@@ -73,7 +74,7 @@ class Computed:
 
 @dataclass(eq=False)
 class FrameSlot:
-    """A reserved place in the arena: ``input`` is the frame's (H,W,3) uint8 view to fill before ``compute``."""
+    """A reserved place in the arena: ``input`` is the frame's (H,W,3) uint8 view to fill before ``submit``."""
 
     input: np.ndarray
     keys: tuple[OutputKey, ...]
@@ -89,7 +90,6 @@ class _Pending:
     in_offset: int
     out_offset: int
     out_shapes: Sequence[tuple[tuple[int, ...], np.dtype]]
-    rid: int
 
 
 class DeviceLink:
@@ -170,7 +170,7 @@ class DeviceLink:
         front-end's share of the device queue is full; FrameTooLarge when it could never fit."""
         if self.lost or self._conn is None:
             raise DeviceUnavailable("the device process is not available")
-        layout = [(tuple(shape), NUMPY_DTYPES[key[2]]) for shape, key in zip(out_shapes, keys)]
+        layout = [(tuple(shape), wire.storage_dtype(DTYPES[key[2]])) for shape, key in zip(out_shapes, keys)]
         in_bytes = math.prod(in_shape)
         out_bytes = sum(math.prod(shape) * dtype.itemsize for shape, dtype in layout)
         if not self.slots.fits(in_bytes) or not self.slots.fits(out_bytes) or \
@@ -201,7 +201,7 @@ class DeviceLink:
             raise DeviceUnavailable("the device process is not available")
         rid = self._next_rid
         self._next_rid += 1
-        pending = _Pending(self._loop.create_future(), slot.in_offset, slot.out_offset, slot.layout, rid)
+        pending = _Pending(self._loop.create_future(), slot.in_offset, slot.out_offset, slot.layout)
         pending.future.add_done_callback(_retrieve)
         self._pending[rid] = pending
         self._send((RUN, rid, slot.in_offset, slot.input.shape, slot.out_offset, slot.out_bytes, slot.keys))
@@ -216,17 +216,6 @@ class DeviceLink:
         rid = next((r for r, p in self._pending.items() if p.future is future), None)
         if rid is not None and self._conn is not None:
             self._send((CANCEL, rid))
-
-    async def compute(self, slot: "FrameSlot") -> Computed:
-        """``submit`` and wait. A cancelled caller withdraws the frame and waits (bounded) until the device has
-        let go of it, so that a call that has ended holds nothing at the device."""
-        future = self.submit(slot)
-        try:
-            return await asyncio.shield(future)
-        except asyncio.CancelledError:
-            self.withdraw(future)
-            await asyncio.wait([future], timeout=CANCEL_WAIT_S)
-            raise
 
     def _send(self, message: tuple) -> None:
         """Queue a control message; everything queued in one turn of the event loop goes out in one write."""

@@ -122,10 +122,10 @@ class Pipeline:
                 shapes.append((channels, -(-h // layer.stride), -(-w // layer.stride)))
         return shapes
 
-    def reply_bytes(self, options: FrameOptions, input_hw: tuple[int, int]) -> int:
-        """Tensor bytes of one frame's reply for a model input of ``input_hw`` (the envelope is a few hundred more)."""
-        itemsize = wire.ITEMSIZE[options.dtype]
-        return sum(math.prod(shape) * itemsize for shape in self.output_shapes(options, input_hw))
+    @staticmethod
+    def reply_bytes(options: FrameOptions, shapes: list[tuple[int, ...]]) -> int:
+        """Tensor bytes of one frame's reply with outputs of ``shapes`` (the envelope is a few hundred more)."""
+        return sum(math.prod(shape) for shape in shapes) * wire.ITEMSIZE[options.dtype]
 
 
     async def begin(self, frame: pb.Frame, options: FrameOptions) -> "Begun | pb.FrameResult":
@@ -144,9 +144,9 @@ class Pipeline:
         except FrameError as err:
             return error_result(frame, str(err))
         except Exception as err:  # e.g. an OpenCV assertion on a degenerate frame: that frame fails, nothing else
-            return error_result(frame, f"could not preprocess the frame: {type(err).__name__}: {one_line(str(err), 300)}")
+            return _unpreparable(frame, err)
         shapes = self.output_shapes(options, letterbox.out_hw)
-        reply = self.reply_bytes(options, letterbox.out_hw)
+        reply = self.reply_bytes(options, shapes)
         if reply > self.max_reply_bytes:
             return error_result(frame, f"the reply would be {reply:,} bytes, over the server's message limit of "
                                        f"{self.max_reply_bytes:,}: ask for fewer or deeper layers, pooling, float16, "
@@ -161,7 +161,7 @@ class Pipeline:
             apply_letterbox(image, letterbox, out=slot.input)  # straight into shared memory: no further copy
         except Exception as err:  # e.g. an OpenCV assertion on a degenerate frame: that frame fails, nothing else
             self.device.unreserve(slot)
-            return error_result(frame, f"could not preprocess the frame: {type(err).__name__}: {one_line(str(err), 300)}")
+            return _unpreparable(frame, err)
         preprocess_us = int((decoded - start + time.perf_counter() - waited) * 1e6)
         return Begun(frame, options, letterbox, self.device.submit(slot), preprocess_us)
 
@@ -241,6 +241,12 @@ def _identify(result: pb.FrameResult, frame: pb.Frame, status: int) -> None:
     result.frame_id = frame.frame_id
     result.capture_timestamp_us = frame.capture_timestamp_us
     result.status = status
+
+
+def _unpreparable(frame: pb.Frame, err: Exception) -> pb.FrameResult:
+    """The ERROR result of a frame that failed in decoding or letterboxing for a reason of its own (e.g. an OpenCV
+    assertion on a degenerate frame)."""
+    return error_result(frame, f"could not preprocess the frame: {type(err).__name__}: {one_line(str(err), 300)}")
 
 
 def error_result(frame: pb.Frame, message: str, into: pb.FrameResult | None = None) -> pb.FrameResult:

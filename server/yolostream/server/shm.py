@@ -111,13 +111,6 @@ class SharedArena:
         """A numpy array over the arena's bytes at ``offset`` (no copy)."""
         return np.ndarray(shape, dtype=dtype, buffer=self._map, offset=offset)
 
-    def close(self) -> None:
-        """Unmap, unless numpy views are still alive (then the mapping goes when they do)."""
-        try:
-            self._map.close()
-        except BufferError:
-            pass
-
 
 class ArenaFull(Exception):
     """No free range is large enough right now (the caller waits for a free)."""
@@ -133,10 +126,6 @@ class SlotAllocator:
         self.size = size
         self._free: list[tuple[int, int]] = [(0, size)]
         self._used: dict[int, int] = {}
-
-    @property
-    def used_bytes(self) -> int:
-        return sum(self._used.values())
 
     def fits(self, nbytes: int) -> bool:
         """Whether a request of ``nbytes`` could ever be served (when everything else is free)."""

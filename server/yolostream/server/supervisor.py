@@ -326,31 +326,19 @@ class StartupHealth:
     def start(self) -> int:
         """Bind and serve; the bound port (the one the front-ends must share, when the settings say 0)."""
         from concurrent.futures import ThreadPoolExecutor
-        from pathlib import Path
 
         import grpc
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-        from yolostream.v1 import feature_service_pb2 as pb
+        from .grpc_server import SERVICE_NAME, listen
 
-        s = self.settings
         server = grpc.server(ThreadPoolExecutor(max_workers=2, thread_name_prefix="yolostream-startup"),
                              options=[("grpc.so_reuseport", 1)])
         servicer = health.HealthServicer()
-        for name in ("", pb.DESCRIPTOR.services_by_name["FeatureService"].full_name):
+        for name in ("", SERVICE_NAME):
             servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-        address = f"{s.host}:{s.port}"
-        try:
-            if s.tls_cert:
-                creds = grpc.ssl_server_credentials([(Path(s.tls_key).read_bytes(), Path(s.tls_cert).read_bytes())])
-                port = server.add_secure_port(address, creds)
-            else:
-                port = server.add_insecure_port(address)
-        except RuntimeError as err:
-            raise OSError(f"cannot listen on {address}: {err}") from err
-        if port == 0:
-            raise OSError(f"cannot listen on {address}: address in use or not available")
+        port = listen(server, self.settings)
         server.start()
         self._server = server
         return port

@@ -11,9 +11,10 @@ from typing import Sequence
 
 import numpy as np
 
-from .runner import DeviceRunner, OutputKey, PendingBatch
+from yolostream.v1 import wire
+from yolostream.v1.vocab import DTYPES
 
-_NUMPY = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+from .runner import DeviceRunner, OutputKey, PendingBatch
 
 
 class ModelBypass:
@@ -34,7 +35,7 @@ class ModelBypass:
             index, pooling, dtype = key
             channels, stride = self._channels[index]
             shape = (n, channels) if pooling != "none" else (n, channels, h // stride, w // stride)
-            host[key] = np.zeros(shape, _NUMPY[dtype])
+            host[key] = np.zeros(shape, wire.storage_dtype(DTYPES[dtype]))
         return PendingBatch(n, tuple(keys), host=host)
 
     def collect(self, pending: PendingBatch) -> PendingBatch:
