@@ -293,6 +293,7 @@ def test_the_device_dying_ends_streams_unavailable_and_the_server_exits_non_zero
         address = server.wait_serving()
         device = _roles(server)["device"]
         assert len(device) == 1
+        prefix, children = f"yolostream-{server.proc.pid}-", _children(server)
         with grpc_channel(address) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             watch = health.Watch(health_pb2.HealthCheckRequest(), timeout=WAIT)
@@ -303,6 +304,9 @@ def test_the_device_dying_ends_streams_unavailable_and_the_server_exits_non_zero
         assert server.proc.wait(timeout=WAIT) == 1
         lines = [line for line in server.stderr().splitlines() if "device process died" in line]
         assert lines == ["yolostream: the device process died (killed by SIGKILL); stopping"], server.stderr()
+        _wait_for(lambda: not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children),
+                  "every child process to exit")
+        assert not list(Path("/dev/shm").glob(f"{prefix}*"))
     finally:
         server.close()
 
@@ -322,3 +326,19 @@ def test_process_settings_out_of_range_are_one_line_errors(tmp_path, flags, need
                           timeout=WAIT, cwd=tmp_path)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr
+
+
+def test_a_frame_larger_than_the_shared_memory_fails_alone():
+    """A frame whose input plus features cannot fit the front-end's arena (--shm-mb) gets a per-frame ERROR
+    naming the limit; frames that fit are answered as usual."""
+    from yolostream.server.grpc_server import ServerSettings, ServerThread
+
+    with ServerThread(cpu_runner(), ServerSettings(port=0, shm_mb=8)) as server:
+        with grpc_channel(server.address) as channel:
+            stub = pb_grpc.FeatureServiceStub(channel)
+            big = stub.Extract(pb.ExtractRequest(frame=raw_frame(0), options=pb.FeatureOptions(imgsz=2048)),
+                               timeout=WAIT)
+            assert big.status == pb.FRAME_STATUS_ERROR and "--shm-mb" in big.error_message, big.error_message
+            assert "shared memory" in big.error_message and len(big.error_message) < 400
+            small = stub.Extract(pb.ExtractRequest(frame=raw_frame(1)), timeout=WAIT)
+            assert small.status == pb.FRAME_STATUS_OK
