@@ -10,6 +10,7 @@ import torch
 
 from conftest import fixture_path
 from yolostream.server.model import detections as D
+from yolostream.server import object_request as R
 from yolostream.server.model import objects as O
 from yolostream.server.model.loader import load_model
 from yolostream.server.model.modules import fuse_model
@@ -154,7 +155,7 @@ def test_client_boxes_equal_to_the_detectors_give_the_same_roi_vectors(model):
         detected = O.frame_objects(model, outputs, input_hw, [orig_hw], nms=D.NmsOptions(), objects=opts)[0]
         # A decoded box can be thinner than float32 resolves (width 0); a client may not send those back.
         ok = ((detected.boxes[:, 2] > detected.boxes[:, 0]) & (detected.boxes[:, 3] > detected.boxes[:, 1])).numpy()
-        sent = O.client_boxes(detected.boxes.numpy()[ok], orig_hw)
+        sent = R.client_boxes(detected.boxes.numpy()[ok], orig_hw)
         client = O.frame_objects(model, outputs, input_hw, [orig_hw], nms=D.NmsOptions(), objects=opts,
                                  boxes=[sent])[0]
     assert len(detected.boxes) == 300 and ok.sum() > 250 and client.scores is None and client.rows is None
@@ -187,17 +188,17 @@ def test_normalize_gives_unit_rows_with_equal_layer_shares_and_dtype(expected, d
 
 
 def test_client_boxes_are_validated_and_clipped():
-    got = O.client_boxes([[-5, 10, 700, 20], [1.5, 2, 3, 4]], (100, 200))
+    got = R.client_boxes([[-5, 10, 700, 20], [1.5, 2, 3, 4]], (100, 200))
     assert got.dtype == np.float32 and got.tolist() == [[0, 10, 200, 20], [1.5, 2, 3, 4]]
-    assert O.client_boxes(np.zeros((0, 4)), (10, 10)).shape == (0, 4)
+    assert R.client_boxes(np.zeros((0, 4)), (10, 10)).shape == (0, 4)
     with pytest.raises(ValueError, match=r"box 1 has a NaN or infinite coordinate"):
-        O.client_boxes([[0, 0, 1, 1], [0, np.nan, 1, 1]], (10, 10))
+        R.client_boxes([[0, 0, 1, 1], [0, np.nan, 1, 1]], (10, 10))
     with pytest.raises(ValueError, match=r"box 0 is empty \(needs x2 > x1 and y2 > y1\)"):
-        O.client_boxes([[5, 0, 5, 1]], (10, 10))
+        R.client_boxes([[5, 0, 5, 1]], (10, 10))
     with pytest.raises(ValueError, match="5 boxes on one frame; the limit is 4"):
-        O.client_boxes(np.tile([0, 0, 1, 1], (5, 1)), (10, 10), max_boxes=4)
+        R.client_boxes(np.tile([0, 0, 1, 1], (5, 1)), (10, 10), max_boxes=4)
     with pytest.raises(ValueError, match=r"must be an \(N, 4\) array"):
-        O.client_boxes([1, 2, 3, 4], (10, 10))
+        R.client_boxes([1, 2, 3, 4], (10, 10))
 
 
 @pytest.mark.parametrize(

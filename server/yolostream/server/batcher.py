@@ -39,7 +39,9 @@ class PendingLike(Protocol):
 class BatchEngine(Protocol):
     """What the batcher needs from an engine: start a batch, and wait for one."""
 
-    def launch(self, images: Sequence[np.ndarray], keys: Sequence[OutputKey]) -> PendingLike: ...
+    def launch(self, images: Sequence[np.ndarray], keys: Sequence[OutputKey]) -> PendingLike:
+        """Start a batch. When any frame carries an ``objects`` job, the batcher also passes ``objects=``, one job
+        (or None) per frame, and reads ``pending.objects`` (one result or None per frame) once collected."""
 
     def collect(self, pending: PendingLike) -> PendingLike: ...
 
@@ -85,7 +87,8 @@ class ResultSink(Protocol):
 
 @dataclass(eq=False)
 class WorkItem:
-    """One preprocessed frame waiting for the device (compared by identity). ``tag`` is the sink's own handle."""
+    """One preprocessed frame waiting for the device (compared by identity). ``tag`` is the sink's own handle;
+    ``objects`` the frame's detection/object-vector job (``object_request.ObjectJob``), if any."""
 
     image: np.ndarray
     outputs: tuple[OutputKey, ...]
@@ -93,6 +96,7 @@ class WorkItem:
     tag: Any = None
     enqueued: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
+    objects: Any = None
 
 
 @dataclass
@@ -104,6 +108,7 @@ class BatchResult:
     queued_us: int
     compute_us: int
     fetch_us: int
+    objects: Any = None
 
 
 class _FutureSink:
@@ -304,8 +309,11 @@ class MicroBatcher:
             return None
         start = time.perf_counter()
         keys = sorted({key for item in batch for key in item.outputs})
+        images = [item.image for item in batch]
         try:
-            return batch, self.engine.launch([item.image for item in batch], keys), start
+            if any(item.objects is not None for item in batch):
+                return batch, self.engine.launch(images, keys, objects=[item.objects for item in batch]), start
+            return batch, self.engine.launch(images, keys), start
         except Exception as err:  # a failed batch fails its frames, never the worker
             self._fail_all(batch, err)
             return None
@@ -322,10 +330,11 @@ class MicroBatcher:
             self.batches_run += 1
             self.frames_run += n
         fetch_us = done.fetch_us // n
+        objects = getattr(done, "objects", None) or [None] * n
         _deliver_each([
             (item, BatchResult(arrays=[done.host[key][row] for key in item.outputs], batch_size=n,
                                queued_us=int((start - item.enqueued) * 1e6), compute_us=done.compute_us,
-                               fetch_us=fetch_us))
+                               fetch_us=fetch_us, objects=objects[row]))
             for row, item in enumerate(batch)])
 
     @staticmethod

@@ -121,6 +121,8 @@ class ModelCard:
     imgsz: int
     letterbox: str
     catalogue: tuple[LayerInfo, ...]
+    num_classes: int = 0
+    class_names: tuple[str, ...] = ()
 
     def input_hw(self, imgsz: int | None = None) -> tuple[int, int]:
         """The square model input for ``imgsz`` (default: the card's), rounded up to the stride as upstream."""
@@ -133,6 +135,16 @@ class ModelCard:
     def channels(self, index: int) -> int:
         """Output channels of layer ``index`` (independent of the input size)."""
         return self.catalogue[index].out_channels
+
+    @property
+    def detect_inputs(self) -> tuple[int, ...]:
+        """Indices of the layers feeding Detect (P3, P4, P5[, P6]) in level order; empty without a Detect head."""
+        return next((row.source for row in self.catalogue if row.role == "detect"), ())
+
+    def default_object_layers(self) -> list[ResolvedLayer]:
+        """The layers object vectors are read from by default: Detect's inputs, named P<log2 stride>."""
+        rows = [self.catalogue[j] for j in self.detect_inputs]
+        return [ResolvedLayer(f"P{row.stride.bit_length() - 1}", row.index, row.stride) for row in rows]
 
     @property
     def deepest_feature(self) -> int:
@@ -153,5 +165,5 @@ class ModelCard:
                       aliases=tuple(r["aliases"]))
             for r in data["catalogue"]
         )
-        fields = {k: v for k, v in data.items() if k != "catalogue"}
-        return ModelCard(**fields, catalogue=rows)
+        fields = {k: v for k, v in data.items() if k not in ("catalogue", "class_names")}
+        return ModelCard(**fields, catalogue=rows, class_names=tuple(data.get("class_names", ())))

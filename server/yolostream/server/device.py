@@ -27,6 +27,7 @@ import numpy as np
 from .batcher import BatcherConfig, BatchEngine, BatchResult, MicroBatcher, ServerBusy, WorkItem
 from .errors import one_line
 from .lifecycle import become_child
+from .object_request import ObjectJob
 from .link import CANCEL, HELLO, RESULTS, RUN, WELCOME
 from .shm import SharedArena
 
@@ -75,9 +76,9 @@ class _FrontEndPort:
             self.host.detach(self)
 
     def _run(self, rid: int, in_offset: int, shape: tuple[int, ...], out_offset: int, out_bytes: int,
-             keys: tuple) -> None:
+             keys: tuple, job: ObjectJob | None = None) -> None:
         image = self.arena.view(in_offset, tuple(shape))
-        item = WorkItem(image, tuple(keys), self, (rid, out_offset, out_bytes))
+        item = WorkItem(image, tuple(keys), self, (rid, out_offset, out_bytes), objects=job)
         with self._items_lock:
             self.items[rid] = item
         try:
@@ -92,7 +93,7 @@ class _FrontEndPort:
             self.deliver([(item, None)])
 
     def deliver(self, results: list[tuple[WorkItem, BatchResult | BaseException | None]]) -> None:
-        """Write each finished frame's features into the arena, then answer once for all of them."""
+        """Write each finished frame's features (and boxes) into the arena, then answer once for all of them."""
         done, failed = [], []
         for item, outcome in results:
             rid, out_offset, out_bytes = item.tag
@@ -101,16 +102,26 @@ class _FrontEndPort:
             if outcome is None or isinstance(outcome, BaseException):
                 failed.append((rid, None if outcome is None else _one_line(outcome)))
                 continue
+            job: ObjectJob | None = item.objects
+            feature_bytes = out_bytes - (job.layout.nbytes if job is not None else 0)
             total = sum(a.nbytes for a in outcome.arrays)
-            if total != out_bytes:
+            if total != feature_bytes:
                 failed.append((rid, f"internal error: the features are {total} bytes, the front-end expected "
-                                    f"{out_bytes}"))
+                                    f"{feature_bytes}"))
                 continue
             offset = out_offset
             for array in outcome.arrays:
                 np.copyto(self.arena.view(offset, array.shape, array.dtype), array, casting="no")
                 offset += array.nbytes
-            done.append((rid, outcome.batch_size, outcome.queued_us, outcome.compute_us, outcome.fetch_us))
+            boxes = -1
+            if job is not None:
+                try:
+                    job.layout.write(self.arena.view(offset, (job.layout.nbytes,), np.uint8), outcome.objects)
+                except (ValueError, AttributeError) as err:
+                    failed.append((rid, f"internal error: {_one_line(err)}"))
+                    continue
+                boxes = len(outcome.objects.boxes)
+            done.append((rid, outcome.batch_size, outcome.queued_us, outcome.compute_us, outcome.fetch_us, boxes))
         with self._send_lock:
             try:
                 self.conn.send((RESULTS, done, failed))

@@ -15,6 +15,8 @@ import numpy as np
 
 from yolostream.v1 import feature_service_pb2 as pb
 
+from .object_request import MAX_CLIENT_BOXES
+
 
 class FrameError(ValueError):
     """This frame cannot be used; the stream goes on."""
@@ -27,6 +29,7 @@ class FrameLimits:
     max_pixels: int = 4096 * 4096
     max_frame_bytes: int = 64 * 1024 * 1024
     max_side: int = 16384
+    max_boxes: int = MAX_CLIENT_BOXES
 
     def check_bytes(self, size: int, what: str) -> None:
         """``max_frame_bytes`` holds for encoded and raw frames alike (the proto says "encoded or raw")."""

@@ -123,7 +123,7 @@ class FeatureServer:
         self.reuse_port = reuse_port
         self.uds = uds
         self.serve_metrics = serve_metrics and s.metrics_port is not None
-        limits = FrameLimits(max_pixels=s.max_pixels, max_frame_bytes=s.max_frame_bytes)
+        limits = FrameLimits(max_pixels=s.max_pixels, max_frame_bytes=s.max_frame_bytes, max_boxes=s.max_boxes)
         self.pipeline = Pipeline(card, link, limits, default_layers=tuple(s.layers), decode_threads=s.decode_threads,
                                  max_reply_bytes=s.max_message_bytes - REPLY_ENVELOPE_BYTES)
         stream_limits = StreamLimits(default_in_flight=s.max_in_flight, max_in_flight=s.max_in_flight_limit)

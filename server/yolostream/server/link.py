@@ -29,17 +29,19 @@ import numpy as np
 from yolostream.v1 import wire
 from yolostream.v1.vocab import DTYPES
 
+from .object_request import ObjectJob, ObjectLayout
 from .shm import ArenaFull, SharedArena, SlotAllocator
 
 log = logging.getLogger(__name__)
 
 # Control messages, front-end → device (after the hello, each write is a list of RUN and CANCEL messages).
 HELLO = "hello"  # (HELLO, arena name)
-RUN = "run"  # (RUN, rid, in_offset, in_shape (H, W, 3), out_offset, out_bytes, keys)
+RUN = "run"  # (RUN, rid, in_offset, in_shape (H, W, 3), out_offset, out_bytes, keys, ObjectJob or None)
 CANCEL = "cancel"  # (CANCEL, rid)
 # Device → front-end.
 WELCOME = "welcome"  # (WELCOME,)
-RESULTS = "results"  # (RESULTS, [(rid, batch_size, queued_us, compute_us, fetch_us)], [(rid, message or None)])
+# (RESULTS, [(rid, batch_size, queued_us, compute_us, fetch_us, boxes or -1)], [(rid, message or None)])
+RESULTS = "results"
 
 #: A requested output: (layer index, pooling, dtype name).
 OutputKey = tuple[int, str, str]
@@ -62,7 +64,8 @@ class FrameTooLarge(ValueError):
 
 @dataclass
 class Computed:
-    """A frame's features as views of the arena; ``release`` frees them (call it once the reply is built)."""
+    """A frame's features as views of the arena; ``release`` frees them (call it once the reply is built).
+    ``objects``: the frame's boxes, scores, classes and vectors (views, see ``ObjectLayout.views``), if asked."""
 
     arrays: list[np.ndarray]
     batch_size: int
@@ -70,6 +73,7 @@ class Computed:
     compute_us: int
     fetch_us: int
     release: Callable[[], None]
+    objects: dict[str, np.ndarray | None] | None = None
 
 
 @dataclass(eq=False)
@@ -82,6 +86,7 @@ class FrameSlot:
     in_offset: int
     out_offset: int
     out_bytes: int
+    objects: ObjectLayout | None = None
 
 
 @dataclass(eq=False)
@@ -90,6 +95,7 @@ class _Pending:
     in_offset: int
     out_offset: int
     out_shapes: Sequence[tuple[tuple[int, ...], np.dtype]]
+    objects: ObjectLayout | None = None
 
 
 class DeviceLink:
@@ -164,15 +170,17 @@ class DeviceLink:
         self._fail_all(DeviceUnavailable("front-end is shutting down"))
 
     async def reserve(self, in_shape: tuple[int, ...], keys: Sequence[OutputKey],
-                      out_shapes: Sequence[tuple[int, ...]]) -> "FrameSlot":
+                      out_shapes: Sequence[tuple[int, ...]], objects: ObjectLayout | None = None) -> "FrameSlot":
         """Room for one frame: its (H,W,3) uint8 input (``slot.input``, to fill) and its outputs, whose shapes
-        (``out_shapes``, in ``keys`` order) the caller derives from the model card. Waits while the arena or the
-        front-end's share of the device queue is full; FrameTooLarge when it could never fit."""
+        (``out_shapes``, in ``keys`` order) the caller derives from the model card, plus room for its boxes and
+        object vectors when ``objects`` is given. Waits while the arena or the front-end's share of the device
+        queue is full; FrameTooLarge when it could never fit."""
         if self.lost or self._conn is None:
             raise DeviceUnavailable("the device process is not available")
         layout = [(tuple(shape), wire.storage_dtype(DTYPES[key[2]])) for shape, key in zip(out_shapes, keys)]
         in_bytes = math.prod(in_shape)
         out_bytes = sum(math.prod(shape) * dtype.itemsize for shape, dtype in layout)
+        out_bytes += objects.nbytes if objects is not None else 0
         if not self.slots.fits(in_bytes) or not self.slots.fits(out_bytes) or \
                 not self.slots.fits(in_bytes + out_bytes):
             raise FrameTooLarge(f"the frame needs {in_bytes + out_bytes:,} bytes of shared memory (input "
@@ -185,26 +193,29 @@ class DeviceLink:
             self._credit.release()
             raise
         return FrameSlot(self.arena.view(in_offset, tuple(in_shape)), tuple(keys), layout, in_offset, out_offset,
-                         out_bytes)
+                         out_bytes, objects)
 
     def unreserve(self, slot: "FrameSlot") -> None:
         """Give back a slot that will not be computed (its frame failed before reaching the device)."""
         self._credit.release()
         self._free(slot.in_offset, slot.out_offset)
 
-    def submit(self, slot: "FrameSlot") -> asyncio.Future:
+    def submit(self, slot: "FrameSlot", job: ObjectJob | None = None) -> asyncio.Future:
         """Send a filled slot to the device; the future resolves to its ``Computed`` features (call ``release``
         on them once used) or fails with DeviceFrameError / DeviceUnavailable. ``withdraw`` it if it will not be
-        awaited."""
+        awaited. ``job``: the frame's boxes/vectors work, laid out as the slot was reserved for."""
         if self.lost or self._conn is None:
             self.unreserve(slot)
             raise DeviceUnavailable("the device process is not available")
         rid = self._next_rid
         self._next_rid += 1
-        pending = _Pending(self._loop.create_future(), slot.in_offset, slot.out_offset, slot.layout)
+        if (job.layout if job is not None else None) != slot.objects:
+            self.unreserve(slot)
+            raise ValueError("the object job does not match the slot it was reserved with")
+        pending = _Pending(self._loop.create_future(), slot.in_offset, slot.out_offset, slot.layout, slot.objects)
         pending.future.add_done_callback(_retrieve)
         self._pending[rid] = pending
-        self._send((RUN, rid, slot.in_offset, slot.input.shape, slot.out_offset, slot.out_bytes, slot.keys))
+        self._send((RUN, rid, slot.in_offset, slot.input.shape, slot.out_offset, slot.out_bytes, slot.keys, job))
         return pending.future
 
     def withdraw(self, future: asyncio.Future) -> None:
@@ -266,7 +277,7 @@ class DeviceLink:
 
     def _handle(self, message: tuple) -> None:
         _, done, failed = message
-        for rid, batch_size, queued_us, compute_us, fetch_us in done:
+        for rid, batch_size, queued_us, compute_us, fetch_us, boxes in done:
             pending = self._pending.pop(rid)
             self._credit.release()
             self.slots.free(pending.in_offset)
@@ -275,6 +286,9 @@ class DeviceLink:
                 array = self.arena.view(offset, shape, dtype)
                 arrays.append(array)
                 offset += array.nbytes
+            objects = None
+            if pending.objects is not None:
+                objects = pending.objects.views(self.arena.view(offset, (pending.objects.nbytes,)), boxes)
             released = [False]
 
             def release(out_offset: int = pending.out_offset, flag: list = released) -> None:
@@ -282,7 +296,8 @@ class DeviceLink:
                     flag[0] = True
                     self._free(out_offset)
 
-            pending.future.set_result(Computed(arrays, batch_size, queued_us, compute_us, fetch_us, release))
+            pending.future.set_result(Computed(arrays, batch_size, queued_us, compute_us, fetch_us, release,
+                                               objects))
         for rid, message_text in failed:
             pending = self._pending.pop(rid)
             self._credit.release()

@@ -8,39 +8,38 @@ back as INVALID_ARGUMENT.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from yolostream.v1 import feature_service_pb2 as pb
 from yolostream.v1 import wire
 
-from .model.detections import MAX_NMS, NmsOptions
-from .model.objects import ObjectOptions
+from .card import ModelCard
+from .object_request import MAX_NMS, NmsOptions, ObjectOptions, ObjectRequest
 
 _DEFAULT_NMS = NmsOptions()
 _DEFAULT_OBJECTS = ObjectOptions()
 _MODES = {pb.OBJECT_FEATURE_MODE_ANCHOR: "anchor", pb.OBJECT_FEATURE_MODE_ROI: "roi"}
 
 
-@dataclass(frozen=True)
-class ObjectRequest:
-    """What a request asks for beyond feature maps.
-
-    ``detection``: NMS options, or None when detection is off. ``objects``: vector options, or None for no
-    vectors (mode NONE). ``layers``: the layer names vectors are read from, empty for the Detect inputs (resolve
-    them with the engine's catalogue, then ``objects.object_layers``).
-    """
-
-    detection: NmsOptions | None
-    objects: ObjectOptions | None
-    layers: tuple[str, ...]
-
-
-def object_request(msg: pb.FeatureOptions, nc: int) -> ObjectRequest:
-    """Validate the detection and object-feature parts of ``msg`` for a model with ``nc`` classes."""
-    return ObjectRequest(detection_options(msg.detection, nc), object_options(msg.object_features),
-                         tuple(msg.object_features.layers))
+def object_request(msg: pb.FeatureOptions, card: ModelCard) -> ObjectRequest:
+    """Validate the detection and object-feature parts of ``msg`` for the served model, with the vector layers
+    bound to the model's layers (ValueError names the problem and the valid choices)."""
+    detection = detection_options(msg.detection, card.num_classes)
+    if detection is not None and not card.detect_inputs:
+        raise ValueError(f"detection: the model {card.name} has no Detect head")
+    objects = object_options(msg.object_features)
+    if objects is None:
+        return ObjectRequest(detection, None)
+    if msg.object_features.layers:
+        try:
+            chosen = card.resolve(list(msg.object_features.layers))
+        except ValueError as err:
+            raise ValueError(f"object features: {err}") from None
+    else:
+        chosen = card.default_object_layers()
+    layers = tuple((layer.name, layer.index, layer.stride, objects.width(card.channels(layer.index)))
+                   for layer in chosen)
+    return ObjectRequest(detection, objects, layers)
 
 
 def detection_options(msg: pb.DetectionOptions, nc: int) -> NmsOptions | None:

@@ -1,7 +1,8 @@
 """One frame's trip through a front-end, shared by the unary and the streaming RPCs.
 
 decode (thread pool for JPEG/PNG) → letterbox to uint8 → device link (shared memory) → pooled, cast outputs →
-Tensor messages.
+Tensor messages, plus the frame's boxes, scores, classes and object vectors when its stream asks for detections or
+the frame carries boxes of its own.
 Option validation lives here too: a bad option is a ValueError whose text names the problem and the valid
 choices, which the service turns into INVALID_ARGUMENT.
 """
@@ -26,6 +27,8 @@ from .card import ModelCard, ResolvedLayer
 from .errors import one_line
 from .frames import FrameError, FrameLimits, decode_frame
 from .link import DeviceFrameError, DeviceLink, FrameTooLarge, OutputKey
+from .object_request import ObjectJob, ObjectRequest, client_boxes
+from .objects_wire import object_request
 from .preprocess import Letterbox, apply_letterbox, input_shape, letterbox_geometry
 
 _DTYPES = names_of(DTYPES)
@@ -42,6 +45,7 @@ class FrameOptions:
     pooling: str
     policy: str
     imgsz: int
+    objects: ObjectRequest = ObjectRequest(None, None)
 
     @property
     def output_keys(self) -> tuple[OutputKey, ...]:
@@ -108,7 +112,14 @@ class Pipeline:
         if not 32 <= imgsz <= self.max_imgsz:
             raise ValueError(f"imgsz {imgsz} is out of range: choose 32..{self.max_imgsz} (or 0 for the server "
                              f"default {self.card.imgsz})")
-        return FrameOptions(layers, dtype, pooling, _POLICIES[policy_enum], imgsz)
+        objects = object_request(msg, self.card)
+        if objects.detection is not None:
+            worst = objects.layout(None).nbytes
+            if worst > self.max_reply_bytes:
+                raise ValueError(f"detection max_det {objects.detection.max_det} with {objects.dim}-value object "
+                                 f"vectors could make replies of {worst:,} bytes, over the server's message limit of "
+                                 f"{self.max_reply_bytes:,}: lower max_det, roi_size or flatten, or use float16")
+        return FrameOptions(layers, dtype, pooling, _POLICIES[policy_enum], imgsz, objects)
 
     def output_shapes(self, options: FrameOptions, input_hw: tuple[int, int]) -> list[tuple[int, ...]]:
         """Shape of each requested output (without the batch dim) for a model input of ``input_hw``."""
@@ -145,15 +156,20 @@ class Pipeline:
             return error_result(frame, str(err))
         except Exception as err:  # e.g. an OpenCV assertion on a degenerate frame: that frame fails, nothing else
             return _unpreparable(frame, err)
+        try:
+            job, box_ids = self.object_job(frame, options.objects, image.shape[:2])
+        except ValueError as err:
+            return error_result(frame, f"bad boxes: {err}")
         shapes = self.output_shapes(options, letterbox.out_hw)
-        reply = self.reply_bytes(options, shapes)
+        reply = self.reply_bytes(options, shapes) + (job.layout.nbytes if job is not None else 0)
         if reply > self.max_reply_bytes:
             return error_result(frame, f"the reply would be {reply:,} bytes, over the server's message limit of "
                                        f"{self.max_reply_bytes:,}: ask for fewer or deeper layers, pooling, float16, "
-                                       f"or a smaller imgsz")
+                                       f"a smaller imgsz, or fewer boxes or object vector values")
         decoded = time.perf_counter()
         try:
-            slot = await self.device.reserve((*letterbox.out_hw, 3), options.output_keys, shapes)
+            slot = await self.device.reserve((*letterbox.out_hw, 3), options.output_keys, shapes,
+                                             job.layout if job is not None else None)
         except FrameTooLarge as err:
             return error_result(frame, str(err))
         waited = time.perf_counter()
@@ -163,7 +179,22 @@ class Pipeline:
             self.device.unreserve(slot)
             return _unpreparable(frame, err)
         preprocess_us = int((decoded - start + time.perf_counter() - waited) * 1e6)
-        return Begun(frame, options, letterbox, self.device.submit(slot), preprocess_us)
+        return Begun(frame, options, letterbox, self.device.submit(slot, job), preprocess_us, job, box_ids)
+
+    def object_job(self, frame: pb.Frame, request: ObjectRequest,
+                   orig_hw: tuple[int, int]) -> tuple[ObjectJob | None, np.ndarray | None]:
+        """The frame's box work, and the box ids to echo: its own boxes (checked and clipped to the frame) get
+        vectors; without boxes it is detected when the stream asks for detections, else it has no box work.
+        ValueError (the frame fails) for malformed boxes or ids, NaN, empty boxes or too many."""
+        own = len(frame.boxes) > 0 or len(frame.box_ids) > 0
+        if not own and request.detection is None:
+            return None, None
+        boxes, ids = None, None
+        if own:
+            values, ids = wire.frame_boxes(frame)
+            boxes = client_boxes(values, orig_hw, self.limits.max_boxes)
+        layout = request.layout(None if boxes is None else len(boxes))
+        return ObjectJob(request, tuple(orig_hw), boxes, layout), ids
 
     async def complete(self, begun: "Begun") -> "Reply":
         """Wait for a begun frame's features: an OK ``Reply`` whose tensor bytes are still in shared memory (its
@@ -184,6 +215,8 @@ class Pipeline:
             tensor = result.tensors.add(name=layer.name, layer_index=layer.index, stride=layer.stride,
                                         dtype=options.dtype)
             tensor.shape[:] = array.shape
+        if begun.job is not None and out.objects is not None:
+            self._fill_objects(result, begun, out.objects)
         result.batch_size = out.batch_size
         timings = result.timings
         timings.queued_us = out.queued_us
@@ -191,6 +224,16 @@ class Pipeline:
         timings.compute_us = out.compute_us
         timings.encode_us = out.fetch_us + int((time.perf_counter() - encode_start) * 1e6)
         return Reply(result, out.arrays, out.release)
+
+    @staticmethod
+    def _fill_objects(result: pb.FrameResult, begun: "Begun", found: dict[str, np.ndarray | None]) -> None:
+        request = begun.job.request
+        vectors = found["vectors"]
+        wire.fill_objects(result, found["boxes"],
+                          source=pb.BOX_SOURCE_CLIENT if begun.job.boxes is not None else pb.BOX_SOURCE_DETECTOR,
+                          scores=found["scores"], classes=found["classes"], box_ids=begun.box_ids,
+                          features=vectors, slices=request.slices if vectors is not None else (),
+                          dtype=wire.dtype_from_name(request.vector_dtype))
 
     async def process(self, frame: pb.Frame, options: FrameOptions) -> pb.FrameResult:
         """One frame's FrameResult (``begin`` then ``complete``): OK with tensors, or ERROR with a message."""
@@ -235,6 +278,8 @@ class Begun:
     letterbox: Letterbox
     computed: asyncio.Future
     preprocess_us: int
+    job: ObjectJob | None = None
+    box_ids: np.ndarray | None = None
 
 
 def _identify(result: pb.FrameResult, frame: pb.Frame, status: int) -> None:

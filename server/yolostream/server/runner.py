@@ -24,8 +24,11 @@ from .card import LayerInfo, ModelCard, ResolvedLayer
 from .lifecycle import available_cores
 from .model.catalogue import build_catalogue
 from .model.loader import LoadedModel
+from .model.detections import detect_input_layers
 from .model.modules import fuse_model
+from .model.objects import frame_objects, object_layers
 from .model.truncated import TruncatedModel
+from .object_request import ObjectJob, ObjectRequest, ObjectResult
 from .preprocess import POLICIES as LETTERBOX_POLICIES
 from .preprocess import Letterbox, input_shape
 from .preprocess import letterbox as letterbox_frame
@@ -44,7 +47,8 @@ OutputKey = tuple[int, str, str]
 
 @dataclass
 class PendingBatch:
-    """A launched batch. ``host`` (key → array with a leading batch dim) is filled once collected."""
+    """A launched batch. ``host`` (key → array with a leading batch dim) is filled once collected, and so is
+    ``objects`` (per frame an ``ObjectResult``, or None) when any frame asked for boxes."""
 
     size: int
     keys: tuple[OutputKey, ...]
@@ -53,6 +57,10 @@ class PendingBatch:
     fetch_us: int = 0
     copies: list = field(default_factory=list)
     timer: tuple = ()
+    jobs: list[ObjectJob | None] | None = None
+    outputs: dict[int, torch.Tensor] | None = None
+    objects: list[ObjectResult | None] | None = None
+    input_hw: tuple[int, int] = (0, 0)
 
     @property
     def ready(self) -> bool:
@@ -189,7 +197,8 @@ class DeviceRunner:
         self._card = ModelCard(
             name=loaded.name, source=loaded.source, random_weights=loaded.random_weights, device=str(self.device),
             dtype=str(self.dtype).removeprefix("torch."), stride=self.stride, imgsz=self.imgsz,
-            letterbox=letterbox, catalogue=tuple(self.catalogue()))
+            letterbox=letterbox, catalogue=tuple(self.catalogue()), num_classes=int(getattr(model, "nc", 0)),
+            class_names=tuple(loaded.class_names))
 
     @property
     def name(self) -> str:
@@ -263,7 +272,8 @@ class DeviceRunner:
         with torch.inference_mode():
             return plan.by_index(self.to_input(batch))
 
-    def launch(self, images: Sequence[np.ndarray], keys: Sequence[OutputKey]) -> PendingBatch:
+    def launch(self, images: Sequence[np.ndarray], keys: Sequence[OutputKey],
+               objects: Sequence[ObjectJob | None] | None = None) -> PendingBatch:
         """Start one batch of letterboxed (H,W,3) uint8 BGR frames: stage, upload, forward, pool and cast, and queue
         the copy back to the host.
 
@@ -271,26 +281,70 @@ class DeviceRunner:
         prepare the next batch while the GPU runs this one; ``collect`` waits for this batch only. The uint8
         frames go through one reused pinned staging buffer per batch shape and one non-blocking upload; batches
         are padded up to a warmed-up size bucket so cudnn never re-tunes mid-stream. On CPU the work is done
-        before this returns. ``keys`` are (layer index, pooling, dtype name).
+        before this returns. ``keys`` are (layer index, pooling, dtype name). ``objects``: per frame, the boxes
+        and vectors it asks for (``ObjectJob``) or None; detections and vectors are computed from the same forward
+        (``collect`` does it on CUDA, overlapping the next batch's forward).
         """
         n = len(images)
         keys = tuple(keys)
-        plan = self.plan(sorted({k[0] for k in keys}))
+        jobs = list(objects) if objects is not None and any(job is not None for job in objects) else None
+        needed = {k[0] for k in keys}
+        for job in jobs or ():
+            if job is not None:
+                needed |= self._object_inputs(job.request)
+        plan = self.plan(sorted(needed))
         if not self.staged:
             start = time.perf_counter()
             batch = np.stack(images) if n > 1 else np.asarray(images[0])[None]
             with torch.inference_mode():
                 outputs = plan.by_index(self.frames_to_input(torch.from_numpy(batch)))
+                if jobs is not None:
+                    found = self._objects(outputs, jobs, images[0].shape[:2])
                 computed = time.perf_counter()
                 host = {key: _to_host(_pool_cast(outputs[key[0]], key)) for key in keys}
             return PendingBatch(n, keys, host=host, compute_us=int((computed - start) * 1e6),
-                                fetch_us=int((time.perf_counter() - computed) * 1e6))
-        return self._launch_staged(images, keys, plan)
+                                fetch_us=int((time.perf_counter() - computed) * 1e6),
+                                objects=found if jobs is not None else None)
+        return self._launch_staged(images, keys, plan, jobs)
+
+    def _object_inputs(self, request: ObjectRequest) -> set[int]:
+        """The layers a request's detections and vectors are computed from."""
+        needed = {index for _, index, _, _ in request.layers} if request.objects is not None else set()
+        if request.detection is not None:
+            needed |= set(detect_input_layers(self.model))
+        return needed
+
+    def _objects(self, outputs: dict[int, torch.Tensor], jobs: Sequence[ObjectJob | None],
+                 input_hw: tuple[int, int]) -> list[ObjectResult | None]:
+        """Boxes and vectors of every frame with a job, one ``frame_objects`` call per distinct request."""
+        groups: dict[ObjectRequest, list[int]] = {}
+        for row, job in enumerate(jobs):
+            if job is not None:
+                groups.setdefault(job.request, []).append(row)
+        found: list[ObjectResult | None] = [None] * len(jobs)
+        for request, rows in groups.items():
+            needed = self._object_inputs(request)
+            pick = torch.tensor(rows, device=self.device)
+            maps = {j: outputs[j].index_select(0, pick) for j in needed}
+            layers = (object_layers(self.model, [(name, index) for name, index, _, _ in request.layers])
+                      if request.objects is not None else None)
+            frames = frame_objects(self.model, maps, tuple(input_hw), [jobs[r].orig_hw for r in rows],
+                                   nms=request.detection, objects=request.objects, layers=layers,
+                                   boxes=[jobs[r].boxes for r in rows])
+            for row, frame in zip(rows, frames):
+                detected = frame.scores is not None
+                found[row] = ObjectResult(
+                    boxes=frame.boxes.float().cpu().numpy(),
+                    scores=frame.scores.float().cpu().numpy() if detected else None,
+                    classes=frame.classes.to(torch.int32).cpu().numpy() if detected else None,
+                    vectors=_to_host(frame.vectors) if frame.vectors is not None else None)
+        return found
 
     def _event(self, timing: bool = False):
         return torch.cuda.Event(enable_timing=timing) if self.device.type == "cuda" else _HostEvent(timing)
 
-    def _launch_staged(self, images: Sequence[np.ndarray], keys: tuple[OutputKey, ...], plan: TruncatedModel) -> PendingBatch:
+    def _launch_staged(self, images: Sequence[np.ndarray], keys: tuple[OutputKey, ...], plan: TruncatedModel,
+                       jobs: list[ObjectJob | None] | None = None) -> PendingBatch:
         n = len(images)
         shape = (self.bucket(n), *images[0].shape)
         timer = (self._event(True), self._event(True), self._event(True))
@@ -322,7 +376,11 @@ class DeviceRunner:
                 pinned.copy_(flat, non_blocking=True)
                 copies.append((pinned, [(key, tuple(p.shape)) for key, p in zip(members, parts)]))
             timer[2].record(self.stream)
-        return PendingBatch(n, keys, copies=copies, timer=timer)
+        held = None
+        if jobs is not None:
+            held = {j: outputs[j] for job in jobs if job is not None for j in self._object_inputs(job.request)}
+        return PendingBatch(n, keys, copies=copies, timer=timer, jobs=jobs, outputs=held,
+                            input_hw=tuple(images[0].shape[:2]))
 
     def _staging_buffer(self, shape: tuple[int, ...]) -> _Staging:
         """The staging buffer for ``shape``, once its previous upload has finished (caller holds the lock).
@@ -361,6 +419,13 @@ class DeviceRunner:
         pending.compute_us = int(start.elapsed_time(computed) * 1000)
         pending.fetch_us = int(computed.elapsed_time(copied) * 1000)
         pending.copies = []
+        if pending.jobs is not None:
+            began = time.perf_counter()
+            on_stream = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+            with on_stream, torch.inference_mode():
+                pending.objects = self._objects(pending.outputs, pending.jobs, pending.input_hw)
+            pending.compute_us += int((time.perf_counter() - began) * 1e6)
+            pending.outputs = None
         return pending
 
     def share_cpu(self, workers: int) -> int:

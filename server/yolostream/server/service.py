@@ -28,6 +28,7 @@ from .errors import one_line
 from .frames import FrameLimits
 from .link import CANCEL_WAIT_S, DeviceUnavailable
 from .metrics import ServerMetrics
+from .objects_wire import default_detection_message
 from .pipeline import Begun, FrameOptions, Pipeline, Reply, dropped_result, error_result
 
 log = logging.getLogger(__name__)
@@ -409,5 +410,9 @@ def model_info(card: ModelCard, batching: BatcherConfig, stream_limits: StreamLi
                                  max_in_flight=stream_limits.default_in_flight,
                                  queue_capacity=batching.queue_capacity, workers=batching.workers),
         limits=pb.Limits(max_pixels=limits.max_pixels, max_frame_bytes=limits.max_frame_bytes,
-                         max_message_bytes=max_message_bytes),
+                         max_message_bytes=max_message_bytes, max_boxes=limits.max_boxes),
+        num_classes=card.num_classes,
+        class_names=list(card.class_names),
+        default_detection=default_detection_message(),
+        default_object_feature_dim=sum(card.channels(layer.index) for layer in card.default_object_layers()),
     )

@@ -96,6 +96,8 @@ class ServerSettings:
                                "4096x4096)", metavar="N", low=1)
     max_frame_bytes: int = _setting(64 * MIB, "int", "limits", "largest encoded or raw frame, in bytes (default "
                                     "64 MiB)", metavar="N", low=1)
+    max_boxes: int = _setting(1024, "int", "limits", "most boxes a client may attach to one frame (default 1024)",
+                              metavar="N", low=1)
     max_message_bytes: int = _setting(128 * MIB, "int", "limits", "largest gRPC message sent or received, in bytes "
                                       "(default 128 MiB)", metavar="N", low=1024)
     tls_cert: str | None = _setting(None, "str", "security", "PEM certificate chain; serve TLS (needs --tls-key)",

@@ -36,12 +36,11 @@ from types import ModuleType
 import numpy as np
 import torch
 
+from ..object_request import MAX_NMS, NmsOptions
 from .modules import Detect
 
 #: Upstream's class offset for class-aware NMS, in pixels.
 MAX_WH = 7680
-#: Upstream's cap on candidates entering NMS, per image.
-MAX_NMS = 30000
 #: Elements (images × block × block) of one IoU block in the pure-torch NMS; bounds its memory (~16 MB each).
 IOU_BLOCK_ELEMENTS = 1 << 22
 
@@ -60,38 +59,6 @@ def torchvision_ops() -> ModuleType | None:
     except Exception:
         return None
     return ops
-
-
-@dataclass(frozen=True)
-class NmsOptions:
-    """Upstream ``non_max_suppression`` options, with upstream's defaults.
-
-    Arguments: ``conf_thres`` (0..1; objectness and obj × cls must exceed it), ``iou_thres`` (0..1; a box is
-    suppressed when its IoU with a kept box exceeds it), ``classes`` (keep only these class ids; None keeps all),
-    ``agnostic`` (one NMS over all classes), ``multi_label`` (one row per class above conf_thres, not only the
-    best class), ``max_det`` (most boxes kept per image, 1..30000).
-    """
-
-    conf_thres: float = 0.25
-    iou_thres: float = 0.45
-    classes: tuple[int, ...] | None = None
-    agnostic: bool = False
-    multi_label: bool = False
-    max_det: int = 300
-
-    def validate(self, nc: int) -> NmsOptions:
-        """Return self, or raise ValueError naming the bad option and its valid range (``nc``: class count)."""
-        for name in ("conf_thres", "iou_thres"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
-                raise ValueError(f"{name} must be between 0 and 1, got {value!r}")
-        if isinstance(self.max_det, bool) or not isinstance(self.max_det, int) or not 1 <= self.max_det <= MAX_NMS:
-            raise ValueError(f"max_det must be an integer between 1 and {MAX_NMS}, got {self.max_det!r}")
-        if self.classes is not None:
-            bad = [c for c in self.classes if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < nc]
-            if bad:
-                raise ValueError(f"unknown class id(s) {bad}: the model has classes 0..{nc - 1}")
-        return self
 
 
 @dataclass

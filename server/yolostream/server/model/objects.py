@@ -15,7 +15,7 @@ says which columns belong to which layer. With ``normalize`` each layer's slice 
 layers), so every row has norm 1 and the dot product of two rows is the mean of the per-layer cosine
 similarities.
 
-Boxes given by a client are in original-frame pixels: they are validated (:func:`client_boxes`), clipped to the
+Boxes given by a client are in original-frame pixels: they are validated (``object_request.client_boxes``), clipped to the
 frame and mapped to model-input pixels with the inverse of ``scale_boxes``. In ``roi`` mode the detector's boxes
 take the same road (frame box, clipped, mapped back), so a client sending back the detector's boxes gets the very
 same vectors.
@@ -30,47 +30,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..object_request import ObjectOptions
 from . import detections as det
 
-MODES = ("anchor", "roi")
-#: Most boxes a client may attach to one frame (a server setting may lower it).
-MAX_CLIENT_BOXES = 1024
 #: Most elements (boxes × samples × channels) one RoIAlign gather holds; bounds its memory (~16 MB).
 ROI_CHUNK_ELEMENTS = 1 << 22
 OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass(frozen=True)
-class ObjectOptions:
-    """How per-object vectors are made.
-
-    Arguments: ``mode`` (``anchor`` or ``roi``), ``roi_size`` (k: k×k samples per box in ``roi`` mode, 1..16),
-    ``flatten`` (``roi`` mode: keep the k×k samples, C·k·k values per layer, instead of their mean),
-    ``normalize`` (L2, per layer slice, see the module docstring), ``dtype`` (``float32``, ``float16`` or
-    ``bfloat16``, applied last, on the device).
-    """
-
-    mode: str = "anchor"
-    roi_size: int = 7
-    flatten: bool = False
-    normalize: bool = False
-    dtype: str = "float32"
-
-    def validate(self) -> ObjectOptions:
-        """Return self, or raise ValueError naming the bad option and the valid choices."""
-        if self.mode not in MODES:
-            raise ValueError(f"unknown object feature mode {self.mode!r}; choose one of {', '.join(MODES)}")
-        if isinstance(self.roi_size, bool) or not isinstance(self.roi_size, int) or not 1 <= self.roi_size <= 16:
-            raise ValueError(f"roi_size must be an integer between 1 and 16, got {self.roi_size!r}")
-        if self.flatten and self.mode != "roi":
-            raise ValueError("flatten applies to roi mode only")
-        if self.dtype not in OUTPUT_DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(OUTPUT_DTYPES)}")
-        return self
-
-    def width(self, channels: int) -> int:
-        """Columns one layer of ``channels`` channels takes in the concatenated vector."""
-        return channels * self.roi_size**2 if self.flatten else channels
 
 
 @dataclass(frozen=True)
@@ -121,34 +86,6 @@ def default_object_layers(model: torch.nn.Module) -> list[ObjectLayer]:
     strides = [int(s) for s in model.stride.tolist()]
     return object_layers(model, [(f"P{int(round(math.log2(s)))}", j)
                                  for s, j in zip(strides, det.detect_input_layers(model))])
-
-
-def client_boxes(boxes: object, orig_hw: tuple[int, int], max_boxes: int = MAX_CLIENT_BOXES) -> np.ndarray:
-    """Validate boxes a client attached to a frame: (N, 4) x1, y1, x2, y2 in original-frame pixels.
-
-    Returns them as float32, clipped to [0, w] × [0, h] (trackers' predicted boxes often reach past the edge).
-    Raises ValueError, saying which box and why, for a wrong shape, more than ``max_boxes`` boxes, a NaN or
-    infinite coordinate, or x2 ≤ x1 or y2 ≤ y1.
-    """
-    arr = np.asarray(boxes, dtype=np.float64)
-    if arr.size == 0:
-        return np.zeros((0, 4), np.float32)
-    if arr.ndim != 2 or arr.shape[1] != 4:
-        raise ValueError(f"boxes must be an (N, 4) array of x1, y1, x2, y2, got shape {arr.shape}")
-    if len(arr) > max_boxes:
-        raise ValueError(f"{len(arr)} boxes on one frame; the limit is {max_boxes}")
-    bad = ~np.isfinite(arr).all(1)
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise ValueError(f"box {i} has a NaN or infinite coordinate: {arr[i].tolist()}")
-    bad = (arr[:, 2] <= arr[:, 0]) | (arr[:, 3] <= arr[:, 1])
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise ValueError(f"box {i} is empty (needs x2 > x1 and y2 > y1): {arr[i].tolist()}")
-    h, w = orig_hw
-    arr[:, 0::2] = arr[:, 0::2].clip(0, w)
-    arr[:, 1::2] = arr[:, 1::2].clip(0, h)
-    return arr.astype(np.float32)
 
 
 def _centre_cells(boxes: torch.Tensor, feature: torch.Tensor, input_hw: tuple[int, int]) -> tuple[torch.Tensor, ...]:
@@ -344,7 +281,7 @@ def frame_objects(
     it must hold the Detect inputs (:func:`detections.detect_input_layers`) for frames that detect, and every
     layer of ``layers`` (default: the Detect inputs) when vectors are asked for. ``orig_hws``: each frame's size.
     ``nms``: detection options, or None for no detections. ``objects``: vector options, or None for no vectors.
-    ``boxes``: per frame, client boxes (already checked by :func:`client_boxes`) or None; a frame with client
+    ``boxes``: per frame, client boxes (already checked by ``object_request.client_boxes``) or None; a frame with client
     boxes is not run through Detect, its boxes get vectors (anchor mode: the centre cell on every layer).
     """
     bs = len(orig_hws)
