@@ -13,6 +13,8 @@ balances streams over the healthy ones and moves a stream to another when its re
 """
 
 from .api import (
+    DetectOptions,
+    Detections,
     FeatureClient,
     FeatureResult,
     FeatureServerError,
@@ -20,6 +22,7 @@ from .api import (
     FrameError,
     LayerInfo,
     ModelInfo,
+    ObjectFeatureOptions,
     TensorInfo,
 )
 from .resume import ResumePolicy
@@ -27,6 +30,8 @@ from .sources import ImageFile, Source, SourceError, open_source
 from .store import FeatureWriter, SavedFeatures, load_features
 
 __all__ = [
+    "DetectOptions",
+    "Detections",
     "FeatureClient",
     "FeatureResult",
     "FeatureServerError",
@@ -36,6 +41,7 @@ __all__ = [
     "ImageFile",
     "LayerInfo",
     "ModelInfo",
+    "ObjectFeatureOptions",
     "ResumePolicy",
     "SavedFeatures",
     "Source",

@@ -130,6 +130,9 @@ class ModelInfo:
     layers: tuple[LayerInfo, ...]
     batching: dict[str, float]
     limits: dict[str, int]
+    num_classes: int = 0
+    class_names: tuple[str, ...] = ()
+    default_object_feature_dim: int = 0
 
     def layer(self, name: str | int) -> LayerInfo:
         """The catalogue row of a layer named by index (``9`` or ``"9"``) or alias (``"backbone"``, ``"P3"``)."""
@@ -156,7 +159,9 @@ class ModelInfo:
                       "max_in_flight": msg.batching.max_in_flight, "queue_capacity": msg.batching.queue_capacity,
                       "workers": msg.batching.workers},
             limits={"max_pixels": msg.limits.max_pixels, "max_frame_bytes": msg.limits.max_frame_bytes,
-                    "max_message_bytes": msg.limits.max_message_bytes},
+                    "max_message_bytes": msg.limits.max_message_bytes, "max_boxes": msg.limits.max_boxes},
+            num_classes=msg.num_classes, class_names=tuple(msg.class_names),
+            default_object_feature_dim=msg.default_object_feature_dim,
         )
 
 
@@ -166,6 +171,86 @@ class TensorInfo:
 
     layer_index: int
     stride: int
+
+
+@dataclass(frozen=True)
+class Detections:
+    """The boxes of one frame: the server's detections, or the client's own boxes sent with the frame.
+
+    ``boxes`` (N, 4) float32 x1, y1, x2, y2 in original-frame pixels (unrounded, clipped to the frame);
+    detections come in descending score order. ``scores`` (N,) float32 and ``classes`` (N,) int32 for detections,
+    None for client boxes; ``names`` the class name of each box when the model carries names, else None;
+    ``box_ids`` (N,) uint64, the ids sent with client boxes, else None; ``source`` ``"detector"`` or ``"client"``.
+    ``slices`` maps each layer to its (start, stop) columns of ``FeatureResult.object_features``.
+    """
+
+    boxes: np.ndarray
+    scores: np.ndarray | None
+    classes: np.ndarray | None
+    names: list[str] | None
+    box_ids: np.ndarray | None
+    source: str
+    slices: dict[str, tuple[int, int]]
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+
+@dataclass(frozen=True)
+class DetectOptions:
+    """Detection settings (upstream ``detect.py``'s, applied by the server); None means the server's default.
+
+    ``conf`` (objectness and score threshold, default 0.25), ``iou`` (NMS IoU threshold, default 0.45), ``classes``
+    (keep only these class ids), ``agnostic`` (one NMS over all classes), ``multi_label`` (a box per class above
+    ``conf``), ``max_det`` (most boxes per frame, default 300).
+    """
+
+    conf: float | None = None
+    iou: float | None = None
+    classes: Sequence[int] | None = None
+    agnostic: bool = False
+    multi_label: bool = False
+    max_det: int | None = None
+
+    def to_proto(self) -> pb.DetectionOptions:
+        for name, value in (("conf", self.conf), ("iou", self.iou)):
+            if value is not None and not 0 < value <= 1:
+                raise ValueError(f"detection {name} must be in (0, 1], got {value}")
+        if self.max_det is not None and self.max_det < 1:
+            raise ValueError(f"max_det must be at least 1, got {self.max_det}")
+        return pb.DetectionOptions(enabled=True, conf_thres=self.conf or 0.0, iou_thres=self.iou or 0.0,
+                                   classes=[int(c) for c in self.classes or ()], agnostic=self.agnostic,
+                                   multi_label=self.multi_label, max_det=self.max_det or 0)
+
+
+#: Object vector modes: "anchor" (the detection's anchor cell), "roi" (RoIAlign), "none" (boxes only).
+OBJECT_MODES = {"anchor": pb.OBJECT_FEATURE_MODE_ANCHOR, "roi": pb.OBJECT_FEATURE_MODE_ROI,
+                "none": pb.OBJECT_FEATURE_MODE_NONE}
+
+
+@dataclass(frozen=True)
+class ObjectFeatureOptions:
+    """How one vector per box is made; None means the server's default.
+
+    ``mode`` (``anchor``, ``roi`` or ``none``), ``layers`` (list or comma string; default the Detect inputs
+    P3, P4, P5), ``normalize`` (unit-norm rows, each layer an equal share), ``dtype`` (float32, float16 or
+    bfloat16), ``roi_size`` (roi mode: k×k samples, default 7), ``flatten`` (roi mode: keep all k×k samples).
+    """
+
+    mode: str = "anchor"
+    layers: str | Sequence[str | int] | None = None
+    normalize: bool = False
+    dtype: str | None = None
+    roi_size: int | None = None
+    flatten: bool = False
+
+    def to_proto(self) -> pb.ObjectFeatureOptions:
+        if self.mode not in OBJECT_MODES:
+            raise ValueError(f"unknown object feature mode {self.mode!r}; choose one of {', '.join(OBJECT_MODES)}")
+        return pb.ObjectFeatureOptions(
+            mode=OBJECT_MODES[self.mode], layers=_names(self.layers), normalize=self.normalize,
+            dtype=wire.dtype_from_name(self.dtype) if self.dtype is not None else pb.DTYPE_UNSPECIFIED,
+            roi_size=self.roi_size or 0, flatten=self.flatten)
 
 
 @dataclass
@@ -180,6 +265,8 @@ class FeatureResult:
     ``x = (x_in - pad_left) * original_width / resized_width``.
     ``retries`` is how many times the frame was sent again because the replica it was on failed before answering
     (0 normally); ``latency`` then runs from its first send.
+    ``detections`` holds the frame's boxes when the stream detects or the frame carried boxes (else None), and
+    ``object_features`` their (N, D) vectors, one row per box (None when not asked for).
     """
 
     frame_id: int
@@ -194,15 +281,31 @@ class FeatureResult:
     latency: float | None
     image: np.ndarray | None = field(default=None, repr=False)
     retries: int = 0
+    detections: Detections | None = None
+    object_features: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def ok(self) -> bool:
         return self.status == "ok"
 
 
-def _result_from_proto(msg: pb.FrameResult, latency: float | None, image: np.ndarray | None) -> FeatureResult:
+def _detections(msg: pb.FrameResult, class_names: Sequence[str]) -> tuple[Detections | None, np.ndarray | None]:
+    if msg.box_source == pb.BOX_SOURCE_UNSPECIFIED:
+        return None, None
+    found = wire.objects_from_proto(msg)
+    names = None
+    if found.classes is not None and class_names:
+        names = [class_names[c] if 0 <= c < len(class_names) else str(c) for c in found.classes.tolist()]
+    source = "client" if found.source == pb.BOX_SOURCE_CLIENT else "detector"
+    return Detections(found.boxes, found.scores, found.classes, names, found.box_ids, source,
+                      found.slices), found.features
+
+
+def _result_from_proto(msg: pb.FrameResult, latency: float | None, image: np.ndarray | None,
+                       class_names: Sequence[str] = ()) -> FeatureResult:
     features = {t.name: wire.tensor_from_proto(t) for t in msg.tensors}
     ok = msg.status == pb.FRAME_STATUS_OK
+    detections, vectors = _detections(msg, class_names) if ok else (None, None)
     return FeatureResult(
         frame_id=msg.frame_id,
         timestamp=msg.capture_timestamp_us / 1e6,
@@ -215,19 +318,27 @@ def _result_from_proto(msg: pb.FrameResult, latency: float | None, image: np.nda
         batch_size=msg.batch_size,
         latency=latency,
         image=image,
+        detections=detections,
+        object_features=vectors,
     )
+
+
+def _names(layers: str | Sequence[str | int] | None) -> list[str]:
+    if layers is None:
+        return []
+    if isinstance(layers, str):
+        return [s.strip() for s in layers.split(",") if s.strip()]
+    return [str(s).strip() for s in layers]
 
 
 def feature_options(layers: str | Sequence[str | int] | None = None, dtype: str | None = None,
                     pooling: str | None = None, letterbox: str | None = None,
-                    imgsz: int | None = None) -> pb.FeatureOptions:
-    """The wire options; None means the server default. ``layers`` is a list or a comma-separated string."""
-    if layers is None:
-        names: list[str] = []
-    elif isinstance(layers, str):
-        names = [s.strip() for s in layers.split(",") if s.strip()]
-    else:
-        names = [str(s).strip() for s in layers]
+                    imgsz: int | None = None, detect: DetectOptions | bool | None = None,
+                    objects: ObjectFeatureOptions | str | None = None) -> pb.FeatureOptions:
+    """The wire options; None means the server default. ``layers`` is a list or a comma-separated string.
+    ``detect``: True (upstream's defaults) or ``DetectOptions`` to detect objects; ``objects``: how each box gets
+    its vector, as ``ObjectFeatureOptions`` or just its mode (``"anchor"``, ``"roi"``, ``"none"``)."""
+    names = _names(layers)
     if pooling is not None and pooling not in POOLINGS:
         raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
     if letterbox is not None and letterbox not in LETTERBOXES:
@@ -240,6 +351,9 @@ def feature_options(layers: str | Sequence[str | int] | None = None, dtype: str 
         pooling=POOLINGS[pooling] if pooling is not None else pb.POOLING_UNSPECIFIED,
         letterbox=LETTERBOXES[letterbox] if letterbox is not None else pb.LETTERBOX_POLICY_UNSPECIFIED,
         imgsz=imgsz or 0,
+        detection=(DetectOptions() if detect is True else detect).to_proto() if detect else None,
+        object_features=(ObjectFeatureOptions(objects) if isinstance(objects, str) else objects).to_proto()
+        if objects is not None else None,
     )
 
 
@@ -344,6 +458,7 @@ class FeatureClient:
         self._stub = pb_grpc.FeatureServiceStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._in_flight_default: int | None = None
+        self._class_names: tuple[str, ...] | None = None
 
     @property
     def _reached(self) -> bool:
@@ -408,7 +523,14 @@ class FeatureClient:
         """The served model, its layer catalogue, the server's defaults and limits."""
         info = ModelInfo.from_proto(self._unary(self._stub.GetModelInfo, pb.GetModelInfoRequest()))
         self._in_flight_default = int(info.batching["max_in_flight"]) or SERVER_DEFAULT_IN_FLIGHT
+        self._class_names = info.class_names
         return info
+
+    def class_names(self) -> tuple[str, ...]:
+        """The served model's class names (asked once; empty when its checkpoint carries none)."""
+        if self._class_names is None:
+            self.model_info()
+        return self._class_names
 
     def _server_in_flight(self) -> int:
         """The server's default max_in_flight (asked once): the send window follows what the server will hold."""
@@ -418,18 +540,27 @@ class FeatureClient:
 
     def extract(self, image: np.ndarray, *, layers: str | Sequence[str | int] | None = None,
                 dtype: str | None = None, pooling: str | None = None, letterbox: str | None = None,
-                imgsz: int | None = None, encoding: str = "png", quality: int = 90) -> FeatureResult:
+                imgsz: int | None = None, encoding: str = "png", quality: int = 90,
+                detect: DetectOptions | bool | None = None, objects: ObjectFeatureOptions | str | None = None,
+                boxes: Any = None, box_ids: Any = None) -> FeatureResult:
         """Features of one BGR image (lossless PNG by default, so they equal ``yolostream extract``'s).
 
+        ``detect`` and ``objects`` as for :func:`feature_options`. ``boxes``: your own (N, 4) x1, y1, x2, y2 boxes
+        in image pixels, each to get an object vector instead of running detection, with optional ``box_ids``
+        (N integers, echoed in ``result.detections.box_ids``).
         Raises FrameError when the server cannot process the image, FeatureServerError for a bad request.
         """
         _check_encoding(encoding, quality)
-        request = pb.ExtractRequest(options=feature_options(layers, dtype, pooling, letterbox, imgsz))
+        request = pb.ExtractRequest(options=feature_options(layers, dtype, pooling, letterbox, imgsz, detect,
+                                                            objects))
         fill_frame(request.frame, image, encoding, quality)
+        if boxes is not None:
+            wire.set_frame_boxes(request.frame, boxes, box_ids)
         request.frame.capture_timestamp_us = int(round(time.time() * 1e6))
+        names = self.class_names() if detect else ()
         start = time.perf_counter()
         msg = self._unary(self._stub.Extract, request)
-        result = _result_from_proto(msg, time.perf_counter() - start, None)
+        result = _result_from_proto(msg, time.perf_counter() - start, None, names)
         if result.status != "ok":
             raise FrameError(f"server {self.address} could not process the image: {result.error}")
         return result
@@ -439,8 +570,13 @@ class FeatureClient:
                pooling: str | None = None, letterbox: str | None = None, imgsz: int | None = None,
                realtime: bool = False, max_in_flight: int | None = None, encoding: str = "jpeg",
                quality: int = 90, keep_images: bool = False,
-               resume: ResumePolicy | bool | None = None) -> "FeatureStream":
+               resume: ResumePolicy | bool | None = None, detect: DetectOptions | bool | None = None,
+               objects: ObjectFeatureOptions | str | None = None) -> "FeatureStream":
         """Stream ``frames`` (BGR arrays, or ``(array, capture_time_seconds)`` pairs) and iterate over the results.
+
+        A frame may also come with boxes of its own, as ``(array, time, boxes)`` or ``(array, time, boxes, ids)``
+        (time may be None): those boxes get object vectors instead of detection (a tracker's predicted boxes,
+        say). ``detect`` and ``objects`` as for :func:`feature_options`.
 
         Results come in frame order, one per frame, with frame ids 0, 1, 2... in the order of ``frames``; a frame
         without a timestamp is stamped with ``time.time()`` when read. ``max_in_flight`` is how many frames the
@@ -452,12 +588,13 @@ class FeatureClient:
         _check_encoding(encoding, quality)
         if max_in_flight is not None and max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
-        config = pb.StreamConfig(options=feature_options(layers, dtype, pooling, letterbox, imgsz),
+        config = pb.StreamConfig(options=feature_options(layers, dtype, pooling, letterbox, imgsz, detect, objects),
                                  max_in_flight=max_in_flight or 0, realtime=realtime)
+        names = self.class_names() if detect else ()
         window = None if realtime else 2 * (max_in_flight or self._server_in_flight())
         self._settle()
         return FeatureStream(self, frames, config, encoding=encoding, quality=quality, window=window,
-                             keep_images=keep_images, policy=resume_policy(resume, self.resume))
+                             keep_images=keep_images, policy=resume_policy(resume, self.resume), class_names=names)
 
     def _open_stream(self, requests: Iterator[pb.StreamRequest]) -> Any:
         return self._stub.StreamFeatures(requests, metadata=self._metadata)
@@ -553,12 +690,19 @@ def _send_frames(state: _SendState, frames: Iterable[Any], encoding: str, qualit
                 item = next(iterator)
             except StopIteration:
                 break
+            boxes = ids = None
             if isinstance(item, tuple):
-                image, timestamp = item
+                if not 2 <= len(item) <= 4:
+                    raise ValueError(f"a frame tuple is (image, time[, boxes[, ids]]), got {len(item)} items")
+                image, timestamp, boxes, ids = (*item, None, None)[:4]
             else:
-                image, timestamp = item, time.time()
+                image, timestamp = item, None
+            if timestamp is None:
+                timestamp = time.time()
             request = pb.StreamRequest()
             fill_frame(request.frame, image, encoding, quality)
+            if boxes is not None:
+                wire.set_frame_boxes(request.frame, boxes, ids)
             request.frame.frame_id = state.read
             request.frame.capture_timestamp_us = int(round(float(timestamp) * 1e6))
             state.add(_Pending(request, image if keep_images else None))
@@ -611,11 +755,13 @@ class FeatureStream:
     """
 
     def __init__(self, client: FeatureClient, frames: Iterable[Any], config: pb.StreamConfig, *, encoding: str,
-                 quality: int, window: int | None, keep_images: bool, policy: ResumePolicy) -> None:
+                 quality: int, window: int | None, keep_images: bool, policy: ResumePolicy,
+                 class_names: Sequence[str] = ()) -> None:
         self._closed = True  # until fully started, so that a failed start leaves nothing for __del__ to close
         self._client = client
         self._config = config
         self._policy = policy
+        self._class_names = tuple(class_names)
         self._address = client.address
         self._state = state = _SendState(window, REALTIME_SEND_QUEUE)
         self._sender = threading.Thread(target=_send_frames, args=(state, frames, encoding, quality, keep_images),
@@ -679,7 +825,7 @@ class FeatureStream:
             self._cut, self._failures = None, 0
         sent = pending.sent if pending is not None else None
         answer = _result_from_proto(result, received - sent if sent is not None else None,
-                                    pending.image if pending is not None else None)
+                                    pending.image if pending is not None else None, self._class_names)
         answer.retries = max(0, pending.sends - 1) if pending is not None else 0
         return answer
 

@@ -17,10 +17,21 @@ from dataclasses import asdict
 from typing import Any, Sequence
 
 import grpc
+import numpy as np
 
 from yolostream.v1 import vocab
 
-from .api import DEFAULT_ADDRESS, ENCODINGS, LETTERBOXES, POOLINGS, FeatureClient, FeatureServerError, ModelInfo
+from .api import (
+    DEFAULT_ADDRESS,
+    ENCODINGS,
+    LETTERBOXES,
+    POOLINGS,
+    DetectOptions,
+    FeatureClient,
+    FeatureServerError,
+    ModelInfo,
+    ObjectFeatureOptions,
+)
 from .resume import ResumePolicy
 from .sources import open_source
 from .stats import StatusLine, StreamStats
@@ -168,11 +179,27 @@ def register_stream(p: argparse.ArgumentParser) -> None:
                    help="never hold the source back: the server drops frames it has no time for (answered DROPPED)")
     s.add_argument("--max-in-flight", type=int, help="frames the server holds for this stream (default 8)")
     s.add_argument("--max-frames", type=int, help="stop after N frames")
+    d = p.add_argument_group("objects")
+    d.add_argument("--detect", action="store_true", help="detect objects on every frame (upstream detect.py's "
+                                                          "decode and NMS, on the server)")
+    d.add_argument("--conf", type=float, help="--detect: confidence threshold in (0, 1] (default 0.25)")
+    d.add_argument("--iou", type=float, help="--detect: NMS IoU threshold in (0, 1] (default 0.45)")
+    d.add_argument("--classes", metavar="C1,C2", help="--detect: keep only these class ids")
+    d.add_argument("--agnostic", action="store_true", help="--detect: one NMS over all classes")
+    d.add_argument("--multi-label", action="store_true", help="--detect: a box per class above --conf")
+    d.add_argument("--max-det", type=int, help="--detect: most boxes per frame (default 300)")
+    d.add_argument("--object-features", choices=("anchor", "roi", "none"),
+                   help="one vector per box: anchor (the detection's anchor cell; default), roi (RoIAlign) or none")
+    d.add_argument("--object-layers", metavar="L1,L2", help="layers object vectors are read from (default P3,P4,P5)")
+    d.add_argument("--boxes", metavar="FILE", help="your own boxes, which get vectors instead of detection: CSV "
+                                                    "lines 'frame,x1,y1,x2,y2[,id]' (frame = 0-based index in "
+                                                    "SOURCE, pixels of the frame)")
     o = p.add_argument_group("output")
-    o.add_argument("--save", metavar="DIR", help="write features as they arrive: one .npy per layer, frames.jsonl "
-                                                 "and meta.json (read with yolostream.client.load_features)")
-    o.add_argument("--viz", metavar="OUT.mp4", help="write the video with a heatmap of --viz-layer over it "
-                                                    "(.mp4 or .avi)")
+    o.add_argument("--save", metavar="DIR", help="write features as they arrive: one .npy per layer, objects.*.npy "
+                                                 "for boxes, frames.jsonl and meta.json (read with "
+                                                 "yolostream.client.load_features)")
+    o.add_argument("--viz", metavar="OUT.mp4", help="write the video with a heatmap of --viz-layer over it, and "
+                                                    "the boxes with class and score (.mp4 or .avi)")
     o.add_argument("--show", action="store_true", help="show the heatmap video in a window (needs a display)")
     o.add_argument("--viz-layer", metavar="NAME", help="layer drawn by --viz/--show (default: the first of --layers)")
     o.add_argument("-q", "--quiet", action="store_true", help="no live status line")
@@ -206,18 +233,93 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise ValueError(f"--imgsz must be at least 32 (or left out for the server's default), got {args.imgsz}")
 
 
+def _objects(args: argparse.Namespace) -> tuple[DetectOptions | None, ObjectFeatureOptions | None]:
+    """The stream's detection and object-vector options from the flags; ValueError for flags that need others."""
+    detect = None
+    if args.detect:
+        classes = None
+        if args.classes:
+            try:
+                classes = [int(c) for c in args.classes.split(",") if c.strip()]
+            except ValueError:
+                raise ValueError(f"--classes takes comma-separated class ids, got {args.classes[:80]!r}") from None
+        detect = DetectOptions(conf=args.conf, iou=args.iou, classes=classes, agnostic=args.agnostic,
+                               multi_label=args.multi_label, max_det=args.max_det)
+        detect.to_proto()  # check the numbers before connecting
+    else:
+        given = [flag for flag, value in (("--conf", args.conf), ("--iou", args.iou), ("--classes", args.classes),
+                                           ("--agnostic", args.agnostic), ("--multi-label", args.multi_label),
+                                           ("--max-det", args.max_det)) if value]
+        if given:
+            raise ValueError(f"{', '.join(given)} set detection options: add --detect")
+    objects = None
+    if args.object_features or args.object_layers:
+        if not (args.detect or args.boxes):
+            raise ValueError("--object-features and --object-layers apply to boxes: add --detect or --boxes FILE")
+        objects = ObjectFeatureOptions(mode=args.object_features or "anchor", layers=args.object_layers)
+    return detect, objects
+
+
+def read_boxes(path: str) -> dict[int, tuple[np.ndarray, np.ndarray | None]]:
+    """``--boxes FILE``: frame index → ((N, 4) float32 boxes, (N,) uint64 ids or None), from CSV lines
+    ``frame,x1,y1,x2,y2[,id]`` (blank lines and lines starting with # are skipped). A frame's boxes either all
+    have ids or none do. ValueError names the line of a malformed one."""
+    rows: dict[int, list[list[float]]] = {}
+    ids: dict[int, list[int]] = {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            text = line.strip()
+            if not text or text.startswith("#"):
+                continue
+            cells = [c.strip() for c in text.split(",")]
+            try:
+                if len(cells) not in (5, 6):
+                    raise ValueError
+                frame = int(cells[0])
+                box = [float(c) for c in cells[1:5]]
+                box_id = int(cells[5]) if len(cells) == 6 else None
+                if frame < 0 or (box_id is not None and box_id < 0):
+                    raise ValueError
+            except ValueError:
+                raise ValueError(f"--boxes {path} line {number}: expected 'frame,x1,y1,x2,y2[,id]' with a "
+                                 f"frame index >= 0, got {text[:80]!r}") from None
+            rows.setdefault(frame, []).append(box)
+            if box_id is not None:
+                ids.setdefault(frame, []).append(box_id)
+            if frame in ids and len(ids[frame]) != len(rows[frame]):
+                raise ValueError(f"--boxes {path} line {number}: the boxes of frame {frame} must all have an id "
+                                 "or none")
+    return {frame: (np.asarray(boxes, np.float32), np.asarray(ids[frame], np.uint64) if frame in ids else None)
+            for frame, boxes in rows.items()}
+
+
+def _with_boxes(source: Any, boxes: dict[int, tuple[np.ndarray, np.ndarray | None]]) -> Any:
+    """The source's frames, with the boxes of ``--boxes`` attached to the frames they name."""
+    for index, (image, timestamp) in enumerate(source):
+        if index in boxes:
+            yield (image, timestamp, *boxes[index])
+        else:
+            yield image, timestamp
+
+
 def _save_info(args: argparse.Namespace, info: ModelInfo, source_description: str, layers: Sequence[str]) -> dict:
     return {"model": {"name": info.model_name, "source": info.source, "random_weights": info.random_weights,
                       "device": info.device},
             "server": args.server, "source": source_description,
             "options": {"layers": list(layers), "dtype": args.dtype, "pooling": args.pool, "letterbox": args.letterbox,
                         "imgsz": args.imgsz, "encoding": args.encoding, "quality": args.quality,
-                        "realtime": args.realtime}}
+                        "realtime": args.realtime, "detect": args.detect, "conf": args.conf, "iou": args.iou,
+                        "classes": args.classes, "agnostic": args.agnostic, "multi_label": args.multi_label,
+                        "max_det": args.max_det, "object_features": args.object_features,
+                        "object_layers": args.object_layers, "boxes": args.boxes},
+            "class_names": list(info.class_names)}
 
 
 def cmd_stream(args: argparse.Namespace) -> int:
     _check_numbers(args)
     layers = _layers(args)
+    detect, objects = _objects(args)
+    boxes = read_boxes(args.boxes) if args.boxes else None
     if args.show and (problem := display_problem()):
         raise RuntimeError(problem)
     source = open_source(args.source, max_frames=args.max_frames)
@@ -230,11 +332,12 @@ def cmd_stream(args: argparse.Namespace) -> int:
               + (", realtime" if args.realtime else ""), file=sys.stderr)
         if info.random_weights:
             print("WARNING: RANDOM WEIGHTS - features are for testing only", file=sys.stderr)
-        return _run_stream(args, client, source, layers, info)
+        return _run_stream(args, client, source, layers, info, detect, objects, boxes)
 
 
 def _run_stream(args: argparse.Namespace, client: FeatureClient, source: Any, layers: list[str],
-                info: ModelInfo) -> int:
+                info: ModelInfo, detect: DetectOptions | None = None, objects: ObjectFeatureOptions | None = None,
+                boxes: dict | None = None) -> int:
     with ExitStack() as outputs:
         writer = sink = window = None
         if args.save:
@@ -250,10 +353,11 @@ def _run_stream(args: argparse.Namespace, client: FeatureClient, source: Any, la
         status = StatusLine(enabled=not args.quiet)
         interrupted = False
         try:
-            with client.stream(source, layers=layers or None, dtype=args.dtype, pooling=args.pool,
+            frames = _with_boxes(source, boxes) if boxes is not None else source
+            with client.stream(frames, layers=layers or None, dtype=args.dtype, pooling=args.pool,
                                letterbox=args.letterbox, imgsz=args.imgsz, realtime=args.realtime,
                                max_in_flight=args.max_in_flight, encoding=args.encoding, quality=args.quality,
-                               keep_images=bool(sink or window)) as results:
+                               keep_images=bool(sink or window), detect=detect, objects=objects) as results:
                 for result in results:
                     stats.update(result)
                     if writer is not None:

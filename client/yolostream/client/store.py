@@ -14,6 +14,13 @@ Format (version 1) of a save directory:
 ``<layer>.npy``
     One standard ``.npy`` per requested layer, shape ``(R, *frame_shape)`` — e.g. ``(R, C, H, W)``, or ``(R, C)``
     when pooled — in the wire dtype (float32, or float16; bfloat16 is stored as float32), one row per OK frame.
+``objects.<column>.npy``
+    Present when the stream detected objects or sent boxes: one row per box, over all frames, in frame order.
+    Columns: ``boxes`` (B, 4) float32 x1, y1, x2, y2 in frame pixels; ``scores`` (B,) float32 (NaN for client
+    boxes); ``classes`` (B,) int32 (-1 for client boxes); ``box_ids`` (B,) uint64 (the client's ids;
+    ``NO_BOX_ID`` = 2**64-1 where none was sent); ``features`` (B, D) object vectors, when asked for; and
+    ``frame`` (B,) int64, the index in ``frames.jsonl`` of the frame each box belongs to. Each frame record
+    also says ``objects``: its ``[start, stop)`` box rows (null unless ok), and ``box_source``.
 
 Each row is appended as it arrives, so memory use does not grow with the video. The ``.npy`` header is written
 first with room for any row count (numpy reserves it) and rewritten with the final count on close; a save cut
@@ -27,7 +34,7 @@ import json
 import os
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -38,6 +45,10 @@ from .api import FeatureResult
 FORMAT = "yolostream-features"
 VERSION = 1
 META = "meta.json"
+#: Value of ``objects.box_ids`` for boxes sent without an id, and for detections.
+NO_BOX_ID = np.iinfo(np.uint64).max
+#: Per-box columns of a save, in file order (``features`` only when vectors were asked for).
+OBJECT_COLUMNS = ("boxes", "scores", "classes", "box_ids", "features", "frame")
 #: Frame records are flushed to disk every this many frames.
 FLUSH_EVERY = 30
 FRAMES = "frames.jsonl"
@@ -70,9 +81,10 @@ class _LayerFile:
         self.file: IO[bytes] = open(path, "wb")
         self.file.write(_npy_header(dtype, (0, *row_shape)))
 
-    def append(self, array: np.ndarray) -> None:
+    def append(self, array: np.ndarray, rows: int = 1) -> None:
+        """Append ``rows`` rows (``array`` holds exactly that many, or one row when ``rows`` is 1)."""
         self.file.write(np.ascontiguousarray(array, dtype=self.dtype).data)
-        self.rows += 1
+        self.rows += rows
 
     def close(self) -> None:
         header = _npy_header(self.dtype, (self.rows, *self.row_shape))
@@ -99,6 +111,9 @@ class FeatureWriter:
         self.info = dict(info or {})
         self.layers: dict[str, _LayerFile] = {}
         self.layer_meta: dict[str, dict[str, Any]] = {}
+        self.objects: dict[str, _LayerFile] = {}
+        self.object_meta: dict[str, Any] = {}
+        self.boxes = 0
         self.frames = 0
         self.rows = 0
         self._closed = False
@@ -108,6 +123,8 @@ class FeatureWriter:
     def _write_meta(self, complete: bool) -> None:
         meta = {**self.info, "format": FORMAT, "version": VERSION, "complete": complete, "frames": self.frames,
                 "rows": self.rows, "layers": self.layer_meta}
+        if self.object_meta:
+            meta["objects"] = {**self.object_meta, "boxes": self.boxes}
         tmp = self.dir / (META + ".tmp")
         tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, self.dir / META)
@@ -131,26 +148,69 @@ class FeatureWriter:
 
     def append(self, result: FeatureResult, **extra: Any) -> None:
         """Write one result: its features (OK frames) and its metadata line; ``extra`` adds fields to that line."""
-        row = None
+        row = objects = None
         if result.ok:
             targets = [(self._layer(name, array, result), array) for name, array in result.features.items()]
+            columns = self._object_columns(result) if result.detections is not None else None
             for layer, array in targets:
                 layer.append(array)
             row, self.rows = self.rows, self.rows + 1
+            if columns is not None:
+                n = len(result.detections)
+                for name, values in columns.items():
+                    self.objects[name].append(values, rows=n)
+                objects, self.boxes = [self.boxes, self.boxes + n], self.boxes + n
         record = {"frame_id": result.frame_id, "timestamp": result.timestamp, "status": result.status,
                   "error": result.error, "row": row, "batch_size": result.batch_size, "latency_s": result.latency,
                   "timings_us": result.timings_us, "letterbox": result.letterbox, **extra}
+        if result.detections is not None or self.object_meta:
+            record["objects"] = objects
+            record["box_source"] = result.detections.source if result.detections is not None else None
         self._frames_file.write(json.dumps(record) + "\n")
         self.frames += 1
         if self.frames % FLUSH_EVERY == 0:  # a killed client loses at most FLUSH_EVERY frame records
             self._frames_file.flush()
+
+    def _object_columns(self, result: FeatureResult) -> dict[str, np.ndarray]:
+        """The per-box rows of one result, checked against (or opening) the object files."""
+        found = result.detections
+        n = len(found)
+        columns = {
+            "boxes": found.boxes,
+            "scores": found.scores if found.scores is not None else np.full(n, np.nan, np.float32),
+            "classes": found.classes if found.classes is not None else np.full(n, -1, np.int32),
+            "box_ids": found.box_ids if found.box_ids is not None else np.full(n, NO_BOX_ID, np.uint64),
+            "frame": np.full(n, self.frames, np.int64),
+        }
+        if result.object_features is not None:
+            columns["features"] = result.object_features
+        dtypes = {"boxes": np.float32, "scores": np.float32, "classes": np.int32, "box_ids": np.uint64,
+                  "frame": np.int64}
+        columns = {k: np.asarray(v, dtype=dtypes.get(k, np.asarray(v).dtype)) for k, v in columns.items()}
+        if not self.objects:
+            for name in (c for c in OBJECT_COLUMNS if c in columns):
+                array = columns[name]
+                file = f"objects.{name}.npy"
+                self.objects[name] = _LayerFile(self.dir / file, array.dtype, tuple(array.shape[1:]))
+                self.object_meta.setdefault("columns", {})[name] = {"file": file, "dtype": str(array.dtype),
+                                                                    "shape": list(array.shape[1:])}
+            self.object_meta["slices"] = {k: list(v) for k, v in found.slices.items()}
+            self._write_meta(complete=False)
+        if set(columns) != set(self.objects):
+            raise ValueError(f"frame {result.frame_id}: object columns {sorted(columns)} differ from this save's "
+                             f"{sorted(self.objects)}")
+        for name, array in columns.items():
+            if tuple(array.shape[1:]) != self.objects[name].row_shape:
+                raise ValueError(f"frame {result.frame_id}: object {name} rows of shape {tuple(array.shape[1:])}, "
+                                 f"but this save holds {self.objects[name].row_shape}")
+        return columns
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._frames_file.close()  # frame records first: a layer header never counts rows they do not describe
-        for layer in self.layers.values():
+        for layer in [*self.layers.values(), *self.objects.values()]:
             layer.close()
         self._write_meta(complete=True)
 
@@ -166,7 +226,9 @@ class SavedFeatures(Mapping[str, np.ndarray]):
     """A save directory read back, as a mapping of layer name → read-only memory-mapped (rows, ...) array.
 
     Row ``i`` of every array belongs to the frame whose metadata has ``row == i``; ``frames`` lists every frame's
-    metadata in order. Being a real Mapping, ``"P3" in saved``, ``len(saved)``, ``saved.items()`` and
+    metadata in order. ``objects`` maps each per-box column (``boxes``, ``scores``, ``classes``, ``box_ids``,
+    ``features``, ``frame``; see the module docstring) to its memory-mapped array, empty when the stream had no
+    boxes; ``objects["frame"][k]`` is the index in ``frames`` of box ``k``'s frame. Being a real Mapping, ``"P3" in saved``, ``len(saved)``, ``saved.items()`` and
     ``dict(saved)`` work as they do on the ``features`` dict it wraps; equality stays identity, as comparing
     arrays element-wise has no single truth value.
     """
@@ -175,6 +237,7 @@ class SavedFeatures(Mapping[str, np.ndarray]):
     meta: dict[str, Any]
     frames: list[dict[str, Any]]
     features: dict[str, np.ndarray]
+    objects: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __getitem__(self, layer: str) -> np.ndarray:
         return self.features[layer]
@@ -238,10 +301,19 @@ def load_features(path: str | Path) -> SavedFeatures:
     frames = _read_frames(directory / FRAMES)
     rows = sum(1 for f in frames if f["row"] is not None)
     features = {name: _open_rows(directory / layer["file"], rows) for name, layer in meta["layers"].items()}
+    columns = meta.get("objects", {}).get("columns", {})
+    boxes = max((f["objects"][1] for f in frames if f.get("objects")), default=0)
+    objects = {name: _open_rows(directory / column["file"], boxes) for name, column in columns.items()}
     if not meta.get("complete"):
-        # cut short: keep the frames whose rows reached every layer file, and only those rows
+        # cut short: keep the frames whose rows reached every layer file and whose boxes reached every object
+        # file, and only those rows
         whole = min((len(a) for a in features.values()), default=rows)
-        cut = next((i for i, f in enumerate(frames) if f["row"] is not None and f["row"] >= whole), len(frames))
+        whole_boxes = min((len(a) for a in objects.values()), default=boxes)
+        cut = next((i for i, f in enumerate(frames)
+                    if (f["row"] is not None and f["row"] >= whole)
+                    or (f.get("objects") and f["objects"][1] > whole_boxes)), len(frames))
         frames = frames[:cut]
         features = {name: a[:whole] for name, a in features.items()}
-    return SavedFeatures(directory, meta, frames, features)
+        kept = max((f["objects"][1] for f in frames if f.get("objects")), default=0)
+        objects = {name: a[:kept] for name, a in objects.items()}
+    return SavedFeatures(directory, meta, frames, features, objects)

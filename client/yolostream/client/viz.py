@@ -1,4 +1,5 @@
-"""Heatmaps of a layer's mean activation drawn over the frames, for ``--viz`` (a video file) and ``--show``.
+"""Heatmaps of a layer's mean activation drawn over the frames, with the frame's boxes, for ``--viz`` (a video
+file) and ``--show``.
 
 The feature map covers the *model input* (the letterboxed frame), not the frame itself. A feature cell's centre
 sits at model-input pixel ``(i + 0.5) * input_w / W - 0.5``; a model-input pixel maps to the frame by removing the
@@ -17,7 +18,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .api import FeatureResult
+from .api import Detections, FeatureResult
 
 #: Video container → FourCC that this project's OpenCV (FFmpeg backend) can write.
 FOURCC = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".mkv": "mp4v", ".avi": "MJPG"}
@@ -63,8 +64,37 @@ def render(result: FeatureResult, layer: str, image: np.ndarray) -> np.ndarray:
     else:
         out = image.copy() if image.ndim == 3 else cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
         label = f"frame {result.frame_id}: {result.status}"
+    if result.ok and result.detections is not None:
+        draw_boxes(out, result.detections)
     cv2.putText(out, label, (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
     return out
+
+
+def box_colour(key: int) -> tuple[int, int, int]:
+    """A stable, well-spread BGR colour for a class id (or box id)."""
+    hue = (key * 47) % 180
+    bgr = cv2.cvtColor(np.uint8([[[hue, 220, 255]]]), cv2.COLOR_HSV2BGR)[0, 0]
+    return int(bgr[0]), int(bgr[1]), int(bgr[2])
+
+
+def draw_boxes(image: np.ndarray, detections: Detections) -> np.ndarray:
+    """Draw ``detections`` on ``image`` in place: a rectangle per box, labelled with the class name (or id) and
+    score for detections, the box id for client boxes. Returns ``image``."""
+    for k, box in enumerate(detections.boxes):
+        x1, y1, x2, y2 = (int(round(float(v))) for v in box)
+        if detections.classes is not None:
+            key = int(detections.classes[k])
+            name = detections.names[k] if detections.names is not None else str(key)
+            label = f"{name} {float(detections.scores[k]):.2f}"
+        else:
+            key = int(detections.box_ids[k]) if detections.box_ids is not None else k
+            label = f"id {key}" if detections.box_ids is not None else ""
+        colour = box_colour(key)
+        cv2.rectangle(image, (x1, y1), (x2, y2), colour, 2, cv2.LINE_AA)
+        if label:
+            cv2.putText(image, label, (x1 + 2, max(y1 - 4, 10)), cv2.FONT_HERSHEY_SIMPLEX, 0.4, colour, 1,
+                        cv2.LINE_AA)
+    return image
 
 
 class VideoSink:
