@@ -1,0 +1,290 @@
+"""Detections and object vectors through the served path: options, per-frame boxes, replies, client and CLI.
+
+The device-side computation is checked against upstream in test_detections.py and test_objects.py; here the same
+results must come out of a server (front-end validation, shared-memory layout, reply fields), and bad options or
+boxes must fail only what they belong to.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+
+import cv2
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from conftest import cli_cmd, cpu_runner, fixture_path, raw_frame, serve_env
+from yolostream.client import DetectOptions, FeatureClient, ObjectFeatureOptions, load_features
+from yolostream.client.cli import read_boxes
+from yolostream.server.grpc_server import ServerSettings, ServerThread
+from yolostream.server.model.loader import load_model
+from yolostream.server.runner import DeviceRunner
+from yolostream.v1 import feature_service_pb2 as pb
+from yolostream.v1 import feature_service_pb2_grpc as pb_grpc
+from yolostream.v1 import wire
+
+SCORE_REL = 1e-4
+BOX_ABS, BOX_REL = 0.01, 1e-4
+FLIP_REL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def fixture_server(fixture_weights):
+    """The fixture checkpoint served on the CPU, fused (as detect.py runs it), one frame per batch."""
+    runner = DeviceRunner(load_model(fixture_weights), device="cpu", imgsz=320)
+    with ServerThread(runner, ServerSettings(port=0, workers=1, max_batch=1, max_boxes=4)) as server:
+        before = torch.get_num_threads()
+        torch.set_num_threads(2)  # the fixtures were made with 2 intra-op threads
+        try:
+            yield server
+        finally:
+            torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def small_server():
+    """The built-in yolov5n at a small input, for the option and box checks."""
+    with ServerThread(cpu_runner(imgsz=64), ServerSettings(port=0, max_boxes=4)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def stub(small_server):
+    channel = grpc.insecure_channel(small_server.address)
+    yield pb_grpc.FeatureServiceStub(channel)
+    channel.close()
+
+
+def _stream(stub, options: pb.FeatureOptions, frames: list[pb.Frame]) -> list[pb.FrameResult]:
+    requests = [pb.StreamRequest(config=pb.StreamConfig(options=options))]
+    requests += [pb.StreamRequest(frame=f) for f in frames]
+    return [r.result for r in stub.StreamFeatures(iter(requests), timeout=60)]
+
+
+def _same_detections(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, want: np.ndarray) -> str | None:
+    """Why (boxes, scores, classes) is not ``want`` [x1, y1, x2, y2, conf, cls], or None. Order may differ only
+    between scores equal within SCORE_REL (the reply carries no anchor rows, so boxes are matched by class and
+    position within each group of equal scores)."""
+    if len(boxes) != len(want):
+        return f"{len(boxes)} boxes, want {len(want)}"
+    if not np.allclose(scores, want[:, 4], rtol=SCORE_REL, atol=0):
+        return f"scores differ: {scores[:5]} vs {want[:5, 4]}"
+    s = want[:, 4]
+    bounds = [0] + [i for i in range(1, len(s)) if s[i - 1] - s[i] > SCORE_REL * s[i - 1]] + [len(s)]
+    flips = 0
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        free = np.ones(b - a, bool)
+        size = np.max(want[a:b, 2:4] - want[a:b, 0:2], axis=1, keepdims=True)
+        tol = BOX_ABS + BOX_REL * np.maximum(np.abs(want[a:b, :4]), size)
+        for i in range(a, b):
+            fits = free & (want[a:b, 5] == classes[i]) & np.all(np.abs(want[a:b, :4] - boxes[i]) <= tol, axis=1)
+            if not fits.any():
+                # As test_detections allows: one box swapped for another of exactly the same score (a tie that
+                # ulps of the forward decided); anything more is a real difference.
+                swap = free & (np.abs(s[a:b] - scores[i]) <= FLIP_REL * scores[i])
+                if flips or not swap.any():
+                    return f"positions {a}..{b - 1}: class {classes[i]} box {boxes[i].tolist()} has no match"
+                flips += 1
+                fits = swap
+            free[np.argmax(fits)] = False
+    return None
+
+
+def test_served_detections_equal_upstreams_on_letterboxed_frames(fixture_server):
+    """Every stored image case (auto and square letterbox), mapped back to frame pixels, through gRPC."""
+    meta = json.loads(fixture_path("yolov5n.detections.json").read_text())
+    with np.load(fixture_path("yolov5n.detections.npz")) as data:
+        arrays = {k: data[k] for k in data.files}
+    with np.load(fixture_path("letterbox_cases.npz")) as data:
+        frames = {k: data[k] for k in data.files}
+    with FeatureClient(fixture_server.address) as client:
+        assert len(client.model_info().class_names) == 80
+        cases = sorted(k for k in meta["cases"] if k.startswith("img|"))
+        for case in cases:
+            info = meta["cases"][case]
+            frame = frames[f"case{int(info['frame'][2])}_frame_bgr_hwc"]
+            result = client.extract(frame, layers="P3", pooling="avg", imgsz=info["imgsz"], encoding="raw",
+                                    letterbox="auto" if info["auto"] else "square", detect=True, objects="none")
+            found = result.detections
+            assert found.source == "detector" and result.object_features is None
+            assert found.names == [client.class_names()[c] for c in found.classes]
+            why = {}
+            for tie in ("", "@stablesort", "@tvsort"):
+                key = f"{case}|fused|default{tie}|det_unrounded"
+                if key in arrays:
+                    why[tie or "upstream"] = _same_detections(found.boxes, found.scores, found.classes, arrays[key])
+            assert any(v is None for v in why.values()), f"{case}: {why}"
+
+
+def test_model_info_describes_detection_and_object_vectors(stub):
+    info = stub.GetModelInfo(pb.GetModelInfoRequest())
+    assert info.num_classes == 80
+    assert info.default_object_feature_dim == 64 + 128 + 256  # P3 + P4 + P5 of yolov5n
+    assert info.limits.max_boxes == 4
+    assert (round(info.default_detection.conf_thres, 6), info.default_detection.max_det) == (0.25, 300)
+
+
+def test_detections_come_with_anchor_vectors_whose_slices_cover_the_detect_inputs(stub):
+    options = pb.FeatureOptions(layers=["P3"], detection=pb.DetectionOptions(enabled=True, conf_thres=0.01,
+                                                                             max_det=7))
+    results = _stream(stub, options, [raw_frame(k, 48, 64) for k in range(3)])
+    for result in results:
+        assert result.status == pb.FRAME_STATUS_OK, result.error_message
+        found = wire.objects_from_proto(result)
+        assert found.source == pb.BOX_SOURCE_DETECTOR and len(found.boxes) == 7
+        assert found.features.shape == (7, 448) and found.features.dtype == np.float32
+        assert found.slices == {"P3": (0, 64), "P4": (64, 192), "P5": (192, 448)}
+        assert np.all(np.diff(found.scores) <= 0)
+        assert np.all(found.boxes[:, [0, 1]] >= 0) and np.all(found.boxes[:, 2] <= 64) and np.all(found.boxes[:, 3] <= 48)
+        # The P3 columns are the P3 map at the anchor cell (P3 detections) or under the box centre.
+        p3 = wire.tensor_from_proto(result.tensors[0])
+        columns = p3.reshape(64, -1).T
+        for vector in found.features[:, :64]:
+            assert np.min(np.abs(columns - vector).max(axis=1)) < 1e-6
+
+
+def test_client_boxes_get_vectors_clipped_echoed_and_centre_cells(small_server):
+    image = np.random.default_rng(3).integers(0, 255, (48, 64, 3), np.uint8)
+    boxes = [[-10, 0, 20, 16], [30, 8, 90, 40]]  # the first reaches past the left edge, the second past the right
+    with FeatureClient(small_server.address) as client:
+        result = client.extract(image, layers="P3", encoding="raw", boxes=boxes, box_ids=[11, 2**64 - 2],
+                                objects=ObjectFeatureOptions(layers="P3"))
+    found = result.detections
+    assert found.source == "client" and found.scores is None and found.classes is None
+    assert found.box_ids.tolist() == [11, 2**64 - 2]
+    assert found.boxes.tolist() == [[0, 0, 20, 16], [30, 8, 64, 40]]
+    lb = result.letterbox
+    p3 = result.features["P3"]
+    for box, vector in zip(found.boxes, result.object_features):
+        cx = ((box[0] + box[2]) / 2) * lb["resized_width"] / lb["original_width"] + lb["pad_left"]
+        cy = ((box[1] + box[3]) / 2) * lb["resized_height"] / lb["original_height"] + lb["pad_top"]
+        np.testing.assert_array_equal(vector, p3[:, int(cy // 8), int(cx // 8)])
+
+
+def test_client_boxes_equal_to_the_detections_give_the_same_roi_vectors(small_server):
+    image = np.random.default_rng(5).integers(0, 255, (48, 64, 3), np.uint8)
+    objects = ObjectFeatureOptions(mode="roi", roi_size=3, normalize=True)
+    with FeatureClient(small_server.address) as client:
+        detected = client.extract(image, layers="P3", pooling="avg", encoding="raw", objects=objects,
+                                  detect=DetectOptions(conf=0.01, max_det=4))
+        sent = client.extract(image, layers="P3", pooling="avg", encoding="raw", objects=objects,
+                              boxes=detected.detections.boxes)
+    assert len(detected.detections) == 4
+    np.testing.assert_allclose(sent.object_features, detected.object_features, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(sent.object_features, axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        (pb.FeatureOptions(detection=pb.DetectionOptions(enabled=True, conf_thres=1.5)), "conf_thres 1.5"),
+        (pb.FeatureOptions(detection=pb.DetectionOptions(enabled=True, iou_thres=float("nan"))), "iou_thres nan"),
+        (pb.FeatureOptions(detection=pb.DetectionOptions(enabled=True, classes=[2, 80])), "unknown class id(s) [80]"),
+        (pb.FeatureOptions(object_features=pb.ObjectFeatureOptions(mode=9)), "unknown object feature mode 9"),
+        (pb.FeatureOptions(object_features=pb.ObjectFeatureOptions(layers=["P9"])), "unknown layer 'P9'"),
+        (pb.FeatureOptions(detection=pb.DetectionOptions(enabled=True, max_det=30000),
+                           object_features=pb.ObjectFeatureOptions(mode=pb.OBJECT_FEATURE_MODE_ROI, roi_size=16,
+                                                                   flatten=True)),
+         "over the server's message limit"),
+    ],
+)
+def test_a_bad_object_config_ends_the_stream_invalid_argument(stub, options, words):
+    with pytest.raises(grpc.RpcError) as err:
+        _stream(stub, options, [raw_frame(0)])
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert words in err.value.details()
+
+
+def _with_boxes(k: int, values: list[float], ids: list[int] = ()) -> pb.Frame:
+    frame = raw_frame(k)
+    frame.boxes[:] = values
+    frame.box_ids[:] = list(ids)
+    return frame
+
+
+def test_bad_boxes_fail_their_frame_only_and_a_healthy_stream_alongside_never_notices(stub):
+    options = pb.FeatureOptions(layers=["P3"], pooling=pb.POOLING_GLOBAL_AVG)
+    good = [1, 2, 30, 40]
+    frames = [
+        _with_boxes(0, good),
+        _with_boxes(1, good * 5),  # five boxes, over this server's --max-boxes 4
+        _with_boxes(2, [1, float("nan"), 30, 40]),
+        _with_boxes(3, [30, 2, 30, 40]),  # x2 <= x1
+        _with_boxes(4, good, ids=[1, 2]),  # two ids for one box
+        _with_boxes(5, good[:3]),  # not four values per box
+        _with_boxes(6, good * 4, ids=[1, 2, 3, 4]),
+    ]
+    healthy: list = []
+    alongside = threading.Thread(target=lambda: healthy.extend(
+        _stream(stub, options, [_with_boxes(k, good) for k in range(20)])))
+    alongside.start()
+    results = _stream(stub, options, frames)
+    alongside.join(timeout=60)
+    statuses = [r.status for r in results]
+    assert statuses == [pb.FRAME_STATUS_OK] + [pb.FRAME_STATUS_ERROR] * 5 + [pb.FRAME_STATUS_OK]
+    assert "5 boxes on one frame; the limit is 4" in results[1].error_message
+    assert "box 0 has a NaN" in results[2].error_message
+    assert "box 0 is empty" in results[3].error_message
+    assert "2 box ids for 1 boxes" in results[4].error_message
+    assert "not 4 per box" in results[5].error_message
+    assert list(results[6].box_ids) == [1, 2, 3, 4] and results[6].box_source == pb.BOX_SOURCE_CLIENT
+    assert [r.status for r in healthy] == [pb.FRAME_STATUS_OK] * 20
+    assert all(len(r.boxes) == 4 for r in healthy)
+
+
+def test_streamed_detections_saved_by_the_cli_equal_the_unary_calls(fixture_server, tmp_path):
+    """8 PNG frames through ``yolostream stream --detect --save`` read back with load_features, against Extract."""
+    rng = np.random.default_rng(7)
+    images = tmp_path / "images"
+    images.mkdir()
+    for k in range(8):
+        cv2.imwrite(str(images / f"{k:02d}.png"), rng.integers(0, 255, (120 + 8 * k, 160, 3), np.uint8))
+    save = tmp_path / "save"
+    out = subprocess.run(cli_cmd("stream", str(images), "--server", fixture_server.address, "--layers", "P3",
+                                 "--pool", "avg", "--encoding", "png", "--detect", "--conf", "0.05", "--save",
+                                 str(save), "--max-in-flight", "1", "-q"),
+                         capture_output=True, text=True, env=serve_env(), timeout=120)
+    assert out.returncode == 0, out.stderr
+    saved = load_features(save)
+    assert saved.meta["objects"]["slices"] == {"P3": [0, 64], "P4": [64, 192], "P5": [192, 448]}
+    boxes = saved.objects["boxes"]
+    assert len(boxes) > 0 and saved.objects["features"].shape == (len(boxes), 448)
+    with FeatureClient(fixture_server.address) as client:
+        for index, record in enumerate(saved.frames):
+            image = cv2.imread(str(images / record["file"].split("/")[-1]))
+            want = client.extract(image, layers="P3", pooling="avg", detect=DetectOptions(conf=0.05))
+            start, stop = record["objects"]
+            assert record["box_source"] == "detector"
+            assert np.all(saved.objects["frame"][start:stop] == index)
+            assert stop - start == len(want.detections), f"frame {index}"
+            np.testing.assert_allclose(boxes[start:stop], want.detections.boxes, rtol=1e-5, atol=1e-3)
+            np.testing.assert_allclose(saved.objects["scores"][start:stop], want.detections.scores, rtol=1e-5)
+            np.testing.assert_array_equal(saved.objects["classes"][start:stop], want.detections.classes)
+            np.testing.assert_allclose(saved.objects["features"][start:stop], want.object_features, rtol=1e-4,
+                                       atol=1e-5)
+
+
+def test_boxes_file_is_read_per_frame_and_malformed_lines_are_named(tmp_path):
+    path = tmp_path / "boxes.csv"
+    path.write_text("# frame,x1,y1,x2,y2,id\n0,1,2,3,4,7\n0,5,6,7,8,9\n\n3,1.5,2,10,20\n")
+    table = read_boxes(str(path))
+    assert sorted(table) == [0, 3]
+    assert table[0][0].tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]] and table[0][1].tolist() == [7, 9]
+    assert table[3][1] is None
+    path.write_text("0,1,2,3\n")
+    with pytest.raises(ValueError, match="line 1: expected 'frame,x1,y1,x2,y2\\[,id\\]'"):
+        read_boxes(str(path))
+    path.write_text("0,1,2,3,4,1\n0,1,2,3,4\n")
+    with pytest.raises(ValueError, match="line 2: the boxes of frame 0 must all have an id or none"):
+        read_boxes(str(path))
+
+
+def test_detection_flags_without_detect_are_a_one_line_error(tmp_path):
+    out = subprocess.run(cli_cmd("stream", str(tmp_path), "--conf", "0.3"), capture_output=True, text=True,
+                         env=serve_env(), timeout=60)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == "yolostream stream: error: --conf set detection options: add --detect"
