@@ -44,6 +44,7 @@ class ObjectsCase:
     threads: int = 2
     repeats: int = 5
     warmup: int = 1
+    device: str = "cpu"
 
 
 def _interleaved(modes: dict[str, Callable[[], object]], repeats: int,
@@ -59,16 +60,19 @@ def _interleaved(modes: dict[str, Callable[[], object]], repeats: int,
             name = names[(r + k) % len(names)]
             wall, cpu = time.perf_counter(), time.process_time()
             modes[name]()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             if r >= warmup:
                 times[name].append(((time.perf_counter() - wall) * 1e3, (time.process_time() - cpu) * 1e3))
     return {n: (median([w for w, _ in t]), median([c for _, c in t])) for n, t in times.items()}
 
 
 def _setup(case: ObjectsCase) -> tuple[torch.nn.Module, torch.Tensor, tuple[int, ...]]:
-    torch.set_num_threads(case.threads)
-    model = fuse_model(load_model(cfg=case.cfg).model.eval())
+    if case.threads:
+        torch.set_num_threads(case.threads)
+    model = fuse_model(load_model(cfg=case.cfg).model.eval()).to(case.device)
     x = torch.rand(case.batch, 3, case.imgsz, case.imgsz, generator=torch.Generator().manual_seed(0))
-    return model, x, det.detect_input_layers(model)
+    return model, x.to(case.device), det.detect_input_layers(model)
 
 
 @torch.inference_mode()
@@ -88,7 +92,7 @@ def nms_rows(case: ObjectsCase) -> list[dict]:
                                  case.warmup)[label]
         kept = det.non_max_suppression(pred, options)[0]
         candidates = int((pred[0, :, 4] > options.conf_thres).sum())
-        rows.append({"setting": label, "rows": int(pred.shape[1]), "objectness_candidates": candidates,
+        rows.append({"setting": f"{label}, {case.device}", "rows": int(pred.shape[1]), "objectness_candidates": candidates,
                      "kept": len(kept), "torchvision": det.torchvision_ops() is not None, "ms": round(wall, 2),
                      "cpu_ms": round(cpu, 2)})
     return rows
@@ -109,13 +113,16 @@ def overhead_rows(case: ObjectsCase) -> list[dict]:
         return lambda: obj.frame_objects(model, run_plan(model.model, x, plan), hw, frames, nms=det.NmsOptions(),
                                          objects=objects)
 
+    def layers_on(mode: str) -> str:
+        return f"{mode} ({case.device})"
+
     modes = {"layers": layers, "detect": with_objects(None),
              "detect+anchor": with_objects(obj.ObjectOptions()),
              "detect+roi": with_objects(obj.ObjectOptions(mode="roi"))}
     ms = _interleaved(modes, case.repeats, case.warmup)
     boxes = sum(len(f.boxes) for f in with_objects(None)())
     base_wall, base_cpu = ms["layers"]
-    return [{"mode": m, "batch": case.batch, "imgsz": case.imgsz, "boxes": boxes, "ms": round(wall, 2),
+    return [{"mode": layers_on(m), "batch": case.batch, "imgsz": case.imgsz, "boxes": boxes, "ms": round(wall, 2),
              "extra_ms": round(wall - base_wall, 2), "extra_pct": round(100 * (wall / base_wall - 1), 1),
              "cpu_ms": round(cpu, 2), "extra_cpu_pct": round(100 * (cpu / base_cpu - 1), 1)}
             for m, (wall, cpu) in ms.items()]
@@ -128,8 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    case = ObjectsCase(args.cfg, args.imgsz, args.batch, args.threads, args.repeats)
+    case = ObjectsCase(args.cfg, args.imgsz, args.batch, args.threads, args.repeats, device=args.device)
     print(json.dumps({"case": asdict(case), "nms": nms_rows(case), "overhead": overhead_rows(case)}, indent=1))
     return 0
 

@@ -119,8 +119,21 @@ TRANSPORT_COLUMNS = [
     ("other load (cores)", "other_cpu_cores", 2),
 ]
 
+OBJECTS_NMS_COLUMNS = [
+    ("setting", "setting", 0), ("anchor rows", "rows", 0), ("objectness candidates", "objectness_candidates", 0),
+    ("kept", "kept", 0), ("torchvision", "torchvision", 0), ("ms", "ms", 2), ("CPU ms", "cpu_ms", 2),
+]
+
+OBJECTS_OVERHEAD_COLUMNS = [
+    ("mode", "mode", 0), ("batch", "batch", 0), ("imgsz", "imgsz", 0), ("boxes", "boxes", 0), ("ms", "ms", 2),
+    ("extra ms", "extra_ms", 2), ("extra %", "extra_pct", 1), ("CPU ms", "cpu_ms", 2),
+    ("extra CPU %", "extra_cpu_pct", 1),
+]
+
 SECTIONS = {
     "engine": ("DeviceRunner alone, in-process", ENGINE_COLUMNS),
+    "objects_nms": ("NMS alone, one 640x640 image's decoded output", OBJECTS_NMS_COLUMNS),
+    "objects_overhead": ("Detections and object vectors over the same layers alone", OBJECTS_OVERHEAD_COLUMNS),
     "e2e": ("End to end through gRPC on loopback", E2E_COLUMNS),
     "camera": ("Latency at camera rate", CAMERA_COLUMNS),
     "transport": ("Transport alone (model bypassed) against a raw TCP socket", TRANSPORT_COLUMNS),

@@ -1,6 +1,6 @@
 """``make bench``: the benchmark suite. Prints a markdown table per section and writes the numbers as JSON.
 
-    python bench/run.py [--quick | --gpu] [--out bench/results] [--only engine,e2e,camera,transport] [--frontends N]
+    python bench/run.py [--quick | --gpu] [--out bench/results] [--only engine,e2e,camera,transport,objects] [--frontends N]
 
 ``--quick`` is the CPU preset (yolov5n at 320, a documented subset of the end-to-end matrix, under 3 minutes on
 2 cores); ``--gpu`` is yolov5s at 640 fp16 with yolov5l engine rows and the full matrix. Without either, the
@@ -24,7 +24,7 @@ from transport_bench import TransportCase  # noqa: E402
 
 ensure_importable()
 
-SECTION_NAMES = ("engine", "e2e", "camera", "transport")
+SECTION_NAMES = ("engine", "e2e", "camera", "transport", "objects")
 
 
 @dataclass(frozen=True)
@@ -195,6 +195,14 @@ def run_suite(preset: Preset, sections: Sequence[str], out_dir: Path | None,
                              warm_s=preset.transport_warm_s,
                              duration_s=preset.transport_duration_s, progress=_log)
         _emit(results, "transport", rows)
+    if "objects" in sections:
+        from objects_bench import ObjectsCase, nms_rows, overhead_rows
+
+        # NMS at 25,200 candidates needs a P5 model at 640, whatever the preset's input size.
+        case = ObjectsCase(preset.cfg, 640, 1, preset.threads or 0, repeats=5, device=preset.device)
+        _log("objects: NMS alone, then layers against layers + detections (+ vectors)")
+        _emit(results, "objects_nms", nms_rows(case))
+        _emit(results, "objects_overhead", overhead_rows(case))
     results["machine"]["elapsed_s"] = time.perf_counter() - started
     results["machine"]["loadavg_end"] = list(__import__("os").getloadavg())
     print(report.machine_line(results["machine"]))

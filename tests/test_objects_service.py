@@ -288,3 +288,40 @@ def test_detection_flags_without_detect_are_a_one_line_error(tmp_path):
                          env=serve_env(), timeout=60)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == "yolostream stream: error: --conf set detection options: add --detect"
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_object_vectors_travel_in_the_requested_dtype(small_server, dtype):
+    image = np.random.default_rng(9).integers(0, 255, (48, 64, 3), np.uint8)
+    with FeatureClient(small_server.address) as client:
+        want = client.extract(image, layers="P3", pooling="avg", encoding="raw", boxes=[[2, 2, 40, 30]])
+        got = client.extract(image, layers="P3", pooling="avg", encoding="raw", boxes=[[2, 2, 40, 30]],
+                             objects=ObjectFeatureOptions(dtype=dtype))
+    assert got.object_features.dtype == (np.float16 if dtype == "float16" else np.float32)
+    np.testing.assert_allclose(got.object_features, want.object_features, rtol=1e-2, atol=1e-2)
+
+
+def test_the_staged_path_gives_the_same_objects_as_the_direct_one():
+    """The CUDA path computes objects in ``collect`` (overlapping the next batch); on CPU it must agree exactly."""
+    from yolostream.server.object_request import NmsOptions, ObjectJob, ObjectOptions, ObjectRequest
+
+    direct, staged = cpu_runner(imgsz=64), cpu_runner(imgsz=64, staged=True)
+    staged.warmup(4)
+    card = direct.card()
+    layers = tuple((layer.name, layer.index, layer.stride, card.channels(layer.index))
+                   for layer in card.default_object_layers())
+    detect = ObjectRequest(NmsOptions(conf_thres=0.01, max_det=9), ObjectOptions(), layers)
+    roi = ObjectRequest(None, ObjectOptions(mode="roi", roi_size=2), layers)
+    images = [np.random.default_rng(k).integers(0, 255, (64, 64, 3), np.uint8) for k in range(3)]
+    boxes = np.array([[1, 1, 30, 40]], np.float32)
+    jobs = [ObjectJob(detect, (64, 64), None, detect.layout(None)), None,
+            ObjectJob(roi, (64, 64), boxes, roi.layout(1))]
+    keys = [(9, "avg", "float32")]
+    a = direct.collect(direct.launch(images, keys, objects=jobs))
+    b = staged.collect(staged.launch(images, keys, objects=jobs))
+    assert b.objects[1] is None and len(b.objects[0].boxes) == 9 and b.objects[2].scores is None
+    for x, y in zip(a.objects, b.objects):
+        if x is None:
+            continue
+        for name in ("boxes", "scores", "classes", "vectors"):
+            np.testing.assert_array_equal(getattr(x, name), getattr(y, name))
