@@ -138,7 +138,12 @@ def describe_model(info: ModelInfo, address: str) -> str:
              f"batch   max {info.batching['max_batch']}, wait {info.batching['max_delay_ms']:g} ms, "
              f"{info.batching['max_in_flight']} frames in flight per stream",
              f"limits  {info.limits['max_pixels']:,} pixels, {info.limits['max_frame_bytes']:,} bytes per frame, "
-             f"{info.limits['max_message_bytes']:,} bytes per message"]
+             f"{info.limits['max_message_bytes']:,} bytes per message, {info.limits.get('max_boxes', 0):,} boxes per "
+             f"frame"]
+    if info.num_classes:
+        names = ", ".join(info.class_names[:5]) + (", …" if len(info.class_names) > 5 else "")
+        lines.append(f"objects {info.num_classes} classes ({names or 'no names'}); default object vector "
+                     f"{info.default_object_feature_dim} values (anchor mode on the Detect inputs)")
     if info.random_weights:
         lines.append("WARNING: RANDOM WEIGHTS - features are for testing only")
     return "\n".join(lines)
