@@ -59,6 +59,8 @@ class Preset:
     transport_warm_s: float
     transport_duration_s: float
     notes: tuple[str, ...] = field(default=())
+    objects_imgsz: int = 640
+    objects_repeats: int = 5
 
 
 #: Reply sizes for the transport section: 256x20x20 float32 = 409,600 B, and 4 * (128*80*80 + 256*40*40 + 512*20*20)
@@ -199,7 +201,8 @@ def run_suite(preset: Preset, sections: Sequence[str], out_dir: Path | None,
         from objects_bench import ObjectsCase, nms_rows, overhead_rows
 
         # NMS at 25,200 candidates needs a P5 model at 640, whatever the preset's input size.
-        case = ObjectsCase(preset.cfg, 640, 1, preset.threads or 0, repeats=5, device=preset.device)
+        case = ObjectsCase(preset.cfg, preset.objects_imgsz, 1, preset.threads or 0, repeats=preset.objects_repeats,
+                           device=preset.device)
         _log("objects: NMS alone, then layers against layers + detections (+ vectors)")
         _emit(results, "objects_nms", nms_rows(case))
         _emit(results, "objects_overhead", overhead_rows(case))

@@ -28,6 +28,7 @@ TINY = dataclasses.replace(
     camera_streams=(1,), camera_rate=30.0, camera_warm_s=0.1, camera_duration_s=0.4,
     transport_cases=(TransportCase("tiny", "yolov5n", ("backbone",), imgsz=64),),
     transport_in_flight=(2,), transport_frontends=(2,), transport_warm_s=0.1, transport_duration_s=0.3,
+    objects_imgsz=64, objects_repeats=1,
 )
 
 
@@ -85,10 +86,20 @@ def test_results_file_and_tables(results, capsys):
     path = Path(results["path"])
     stored = json.loads(path.read_text())
     assert path.name.startswith(stored["machine"]["hostname"]) and path.suffix == ".json"
-    assert set(stored["sections"]) == set(run.SECTION_NAMES)
+    objects = {"objects_nms", "objects_overhead"}
+    assert set(stored["sections"]) == set(run.SECTION_NAMES) - {"objects"} | objects
     assert stored["machine"]["preset"] == "smoke" and stored["machine"]["cpu_model"]
     table = report.section_markdown("e2e", stored["sections"]["e2e"])
     assert table.count("\n|") == 2 + len(stored["sections"]["e2e"])
+
+
+def test_objects_rows_time_nms_and_each_mode_against_the_layers_alone(results):
+    nms = results["sections"]["objects_nms"]
+    assert [r["setting"] for r in nms] == ["default (conf 0.25), cpu", "conf 0.001, cpu", "multi_label, conf 0.25, cpu"]
+    assert all(r["rows"] == 3 * (8 * 8 + 4 * 4 + 2 * 2) and r["ms"] > 0 and r["cpu_ms"] >= 0 for r in nms)
+    overhead = results["sections"]["objects_overhead"]
+    assert [r["mode"] for r in overhead] == ["layers (cpu)", "detect (cpu)", "detect+anchor (cpu)", "detect+roi (cpu)"]
+    assert overhead[0]["extra_ms"] == 0 and all(r["boxes"] == overhead[0]["boxes"] for r in overhead)
 
 
 def test_window_counts_only_frames_inside_it():
@@ -114,15 +125,3 @@ def test_presets_and_arguments():
     assert run.QUICK.cfg == "yolov5n" and run.QUICK.imgsz == 320 and run.QUICK.device == "cpu"
     assert run.GPU.half and set(run.GPU.engine_models) == {"yolov5s", "yolov5l"}
     assert set(run.GPU.e2e_streams) == {1, 4, 8, 16} and len(run.GPU.e2e_outputs) == 4
-
-
-def test_objects_bench_measures_nms_and_every_overhead_mode():
-    import objects_bench
-
-    case = objects_bench.ObjectsCase(imgsz=64, batch=2, threads=1, repeats=1, warmup=0)
-    nms = objects_bench.nms_rows(case)
-    assert [r["setting"] for r in nms] == ["default (conf 0.25)", "conf 0.001", "multi_label, conf 0.25"]
-    assert all(r["rows"] == 3 * (8 * 8 + 4 * 4 + 2 * 2) and r["ms"] > 0 and r["cpu_ms"] >= 0 for r in nms)
-    overhead = objects_bench.overhead_rows(case)
-    assert [r["mode"] for r in overhead] == ["layers", "detect", "detect+anchor", "detect+roi"]
-    assert overhead[0]["extra_ms"] == 0 and all(r["batch"] == 2 and r["ms"] > 0 for r in overhead)
