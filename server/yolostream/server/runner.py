@@ -156,7 +156,7 @@ class DeviceRunner:
         self.letterbox_policy = letterbox
         self._plans: dict[tuple[int, ...], TruncatedModel] = {}
         self.buckets: tuple[int, ...] = ()
-        self.configure_staging(DEFAULT_PINNED_BUDGET)
+        self.configure_staging()
         self.tuning = TuningPolicy(apply=cudnn_benchmark) if self.device.type == "cuda" else TuningPolicy()
         # The staged path (pinned staging, own stream, async copies) is the CUDA hot path; on CPU it can be
         # switched on to test that code, but the direct path is faster there.
@@ -272,16 +272,18 @@ class DeviceRunner:
                                 fetch_us=int((time.perf_counter() - computed) * 1e6))
         return self._launch_staged(images, keys, plan)
 
-    def configure_staging(self, pinned_budget: int, max_imgsz: int = MAX_IMGSZ) -> None:
+    def configure_staging(self, pinned_budget: int = DEFAULT_PINNED_BUDGET, max_imgsz: int = MAX_IMGSZ,
+                          pool: HostPool | None = None) -> None:
         """Bound the staged path: the host memory it may pin, and the largest model input it takes.
 
         Args:
             pinned_budget: bytes of host blocks (pinned on CUDA), counted as the allocator rounds them.
             max_imgsz: inputs over ``input_shape(max_imgsz)`` on either side are refused.
+            pool: the host pool to use instead of a new one of ``pinned_budget`` (tests inject an allocator so).
         """
         if getattr(self, "pool", None) is not None:
             self.pool.release_idle()
-        self.pool = HostPool(pinned_budget, pin=self.device.type == "cuda")
+        self.pool = pool or HostPool(pinned_budget, pin=self.device.type == "cuda")
         self.copies = StagedCopies(self.device, self.pool)
         self.max_input_hw = input_shape(max_imgsz, self.stride)
 
