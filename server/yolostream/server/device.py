@@ -238,6 +238,7 @@ def build_device(settings: Any, bypass: bool = False, threads: int | None = None
     loaded = load_model(settings.weights, settings.cfg)
     runner = DeviceRunner(loaded, device=settings.device, half=settings.half, fuse=settings.fuse,
                           imgsz=settings.imgsz, letterbox=settings.letterbox)
+    runner.configure_staging(settings.pinned_bytes)
     try:
         runner.resolve(settings.layers)
     except ValueError as err:
