@@ -4,7 +4,7 @@ Two ways of computing the same features, timed interleaved (every mode once per 
 rotating), after warm-up rounds, reporting the median per mode:
 
 - **server**: what the micro-batcher does: ``engine.collect(engine.launch(uint8 frames, keys))``: stack (or copy
-  into the pinned staging buffer), upload, normalise on the device, truncated forward, cast, copy back. Fused
+  into a pooled pinned host block), upload, normalise on the device, truncated forward, cast, copy back. Fused
   BN; on CUDA fp16 + channels_last + the staged path. ``full`` runs ``engine.model`` (every layer and Detect with
   its decode) on the same uint8 batch, outputs left on the device.
 - **seed**: what a user would otherwise write: a second, separately built copy of the model, fused (as upstream
