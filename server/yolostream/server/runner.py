@@ -158,8 +158,8 @@ class DeviceRunner:
         self.buckets: tuple[int, ...] = ()
         self.configure_staging()
         self.tuning = TuningPolicy(apply=cudnn_benchmark) if self.device.type == "cuda" else TuningPolicy()
-        # The staged path (pinned staging, own stream, async copies) is the CUDA hot path; on CPU it can be
-        # switched on to test that code, but the direct path is faster there.
+        # The staged path (pooled pinned blocks, upload/compute/download streams) is the CUDA hot path; on CPU it
+        # can be switched on to test that code, but the direct path is faster there.
         self.staged = self.device.type == "cuda" if staged is None else bool(staged)
         if self.device.type == "cuda":
             # Fusion, casts and the channels_last copy ran on the default stream; the engine's own stream is not
