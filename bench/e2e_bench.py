@@ -411,6 +411,33 @@ def add_camera_ratio(row: dict, engine_rows: Sequence[dict]) -> dict:
     return row
 
 
+def jpeg_decode_ms(payload: FramePayload, repeats: int = 31) -> float:
+    """Median milliseconds one thread takes to decode ``payload`` with OpenCV: what a front-end's decode thread
+    spends per frame of this bench."""
+    data = np.frombuffer(payload.data, np.uint8)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        cv2.imdecode(data, cv2.IMREAD_COLOR)
+        times.append((time.perf_counter() - start) * 1000.0)
+    return float(np.median(times))
+
+
+def add_decode_bound(row: dict, decode_fps: float | None) -> dict:
+    """Say which side bounds a row: the front-ends' JPEG decode capacity (``decode_fps``, JPEG rows only) or the
+    engine's frames/s at the row's batch size, whichever is lower. Rows far below both are bound elsewhere (gRPC,
+    the front-ends' GIL); the columns show that too."""
+    row["decode_cap_fps"] = decode_fps if row["input"] == "jpeg" else None
+    engine = row.get("engine_fps")
+    if engine is None:
+        row["bound"] = None
+    elif row["decode_cap_fps"] is not None and row["decode_cap_fps"] < engine:
+        row["bound"] = "decode"
+    else:
+        row["bound"] = "engine"
+    return row
+
+
 def run_e2e(address: str, cells: Sequence[E2ECell], payloads: dict[str, FramePayload], *, warm_s: float,
             duration_s: float, max_in_flight: int = 8, cpu_seconds: Callable[[], float] | None = None,
             engine_rows: Sequence[dict] = (), camera: bool = False,

@@ -4,7 +4,7 @@ Two ways of computing the same features, timed interleaved (every mode once per 
 rotating), after warm-up rounds, reporting the median per mode:
 
 - **server**: what the micro-batcher does: ``engine.collect(engine.launch(uint8 frames, keys))``: stack (or copy
-  into the pinned staging buffer), upload, normalise on the device, truncated forward, cast, copy back. Fused
+  into a pooled pinned host block), upload, normalise on the device, truncated forward, cast, copy back. Fused
   BN; on CUDA fp16 + channels_last + the staged path. ``full`` runs ``engine.model`` (every layer and Detect with
   its decode) on the same uint8 batch, outputs left on the device.
 - **seed**: what a user would otherwise write: a second, separately built copy of the model, fused (as upstream
@@ -99,7 +99,8 @@ def _modes(engine: DeviceRunner, seed: SeedModel | None, frame: np.ndarray,
             modes.append(({"way": server_way, "layers": layers, "batch": batch, "out_dtype": case.out_dtype}, run))
         if case.full:
             def run_full(images=images):
-                with torch.inference_mode():
+                # tuned like the server way's forwards (Detect's convolutions tune in the bench's warm-up rounds)
+                with torch.inference_mode(), engine.tuning.apply(True):
                     engine.model(engine.frames_to_input(torch.from_numpy(np.stack(images)).to(engine.device)))
                 sync()
 
@@ -139,8 +140,8 @@ def run_engine_case(case: EngineCase, progress: Callable[[str], None] = lambda s
     loaded = load_model(cfg=case.cfg)
     engine = DeviceRunner(loaded, device=case.device, half=case.half, imgsz=case.imgsz)
     frame, _ = engine.preprocess(synthetic_frame())
-    if engine.staged:
-        engine.warmup(max(case.batches), imgsz=case.imgsz)
+    if engine.staged:  # tune the bench's frame shape (and the square input) at every bucket, nothing else
+        engine.warmup(max(case.batches), imgsz=case.imgsz, frame_sizes=(synthetic_frame().shape[:2],))
     hooked = [r.index for names in LAYER_SETS.values() for r in engine.resolve(names)]
     seed = SeedModel(case.cfg, engine.device, hooked) if case.seed else None
     modes = _modes(engine, seed, frame, case)

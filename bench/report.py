@@ -97,6 +97,7 @@ E2E_COLUMNS = [
     ("frames/s", "fps", 1), ("p50 ms", "p50_ms", 1), ("p95 ms", "p95_ms", 1), ("p99 ms", "p99_ms", 1),
     ("mean batch", "mean_batch", 2), ("server CPU-ms/frame", "server_cpu_ms_per_frame", 1),
     ("engine frames/s (at batch)", "engine_ref", 0), ("e2e / engine", "ratio_vs_engine", 2),
+    ("decode cap frames/s", "decode_cap_fps", 0), ("lower of decode cap / engine", "bound", 0),
     ("other load (cores)", "other_cpu_cores", 2),
 ]
 

@@ -2,8 +2,9 @@
 
     python bench/run.py [--quick | --gpu] [--out bench/results] [--only engine,e2e,camera,transport,objects] [--frontends N]
 
-``--quick`` is the CPU preset (yolov5n at 320, a documented subset of the end-to-end matrix, under 3 minutes on
-2 cores); ``--gpu`` is yolov5s at 640 fp16 with yolov5l engine rows and the full matrix. Without either, the
+``--quick`` is the CPU preset (yolov5n at 320, a documented subset of the end-to-end matrix, under 4 minutes on
+2 cores); ``--gpu`` is yolov5s at 640 fp16 with yolov5l engine rows and a matrix sized to finish in under 5 minutes
+(an estimate until it has run on a GPU: BENCHMARKS.md shows the arithmetic). Without either, the
 preset is ``--gpu`` when torch sees CUDA, else ``--quick``. Random weights throughout: timing does not depend
 on them. See BENCHMARKS.md for the method and the targets.
 """
@@ -45,7 +46,6 @@ class Preset:
     e2e_streams: tuple[int, ...]
     e2e_inputs: tuple[str, ...]
     e2e_outputs: tuple[tuple[str, str], ...]
-    e2e_prime_s: float
     e2e_warm_s: float
     e2e_duration_s: float
     max_in_flight: int
@@ -74,7 +74,7 @@ QUICK = Preset(
     name="quick", cfg="yolov5n", imgsz=320, device="cpu", half=False, threads=2,
     engine_models=("yolov5n",), batches=(1, 4, 8, 16, 32), repeats=11, warmup=2, engine_out_dtype="float32",
     e2e_streams=(1, 4), e2e_inputs=("jpeg", "raw"), e2e_outputs=(("backbone", "float32"), ("P3,P4,P5", "float16")),
-    e2e_prime_s=0.0, e2e_warm_s=0.6, e2e_duration_s=4.0, max_in_flight=8,
+    e2e_warm_s=0.6, e2e_duration_s=4.0, max_in_flight=8,
     camera_streams=(1, 8), camera_rate=30.0, camera_warm_s=1.0, camera_duration_s=4.0,
     transport_cases=TRANSPORT_CASES, transport_in_flight=(8,), transport_frontends=(1, 2), transport_warm_s=0.5,
     transport_duration_s=3.0,
@@ -85,17 +85,18 @@ QUICK = Preset(
 
 GPU = Preset(
     name="gpu", cfg="yolov5s", imgsz=640, device="cuda", half=True, threads=None,
-    engine_models=("yolov5s", "yolov5l"), batches=(1, 4, 8, 16, 32), repeats=25, warmup=4, engine_out_dtype="float16",
+    engine_models=("yolov5s", "yolov5l"), batches=(1, 4, 8, 16, 32), repeats=15, warmup=3, engine_out_dtype="float16",
     e2e_streams=(1, 4, 8, 16), e2e_inputs=("jpeg", "raw"),
-    e2e_outputs=(("backbone", "float32"), ("backbone", "float16"), ("P3,P4,P5", "float32"), ("P3,P4,P5", "float16")),
-    e2e_prime_s=3.0, e2e_warm_s=1.0, e2e_duration_s=3.0, max_in_flight=8,
-    camera_streams=(1, 8), camera_rate=30.0, camera_warm_s=1.5, camera_duration_s=5.0,
-    transport_cases=TRANSPORT_CASES, transport_in_flight=(1, 8), transport_frontends=(1, 2),
-    transport_warm_s=0.5, transport_duration_s=3.0,
-    notes=("full e2e matrix", "camera rows: JPEG, backbone, float16",
+    e2e_outputs=(("backbone", "float16"), ("P3,P4,P5", "float32")),
+    e2e_warm_s=0.75, e2e_duration_s=2.5, max_in_flight=8,
+    camera_streams=(1, 8), camera_rate=30.0, camera_warm_s=1.0, camera_duration_s=4.0,
+    transport_cases=TRANSPORT_CASES, transport_in_flight=(8,), transport_frontends=(1, 2),
+    transport_warm_s=0.5, transport_duration_s=2.5,
+    notes=("e2e: 1, 4, 8 and 16 streams x JPEG and raw x (backbone float16, P3,P4,P5 float32): the smallest and "
+           "the largest reply", "camera rows: JPEG, backbone, float16",
            "engine rows output float16 (the staged path casts on the device)",
-           "before the e2e matrix, an unmeasured priming run per layer set at the most streams lets cudnn tune "
-           "the 480x640 batch shapes (the server's own warm-up covers the square imgsz only)"),
+           "no priming pass: the server's warm-up tunes cuDNN for the bench's 480x640 frames at every batch bucket, "
+           "and other shapes never tune mid-run"),
 )
 
 PRESETS = {"quick": QUICK, "gpu": GPU}
@@ -158,8 +159,9 @@ def run_suite(preset: Preset, sections: Sequence[str], out_dir: Path | None,
         _emit(results, "engine", engine_rows)
     served_rows = [r for r in engine_rows if r["model"] == preset.cfg]
     if "e2e" in sections or "camera" in sections:
-        from e2e_bench import E2ECell, payloads_for, run_e2e
+        from e2e_bench import E2ECell, add_decode_bound, jpeg_decode_ms, payloads_for, run_e2e
         from server_proc import ServerProcess, server_args
+        from yolostream.server.sizing import decode_capacity
 
         payloads = payloads_for()
         results["frames"] = {k: {"bytes": len(p.data), "height": p.height, "width": p.width}
@@ -169,19 +171,21 @@ def run_suite(preset: Preset, sections: Sequence[str], out_dir: Path | None,
         _log(f"starting the server: {' '.join(args)}")
         with ServerProcess(args) as server:
             results["server"] = server.info
-            if preset.e2e_prime_s > 0:
-                prime = [E2ECell(max(preset.e2e_streams), "raw", layers, dtype)
-                         for layers, dtype in dict(preset.e2e_outputs).items()]
-                _log("priming the server (unmeasured)")
-                run_e2e(server.address, prime, payloads, warm_s=0.0, duration_s=preset.e2e_prime_s,
-                        max_in_flight=preset.max_in_flight)
+            info = server.info
+            decode_ms = jpeg_decode_ms(payloads["jpeg"])
+            decode_fps = decode_capacity(info["frontends"], info["decode_threads"], info["cores"], decode_ms)
+            results["decode"] = {"ms_per_frame": decode_ms, "capacity_fps": decode_fps,
+                                 "frontends": info["frontends"], "decode_threads": info["decode_threads"],
+                                 "cores": info["cores"]}
+            _log(f"JPEG decode {decode_ms:.2f} ms/frame; {info['frontends']} front-end(s) x "
+                 f"{info['decode_threads']} thread(s) on {info['cores']} cores: ~{decode_fps:.0f} frames/s")
             if "e2e" in sections:
                 cells = [E2ECell(n, kind, layers, dtype) for n in preset.e2e_streams for kind in preset.e2e_inputs
                          for layers, dtype in preset.e2e_outputs]
                 rows = run_e2e(server.address, cells, payloads, warm_s=preset.e2e_warm_s,
                                duration_s=preset.e2e_duration_s, max_in_flight=preset.max_in_flight,
                                cpu_seconds=server.cpu_seconds, engine_rows=served_rows, progress=_log)
-                _emit(results, "e2e", rows)
+                _emit(results, "e2e", [add_decode_bound(row, decode_fps) for row in rows])
             if "camera" in sections:
                 dtype = "float16" if preset.half else "float32"
                 cells = [E2ECell(n, "jpeg", "backbone", dtype, preset.camera_rate) for n in preset.camera_streams]

@@ -149,6 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import logging
 
+    from yolostream.server.lifecycle import available_cores
     from yolostream.server.settings import ServerSettings
     from yolostream.server.supervisor import Supervisor
 
@@ -165,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           "max_delay_ms": b.max_delay_ms, "workers": b.workers,
                           "threads_per_worker": max(1, (args.threads or os.cpu_count() or 1) // b.workers),
                           "frontends": len(supervisor.frontends),
+                          "decode_threads": supervisor.settings.decode_threads, "cores": available_cores(),
                           "pids": {"device": supervisor.device.process.pid,
                                    "frontends": [c.process.pid for c in supervisor.frontends.values()]}}),
               flush=True)

@@ -59,6 +59,10 @@ def test_e2e_rows_count_frames_and_relate_to_the_engine(results):
         assert r["server_cpu_ms_per_frame"] > 0
         assert r["engine_batch"] in (1, 2) and r["ratio_vs_engine"] == pytest.approx(r["fps"] / r["engine_fps"])
         assert set(r["server_timings_ms"]) == {"queued", "preprocess", "compute", "encode"}
+        assert r["decode_cap_fps"] == pytest.approx(results["decode"]["capacity_fps"])
+        assert r["bound"] == ("decode" if r["decode_cap_fps"] < r["engine_fps"] else "engine")
+    decode = results["decode"]
+    assert decode["ms_per_frame"] > 0 and decode["frontends"] >= 1 and decode["decode_threads"] >= 1
     assert results["frames"]["raw"]["bytes"] == 640 * 480 * 3
     assert results["frames"]["jpeg"]["bytes"] < 200_000
 
@@ -124,4 +128,5 @@ def test_presets_and_arguments():
         run.parse_args(["--only", "nope"])
     assert run.QUICK.cfg == "yolov5n" and run.QUICK.imgsz == 320 and run.QUICK.device == "cpu"
     assert run.GPU.half and set(run.GPU.engine_models) == {"yolov5s", "yolov5l"}
-    assert set(run.GPU.e2e_streams) == {1, 4, 8, 16} and len(run.GPU.e2e_outputs) == 4
+    assert set(run.GPU.e2e_streams) == {1, 4, 8, 16}
+    assert set(run.GPU.e2e_outputs) == {("backbone", "float16"), ("P3,P4,P5", "float32")}

@@ -249,6 +249,7 @@ def build_device(settings: Any, bypass: bool = False, threads: int | None = None
     loaded = load_model(settings.weights, settings.cfg)
     runner = DeviceRunner(loaded, device=settings.device, half=settings.half, fuse=settings.fuse,
                           imgsz=settings.imgsz, letterbox=settings.letterbox)
+    runner.configure_staging(settings.pinned_bytes)
     try:
         runner.resolve(settings.layers)
     except ValueError as err:
@@ -257,13 +258,12 @@ def build_device(settings: Any, bypass: bool = False, threads: int | None = None
     runner.threads_before = runner.share_cpu(batching.workers)
     if threads:
         runner.set_cpu_threads(max(1, threads // batching.workers))
-    runner.warmup(batching.max_batch)
-    served = runner
-    if bypass:
+    if bypass:  # no layer runs: nothing to warm up
         from .transport_probe import ModelBypass
 
-        served = ModelBypass(runner)
-    return runner, DeviceHost(served, batching)
+        return runner, DeviceHost(ModelBypass(runner), batching)
+    runner.warmup(batching.max_batch)
+    return runner, DeviceHost(runner, batching)
 
 
 def batching_for(settings: Any, device_type: str, cores: int) -> BatcherConfig:

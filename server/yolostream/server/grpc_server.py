@@ -29,7 +29,9 @@ from .metrics import ServerMetrics
 from .pipeline import Pipeline
 from .service import FeatureService, StreamLimits, add_to_server, model_info
 from .settings import ServerSettings
+from .lifecycle import available_cores
 from .shm import segment_prefix
+from .sizing import default_decode_threads
 
 log = logging.getLogger(__name__)
 # grpc.aio logs a whole traceback for every message a client sends that does not parse: one line is enough.
@@ -124,7 +126,8 @@ class FeatureServer:
         self.uds = uds
         self.serve_metrics = serve_metrics and s.metrics_port is not None
         limits = FrameLimits(max_pixels=s.max_pixels, max_frame_bytes=s.max_frame_bytes, max_boxes=s.max_boxes)
-        self.pipeline = Pipeline(card, link, limits, default_layers=tuple(s.layers), decode_threads=s.decode_threads,
+        decode_threads = s.decode_threads or default_decode_threads(card.device, available_cores(), 1)
+        self.pipeline = Pipeline(card, link, limits, default_layers=tuple(s.layers), decode_threads=decode_threads,
                                  max_reply_bytes=s.max_message_bytes - REPLY_ENVELOPE_BYTES)
         stream_limits = StreamLimits(default_in_flight=s.max_in_flight, max_in_flight=s.max_in_flight_limit)
         info = model_info(card, batching, stream_limits, limits, s.max_message_bytes)
@@ -231,7 +234,6 @@ class ServerThread:
 
     def __init__(self, runner: Any, settings: ServerSettings | None = None) -> None:
         from .device import DeviceHost, batching_for
-        from .lifecycle import available_cores
 
         self.settings = settings or ServerSettings(port=0)
         self.runner = runner

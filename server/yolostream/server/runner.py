@@ -9,11 +9,8 @@ device, in the model's dtype, exactly as upstream does it (``.float()`` or ``.ha
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -32,14 +29,15 @@ from .object_request import ObjectJob, ObjectRequest, ObjectResult
 from .preprocess import POLICIES as LETTERBOX_POLICIES
 from .preprocess import Letterbox, input_shape
 from .preprocess import letterbox as letterbox_frame
+from .staging import DEFAULT_PINNED_BUDGET, HostPool, StagedCopies, TuningPolicy, cudnn_benchmark, make_event
 
 log = logging.getLogger(__name__)
 
 POOLINGS = ("none", "avg", "max")
 OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-#: Bytes of staging buffers (pinned on CUDA) kept for reuse, over all batch shapes.
-STAGING_BUDGET = 512 * 1024 * 1024
+#: Largest imgsz the API takes (``Pipeline.max_imgsz``): the staged path refuses model inputs beyond its square.
+MAX_IMGSZ = 4096
 
 #: A requested output: (layer index, pooling, dtype name).
 OutputKey = tuple[int, str, str]
@@ -67,32 +65,8 @@ class PendingBatch:
         return self.host is not None
 
 
-class _HostEvent:
-    """The slice of torch.cuda.Event the staged path uses, for running (and testing) that path on CPU."""
-
-    def __init__(self, enable_timing: bool = False) -> None:
-        self.at = time.perf_counter()
-
-    def record(self, stream: object = None) -> None:
-        self.at = time.perf_counter()
-
-    def synchronize(self) -> None:
-        return None
-
-    def elapsed_time(self, end: "_HostEvent") -> float:
-        return (end.at - self.at) * 1000.0
-
-
-@dataclass
-class _Staging:
-    """A (pinned, on CUDA) uint8 upload buffer, reused for every batch of its shape once its last upload finished."""
-
-    buffer: torch.Tensor
-    ready: object
-
-
-def _pool_cast(t: torch.Tensor, key: OutputKey) -> torch.Tensor:
-    """Pool and cast on the device: ``.half()`` there is ~30x faster than numpy's astype on the host."""
+def _pool(t: torch.Tensor, key: OutputKey) -> tuple[torch.Tensor, torch.dtype]:
+    """Pool on the device; returns the pooled (or untouched) tensor and the dtype it is to be sent in."""
     _, pooling, dtype = key
     if pooling == "avg":
         t = t.mean(dim=(2, 3), dtype=torch.float32)
@@ -102,7 +76,14 @@ def _pool_cast(t: torch.Tensor, key: OutputKey) -> torch.Tensor:
         raise ValueError(f"unknown pooling {pooling!r}: choose {', '.join(POOLINGS)}")
     if dtype not in OUTPUT_DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: choose {', '.join(OUTPUT_DTYPES)}")
-    return t.to(OUTPUT_DTYPES[dtype]).contiguous()
+    return t, OUTPUT_DTYPES[dtype]
+
+
+def _pool_cast(t: torch.Tensor, key: OutputKey) -> torch.Tensor:
+    """Pool and cast on the device: ``.half()`` there is ~30x faster than numpy's astype on the host. The cast and
+    the contiguous (NCHW) layout are one copy, or none when the tensor already is both."""
+    t, dtype = _pool(t, key)
+    return t.to(dtype=dtype, memory_format=torch.contiguous_format)
 
 
 def _to_host(t: torch.Tensor) -> np.ndarray:
@@ -182,12 +163,11 @@ class DeviceRunner:
         self.imgsz = int(imgsz)
         self.letterbox_policy = letterbox
         self._plans: dict[tuple[int, ...], TruncatedModel] = {}
-        self._staging: OrderedDict[tuple[int, ...], _Staging] = OrderedDict()
-        self._staging_lock = threading.Lock()
         self.buckets: tuple[int, ...] = ()
-        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        # The staged path (pinned staging, own stream, async copies) is the CUDA hot path; on CPU it can be
-        # switched on to test that code, but the direct path is faster there.
+        self.configure_staging()
+        self.tuning = TuningPolicy(apply=cudnn_benchmark) if self.device.type == "cuda" else TuningPolicy()
+        # The staged path (pooled pinned blocks, upload/compute/download streams) is the CUDA hot path; on CPU it
+        # can be switched on to test that code, but the direct path is faster there.
         self.staged = self.device.type == "cuda" if staged is None else bool(staged)
         if self.device.type == "cuda":
             # Fusion, casts and the channels_last copy ran on the default stream; the engine's own stream is not
@@ -245,26 +225,30 @@ class DeviceRunner:
     def frames_to_input(self, frames: torch.Tensor) -> torch.Tensor:
         """(N,H,W,3) uint8 BGR frames, on the device, → the model input: (N,3,H,W) RGB in [0, 1], model dtype.
 
-        Frames cross from the front-ends in the layout the letterbox wrote them, so the host never transposes;
-        the channel flip, the permute, the cast and the scaling are one pass here. The values equal upstream's
-        ``img.transpose((2, 0, 1))[::-1] / 255`` exactly, and the result is laid out as ``to_input``'s.
+        Frames cross from the front-ends in the layout the letterbox wrote them, so the host never transposes.
+        The channel flip is one uint8 copy; the cast, the scaling and the final layout are one more pass. The
+        values equal upstream's ``img.transpose((2, 0, 1))[::-1] / 255`` exactly (upstream casts first and divides
+        in the model dtype; torch computes a half division in float and rounds once, which is what dividing the
+        integer in float and storing it as half does), and the result is laid out as ``to_input``'s.
         """
-        x = frames.permute(0, 3, 1, 2).flip(1).to(self.dtype).div_(255)
+        return self._scale(frames.permute(0, 3, 1, 2).flip(1))
+
+    def _scale(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (N,3,H,W) on the device → model dtype in [0, 1] and the model's memory format, in one kernel."""
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        return x.contiguous(memory_format=memory_format)
+        out = torch.empty(x.shape, dtype=self.dtype, device=x.device, memory_format=memory_format)
+        return torch.div(x, 255, out=out)
 
     def to_input(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Move a (N,3,H,W) batch to the device in the model dtype; uint8 is scaled to [0, 1] there."""
         x = torch.from_numpy(np.ascontiguousarray(batch)) if isinstance(batch, np.ndarray) else batch
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"expected a batch of shape (N,3,H,W), got {tuple(x.shape)}")
-        scale = x.dtype == torch.uint8
-        x = x.to(self.device, non_blocking=True).to(self.dtype)
-        if scale:
-            x = x.div_(255)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        x = x.to(self.device, non_blocking=True)
+        if x.dtype == torch.uint8:
+            return self._scale(x)
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        return x.to(dtype=self.dtype, memory_format=memory_format)
 
     def forward(self, batch: np.ndarray | torch.Tensor, indices: Iterable[int]) -> dict[int, torch.Tensor]:
         """Run the truncated forward for ``indices``; outputs stay on the device, keyed by layer index."""
@@ -277,13 +261,14 @@ class DeviceRunner:
         """Start one batch of letterboxed (H,W,3) uint8 BGR frames: stage, upload, forward, pool and cast, and queue
         the copy back to the host.
 
-        On CUDA everything is queued on the engine's own stream and this returns at once, so the caller can
-        prepare the next batch while the GPU runs this one; ``collect`` waits for this batch only. The uint8
-        frames go through one reused pinned staging buffer per batch shape and one non-blocking upload; batches
-        are padded up to a warmed-up size bucket so cudnn never re-tunes mid-stream. On CPU the work is done
-        before this returns. ``keys`` are (layer index, pooling, dtype name). ``objects``: per frame, the boxes
-        and vectors it asks for (``ObjectJob``) or None; detections and vectors are computed from the same forward
-        (``collect`` does it on CUDA, overlapping the next batch's forward).
+        On CUDA the upload, the forward and the download are queued on their own streams (``staging.py``) and
+        this returns at once, so the caller can prepare the next batch while the GPU runs this one, and this
+        batch's download overlaps the next one's forward; ``collect`` waits for this batch only. The uint8 frames
+        go through a pooled pinned block sized for the batch's bucket and one non-blocking upload; batches are
+        padded up to a size bucket, and cuDNN tunes only the (shape, bucket) pairs warm-up ran. On CPU the work
+        is done before this returns. ``keys`` are (layer index, pooling, dtype name). ``objects``: per frame, the
+        boxes and vectors it asks for (``ObjectJob``) or None; detections and vectors are computed from the same
+        forward (on CUDA by ``collect``, overlapping the next batch's forward).
         """
         n = len(images)
         keys = tuple(keys)
@@ -340,89 +325,60 @@ class DeviceRunner:
                     vectors=_to_host(frame.vectors) if frame.vectors is not None else None)
         return found
 
-    def _event(self, timing: bool = False):
-        return torch.cuda.Event(enable_timing=timing) if self.device.type == "cuda" else _HostEvent(timing)
+    def configure_staging(self, pinned_budget: int = DEFAULT_PINNED_BUDGET, max_imgsz: int = MAX_IMGSZ,
+                          pool: HostPool | None = None) -> None:
+        """Bound the staged path: the host memory it may pin, and the largest model input it takes.
+
+        Args:
+            pinned_budget: bytes of host blocks (pinned on CUDA), counted as the allocator rounds them.
+            max_imgsz: inputs over ``input_shape(max_imgsz)`` on either side are refused.
+            pool: the host pool to use instead of a new one of ``pinned_budget`` (tests inject an allocator so).
+        """
+        if getattr(self, "pool", None) is not None:
+            self.pool.release_idle()
+        self.pool = pool or HostPool(pinned_budget, pin=self.device.type == "cuda")
+        self.copies = StagedCopies(self.device, self.pool)
+        self.max_input_hw = input_shape(max_imgsz, self.stride)
 
     def _launch_staged(self, images: Sequence[np.ndarray], keys: tuple[OutputKey, ...], plan: TruncatedModel,
                        jobs: list[ObjectJob | None] | None = None) -> PendingBatch:
         n = len(images)
-        shape = (self.bucket(n), *images[0].shape)
-        timer = (self._event(True), self._event(True), self._event(True))
-        on_stream = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
-        with on_stream, torch.inference_mode():
-            # One worker at a time fills a staging buffer and queues its upload (several workers may share it).
-            with self._staging_lock:
-                staging = self._staging_buffer(shape)
-                rows = staging.buffer.numpy()
-                for i, image in enumerate(images):
-                    rows[i] = image
-                x = staging.buffer.to(self.device, non_blocking=True)
-                if x.data_ptr() == staging.buffer.data_ptr():  # CPU: .to() returned the buffer itself
-                    x = x.clone()
-                staging.ready.record(self.stream)
-            timer[0].record(self.stream)
-            outputs = plan.by_index(self.frames_to_input(x))
-            timer[1].record(self.stream)
-            groups: dict[str, list[OutputKey]] = {}
-            for key in keys:
-                groups.setdefault(key[2], []).append(key)
-            copies = []
-            for dtype, members in groups.items():
-                parts = [_pool_cast(outputs[key[0]][:n], key) for key in members]
-                flat = torch.cat([p.reshape(-1) for p in parts])
-                if dtype == "bfloat16":
-                    flat = flat.view(torch.int16)
-                pinned = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=self.device.type == "cuda")
-                pinned.copy_(flat, non_blocking=True)
-                copies.append((pinned, [(key, tuple(p.shape)) for key, p in zip(members, parts)]))
-            timer[2].record(self.stream)
+        h, w = images[0].shape[:2]
+        if h > self.max_input_hw[0] or w > self.max_input_hw[1]:
+            raise ValueError(f"input {h}x{w} is over the largest model input {self.max_input_hw[0]}x"
+                             f"{self.max_input_hw[1]} (imgsz {MAX_IMGSZ})")
+        rows = self.bucket(n)
+        x = self.copies.upload(images, rows)
+        compute = self.copies.streams.compute
+        with self.copies.streams.on(compute), torch.inference_mode():
+            start = make_event(self.device, True)
+            start.record(compute)
+            with self.tuning.scope((h, w), rows):
+                outputs = plan.by_index(self.frames_to_input(x))
+            parts = [(key, *_pool(outputs[key[0]][:n], key)) for key in keys]
+            download = self.copies.download(parts, rows, n, start)
         held = None
         if jobs is not None:
             held = {j: outputs[j] for job in jobs if job is not None for j in self._object_inputs(job.request)}
-        return PendingBatch(n, keys, copies=copies, timer=timer, jobs=jobs, outputs=held,
-                            input_hw=tuple(images[0].shape[:2]))
-
-    def _staging_buffer(self, shape: tuple[int, ...]) -> _Staging:
-        """The staging buffer for ``shape``, once its previous upload has finished (caller holds the lock).
-
-        Buffers are kept most-recently-used first within STAGING_BUDGET bytes of (pinned) memory, so clients
-        choosing many input sizes cannot pin host memory without bound.
-        """
-        staging = self._staging.pop(shape, None)
-        if staging is None:
-            buffer = torch.empty(shape, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-            staging = _Staging(buffer, self._event())
-        self._staging[shape] = staging
-        while len(self._staging) > 1 and sum(b.buffer.numel() for b in self._staging.values()) > STAGING_BUDGET:
-            _, oldest = self._staging.popitem(last=False)
-            oldest.ready.synchronize()
-        staging.ready.synchronize()
-        return staging
+        return PendingBatch(n, keys, copies=[download], timer=(start, download.computed, download.copied),
+                            jobs=jobs, outputs=held, input_hw=(h, w))
 
     def collect(self, pending: PendingBatch) -> PendingBatch:
-        """Wait for ``pending`` (only it, not later batches) and fill in its host arrays and timings."""
+        """Wait for ``pending`` (only it, not later batches) and fill in its host arrays and timings.
+
+        The host arrays view a pooled host block, which goes back to the pool when the last of them is dropped.
+        """
         if pending.host is not None:
             return pending
-        _, computed, copied = pending.timer
-        copied.synchronize()
-        start = pending.timer[0]
-        host: dict[OutputKey, np.ndarray] = {}
-        for pinned, layout in pending.copies:
-            flat = pinned.numpy()
-            offset = 0
-            for key, shape in layout:
-                size = int(np.prod(shape))
-                view = flat[offset:offset + size].reshape(shape)
-                host[key] = view.view(np.uint16) if key[2] == "bfloat16" else view
-                offset += size
+        (download,) = pending.copies
+        host = self.copies.fetch(download)
         pending.host = host
-        pending.compute_us = int(start.elapsed_time(computed) * 1000)
-        pending.fetch_us = int(computed.elapsed_time(copied) * 1000)
+        pending.compute_us = int(download.start.elapsed_time(download.computed) * 1000)
+        pending.fetch_us = int(download.computed.elapsed_time(download.copied) * 1000)
         pending.copies = []
         if pending.jobs is not None:
             began = time.perf_counter()
-            on_stream = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
-            with on_stream, torch.inference_mode():
+            with self.copies.streams.on(self.copies.streams.compute), torch.inference_mode():
                 pending.objects = self._objects(pending.outputs, pending.jobs, pending.input_hw)
             pending.compute_us += int((time.perf_counter() - began) * 1e6)
             pending.outputs = None
@@ -451,15 +407,15 @@ class DeviceRunner:
 
     def warmup(self, max_batch: int, imgsz: int | None = None,
                frame_sizes: Sequence[tuple[int, int]] = ((480, 640), (720, 1280))) -> None:
-        """Staged path: pick batch-size buckets up to ``max_batch``; on CUDA let cudnn tune each bucket for the
-        square input and for the letterboxed shapes of common camera frames (4:3 and 16:9 by default).
+        """Staged path: pick batch-size buckets up to ``max_batch`` and run every bucket at the square input and at
+        the letterboxed shapes of common camera frames (4:3 and 16:9 by default), with cuDNN tuning on.
 
-        Without this the first batches of each new size or shape pay cudnn's autotuning (hundreds of ms).
+        These (shape, bucket) pairs are the only ones that ever run with ``cudnn.benchmark`` (``TuningPolicy``):
+        other shapes, which letterbox ``auto`` makes for other aspect ratios, run untuned rather than stall the
+        device worker for a tuning run mid-stream. The host blocks of every bucket are allocated here too.
         """
         if not self.staged:
             return
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
         sizes, size = [], 1
         while size < max_batch:
             sizes.append(size)
@@ -471,6 +427,7 @@ class DeviceRunner:
         deepest = self._card.deepest_feature
         for hw in sorted(shapes):
             for size in self.buckets:
+                self.tuning.allow(hw, size)
                 images = [np.zeros((*hw, 3), np.uint8)] * size
                 for _ in range(2):
                     self.collect(self.launch(images, [(deepest, "none", "float32")]))

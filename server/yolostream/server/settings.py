@@ -77,6 +77,10 @@ class ServerSettings:
     shm_mb: int = _setting(256, "int", "processes", "shared memory per front-end for frames and features in flight, "
                            "in MiB; a frame whose input plus reply exceeds it fails (default 256)", metavar="MIB",
                            low=8)
+    pinned_mb: int = _setting(1024, "int", "processes", "host memory the CUDA path may pin for uploads and "
+                              "downloads, in MiB, counted as the allocator rounds blocks (powers of two); a block "
+                              "over half of it uses pageable memory, correct but slower (default 1024)",
+                              metavar="MIB", low=1)
     max_batch: int | None = _setting(None, "int", "batching", "most frames in one forward (default 32 on CUDA, 8 on "
                                      "CPU)", metavar="N", low=1)
     max_delay_ms: float | None = _setting(None, "float", "batching", "how long a batch may wait for more frames "
@@ -90,8 +94,9 @@ class ServerSettings:
                                         "64)", metavar="N", low=1)
     workers: int | None = _setting(None, "int", "batching", "device workers running batches concurrently (default 1 "
                                    "on CUDA, 2 on CPU, each with cores/workers torch threads)", metavar="N", low=1)
-    decode_threads: int = _setting(4, "int", "batching", "threads per front-end decoding JPEG/PNG frames (default 4)",
-                                   metavar="N", low=1)
+    decode_threads: int | None = _setting(None, "int", "batching", "threads per front-end decoding JPEG/PNG frames "
+                                          "(default 4 on CPU; on CUDA the cores the device process leaves, shared "
+                                          "over the front-ends, 2..16)", metavar="N", low=1)
     max_pixels: int = _setting(4096 * 4096, "int", "limits", "largest frame, in pixels, before decoding (default "
                                "4096x4096)", metavar="N", low=1)
     max_frame_bytes: int = _setting(64 * MIB, "int", "limits", "largest encoded or raw frame, in bytes (default "
@@ -147,6 +152,10 @@ class ServerSettings:
     @property
     def shm_bytes(self) -> int:
         return self.shm_mb * MIB
+
+    @property
+    def pinned_bytes(self) -> int:
+        return self.pinned_mb * MIB
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from .errors import UserError
 from .frontend import FrontEndSpec, frontend_main
 from .settings import ServerSettings
 from .lifecycle import available_cores
+from .sizing import frontend_plan
 from .shm import SHM_DIR, leftover_segments, segment_prefix, sweep_stale
 
 log = logging.getLogger(__name__)
@@ -55,17 +56,6 @@ RANDOM_WEIGHTS_BANNER = """\
 START_TIMEOUT_S = 600.0
 #: Seconds beyond the grace period that a draining child gets before it is killed.
 STOP_SLACK_S = 10.0
-
-
-def default_frontends(device: str, cores: int) -> int:
-    """Front-ends when ``--frontends`` is not given: 1 on CPU; on CUDA a quarter of the cores, 1 to 8.
-
-    On CPU the device itself needs the cores. On a GPU host each front-end costs about one core at full load, and
-    the device process needs one or two; see BENCHMARKS.md for the per-frame costs behind this share.
-    """
-    if not device.startswith("cuda"):
-        return 1
-    return max(1, min(8, cores // 4))
 
 
 @dataclass
@@ -171,7 +161,8 @@ class Supervisor:
         self.card = ModelCard.from_dict(card)
         if self.card.random_weights:
             print(RANDOM_WEIGHTS_BANNER.format(name=self.card.name), file=self.err, flush=True)
-        count = s.frontends or default_frontends(self.card.device, available_cores())
+        count, decode_threads = frontend_plan(s.frontends, s.decode_threads, self.card.device, available_cores())
+        self.settings = s.replace(decode_threads=decode_threads)
         for index in range(count):
             port, metrics_port = self._start_frontend(index)
             if index == 0:
