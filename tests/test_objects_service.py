@@ -325,3 +325,15 @@ def test_the_staged_path_gives_the_same_objects_as_the_direct_one():
             continue
         for name in ("boxes", "scores", "classes", "vectors"):
             np.testing.assert_array_equal(getattr(x, name), getattr(y, name))
+
+
+def test_viz_draws_each_box_in_its_class_colour():
+    from yolostream.client import Detections
+    from yolostream.client.viz import box_colour, draw_boxes
+
+    image = np.zeros((60, 80, 3), np.uint8)
+    found = Detections(boxes=np.array([[10, 20, 50, 40]], np.float32), scores=np.array([0.9], np.float32),
+                       classes=np.array([3], np.int32), names=["car"], box_ids=None, source="detector", slices={})
+    draw_boxes(image, found)
+    assert tuple(int(v) for v in image[30, 10]) == box_colour(3)  # the left edge, halfway down
+    assert not image[30, 30].any()  # inside the box is untouched
