@@ -51,6 +51,7 @@ def _load_engine(args: argparse.Namespace, device: str | None = None, imgsz: int
         fuse=args.fuse,
         imgsz=imgsz or args.imgsz,
         letterbox=getattr(args, "letterbox", None) or "auto",
+        backend=getattr(args, "backend", "torch"),
     )
 
 
@@ -102,11 +103,18 @@ def cmd_extract(args: argparse.Namespace) -> int:
     if args.half and device.type != "cuda":
         raise ValueError("--half needs CUDA: float16 on CPU runs about 26x slower than float32")
     layers = [s for s in args.layers.split(",") if s.strip()]
-    extractor = feature_extractor(args.weights, args.cfg, layers, fuse=args.fuse, imgsz=args.imgsz, device=device)
-    if args.half:
-        extractor.half()
-    if device.type == "cuda":
-        extractor.to(memory_format=torch.channels_last)
+    if args.backend == "torch":
+        extractor = feature_extractor(args.weights, args.cfg, layers, fuse=args.fuse, imgsz=args.imgsz, device=device)
+        if args.half:
+            extractor.half()
+        if device.type == "cuda":
+            extractor.to(memory_format=torch.channels_last)
+    else:
+        from .extract import RunnerExtractor
+
+        engine = _load_engine(args, device=str(device))
+        engine.select_backend(args.batch, layers)
+        extractor = RunnerExtractor(engine, layers)
     if extractor.random_weights:
         print("WARNING: RANDOM WEIGHTS - features are for testing only", file=sys.stderr)
     written = run_extract(extractor, args.inputs, Path(args.out), policy=args.letterbox, max_frames=args.max_frames,
@@ -178,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", default="backbone", help="comma list of indices or names: all, backbone, C3..C6, P3..P6")
     p.add_argument("--max-frames", type=int, default=None, help="stop each video after N frames")
     p.add_argument("--batch", type=int, default=8, help="images or video frames per forward (default 8)")
+    p.add_argument("--backend", choices=("torch", "onnxruntime", "auto"), default="torch",
+                   help="what runs the model: torch, onnxruntime (needs the onnx extra) or auto (the faster, timed "
+                        "first) (default torch)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_VIDEO", help="image files, image folders or video files")
     p.set_defaults(func=cmd_extract)

@@ -207,6 +207,7 @@ def device_main(settings: Any, parent_pid: int, status: Connection, bypass: bool
     become_child(parent_pid)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the supervisor stops the device last, after the front-ends
     logging.basicConfig(level=logging.WARNING, format="yolostream device: %(message)s")
+    logging.getLogger("yolostream.server.onnx_backend").setLevel(logging.INFO)  # --backend auto says what it chose
     try:
         runner, host = build_device(settings, bypass=bypass, threads=threads)
         host.start()
@@ -237,7 +238,7 @@ def build_device(settings: Any, bypass: bool = False, threads: int | None = None
 
     loaded = load_model(settings.weights, settings.cfg)
     runner = DeviceRunner(loaded, device=settings.device, half=settings.half, fuse=settings.fuse,
-                          imgsz=settings.imgsz, letterbox=settings.letterbox)
+                          imgsz=settings.imgsz, letterbox=settings.letterbox, backend=settings.backend)
     try:
         runner.resolve(settings.layers)
     except ValueError as err:
@@ -246,6 +247,7 @@ def build_device(settings: Any, bypass: bool = False, threads: int | None = None
     runner.threads_before = runner.share_cpu(batching.workers)
     if threads:
         runner.set_cpu_threads(max(1, threads // batching.workers))
+    runner.select_backend(batching.max_batch, settings.layers)
     runner.warmup(batching.max_batch)
     served = runner
     if bypass:
