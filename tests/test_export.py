@@ -167,3 +167,11 @@ def test_a_failed_parity_check_fails_the_export_and_leaves_no_file(capsys, tmp_p
     line = one_line_error(capsys, "--imgsz", "64", "--layers", "backbone,P3", "--out", str(out))
     assert "parity check failed" in line and "backbone 2.0" in line and "P3 2.0" in line
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_model_onnxruntime_cannot_load_is_a_one_line_user_error():
+    from yolostream.server.errors import UserError
+
+    with pytest.raises(UserError, match="onnxruntime cannot run this model on cpu: ") as caught:
+        run_onnx(b"not an onnx model", np.zeros((1, 3, 32, 32), np.float32))
+    assert "\n" not in str(caught.value)

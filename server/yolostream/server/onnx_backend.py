@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from .errors import UserError, one_line
 from .export import ONNX_EXTRA_HINT, onnx_bytes, require
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,10 @@ def session(model: str | bytes, device: torch.device, threads: int | None = None
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
-    return ort.InferenceSession(model, options, providers=providers_for(device, ort.get_available_providers()))
+    try:
+        return ort.InferenceSession(model, options, providers=providers_for(device, ort.get_available_providers()))
+    except Exception as err:  # onnxruntime's own exceptions derive from Exception alone
+        raise UserError(f"onnxruntime cannot run this model on {device}: {one_line(str(err), 300)}") from err
 
 
 class _Positional(torch.nn.Module):
