@@ -13,7 +13,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[server,dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[server,onnx,dev]'
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -47,6 +47,9 @@ class EngineCase:
     out_dtype: str = "float32"
     seed: bool = True
     full: bool = True
+    #: Other engine backends (``onnxruntime``) timed in the same rounds, server way only, at these batch sizes.
+    backends: tuple[str, ...] = ()
+    backend_batches: tuple[int, ...] = (1, 4, 8)
 
 
 def _sync(device: torch.device) -> Callable[[], None]:
@@ -80,14 +83,14 @@ class SeedModel:
 
 
 def _modes(engine: DeviceRunner, seed: SeedModel | None, frame: np.ndarray,
-           case: EngineCase) -> list[tuple[dict, Callable]]:
-    """(row fields, timed callable) for every row of this case."""
+           case: EngineCase, batches: Sequence[int] | None = None) -> list[tuple[dict, Callable]]:
+    """(row fields, timed callable) for every row of this case (``batches``: the engine's, default the case's)."""
     sync = _sync(engine.device)
     precision = "fp16+channels_last" if engine.dtype == torch.float16 else "fp32"
     path = "staged" if engine.staged else "direct"
-    server_way = f"server: fused {precision}, {path}"
+    server_way = f"server: fused {precision}, {path}" + ("" if engine.backend == "torch" else f", {engine.backend}")
     modes = []
-    for batch in case.batches:
+    for batch in case.batches if batches is None else batches:
         images = [frame] * batch
         for layers, names in LAYER_SETS.items():
             keys = [(r.index, "none", case.out_dtype) for r in engine.resolve(names)]
@@ -96,16 +99,17 @@ def _modes(engine: DeviceRunner, seed: SeedModel | None, frame: np.ndarray,
                 engine.collect(engine.launch(images, keys))
                 sync()
 
-            modes.append(({"way": server_way, "layers": layers, "batch": batch, "out_dtype": case.out_dtype}, run))
-        if case.full:
+            modes.append(({"way": server_way, "backend": engine.backend, "layers": layers, "batch": batch,
+                           "out_dtype": case.out_dtype}, run))
+        if case.full and engine.backend == "torch":
             def run_full(images=images):
                 # tuned like the server way's forwards (Detect's convolutions tune in the bench's warm-up rounds)
                 with torch.inference_mode(), engine.tuning.apply(True):
                     engine.model(engine.frames_to_input(torch.from_numpy(np.stack(images)).to(engine.device)))
                 sync()
 
-            modes.append(({"way": server_way, "layers": "full (Detect)", "batch": batch, "out_dtype": None},
-                          run_full))
+            modes.append(({"way": server_way, "backend": "torch", "layers": "full (Detect)", "batch": batch,
+                           "out_dtype": None}, run_full))
     if seed is not None:
         chw = np.ascontiguousarray(frame.transpose(2, 0, 1)[::-1])  # the seed feeds upstream's layout
         for layers, names in LAYER_SETS.items():
@@ -115,7 +119,7 @@ def _modes(engine: DeviceRunner, seed: SeedModel | None, frame: np.ndarray,
                 seed(chw, indices)
                 sync()
 
-            modes.append(({"way": "seed: full model fp32, hooks", "layers": layers, "batch": 1,
+            modes.append(({"way": "seed: full model fp32, hooks", "backend": "torch", "layers": layers, "batch": 1,
                            "out_dtype": "float32"}, run_seed))
     return modes
 
@@ -145,6 +149,10 @@ def run_engine_case(case: EngineCase, progress: Callable[[str], None] = lambda s
     hooked = [r.index for names in LAYER_SETS.values() for r in engine.resolve(names)]
     seed = SeedModel(case.cfg, engine.device, hooked) if case.seed else None
     modes = _modes(engine, seed, frame, case)
+    for backend in case.backends:  # timed in the same interleaved rounds as torch, so load hits both alike
+        other = DeviceRunner(load_model(cfg=case.cfg), device=case.device, half=case.half, imgsz=case.imgsz,
+                             backend=backend)
+        modes += _modes(other, None, frame, case, [b for b in case.batches if b in case.backend_batches])
     progress(f"engine {engine.name}@{case.imgsz} on {engine.device}: {len(modes)} modes × "
              f"{case.warmup}+{case.repeats} rounds")
     own, machine = psutil.Process(), psutil.cpu_times()

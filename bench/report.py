@@ -87,13 +87,13 @@ def markdown_table(columns: Sequence[tuple[str, str, int]], rows: Sequence[dict[
 
 
 ENGINE_COLUMNS = [
-    ("model", "model", 0), ("imgsz", "imgsz", 0), ("input", "input", 0), ("way", "way", 0),
+    ("model", "model", 0), ("imgsz", "imgsz", 0), ("input", "input", 0), ("way", "way", 0), ("backend", "backend", 0),
     ("layers", "layers", 0), ("batch", "batch", 0), ("ms/batch", "ms_batch", 2), ("ms/frame", "ms_frame", 2),
     ("frames/s", "fps", 1), ("other load (cores)", "other_cpu_cores", 2),
 ]
 
 E2E_COLUMNS = [
-    ("streams", "streams", 0), ("input", "input", 0), ("layers", "layers", 0), ("dtype", "dtype", 0),
+    ("backend", "backend", 0), ("streams", "streams", 0), ("input", "input", 0), ("layers", "layers", 0), ("dtype", "dtype", 0),
     ("frames/s", "fps", 1), ("p50 ms", "p50_ms", 1), ("p95 ms", "p95_ms", 1), ("p99 ms", "p99_ms", 1),
     ("mean batch", "mean_batch", 2), ("server CPU-ms/frame", "server_cpu_ms_per_frame", 1),
     ("engine frames/s (at batch)", "engine_ref", 0), ("e2e / engine", "ratio_vs_engine", 2),
@@ -131,6 +131,12 @@ OBJECTS_OVERHEAD_COLUMNS = [
     ("extra CPU %", "extra_cpu_pct", 1),
 ]
 
+BACKEND_COLUMNS = [
+    ("what", "what", 0), ("layers", "layers", 0), ("dtype", "dtype", 0), ("batch / streams", "size", 0),
+    ("backend", "backend", 0), ("torch frames/s", "torch_fps", 1), ("backend frames/s", "backend_fps", 1),
+    ("backend / torch", "ratio", 2),
+]
+
 SECTIONS = {
     "engine": ("DeviceRunner alone, in-process", ENGINE_COLUMNS),
     "objects_nms": ("NMS alone, one 640x640 image's decoded output", OBJECTS_NMS_COLUMNS),
@@ -138,7 +144,27 @@ SECTIONS = {
     "e2e": ("End to end through gRPC on loopback", E2E_COLUMNS),
     "camera": ("Latency at camera rate", CAMERA_COLUMNS),
     "transport": ("Transport alone (model bypassed) against a raw TCP socket", TRANSPORT_COLUMNS),
+    "backends": ("Engine backends: frames/s of each against torch's, same run", BACKEND_COLUMNS),
 }
+
+
+def backend_ratios(sections: dict[str, list[dict]]) -> list[dict]:
+    """Per engine row and end-to-end cell that another backend shares with torch: both frames/s and their ratio."""
+    rows = []
+    engine = [r for r in sections.get("engine", ()) if r["way"].startswith("server")]
+    e2e = sections.get("e2e", ())
+    for what, source, key in (("engine", engine, lambda r: (r["model"], r["layers"], r.get("out_dtype"), r["batch"])),
+                              ("e2e", e2e, lambda r: (r["input"], r["layers"], r["dtype"], r["streams"]))):
+        torch_rows = {key(r): r for r in source if r["backend"] == "torch"}
+        for r in source:
+            base = torch_rows.get(key(r))
+            if r["backend"] == "torch" or base is None:
+                continue
+            label = f"engine {r['model']}" if what == "engine" else f"e2e {r['input']}"
+            rows.append({"what": label, "layers": r["layers"], "dtype": r.get("out_dtype", r.get("dtype")),
+                         "size": r["batch"] if what == "engine" else r["streams"], "backend": r["backend"],
+                         "torch_fps": base["fps"], "backend_fps": r["fps"], "ratio": r["fps"] / base["fps"]})
+    return rows
 
 
 def section_markdown(name: str, rows: Sequence[dict[str, Any]]) -> str:

@@ -61,6 +61,12 @@ class Preset:
     notes: tuple[str, ...] = field(default=())
     objects_imgsz: int = 640
     objects_repeats: int = 5
+    #: Engine backends besides torch, timed in the same engine rounds (at ``backend_batches``) and end to end (at
+    #: ``backend_e2e_streams`` × ``backend_e2e_inputs`` × ``e2e_outputs``, against their own server).
+    backends: tuple[str, ...] = ()
+    backend_batches: tuple[int, ...] = (1, 4, 8)
+    backend_e2e_streams: tuple[int, ...] = ()
+    backend_e2e_inputs: tuple[str, ...] = ("jpeg",)
 
 
 #: Reply sizes for the transport section: 256x20x20 float32 = 409,600 B, and 4 * (128*80*80 + 256*40*40 + 512*20*20)
@@ -80,7 +86,9 @@ QUICK = Preset(
     transport_duration_s=3.0,
     notes=("e2e subset: 1 and 4 streams × JPEG and raw × (backbone float32, P3,P4,P5 float16)",
            "camera rows: JPEG, backbone, float32",
-           "batch 8 added to the engine rows: it is the CPU server's max_batch"),
+           "batch 8 added to the engine rows: it is the CPU server's max_batch",
+           "onnxruntime: engine rows at batch 1, 4, 8 in the same rounds as torch; e2e with 1 and 4 JPEG streams"),
+    backends=("onnxruntime",), backend_batches=(1, 4, 8), backend_e2e_streams=(1, 4), backend_e2e_inputs=("jpeg",),
 )
 
 GPU = Preset(
@@ -154,10 +162,11 @@ def run_suite(preset: Preset, sections: Sequence[str], out_dir: Path | None,
         from engine_bench import EngineCase, run_engine
 
         cases = [EngineCase(cfg, preset.imgsz, preset.device, preset.half, preset.batches, preset.repeats,
-                            preset.warmup, preset.engine_out_dtype) for cfg in preset.engine_models]
+                            preset.warmup, preset.engine_out_dtype, backends=preset.backends if k == 0 else (),
+                            backend_batches=preset.backend_batches) for k, cfg in enumerate(preset.engine_models)]
         engine_rows = run_engine(cases, _log)
         _emit(results, "engine", engine_rows)
-    served_rows = [r for r in engine_rows if r["model"] == preset.cfg]
+    served_rows = [r for r in engine_rows if r["model"] == preset.cfg and r["backend"] == "torch"]
     if "e2e" in sections or "camera" in sections:
         from e2e_bench import E2ECell, add_decode_bound, jpeg_decode_ms, payloads_for, run_e2e
         from server_proc import ServerProcess, server_args
@@ -185,7 +194,7 @@ def run_suite(preset: Preset, sections: Sequence[str], out_dir: Path | None,
                 rows = run_e2e(server.address, cells, payloads, warm_s=preset.e2e_warm_s,
                                duration_s=preset.e2e_duration_s, max_in_flight=preset.max_in_flight,
                                cpu_seconds=server.cpu_seconds, engine_rows=served_rows, progress=_log)
-                _emit(results, "e2e", [add_decode_bound(row, decode_fps) for row in rows])
+                _emit(results, "e2e", [{**add_decode_bound(row, decode_fps), "backend": "torch"} for row in rows])
             if "camera" in sections:
                 dtype = "float16" if preset.half else "float32"
                 cells = [E2ECell(n, "jpeg", "backbone", dtype, preset.camera_rate) for n in preset.camera_streams]
@@ -193,6 +202,25 @@ def run_suite(preset: Preset, sections: Sequence[str], out_dir: Path | None,
                                duration_s=preset.camera_duration_s, max_in_flight=preset.max_in_flight,
                                cpu_seconds=server.cpu_seconds, engine_rows=served_rows, camera=True, progress=_log)
                 _emit(results, "camera", rows)
+    if "e2e" in sections and preset.backend_e2e_streams:
+        for backend in preset.backends:
+            own_rows = [r for r in engine_rows if r["model"] == preset.cfg and r["backend"] == backend]
+            args = server_args(preset.cfg, preset.imgsz, device=preset.device, half=preset.half,
+                               threads=preset.threads, frontends=frontends, backend=backend)
+            _log(f"starting the {backend} server: {' '.join(args)}")
+            with ServerProcess(args) as server:
+                cells = [E2ECell(n, kind, layers, dtype) for n in preset.backend_e2e_streams
+                         for kind in preset.backend_e2e_inputs for layers, dtype in preset.e2e_outputs]
+                rows = run_e2e(server.address, cells, payloads, warm_s=preset.e2e_warm_s,
+                               duration_s=preset.e2e_duration_s, max_in_flight=preset.max_in_flight,
+                               cpu_seconds=server.cpu_seconds, engine_rows=own_rows, progress=_log)
+            decode_fps = results.get("decode", {}).get("capacity_fps")
+            results["sections"]["e2e"] += [{**(add_decode_bound(row, decode_fps) if decode_fps else row),
+                                            "backend": backend} for row in rows]
+            print(report.section_markdown("e2e", [r for r in results["sections"]["e2e"] if r["backend"] == backend]),
+                  flush=True)
+    if preset.backends and ("engine" in sections or "e2e" in sections):
+        _emit(results, "backends", report.backend_ratios(results["sections"]))
     if "transport" in sections:
         from transport_bench import run_transport
 

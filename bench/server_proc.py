@@ -112,9 +112,9 @@ def _read_line(proc: subprocess.Popen, timeout: float) -> str:
 
 def server_args(cfg: str, imgsz: int, *, device: str = "auto", half: bool = False, bypass: bool = False,
                 threads: int | None = None, max_batch: int | None = None, max_delay_ms: float | None = None,
-                weights: str | None = None, frontends: int | None = None) -> list[str]:
+                weights: str | None = None, frontends: int | None = None, backend: str = "torch") -> list[str]:
     """Command-line arguments of ``server_proc.py`` for these settings."""
-    args = ["--cfg", cfg, "--imgsz", str(imgsz), "--device", device]
+    args = ["--cfg", cfg, "--imgsz", str(imgsz), "--device", device, "--backend", backend]
     if frontends:
         args += ["--frontends", str(frontends)]
     if weights:
@@ -144,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-batch", type=int, default=None)
     parser.add_argument("--max-delay-ms", type=float, default=None)
     parser.add_argument("--frontends", type=int, default=None)
+    parser.add_argument("--backend", default="torch", choices=("torch", "onnxruntime", "auto"))
     args = parser.parse_args(argv)
     ensure_importable()
 
@@ -157,11 +158,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = ServerSettings(weights=args.weights, cfg=None if args.weights else args.cfg, imgsz=args.imgsz,
                               device=args.device, half=args.half, host="127.0.0.1", port=0,
                               max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, frontends=args.frontends,
-                              grace=2.0)
+                              backend=args.backend, grace=2.0)
 
     def announce(line: str) -> None:
         b = supervisor.batching
         print(json.dumps({"port": supervisor.port, "pid": os.getpid(), "device": supervisor.card.device,
+                          "backend": args.backend,
                           "model": supervisor.card.name, "bypass": args.bypass, "max_batch": b.max_batch,
                           "max_delay_ms": b.max_delay_ms, "workers": b.workers,
                           "threads_per_worker": max(1, (args.threads or os.cpu_count() or 1) // b.workers),

@@ -23,7 +23,7 @@ from transport_bench import TransportCase  # noqa: E402
 
 TINY = dataclasses.replace(
     run.QUICK, name="smoke", imgsz=64, batches=(1, 2), repeats=1, warmup=0,
-    e2e_streams=(2,), e2e_inputs=("jpeg",), e2e_outputs=(("backbone", "float32"),),
+    e2e_streams=(2,), e2e_inputs=("jpeg",), e2e_outputs=(("backbone", "float32"),), backend_e2e_streams=(2,),
     e2e_warm_s=0.1, e2e_duration_s=0.4, max_in_flight=2,
     camera_streams=(1,), camera_rate=30.0, camera_warm_s=0.1, camera_duration_s=0.4,
     transport_cases=(TransportCase("tiny", "yolov5n", ("backbone",), imgsz=64),),
@@ -40,7 +40,7 @@ def results(tmp_path_factory):
 
 def test_engine_rows_cover_both_ways_every_batch_and_layer_set(results):
     rows = results["sections"]["engine"]
-    server = {(r["layers"], r["batch"]) for r in rows if r["way"].startswith("server")}
+    server = {(r["layers"], r["batch"]) for r in rows if r["way"].startswith("server") and r["backend"] == "torch"}
     assert server == {(layers, b) for layers in ("backbone", "P3,P4,P5", "full (Detect)") for b in (1, 2)}
     seed = [r for r in rows if r["way"].startswith("seed")]
     assert {r["layers"] for r in seed} == {"backbone", "P3,P4,P5"} and all(r["batch"] == 1 for r in seed)
@@ -51,7 +51,8 @@ def test_engine_rows_cover_both_ways_every_batch_and_layer_set(results):
 
 def test_e2e_rows_count_frames_and_relate_to_the_engine(results):
     rows = results["sections"]["e2e"]
-    assert [(r["streams"], r["input"], r["layers"], r["dtype"]) for r in rows] == [(2, "jpeg", "backbone", "float32")]
+    assert [(r["backend"], r["streams"], r["input"], r["layers"], r["dtype"]) for r in rows] == [
+        ("torch", 2, "jpeg", "backbone", "float32"), ("onnxruntime", 2, "jpeg", "backbone", "float32")]
     for r in rows:
         assert r["frames"] > 0 and r["errors"] == 0 and len(r["per_client_frames"]) == 2
         assert r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"]
@@ -65,6 +66,18 @@ def test_e2e_rows_count_frames_and_relate_to_the_engine(results):
     assert decode["ms_per_frame"] > 0 and decode["frontends"] >= 1 and decode["decode_threads"] >= 1
     assert results["frames"]["raw"]["bytes"] == 640 * 480 * 3
     assert results["frames"]["jpeg"]["bytes"] < 200_000
+
+
+def test_both_backends_are_timed_in_the_same_run_and_compared(results):
+    """The onnxruntime engine rows (server way, batch 1 of the smoke preset) and e2e cell, each against torch's."""
+    engine = [r for r in results["sections"]["engine"] if r["backend"] == "onnxruntime"]
+    assert {(r["layers"], r["batch"]) for r in engine} == {("backbone", 1), ("P3,P4,P5", 1)}
+    assert all(r["way"].endswith("onnxruntime") and r["ms_batch"] > 0 for r in engine)
+    ratios = results["sections"]["backends"]
+    assert [(r["what"], r["layers"], r["size"]) for r in ratios] == [
+        ("engine yolov5n", "backbone", 1), ("engine yolov5n", "P3,P4,P5", 1), ("e2e jpeg", "backbone", 2)]
+    for r in ratios:
+        assert r["backend"] == "onnxruntime" and r["ratio"] == pytest.approx(r["backend_fps"] / r["torch_fps"])
 
 
 def test_camera_rows_are_paced_and_compared_with_batch_one(results):
@@ -90,8 +103,8 @@ def test_results_file_and_tables(results, capsys):
     path = Path(results["path"])
     stored = json.loads(path.read_text())
     assert path.name.startswith(stored["machine"]["hostname"]) and path.suffix == ".json"
-    objects = {"objects_nms", "objects_overhead"}
-    assert set(stored["sections"]) == set(run.SECTION_NAMES) - {"objects"} | objects
+    objects = {"objects_nms", "objects_overhead"}  # backends: derived from engine and e2e
+    assert set(stored["sections"]) == {*run.SECTION_NAMES, "backends"} - {"objects"} | objects
     assert stored["machine"]["preset"] == "smoke" and stored["machine"]["cpu_model"]
     table = report.section_markdown("e2e", stored["sections"]["e2e"])
     assert table.count("\n|") == 2 + len(stored["sections"]["e2e"])

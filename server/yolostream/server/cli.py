@@ -22,19 +22,24 @@ EXIT_USAGE = 2
 SERVER_MODULES = {"torch", "yaml", "tqdm", "grpc_health", "grpc_reflection", "prometheus_client"}
 
 
-def _model_args(p: argparse.ArgumentParser, *, device: bool = True) -> None:
+def _model_args(p: argparse.ArgumentParser, *, device: bool = True, rect: bool = False) -> None:
     src = p.add_argument_group("model (default: built-in yolov5n with random weights)")
     src.add_argument("--weights", help="official YOLOv5 .pt (local path, or a release name like yolov5s.pt to download), "
                                        "or a plain state_dict file together with --cfg")
     src.add_argument("--cfg", help="yolov5-format YAML, or a built-in name (yolov5n…x, yolov5n6…x6)")
-    src.add_argument("--imgsz", type=int, default=640, help="model input size, rounded up to the stride (default 640)")
+    if rect:
+        src.add_argument("--imgsz", type=input_size, default=640,
+                         help="model input size N or H,W, rounded up to the stride (default 640)")
+    else:
+        src.add_argument("--imgsz", type=int, default=640,
+                         help="model input size, rounded up to the stride (default 640)")
     if device:
         src.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto: CUDA when present)")
         src.add_argument("--half", action="store_true", help="float16 model (CUDA only)")
     src.add_argument("--no-fuse", dest="fuse", action="store_false", help="keep BatchNorm unfused (for comparisons)")
 
 
-def _load_engine(args: argparse.Namespace, device: str | None = None):
+def _load_engine(args: argparse.Namespace, device: str | None = None, imgsz: int | None = None):
     from .runner import DeviceRunner
     from .model.loader import load_model
 
@@ -44,8 +49,9 @@ def _load_engine(args: argparse.Namespace, device: str | None = None):
         device=device or getattr(args, "device", "cpu"),
         half=getattr(args, "half", False),
         fuse=args.fuse,
-        imgsz=args.imgsz,
-        letterbox=getattr(args, "letterbox", "auto"),
+        imgsz=imgsz or args.imgsz,
+        letterbox=getattr(args, "letterbox", None) or "auto",
+        backend=getattr(args, "backend", "torch"),
     )
 
 
@@ -97,16 +103,69 @@ def cmd_extract(args: argparse.Namespace) -> int:
     if args.half and device.type != "cuda":
         raise ValueError("--half needs CUDA: float16 on CPU runs about 26x slower than float32")
     layers = [s for s in args.layers.split(",") if s.strip()]
-    extractor = feature_extractor(args.weights, args.cfg, layers, fuse=args.fuse, imgsz=args.imgsz, device=device)
-    if args.half:
-        extractor.half()
-    if device.type == "cuda":
-        extractor.to(memory_format=torch.channels_last)
+    if args.backend == "torch":
+        extractor = feature_extractor(args.weights, args.cfg, layers, fuse=args.fuse, imgsz=args.imgsz, device=device)
+        if args.half:
+            extractor.half()
+        if device.type == "cuda":
+            extractor.to(memory_format=torch.channels_last)
+    else:
+        from .extract import RunnerExtractor
+
+        engine = _load_engine(args, device=str(device))
+        engine.select_backend(args.batch, layers)
+        extractor = RunnerExtractor(engine, layers)
     if extractor.random_weights:
         print("WARNING: RANDOM WEIGHTS - features are for testing only", file=sys.stderr)
     written = run_extract(extractor, args.inputs, Path(args.out), policy=args.letterbox, max_frames=args.max_frames,
                           batch=args.batch)
     print(f"wrote {len(written)} file(s) to {args.out}" + (" (RANDOM WEIGHTS)" if extractor.random_weights else ""))
+    return 0
+
+
+def input_size(text: str) -> int | tuple[int, int]:
+    """``--imgsz`` of ``export``: ``N`` (a square) or ``H,W``."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected N or H,W (positive integers), got {text!r}")
+    return values[0] if len(values) == 1 else (values[0], values[1])
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """The ``export`` command: the served truncated graph as an ONNX or TorchScript file, checked against the engine."""
+    from .export import ExportRequest, export_model
+    from .preprocess import input_shape
+
+    if args.dynamic != "shape" and args.letterbox == "auto":
+        raise UserError("--letterbox auto gives inputs of varying shape, which needs --dynamic shape; a fixed-size "
+                        "file takes the full input (--letterbox square)")
+    if args.batch < 1:
+        raise UserError(f"--batch must be at least 1, got {args.batch}")
+    size = args.imgsz if isinstance(args.imgsz, tuple) else (args.imgsz, args.imgsz)
+    engine = _load_engine(args, device=args.device, imgsz=max(size))
+    names = [s.strip() for s in args.layers.split(",") if s.strip()]
+    try:
+        layers = engine.resolve(names)
+    except ValueError as err:
+        hint = " (--detect adds Detect's decoded output)" if "Detect head" in str(err) else ""
+        raise UserError(f"--layers: {err}{hint}") from err
+    request = ExportRequest(
+        layers=tuple(layers), detect=args.detect, fmt=args.format, input_hw=input_shape(size, engine.stride),
+        batch=args.batch, dynamic=args.dynamic, letterbox=args.letterbox or ("auto" if args.dynamic == "shape"
+                                                                            else "square"),
+        imgsz=max(size), out=Path(args.out))
+    if engine.random_weights:
+        print("WARNING: RANDOM WEIGHTS - features are for testing only", file=sys.stderr)
+    export_model(engine, request)
+    outputs = [layer.name for layer in layers] + (["detect"] if args.detect else [])
+    h, w = request.input_hw
+    print(f"wrote {args.out} ({args.format}, {engine.name}, input images {'N' if args.dynamic else args.batch}x3x"
+          f"{'H' if args.dynamic == 'shape' else h}x{'W' if args.dynamic == 'shape' else w} {engine.card().dtype}, outputs "
+          f"{', '.join(outputs)})" + (" (RANDOM WEIGHTS)" if engine.random_weights else ""))
     return 0
 
 
@@ -127,9 +186,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", default="backbone", help="comma list of indices or names: all, backbone, C3..C6, P3..P6")
     p.add_argument("--max-frames", type=int, default=None, help="stop each video after N frames")
     p.add_argument("--batch", type=int, default=8, help="images or video frames per forward (default 8)")
+    p.add_argument("--backend", choices=("torch", "onnxruntime", "auto"), default="torch",
+                   help="what runs the model: torch, onnxruntime (needs the onnx extra) or auto (the faster, timed "
+                        "first) (default torch)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_VIDEO", help="image files, image folders or video files")
     p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("export", help="write the served truncated graph as an ONNX or TorchScript file")
+    _model_args(p, rect=True)
+    p.add_argument("--layers", default="backbone", help="comma list of the outputs, named as when serving: indices, "
+                   "all, backbone, C3..C6, P3..P6 (default backbone)")
+    p.add_argument("--detect", action="store_true", help="also run Detect and add its decoded output 'detect'")
+    p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="file format (default onnx)")
+    p.add_argument("--dynamic", nargs="?", const="batch", choices=("batch", "shape"), default=None,
+                   help="symbolic batch (--dynamic or --dynamic batch), or batch, height and width (--dynamic shape)")
+    p.add_argument("--batch", type=int, default=1, help="batch size of a file without --dynamic (default 1)")
+    p.add_argument("--letterbox", choices=("auto", "square"), default=None,
+                   help="letterbox policy recorded for consumers (default: auto with --dynamic shape, else square)")
+    p.add_argument("--out", required=True, help="the file to write")
+    p.set_defaults(func=cmd_export)
 
     for name, register in _extra_commands():
         register(sub.add_parser(name, help=_EXTRA_HELP[name]))

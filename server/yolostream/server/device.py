@@ -218,6 +218,7 @@ def device_main(settings: Any, parent_pid: int, status: Connection, bypass: bool
     become_child(parent_pid)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the supervisor stops the device last, after the front-ends
     logging.basicConfig(level=logging.WARNING, format="yolostream device: %(message)s")
+    logging.getLogger("yolostream.server.onnx_backend").setLevel(logging.INFO)  # --backend auto says what it chose
     try:
         runner, host = build_device(settings, bypass=bypass, threads=threads)
         host.start()
@@ -248,7 +249,7 @@ def build_device(settings: Any, bypass: bool = False, threads: int | None = None
 
     loaded = load_model(settings.weights, settings.cfg)
     runner = DeviceRunner(loaded, device=settings.device, half=settings.half, fuse=settings.fuse,
-                          imgsz=settings.imgsz, letterbox=settings.letterbox)
+                          imgsz=settings.imgsz, letterbox=settings.letterbox, backend=settings.backend)
     runner.configure_staging(settings.pinned_bytes)
     try:
         runner.resolve(settings.layers)
@@ -262,6 +263,7 @@ def build_device(settings: Any, bypass: bool = False, threads: int | None = None
         from .transport_probe import ModelBypass
 
         return runner, DeviceHost(ModelBypass(runner), batching)
+    runner.select_backend(batching.max_batch, settings.layers)
     runner.warmup(batching.max_batch)
     return runner, DeviceHost(runner, batching)
 

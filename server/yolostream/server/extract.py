@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence, TypeVar
+from typing import Any, Iterator, Sequence, TypeVar
 
 import cv2
 import numpy as np
@@ -110,6 +110,34 @@ def write_npz(path: Path, result: ImageFeatures, frame_index: int, model_name: s
     with open(tmp, "wb") as fh:
         np.savez(fh, **arrays)
     tmp.replace(path)
+
+
+class RunnerExtractor:
+    """``FeatureExtractor.extract``'s interface over a ``DeviceRunner``: what ``extract --backend`` runs.
+
+    The runner's own ``launch``/``collect`` path, so a backend other than torch (``onnxruntime``, ``auto``) computes
+    exactly as it does when serving.
+
+    Args:
+        runner: the device runner (its backend already chosen).
+        layers: the layers to write, named as on the command line.
+    """
+
+    def __init__(self, runner: Any, layers: Sequence[str]) -> None:
+        self.runner = runner
+        self.layers = list(layers)
+        self.strides = {r.name: r.stride for r in runner.resolve(self.layers)}
+        self.model_name = runner.name
+        self.random_weights = runner.random_weights
+
+    def extract(self, images: Sequence[np.ndarray], *, imgsz: int | None = None, letterbox: str = "auto",
+                batch_size: int = 8) -> list[ImageFeatures]:
+        """Features of BGR uint8 images, one ``ImageFeatures`` per image, at most ``batch_size`` per forward."""
+        results: list[ImageFeatures] = []
+        for start in range(0, len(images), batch_size):
+            for done in self.runner.extract(images[start:start + batch_size], self.layers, imgsz, letterbox):
+                results.append(ImageFeatures(done.features, done.letterbox, self.strides))
+        return results
 
 
 def run_extract(

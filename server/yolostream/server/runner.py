@@ -124,6 +124,8 @@ class DeviceRunner:
         fuse: fold BatchNorm into the convolutions.
         imgsz: default input size; letterbox: default letterbox policy.
         staged: use the pinned-staging, own-stream path (default: on CUDA).
+        backend: what runs the truncated forwards: ``torch``, ``onnxruntime`` (the same graph exported once per set
+            of layers, ``onnx_backend``) or ``auto`` (the faster of the two, timed by ``select_backend``).
     """
 
     def __init__(
@@ -137,6 +139,7 @@ class DeviceRunner:
         imgsz: int = 640,
         letterbox: str = "auto",
         staged: bool | None = None,
+        backend: str = "torch",
     ) -> None:
         self.loaded = loaded
         self.device = resolve_device(device)
@@ -163,6 +166,8 @@ class DeviceRunner:
         self.imgsz = int(imgsz)
         self.letterbox_policy = letterbox
         self._plans: dict[tuple[int, ...], TruncatedModel] = {}
+        self._onnx = None
+        self.backend = self._check_backend(backend)
         self.buckets: tuple[int, ...] = ()
         self.configure_staging()
         self.tuning = TuningPolicy(apply=cudnn_benchmark) if self.device.type == "cuda" else TuningPolicy()
@@ -211,10 +216,46 @@ class DeviceRunner:
         return self._card.resolve(names)
 
     def plan(self, indices: Iterable[int]) -> TruncatedModel:
+        """The truncated forward for ``indices``, built once: a ``TruncatedModel``, or with the onnxruntime backend
+        an ``OnnxPlan`` (the same graph as a session); both have ``by_index``."""
         key = tuple(sorted(set(indices)))
+        if self.backend == "auto":
+            self.select_backend(1)
+        if self.backend == "onnxruntime":
+            return self._onnx_backend().plan(key)
         if key not in self._plans:
             self._plans[key] = TruncatedModel(self.layers, key)
         return self._plans[key]
+
+    def _check_backend(self, backend: str) -> str:
+        from .onnx_backend import BACKENDS
+
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}: choose {', '.join(BACKENDS)}")
+        if backend == "onnxruntime":
+            from .export import require
+
+            require("onnxruntime", "--backend onnxruntime")
+        return backend
+
+    def _onnx_backend(self):
+        if self._onnx is None:
+            from .onnx_backend import OnnxBackend
+
+            self._onnx = OnnxBackend(self)
+        return self._onnx
+
+    def select_backend(self, max_batch: int, layers: Iterable[str | int] | None = None,
+                       imgsz: int | None = None) -> str:
+        """Resolve ``auto`` once: time both backends on the served input (batch 1 and ``max_batch``, the default
+        ``layers``, else the deepest feature layer), log both times and keep the faster. Other backends stay."""
+        if self.backend == "auto":
+            from .onnx_backend import select
+
+            indices = ([r.index for r in self.resolve(layers)] if layers else [self._card.deepest_feature])
+            self.backend = "torch"
+            self.backend = select(self, max_batch, indices, imgsz)
+        return self.backend
 
     def preprocess(self, frame: np.ndarray, imgsz: int | None = None, policy: str | None = None) -> tuple[np.ndarray, Letterbox]:
         """Letterbox one BGR frame (upstream detect.py's rule) to the HWC BGR uint8 frame ``launch`` takes."""
@@ -414,6 +455,7 @@ class DeviceRunner:
         other shapes, which letterbox ``auto`` makes for other aspect ratios, run untuned rather than stall the
         device worker for a tuning run mid-stream. The host blocks of every bucket are allocated here too.
         """
+        self.select_backend(max_batch, imgsz=imgsz)
         if not self.staged:
             return
         sizes, size = [], 1
