@@ -245,6 +245,9 @@ def test_serve_backend_onnxruntime_and_auto_as_processes(tmp_path):
         for backend, server in servers.items():
             server.wait_serving()
             with grpc_channel(server.address) as channel:
+                info = pb_grpc.FeatureServiceStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
+                assert info.backend in (("onnxruntime",) if backend == "onnxruntime" else ("torch", "onnxruntime"))
+                assert info.backend in server.details or info.backend == "torch"
                 result = pb_grpc.FeatureServiceStub(channel).Extract(pb.ExtractRequest(
                     options=pb.FeatureOptions(layers=["backbone", "P4"]),
                     frame=pb.Frame(raw=pb.RawImage(data=frame.tobytes(), height=48, width=80, channels=3,

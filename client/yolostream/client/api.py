@@ -133,6 +133,7 @@ class ModelInfo:
     num_classes: int = 0
     class_names: tuple[str, ...] = ()
     default_object_feature_dim: int = 0
+    backend: str = ""
 
     def layer(self, name: str | int) -> LayerInfo:
         """The catalogue row of a layer named by index (``9`` or ``"9"``) or alias (``"backbone"``, ``"P3"``)."""
@@ -161,7 +162,7 @@ class ModelInfo:
             limits={"max_pixels": msg.limits.max_pixels, "max_frame_bytes": msg.limits.max_frame_bytes,
                     "max_message_bytes": msg.limits.max_message_bytes, "max_boxes": msg.limits.max_boxes},
             num_classes=msg.num_classes, class_names=tuple(msg.class_names),
-            default_object_feature_dim=msg.default_object_feature_dim,
+            default_object_feature_dim=msg.default_object_feature_dim, backend=msg.backend,
         )
 
 

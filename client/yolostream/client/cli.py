@@ -133,7 +133,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def describe_model(info: ModelInfo, address: str) -> str:
     lines = [f"server  {address}",
              f"model   {info.model_name}  ({info.source})",
-             f"device  {info.device}  dtype {info.dtype}  default imgsz {info.default_imgsz}  letterbox "
+             f"device  {info.device}  dtype {info.dtype}  backend {info.backend or 'torch'}  default imgsz {info.default_imgsz}  letterbox "
              f"{info.default_letterbox}  stride {info.stride}",
              f"batch   max {info.batching['max_batch']}, wait {info.batching['max_delay_ms']:g} ms, "
              f"{info.batching['max_in_flight']} frames in flight per stream",

@@ -123,6 +123,7 @@ class ModelCard:
     catalogue: tuple[LayerInfo, ...]
     num_classes: int = 0
     class_names: tuple[str, ...] = ()
+    backend: str = "torch"
 
     def input_hw(self, imgsz: int | None = None) -> tuple[int, int]:
         """The square model input for ``imgsz`` (default: the card's), rounded up to the stride as upstream."""

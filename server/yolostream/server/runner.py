@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -204,8 +204,8 @@ class DeviceRunner:
         return self._catalogues[hw]
 
     def card(self) -> ModelCard:
-        """The model as torch-free data, for front-ends, ModelInfo and the CLI."""
-        return self._card
+        """The model as torch-free data, for front-ends, ModelInfo and the CLI (with the backend as resolved)."""
+        return replace(self._card, backend=self.backend)
 
     @property
     def default_catalogue(self) -> tuple[LayerInfo, ...]:

@@ -415,4 +415,5 @@ def model_info(card: ModelCard, batching: BatcherConfig, stream_limits: StreamLi
         class_names=list(card.class_names),
         default_detection=default_detection_message(),
         default_object_feature_dim=sum(card.channels(layer.index) for layer in card.default_object_layers()),
+        backend=card.backend,
     )

@@ -288,7 +288,7 @@ class Supervisor:
 
     def _describe(self, frontends: int) -> str:
         s, card = self.settings, self.card
-        parts = [card.device, card.dtype,
+        parts = [card.device, card.dtype, *([card.backend] if card.backend != "torch" else []),
                  "RANDOM WEIGHTS" if card.random_weights else f"weights {card.source}",
                  f"{frontends} front-end{'s' if frontends != 1 else ''}"]
         if s.uds:
