@@ -262,3 +262,25 @@ def test_serve_backend_onnxruntime_and_auto_as_processes(tmp_path):
     finally:
         for server in servers.values():
             server.close()
+
+
+def test_sessions_and_plans_are_bounded_however_many_layer_sets_clients_ask_for(monkeypatch):
+    """Clients choose layer sets: every set kept built would let them grow the server without bound, so the least
+    recently used is dropped (and built again when asked for again)."""
+    from yolostream.server import onnx_backend, runner as runner_module
+
+    built: list[tuple] = []
+    real_session, real_truncated = onnx_backend.session, runner_module.TruncatedModel
+    monkeypatch.setattr(onnx_backend, "MAX_SESSIONS", 2)
+    monkeypatch.setattr(onnx_backend, "session", lambda *a, **k: built.append("ort") or real_session(*a, **k))
+    monkeypatch.setattr(runner_module, "MAX_PLANS", 2)
+    monkeypatch.setattr(runner_module, "TruncatedModel",
+                        lambda layers, key: built.append(("torch", key)) or real_truncated(layers, key))
+    ort = cpu_runner(IMGSZ, backend="onnxruntime")
+    for index in (1, 2, 3, 2, 1):  # 1 is dropped when 3 comes, 2 is still there, 1 is built again
+        ort.plan([index])
+    assert built.count("ort") == 4
+    torch_runner = cpu_runner(IMGSZ)
+    for index in (1, 2, 3, 2, 1):
+        torch_runner.plan([index])
+    assert [b[1] for b in built if b != "ort"] == [(1,), (2,), (3,), (1,)]

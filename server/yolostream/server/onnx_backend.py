@@ -20,6 +20,7 @@ import logging
 import statistics
 import threading
 import time
+from collections import OrderedDict
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -31,6 +32,9 @@ from .export import ONNX_EXTRA_HINT, onnx_bytes, require
 log = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnxruntime", "auto")
+#: Sessions kept (one per set of layers and thread count), least recently used dropped first: each holds a copy of
+#: the weights, and clients choose the layer sets.
+MAX_SESSIONS = 8
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
 
@@ -127,7 +131,7 @@ class OnnxBackend:
     def __init__(self, runner: Any) -> None:
         require("onnxruntime", "--backend onnxruntime")
         self.runner = runner
-        self._plans: dict[tuple[tuple[int, ...], int], OnnxPlan] = {}
+        self._plans: OrderedDict[tuple[tuple[int, ...], int], OnnxPlan] = OrderedDict()
         self._lock = threading.Lock()
 
     def plan(self, indices: tuple[int, ...]) -> OnnxPlan:
@@ -135,19 +139,20 @@ class OnnxBackend:
         runner = self.runner
         threads = torch.get_num_threads() if runner.device.type == "cpu" else 0
         key = (indices, threads)
-        plan = self._plans.get(key)
-        if plan is not None:
-            return plan
         with self._lock:
-            if key not in self._plans:
+            plan = self._plans.pop(key, None)
+            if plan is None:
                 h, w = runner.input_hw()
                 example = torch.zeros((2, 3, h, w), dtype=runner.dtype, device=runner.device)
                 started = time.perf_counter()
                 data = graph_bytes(runner.layers, indices, example)
-                self._plans[key] = OnnxPlan(session(data, runner.device, threads or None), indices, runner.device)
+                plan = OnnxPlan(session(data, runner.device, threads or None), indices, runner.device)
                 log.debug("onnxruntime session for layers %s (%d threads) built in %.2f s", list(indices), threads,
                           time.perf_counter() - started)
-            return self._plans[key]
+            self._plans[key] = plan  # most recently used last
+            while len(self._plans) > MAX_SESSIONS:
+                self._plans.popitem(last=False)
+            return plan
 
 
 def pick(timings: Mapping[str, float]) -> str:

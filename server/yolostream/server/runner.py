@@ -10,7 +10,9 @@ device, in the model's dtype, exactly as upstream does it (``.float()`` or ``.ha
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Sequence
 
@@ -38,6 +40,9 @@ OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16":
 
 #: Largest imgsz the API takes (``Pipeline.max_imgsz``): the staged path refuses model inputs beyond its square.
 MAX_IMGSZ = 4096
+
+#: Truncated forwards kept built (one per set of layers asked for), least recently used dropped first.
+MAX_PLANS = 64
 
 #: A requested output: (layer index, pooling, dtype name).
 OutputKey = tuple[int, str, str]
@@ -165,7 +170,8 @@ class DeviceRunner:
         self.stride = max(int(model.stride.max()), 32) if getattr(model, "stride", None) is not None else 32
         self.imgsz = int(imgsz)
         self.letterbox_policy = letterbox
-        self._plans: dict[tuple[int, ...], TruncatedModel] = {}
+        self._plans: OrderedDict[tuple[int, ...], TruncatedModel] = OrderedDict()
+        self._plans_lock = threading.Lock()
         self._onnx = None
         self.backend = self._check_backend(backend)
         self.buckets: tuple[int, ...] = ()
@@ -223,9 +229,12 @@ class DeviceRunner:
             self.select_backend(1)
         if self.backend == "onnxruntime":
             return self._onnx_backend().plan(key)
-        if key not in self._plans:
-            self._plans[key] = TruncatedModel(self.layers, key)
-        return self._plans[key]
+        with self._plans_lock:
+            plan = self._plans.pop(key, None) or TruncatedModel(self.layers, key)
+            self._plans[key] = plan  # most recently used last
+            while len(self._plans) > MAX_PLANS:  # clients choose layer sets: keep what they cost bounded
+                self._plans.popitem(last=False)
+        return plan
 
     def _check_backend(self, backend: str) -> str:
         from .onnx_backend import BACKENDS
