@@ -29,7 +29,7 @@ from .frames import FrameError, FrameLimits, decode_frame
 from .link import DeviceFrameError, DeviceLink, FrameTooLarge, OutputKey
 from .object_request import ObjectJob, ObjectRequest, client_boxes
 from .objects_wire import object_request
-from .preprocess import Letterbox, apply_letterbox, input_shape, letterbox_geometry
+from .preprocess import MAX_IMGSZ, Letterbox, apply_letterbox, input_shape, letterbox_geometry
 
 _DTYPES = names_of(DTYPES)
 _POOLINGS = names_of(POOLINGS)
@@ -81,7 +81,7 @@ class Pipeline:
         limits: FrameLimits,
         *,
         default_layers: tuple[str, ...] = ("backbone",),
-        max_imgsz: int = 4096,
+        max_imgsz: int = MAX_IMGSZ,
         decode_threads: int = 4,
         max_reply_bytes: int = 128 * 1024 * 1024 - 64 * 1024,
     ) -> None:

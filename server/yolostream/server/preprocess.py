@@ -23,6 +23,8 @@ PAD_VALUE = 114
 #: Letterbox policies a stream may ask for: "auto" pads only to the next stride multiple (the minimal
 #: rectangle, as detect.py does); "square" pads to the full imgsz target (auto=False).
 POLICIES = ("auto", "square")
+#: Largest imgsz a request may ask for (the API's limit, and the largest input the CUDA path stages).
+MAX_IMGSZ = 4096
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from .model.objects import frame_objects, object_layers
 from .model.truncated import TruncatedModel
 from .object_request import ObjectJob, ObjectRequest, ObjectResult
 from .preprocess import POLICIES as LETTERBOX_POLICIES
-from .preprocess import Letterbox, input_shape
+from .preprocess import MAX_IMGSZ, Letterbox, input_shape
 from .preprocess import letterbox as letterbox_frame
 from .staging import DEFAULT_PINNED_BUDGET, HostPool, StagedCopies, TuningPolicy, cudnn_benchmark, make_event
 
@@ -37,9 +37,6 @@ log = logging.getLogger(__name__)
 
 POOLINGS = ("none", "avg", "max")
 OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-#: Largest imgsz the API takes (``Pipeline.max_imgsz``): the staged path refuses model inputs beyond its square.
-MAX_IMGSZ = 4096
 
 #: Truncated forwards kept built (one per set of layers asked for), least recently used dropped first.
 MAX_PLANS = 64
@@ -396,7 +393,7 @@ class DeviceRunner:
         h, w = images[0].shape[:2]
         if h > self.max_input_hw[0] or w > self.max_input_hw[1]:
             raise ValueError(f"input {h}x{w} is over the largest model input {self.max_input_hw[0]}x"
-                             f"{self.max_input_hw[1]} (imgsz {MAX_IMGSZ})")
+                             f"{self.max_input_hw[1]}")
         rows = self.bucket(n)
         x = self.copies.upload(images, rows)
         compute = self.copies.streams.compute
