@@ -250,9 +250,13 @@ class Supervisor:
             _signal(child.process, signal.SIGTERM)
         forwarded = len(self._signals)
         deadline = time.monotonic() + self.settings.drain_delay + grace + STOP_SLACK_S
-        while any(c.process.is_alive() for c in children) and time.monotonic() < deadline:
-            wait([self._wake_r, *(c.process.sentinel for c in children if c.process.is_alive())],
-                 timeout=max(0.0, deadline - time.monotonic()))
+        while time.monotonic() < deadline:
+            # One look at who is alive per turn: a child that exits after it is wakes the wait through its sentinel
+            # (looking twice could see it alive, then leave its sentinel out and sleep until the deadline).
+            alive = [c for c in children if c.process.is_alive()]
+            if not alive:
+                break
+            wait([self._wake_r, *(c.process.sentinel for c in alive)], timeout=max(0.0, deadline - time.monotonic()))
             try:
                 self._wake_r.recv(64)
             except (BlockingIOError, OSError):
