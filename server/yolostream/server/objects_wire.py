@@ -85,7 +85,7 @@ def object_options(msg: pb.ObjectFeatureOptions) -> ObjectOptions | None:
         raise ValueError(f"unknown object feature mode {msg.mode}: choose "
                          + ", ".join(pb.ObjectFeatureMode.Name(v) for v in pb.ObjectFeatureMode.values()))
     if msg.dtype and msg.dtype not in wire.ITEMSIZE:
-        raise ValueError(f"object features: invalid dtype {msg.dtype}: choose "
+        raise ValueError(f"object features: unsupported tensor dtype {msg.dtype}: choose "
                          + ", ".join(pb.Dtype.Name(v) for v in sorted(wire.ITEMSIZE))
                          + " (or leave it unset for float32)")
     dtype = wire.dtype_name(msg.dtype) if msg.dtype else _DEFAULT_OBJECTS.dtype
