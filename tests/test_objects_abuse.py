@@ -436,3 +436,28 @@ def test_cli_object_errors_are_one_line_and_exit_2_before_connecting(tmp_path):
         lines = [line for line in out.stderr.splitlines() if line.strip()]
         assert out.returncode == 2 and len(lines) == 1, (extra, out.stderr)
         assert lines[0].startswith("yolostream stream: error: ") and words in lines[0], (extra, lines[0])
+
+
+def test_the_onnxruntime_backend_serves_the_same_objects(stub):
+    """Detections and roi vectors on a non-Detect layer, and client boxes, through ``--backend onnxruntime``."""
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    options = pb.FeatureOptions(layers=["P3"], pooling=pb.POOLING_GLOBAL_AVG,
+                                detection=pb.DetectionOptions(enabled=True, conf_thres=0.01, max_det=5),
+                                object_features=pb.ObjectFeatureOptions(mode=pb.OBJECT_FEATURE_MODE_ROI,
+                                                                        layers=["P3", "9"]))
+    frames = [raw_frame(0), _boxed(1, [1, 1, 30, 30], [4])]
+    want = [stub.Extract(pb.ExtractRequest(options=options, frame=f), timeout=30) for f in frames]
+    runner = cpu_runner(imgsz=64, backend="onnxruntime")
+    with ServerThread(runner, ServerSettings(port=0, workers=1)) as onnx_server:
+        channel = grpc.insecure_channel(onnx_server.address)
+        onnx_stub = pb_grpc.FeatureServiceStub(channel)
+        assert onnx_stub.GetModelInfo(pb.GetModelInfoRequest()).backend == "onnxruntime"
+        got = [onnx_stub.Extract(pb.ExtractRequest(options=options, frame=f), timeout=60) for f in frames]
+        channel.close()
+    for a, b in zip(want, got):
+        assert a.status == b.status == pb.FRAME_STATUS_OK, b.error_message
+        x, y = wire.objects_from_proto(a), wire.objects_from_proto(b)
+        assert x.source == y.source and x.features.shape == y.features.shape == (len(x.boxes), 320)
+        np.testing.assert_allclose(y.boxes, x.boxes, atol=1e-2)
+        np.testing.assert_allclose(y.features, x.features, rtol=1e-3, atol=1e-3)
+    assert list(got[1].box_ids) == [4]
