@@ -219,8 +219,13 @@ class DetectOptions:
                 raise ValueError(f"detection {name} must be in (0, 1], got {value}")
         if self.max_det is not None and self.max_det < 1:
             raise ValueError(f"max_det must be at least 1, got {self.max_det}")
+        classes = [int(c) for c in (self.classes if self.classes is not None else ())]
+        bad = [c for c in classes if not 0 <= c < 2**31]
+        if bad:
+            raise ValueError(f"detection classes are class ids >= 0, got {bad[0]}"
+                             + (f" and {len(bad) - 1} more" if len(bad) > 1 else ""))
         return pb.DetectionOptions(enabled=True, conf_thres=self.conf or 0.0, iou_thres=self.iou or 0.0,
-                                   classes=[int(c) for c in self.classes or ()], agnostic=self.agnostic,
+                                   classes=classes, agnostic=self.agnostic,
                                    multi_label=self.multi_label, max_det=self.max_det or 0)
 
 

@@ -254,7 +254,7 @@ def _objects(args: argparse.Namespace) -> tuple[DetectOptions | None, ObjectFeat
     else:
         given = [flag for flag, value in (("--conf", args.conf), ("--iou", args.iou), ("--classes", args.classes),
                                            ("--agnostic", args.agnostic), ("--multi-label", args.multi_label),
-                                           ("--max-det", args.max_det)) if value]
+                                           ("--max-det", args.max_det)) if value is not None and value is not False]
         if given:
             raise ValueError(f"{', '.join(given)} set detection options: add --detect")
     objects = None
@@ -283,11 +283,11 @@ def read_boxes(path: str) -> dict[int, tuple[np.ndarray, np.ndarray | None]]:
                 frame = int(cells[0])
                 box = [float(c) for c in cells[1:5]]
                 box_id = int(cells[5]) if len(cells) == 6 else None
-                if frame < 0 or (box_id is not None and box_id < 0):
+                if frame < 0 or (box_id is not None and not 0 <= box_id < 2**64):
                     raise ValueError
             except ValueError:
                 raise ValueError(f"--boxes {path} line {number}: expected 'frame,x1,y1,x2,y2[,id]' with a "
-                                 f"frame index >= 0, got {text[:80]!r}") from None
+                                 f"frame index >= 0 (and an id in 0..2**64-1), got {text[:80]!r}") from None
             rows.setdefault(frame, []).append(box)
             if box_id is not None:
                 ids.setdefault(frame, []).append(box_id)

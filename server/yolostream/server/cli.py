@@ -145,6 +145,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                         "file takes the full input (--letterbox square)")
     if args.batch < 1:
         raise UserError(f"--batch must be at least 1, got {args.batch}")
+    if Path(args.out).is_dir():
+        raise UserError(f"--out {args.out} is a directory: give the path of the file to write")
     size = args.imgsz if isinstance(args.imgsz, tuple) else (args.imgsz, args.imgsz)
     engine = _load_engine(args, device=args.device, imgsz=max(size))
     names = [s.strip() for s in args.layers.split(",") if s.strip()]

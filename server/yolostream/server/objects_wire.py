@@ -43,7 +43,10 @@ def object_request(msg: pb.FeatureOptions, card: ModelCard) -> ObjectRequest:
 
 
 def detection_options(msg: pb.DetectionOptions, nc: int) -> NmsOptions | None:
-    """NmsOptions from a DetectionOptions message (zero fields → upstream's defaults), None when not enabled."""
+    """NmsOptions from a DetectionOptions message (zero fields → upstream's defaults), None when not enabled.
+
+    ``classes`` is kept sorted and without repeats (the filter is a set): a client that sends a million copies of
+    one id gets the options, and the cost per frame, of sending it once."""
     if not msg.enabled:
         return None
     for name in ("conf_thres", "iou_thres"):
@@ -57,7 +60,7 @@ def detection_options(msg: pb.DetectionOptions, nc: int) -> NmsOptions | None:
     options = NmsOptions(
         conf_thres=_decimal(msg.conf_thres) or _DEFAULT_NMS.conf_thres,
         iou_thres=_decimal(msg.iou_thres) or _DEFAULT_NMS.iou_thres,
-        classes=tuple(msg.classes) or None,
+        classes=tuple(sorted(set(msg.classes))) or None,
         agnostic=msg.agnostic,
         multi_label=msg.multi_label,
         max_det=msg.max_det or _DEFAULT_NMS.max_det,
@@ -81,6 +84,10 @@ def object_options(msg: pb.ObjectFeatureOptions) -> ObjectOptions | None:
     if mode is None:
         raise ValueError(f"unknown object feature mode {msg.mode}: choose "
                          + ", ".join(pb.ObjectFeatureMode.Name(v) for v in pb.ObjectFeatureMode.values()))
+    if msg.dtype and msg.dtype not in wire.ITEMSIZE:
+        raise ValueError(f"object features: unsupported tensor dtype {msg.dtype}: choose "
+                         + ", ".join(pb.Dtype.Name(v) for v in sorted(wire.ITEMSIZE))
+                         + " (or leave it unset for float32)")
     dtype = wire.dtype_name(msg.dtype) if msg.dtype else _DEFAULT_OBJECTS.dtype
     options = ObjectOptions(mode=mode, roi_size=msg.roi_size or _DEFAULT_OBJECTS.roi_size, flatten=msg.flatten,
                             normalize=msg.normalize, dtype=dtype)
