@@ -86,3 +86,14 @@ def test_auto_letterbox_with_a_fixed_shape_is_refused_before_loading(capsys, tmp
         line = _one_line(capsys, *dynamic, "--letterbox", "auto", "--out", str(tmp_path / "x.onnx"))
         assert "needs --dynamic shape" in line
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["--imgsz", "4097"], "over the largest input size, 4096 per side"),
+    (["--imgsz", "64,100000"], "over the largest input size, 4096 per side"),
+    (["--imgsz", "4096", "--batch", "6"], "is an input of over 268,435,456 values"),
+])
+def test_export_refuses_inputs_too_large_to_check_before_loading_anything(capsys, tmp_path, args, words):
+    code, lines = _run(capsys, "export", "--device", "cpu", "--out", str(tmp_path / "m.onnx"), *args)
+    assert code == 2 and words in lines[-1], lines
+    assert list(tmp_path.iterdir()) == []

@@ -15,9 +15,12 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .errors import UserError, one_line
+from .errors import UserError, one_line, quote
+from .preprocess import MAX_IMGSZ
 
 EXIT_USAGE = 2
+#: Most values (batch × 3 × H × W) of an export's example input: 1 GiB of float32, run several times by the check.
+MAX_EXPORT_INPUT_VALUES = 1 << 28
 #: Top-level modules of the ``server`` extra: a client-only install lacks them.
 SERVER_MODULES = {"torch", "yaml", "tqdm", "grpc_health", "grpc_reflection", "prometheus_client"}
 
@@ -131,7 +134,9 @@ def input_size(text: str) -> int | tuple[int, int]:
     except ValueError:
         values = []
     if len(values) not in (1, 2) or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected N or H,W (positive integers), got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected N or H,W (positive integers), got {quote(text)}")
+    if max(values) > MAX_IMGSZ:
+        raise argparse.ArgumentTypeError(f"{quote(text)} is over the largest input size, {MAX_IMGSZ} per side")
     return values[0] if len(values) == 1 else (values[0], values[1])
 
 
@@ -145,9 +150,13 @@ def cmd_export(args: argparse.Namespace) -> int:
                         "file takes the full input (--letterbox square)")
     if args.batch < 1:
         raise UserError(f"--batch must be at least 1, got {args.batch}")
+    size = args.imgsz if isinstance(args.imgsz, tuple) else (args.imgsz, args.imgsz)
+    if args.batch * size[0] * size[1] * 3 > MAX_EXPORT_INPUT_VALUES:
+        raise UserError(f"--batch {args.batch} at {size[0]}x{size[1]} is an input of over {MAX_EXPORT_INPUT_VALUES:,} "
+                        "values, which the parity check would run several times: export with --dynamic and a small "
+                        "--batch (a dynamic batch runs at any size)")
     if Path(args.out).is_dir():
         raise UserError(f"--out {args.out} is a directory: give the path of the file to write")
-    size = args.imgsz if isinstance(args.imgsz, tuple) else (args.imgsz, args.imgsz)
     engine = _load_engine(args, device=args.device, imgsz=max(size))
     names = [s.strip() for s in args.layers.split(",") if s.strip()]
     try:
