@@ -312,3 +312,11 @@ def test_a_pre_serialised_result_parses_as_the_filled_message(in_stream_response
     np.testing.assert_array_equal(wire.tensor_from_proto(parsed.tensors[0]), arrays[0])
     with pytest.raises(ValueError, match="2 tensors but 1 payloads"):
         wire.serialize_result(head, arrays[:1])
+
+
+@pytest.mark.parametrize("ids", [[-1, 2], [2**64, 1], [1.5, 2], ["a", "b"], [True, False]])
+def test_box_ids_must_be_integers_that_fit_uint64(ids):
+    with pytest.raises(ValueError, match=r"box ids must be integers in \[0, 2\*\*64\)"):
+        wire.set_frame_boxes(pb.Frame(), [[0, 0, 1, 1], [0, 0, 2, 2]], ids)
+    frame = wire.set_frame_boxes(pb.Frame(), [[0, 0, 1, 1], [0, 0, 2, 2]], [2**64 - 1, 0])
+    assert list(frame.box_ids) == [2**64 - 1, 0]

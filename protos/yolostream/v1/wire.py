@@ -209,7 +209,7 @@ def frame_boxes(frame: pb.Frame) -> tuple[np.ndarray, np.ndarray | None]:
     if values.size % 4:
         raise ValueError(f"Frame.boxes holds {values.size} values, not 4 per box (x1, y1, x2, y2)")
     boxes = values.reshape(-1, 4)
-    return boxes, _ids(list(frame.box_ids) or None, len(boxes))
+    return boxes, _ids(np.asarray(frame.box_ids, dtype=np.uint64) if len(frame.box_ids) else None, len(boxes))
 
 
 def _as_boxes(boxes: Any) -> np.ndarray:
@@ -223,9 +223,17 @@ def _as_boxes(boxes: Any) -> np.ndarray:
 
 
 def _ids(ids: Any, n: int) -> np.ndarray | None:
+    """Box ids as (n,) uint64; ValueError for another count, or values that are not integers in [0, 2**64)."""
     if ids is None:
         return None
-    arr = np.asarray(ids, dtype=np.uint64).reshape(-1)
+    if isinstance(ids, np.ndarray) and ids.dtype.kind == "u":
+        arr = ids.reshape(-1).astype(np.uint64, copy=False)
+    else:
+        values = np.asarray(ids, dtype=object).reshape(-1).tolist()
+        if len(values) == n and not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                                        and 0 <= v < 2**64 for v in values):
+            raise ValueError("box ids must be integers in [0, 2**64)")
+        arr = np.array(values, dtype=np.uint64) if len(values) == n else np.zeros(len(values), np.uint64)
     if len(arr) != n:
         raise ValueError(f"{len(arr)} box ids for {n} boxes: send none, or one per box")
     return arr
@@ -320,7 +328,7 @@ def objects_from_proto(result: pb.FrameResult) -> Objects:
         boxes=boxes,
         scores=arrays["scores"],
         classes=arrays["classes"],
-        box_ids=_ids(list(result.box_ids) or None, n),
+        box_ids=_ids(np.asarray(result.box_ids, dtype=np.uint64) if len(result.box_ids) else None, n),
         features=features,
         slices={s.name: (s.start, s.stop) for s in result.object_feature_slices},
     )
