@@ -75,3 +75,35 @@ def test_every_answered_frame_is_counted(engine):
 def test_metrics_are_not_served_unless_asked(engine):
     with ServerThread(engine, ServerSettings(port=0)) as srv:
         assert srv.server.metrics_port is None
+
+
+def test_metrics_of_several_front_ends_are_summed_and_their_directory_removed(tmp_path):
+    """``serve --frontends 2``: /metrics (front-end 0) counts the frames every front-end answered; the shared
+    metrics directory goes with the server."""
+    import re
+    import signal
+    import tempfile
+    from pathlib import Path
+
+    from conftest import ServeProcess
+
+    server = ServeProcess(tmp_path, "--port", "0", "--imgsz", "64", "--frontends", "2", "--metrics-port", "0")
+    try:
+        server.wait_serving()
+        port = int(re.search(r"metrics on :(\d+)/metrics", server.details).group(1))
+        calls = 12  # each on its own connection: the kernel spreads connections over both front-ends
+        for i in range(calls):
+            with grpc.insecure_channel(server.address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+                pb_grpc.FeatureServiceStub(channel).Extract(pb.ExtractRequest(frame=_frame(i)), timeout=30)
+        m = _scrape(port)
+        assert m["yolostream_frames_total[status=ok]"] == calls
+        assert m["yolostream_batch_size_count"] == calls
+        assert m["yolostream_streams_active"] == 0 and m["yolostream_queue_frames"] == 0
+        assert any(key.startswith("yolostream_model_info[") for key in m)
+        shared = list(Path(tempfile.gettempdir()).glob(f"yolostream-metrics-{server.proc.pid}-*"))
+        assert len(shared) == 1 and any(shared[0].iterdir())
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(timeout=60) == 0, server.stderr()
+        assert not shared[0].exists()
+    finally:
+        server.close()

@@ -39,6 +39,8 @@ class FrontEndSpec:
         batching: the device's batching settings.
         device_address, authkey: where the device process listens.
         shm_prefix: the server's shared-memory name prefix.
+        metrics_dir: where every front-end writes its metrics for front-end 0 to serve (see ``metrics.py``), or
+            None when the server serves no metrics.
     """
 
     index: int
@@ -49,11 +51,12 @@ class FrontEndSpec:
     device_address: Any
     authkey: bytes
     shm_prefix: str
+    metrics_dir: str | None = None
 
 
 def frontend_main(settings: ServerSettings, spec: FrontEndSpec, parent_pid: int, status: Connection) -> None:
     """Process entry: serve until SIGTERM; report ``("ready", port)`` or ``("error", line)`` on ``status``."""
-    become_child(parent_pid)
+    become_child(parent_pid, spec.metrics_dir)
     logging.basicConfig(level=logging.WARNING, format=f"yolostream front-end {spec.index}: %(message)s")
     try:
         code = asyncio.run(_serve(settings, spec, status))

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from .errors import UserError
+from .lifecycle import process_alive
 
 SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(os.environ.get("TMPDIR", "/tmp"))
 PREFIX = "yolostream-"
@@ -34,22 +35,12 @@ def segment_prefix(server_pid: int | None = None) -> str:
     return f"{PREFIX}{server_pid or os.getpid()}-"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def sweep_stale(directory: Path = SHM_DIR) -> list[str]:
     """Remove segments left by servers that no longer run; returns their names."""
     removed = []
     for path in directory.glob(f"{PREFIX}*"):
         match = _NAME.match(path.name)
-        if match and not _alive(int(match.group(1))):
+        if match and not process_alive(int(match.group(1))):
             try:
                 path.unlink()
                 removed.append(path.name)

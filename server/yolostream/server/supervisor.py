@@ -25,11 +25,14 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, TextIO
 
@@ -38,7 +41,7 @@ from .card import ModelCard
 from .errors import UserError
 from .frontend import FrontEndSpec, frontend_main
 from .settings import ServerSettings
-from .lifecycle import available_cores
+from .lifecycle import available_cores, process_alive
 from .sizing import frontend_plan
 from .shm import SHM_DIR, leftover_segments, segment_prefix, sweep_stale
 
@@ -56,6 +59,18 @@ RANDOM_WEIGHTS_BANNER = """\
 START_TIMEOUT_S = 600.0
 #: Seconds beyond the grace period that a draining child gets before it is killed.
 STOP_SLACK_S = 10.0
+
+
+#: Name prefix of a server's shared metrics directory (in the temporary directory), followed by its pid.
+METRICS_DIR_PREFIX = "yolostream-metrics-"
+
+
+def sweep_stale_metrics() -> None:
+    """Remove the metrics directories of servers that died without cleaning up (SIGKILL): their pid is gone."""
+    for path in Path(tempfile.gettempdir()).glob(f"{METRICS_DIR_PREFIX}*"):
+        pid = path.name[len(METRICS_DIR_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @dataclass
@@ -92,6 +107,7 @@ class Supervisor:
         self.batching: BatcherConfig | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.metrics_dir: str | None = None
         self._signals: list[int] = []
         self._wake_r, self._wake_w = socket.socketpair()
         self._device_address: Any = None
@@ -103,6 +119,9 @@ class Supervisor:
     def run(self) -> int:
         """Start everything, serve until a signal (or the device's death), stop everything; the exit code."""
         sweep_stale()
+        sweep_stale_metrics()
+        if self.settings.metrics_port is not None:
+            self.metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         self._wake_w.setblocking(False)
         self._wake_r.setblocking(False)
@@ -126,6 +145,8 @@ class Supervisor:
                     (SHM_DIR / name).unlink()
                 except OSError:
                     pass
+            if self.metrics_dir is not None:
+                shutil.rmtree(self.metrics_dir, ignore_errors=True)
             self._wake_r.close()
             self._wake_w.close()
 
@@ -173,7 +194,7 @@ class Supervisor:
         self.generations[index] = generation
         spec = FrontEndSpec(index=index, generation=generation, port=self.port, card=self.card.to_dict(),
                             batching=self.batching, device_address=self._device_address, authkey=self._authkey,
-                            shm_prefix=self.prefix)
+                            shm_prefix=self.prefix, metrics_dir=self.metrics_dir)
         parent, child = self.ctx.Pipe()
         process = self.ctx.Process(target=frontend_main, args=(self.settings, spec, os.getpid(), child),
                                    name=f"yolostream-frontend-{index}", daemon=False)
@@ -226,6 +247,10 @@ class Supervisor:
                     child = self.frontends[index]
                     child.process.join(1)
                     self._say(f"front-end {index} died ({_exit_text(child.process.exitcode)}); replacing it")
+                    if self.metrics_dir is not None:  # its counters stay in the sum; its gauges must not
+                        from prometheus_client.multiprocess import mark_process_dead
+
+                        mark_process_dead(child.process.pid, self.metrics_dir)
                     try:
                         self._start_frontend(index)
                     except UserError as err:
