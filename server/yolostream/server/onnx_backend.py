@@ -191,25 +191,27 @@ def measure(runner: Any, backend: str, batches: Sequence[int], hw: tuple[int, in
 
 def select(runner: Any, max_batch: int, indices: Sequence[int], imgsz: int | None = None,
            timer: Callable[[str], float] | None = None) -> str:
-    """Resolve ``--backend auto``: time both backends on the served input at batch 1 and ``max_batch``, log both
-    times and return the faster; torch when onnxruntime is not installed.
+    """Resolve ``--backend auto``: time both backends on the served inputs (the square one and the letterboxed
+    4:3 and 16:9 camera frames, ``runner.served_shapes``) at batch 1 and ``max_batch``, log both times and return
+    the faster; torch when onnxruntime is not installed.
 
     Args:
         runner: the ``DeviceRunner`` (its ``backend`` is left as it was).
         max_batch: the server's largest batch.
         indices: the layers to time (the server's default layers).
-        imgsz: the input size (default: the runner's); the square input is what a default request gets.
+        imgsz: the input size (default: the runner's).
         timer: backend name → ms per frame (default: ``measure``); tests inject timings here.
     """
     if not available():
         log.info("--backend auto: onnxruntime is not installed (%s): using torch", ONNX_EXTRA_HINT)
         return "torch"
-    hw = runner.input_hw(imgsz)
+    shapes = runner.served_shapes(imgsz)
     batches = sorted({1, max(1, max_batch)})
     keys = [(i, "none", "float32") for i in sorted(set(indices))]
-    timer = timer or (lambda backend: measure(runner, backend, batches, hw, keys))
+    timer = timer or (lambda backend: statistics.mean(measure(runner, backend, batches, hw, keys) for hw in shapes))
     timings = {backend: timer(backend) for backend in ("torch", "onnxruntime")}
     choice = pick(timings)
-    where = f"{runner.name} {hw[0]}x{hw[1]}, batch {' and '.join(map(str, batches))}, layers {list(indices)}"
+    where = (f"{runner.name} {', '.join(f'{h}x{w}' for h, w in shapes)}, batch {' and '.join(map(str, batches))}, "
+             f"layers {list(indices)}")
     log.info(choice_line(timings, choice, where))
     return choice

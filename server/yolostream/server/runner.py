@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 POOLINGS = ("none", "avg", "max")
 OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
+#: Frame sizes (height, width) of common cameras, 4:3 and 16:9: their letterboxed inputs are warmed up and timed.
+CAMERA_FRAMES = ((480, 640), (720, 1280))
+
 #: Truncated forwards kept built (one per set of layers asked for), least recently used dropped first.
 MAX_PLANS = 64
 
@@ -452,8 +455,17 @@ class DeviceRunner:
                 return size
         return n
 
+    def served_shapes(self, imgsz: int | None = None,
+                      frame_sizes: Sequence[tuple[int, int]] = CAMERA_FRAMES) -> list[tuple[int, int]]:
+        """The model inputs a server expects most: the square input and the letterboxed ``frame_sizes`` (common
+        camera frames). Warm-up tunes them and ``--backend auto`` times them."""
+        shapes = {self.input_hw(imgsz)}
+        for h, w in frame_sizes:
+            shapes.add(self.preprocess(np.zeros((h, w, 3), np.uint8), imgsz)[0].shape[:2])
+        return sorted(shapes)
+
     def warmup(self, max_batch: int, imgsz: int | None = None,
-               frame_sizes: Sequence[tuple[int, int]] = ((480, 640), (720, 1280))) -> None:
+               frame_sizes: Sequence[tuple[int, int]] = CAMERA_FRAMES) -> None:
         """Staged path: pick batch-size buckets up to ``max_batch`` and run every bucket at the square input and at
         the letterboxed shapes of common camera frames (4:3 and 16:9 by default), with cuDNN tuning on.
 
@@ -469,18 +481,16 @@ class DeviceRunner:
             sizes.append(size)
             size *= 2
         self.buckets = tuple(sorted(set(sizes) | {max_batch}))
-        shapes = {self.input_hw(imgsz)}
-        for h, w in frame_sizes:
-            shapes.add(self.preprocess(np.zeros((h, w, 3), np.uint8), imgsz)[0].shape[:2])
+        shapes = self.served_shapes(imgsz, frame_sizes)
         deepest = self._card.deepest_feature
-        for hw in sorted(shapes):
+        for hw in shapes:
             for size in self.buckets:
                 self.tuning.allow(hw, size)
                 images = [np.zeros((*hw, 3), np.uint8)] * size
                 for _ in range(2):
                     self.collect(self.launch(images, [(deepest, "none", "float32")]))
         log.info("warmed up %s on %s for batch buckets %s at inputs %s", self.name, self.device, self.buckets,
-                 ", ".join(f"{h}x{w}" for h, w in sorted(shapes)))
+                 ", ".join(f"{h}x{w}" for h, w in shapes))
 
     def extract(
         self,
