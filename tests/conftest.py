@@ -3,6 +3,7 @@ a real ``yolostream serve`` (the tests, and bench/scaleout_bench.py, which impor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -37,6 +38,26 @@ def cpu_runner(imgsz: int = 64, **options):
     from yolostream.server.runner import DeviceRunner
 
     return DeviceRunner(load_model(), device="cpu", imgsz=imgsz, **options)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """Run the block with ``count`` torch intra-op threads (the count moves results by ulps), then restore it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def expected() -> dict[str, np.ndarray]:
+    """Upstream's fixture input and every layer's expected fp32 output (``yolov5n.expected.npz``)."""
+    with np.load(fixture_path("yolov5n.expected.npz")) as data:
+        return {k: data[k] for k in data.files}
 
 
 @pytest.fixture(scope="session")

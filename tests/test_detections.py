@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import fixture_path
+from conftest import fixture_path, torch_threads
 from yolostream.server.model import detections as D
 from yolostream.server.model.loader import load_model
 from yolostream.server.model.modules import fuse_model
@@ -51,9 +51,8 @@ def fixture() -> tuple[dict[str, np.ndarray], dict]:
 
 
 @pytest.fixture(scope="module")
-def tensor_input() -> torch.Tensor:
-    with np.load(fixture_path("yolov5n.expected.npz")) as data:
-        return torch.from_numpy(data["input"])
+def tensor_input(expected) -> torch.Tensor:
+    return torch.from_numpy(expected["input"])
 
 
 @pytest.fixture(scope="module")
@@ -68,21 +67,15 @@ def models(fixture_weights) -> dict[str, torch.nn.Module]:
 @pytest.fixture(autouse=True)
 def two_threads():
     """The fixtures were made with 2 intra-op threads; the thread count moves results by ulps."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(2):
+        yield
 
 
 @pytest.fixture(scope="module")
 def tensor_preds(models, tensor_input) -> dict[str, torch.Tensor]:
     """Our decoded output for the fixture's tensor input, per model variant (computed once per module)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         return {variant: _decoded(model, tensor_input) for variant, model in models.items()}
-    finally:
-        torch.set_num_threads(before)
 
 
 def _decoded(model, x: torch.Tensor) -> torch.Tensor:

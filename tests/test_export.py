@@ -3,14 +3,13 @@ with named outputs, metadata, dynamic axes, Detect's decoded output, the parity 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import fixture_path
+from conftest import fixture_path, torch_threads
 from yolostream.server import cli
 from yolostream.server import export as export_module
 from yolostream.server.export import read_metadata, run_onnx, run_torchscript
@@ -25,16 +24,8 @@ LAYERS = {"backbone": 9, "P3": 17, "P4": 20, "P5": 23}
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """One intra-op thread: on a shared 2-core machine a second one mostly waits for a core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def expected() -> dict[str, np.ndarray]:
-    with np.load(fixture_path("yolov5n.expected.npz")) as data:
-        return {k: data[k] for k in data.files}
+    with torch_threads(1):
+        yield
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:

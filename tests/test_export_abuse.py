@@ -3,8 +3,6 @@ line naming it, before any heavy work where the arguments alone show the problem
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from yolostream.server import cli

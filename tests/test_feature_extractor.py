@@ -8,7 +8,6 @@ import json
 import os
 import re
 import runpy
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -17,7 +16,7 @@ import torch
 import torch.fx.experimental._config
 from torch import nn
 
-from conftest import REPO, fixture_path
+from conftest import REPO, fixture_path, torch_threads
 from yolostream.client import FeatureClient
 from yolostream.server import FeatureExtractor, feature_extractor
 from yolostream.server.runner import DeviceRunner
@@ -35,20 +34,12 @@ EVERY_NAME = [str(i) for i in range(24)] + list(ALIASES)
 def one_thread():
     """One intra-op thread: on this shared 2-core machine torch's second thread spins waiting for a core, making
     every op several times slower; one thread also keeps each result independent of the load."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def _index(name: str) -> int:
     return ALIASES.get(name, int(name) if name.isdigit() else -1)
-
-
-@pytest.fixture(scope="module")
-def expected() -> dict[str, np.ndarray]:
-    with np.load(fixture_path("yolov5n.expected.npz")) as data:
-        return {k: data[k] for k in data.files}
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["fused", "unfused"])

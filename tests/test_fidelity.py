@@ -13,12 +13,6 @@ from yolostream.server.model.loader import load_model
 REL_TOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def expected() -> dict[str, np.ndarray]:
-    with np.load(fixture_path("yolov5n.expected.npz")) as data:
-        return {k: data[k] for k in data.files}
-
-
 def _feature_layers(expected: dict[str, np.ndarray]) -> list[int]:
     return sorted(int(k.split("_")[1]) for k in expected if k.startswith("layer_") and "_raw" not in k)
 

@@ -25,12 +25,6 @@ INPUT_HW = (256, 320)
 
 
 @pytest.fixture(scope="module")
-def expected() -> dict[str, np.ndarray]:
-    with np.load(fixture_path("yolov5n.expected.npz")) as data:
-        return {k: data[k] for k in ("input", "layer_17", "layer_20", "layer_23")}
-
-
-@pytest.fixture(scope="module")
 def dets() -> dict[str, np.ndarray]:
     with np.load(fixture_path("yolov5n.detections.npz")) as data:
         return {k: data[k] for k in data.files if k.startswith("tensor|fused|default|")}

@@ -15,9 +15,8 @@ import cv2
 import grpc
 import numpy as np
 import pytest
-import torch
 
-from conftest import cli_cmd, cpu_runner, fixture_path, raw_frame, serve_env
+from conftest import cli_cmd, cpu_runner, fixture_path, raw_frame, serve_env, torch_threads
 from yolostream.client import DetectOptions, FeatureClient, ObjectFeatureOptions, load_features
 from yolostream.client.cli import read_boxes
 from yolostream.server.grpc_server import ServerSettings, ServerThread
@@ -37,12 +36,8 @@ def fixture_server(fixture_weights):
     """The fixture checkpoint served on the CPU, fused (as detect.py runs it), one frame per batch."""
     runner = DeviceRunner(load_model(fixture_weights), device="cpu", imgsz=320)
     with ServerThread(runner, ServerSettings(port=0, workers=1, max_batch=1, max_boxes=4)) as server:
-        before = torch.get_num_threads()
-        torch.set_num_threads(2)  # the fixtures were made with 2 intra-op threads
-        try:
+        with torch_threads(2):  # the fixtures were made with 2 intra-op threads
             yield server
-        finally:
-            torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

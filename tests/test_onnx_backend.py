@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ServeProcess, cpu_runner, grpc_channel
+from conftest import ServeProcess, cpu_runner, grpc_channel, torch_threads
 from yolostream.server import cli
 from yolostream.server import onnx_backend
 from yolostream.server.errors import UserError
@@ -37,10 +37,8 @@ POOLINGS = {"none": pb.POOLING_NONE, "avg": pb.POOLING_GLOBAL_AVG, "max": pb.POO
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """One intra-op thread: on a shared 2-core machine a second one mostly waits for a core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

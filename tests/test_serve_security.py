@@ -15,7 +15,7 @@ from yolostream.server.grpc_server import ServerSettings, ServerThread
 from yolostream.v1 import feature_service_pb2 as pb
 from yolostream.v1 import feature_service_pb2_grpc as pb_grpc
 
-from conftest import cpu_runner, self_signed_cert
+from conftest import cpu_runner
 
 TOKEN = "s3cret-token"
 
