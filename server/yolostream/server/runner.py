@@ -230,7 +230,9 @@ class DeviceRunner:
         if self.backend == "onnxruntime":
             return self._onnx_backend().plan(key)
         with self._plans_lock:
-            plan = self._plans.pop(key, None) or TruncatedModel(self.layers, key)
+            plan = self._plans.pop(key, None)
+            if plan is None:
+                plan = TruncatedModel(self.layers, key)
             self._plans[key] = plan  # most recently used last
             while len(self._plans) > MAX_PLANS:  # clients choose layer sets: keep what they cost bounded
                 self._plans.popitem(last=False)
@@ -323,11 +325,10 @@ class DeviceRunner:
         n = len(images)
         keys = tuple(keys)
         jobs = list(objects) if objects is not None and any(job is not None for job in objects) else None
-        needed = {k[0] for k in keys}
-        for job in jobs or ():
-            if job is not None:
-                needed |= self._object_inputs(job.request)
-        plan = self.plan(sorted(needed))
+        object_inputs: set[int] = set()
+        for request in {job.request for job in jobs or () if job is not None}:
+            object_inputs |= self._object_inputs(request)
+        plan = self.plan(sorted({k[0] for k in keys} | object_inputs))
         if not self.staged:
             start = time.perf_counter()
             batch = np.stack(images) if n > 1 else np.asarray(images[0])[None]
@@ -340,7 +341,7 @@ class DeviceRunner:
             return PendingBatch(n, keys, host=host, compute_us=int((computed - start) * 1e6),
                                 fetch_us=int((time.perf_counter() - computed) * 1e6),
                                 objects=found if jobs is not None else None)
-        return self._launch_staged(images, keys, plan, jobs)
+        return self._launch_staged(images, keys, plan, jobs, object_inputs)
 
     def _object_inputs(self, request: ObjectRequest) -> set[int]:
         """The layers a request's detections and vectors are computed from."""
@@ -391,7 +392,7 @@ class DeviceRunner:
         self.max_input_hw = input_shape(max_imgsz, self.stride)
 
     def _launch_staged(self, images: Sequence[np.ndarray], keys: tuple[OutputKey, ...], plan: TruncatedModel,
-                       jobs: list[ObjectJob | None] | None = None) -> PendingBatch:
+                       jobs: list[ObjectJob | None] | None, object_inputs: set[int]) -> PendingBatch:
         n = len(images)
         h, w = images[0].shape[:2]
         if h > self.max_input_hw[0] or w > self.max_input_hw[1]:
@@ -407,9 +408,7 @@ class DeviceRunner:
                 outputs = plan.by_index(self.frames_to_input(x))
             parts = [(key, *_pool(outputs[key[0]][:n], key)) for key in keys]
             download = self.copies.download(parts, rows, n, start)
-        held = None
-        if jobs is not None:
-            held = {j: outputs[j] for job in jobs if job is not None for j in self._object_inputs(job.request)}
+        held = {j: outputs[j] for j in object_inputs} if jobs is not None else None
         return PendingBatch(n, keys, copies=[download], timer=(start, download.computed, download.copied),
                             jobs=jobs, outputs=held, input_hw=(h, w))
 
