@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import urllib.request
 
 import grpc
@@ -107,3 +108,22 @@ def test_metrics_of_several_front_ends_are_summed_and_their_directory_removed(tm
         assert not shared[0].exists()
     finally:
         server.close()
+
+
+def test_a_killed_servers_metrics_directory_is_swept_at_the_next_start(tmp_path, monkeypatch):
+    """SIGKILL leaves no cleanup to run: the next server removes directories whose server pid is gone."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from yolostream.server.supervisor import METRICS_DIR_PREFIX, sweep_stale_metrics
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f"{METRICS_DIR_PREFIX}{int(gone.stdout)}-abc"
+    live = tmp_path / f"{METRICS_DIR_PREFIX}{os.getpid()}-def"
+    for directory in (dead, live):
+        directory.mkdir()
+        (directory / "counter_1.db").write_bytes(b"x")
+    sweep_stale_metrics()
+    assert not dead.exists() and live.exists()
