@@ -3,6 +3,7 @@ with named outputs, metadata, dynamic axes, Detect's decoded output, the parity 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -147,16 +148,19 @@ def test_refusals_are_one_line(capsys, tmp_path):
 
 
 def test_a_failed_parity_check_fails_the_export_and_leaves_no_file(capsys, tmp_path, monkeypatch):
-    """The exported file's outputs 2e-4 of their scale away from the engine's: exit 2, one line, no file."""
+    """The exported file's outputs 1 % of their scale away from the engine's, 100x the fp32 tolerance: exit 2,
+    one line naming each output, no file. (An error just past the tolerance would land on either side of it.)"""
     run = export_module.run_onnx
 
     def off(*args, **kwargs):
-        return {name: value * (1 + 2e-4) for name, value in run(*args, **kwargs).items()}
+        return {name: value * (1 + 1e-2) for name, value in run(*args, **kwargs).items()}
 
     monkeypatch.setattr(export_module, "run_onnx", off)
     out = tmp_path / "bad.onnx"
     line = one_line_error(capsys, "--imgsz", "64", "--layers", "backbone,P3", "--out", str(out))
-    assert "parity check failed" in line and "backbone 2.0" in line and "P3 2.0" in line
+    assert "parity check failed" in line
+    reported = {name: float(value) for name, value in re.findall(r"\b(backbone|P3) ([0-9.]+e[-+][0-9]+)", line)}
+    assert set(reported) == {"backbone", "P3"} and all(5e-3 < err < 2e-2 for err in reported.values())
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
