@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from server_proc import ServerProcess, server_args  # noqa: E402  (bench helper beside this file)
 
 from yolostream.client import FeatureClient  # noqa: E402
-from yolostream.client.api import fill_frame  # noqa: E402
+from yolostream.client.options import fill_frame  # noqa: E402
 from yolostream.v1 import feature_service_pb2 as pb  # noqa: E402
 
 HEIGHT, WIDTH = 480, 640

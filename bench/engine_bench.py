@@ -26,7 +26,7 @@ import numpy as np
 import psutil
 import torch
 
-from yolostream.server.runner import DeviceRunner
+from yolostream.server.device.engine import DeviceRunner
 from yolostream.server.model.loader import load_model
 
 from e2e_bench import LAYER_SETS, synthetic_frame

@@ -170,7 +170,7 @@ def run_suite(preset: Preset, sections: Sequence[str], out_dir: Path | None,
     if "e2e" in sections or "camera" in sections:
         from e2e_bench import E2ECell, add_decode_bound, jpeg_decode_ms, payloads_for, run_e2e
         from server_proc import ServerProcess, server_args
-        from yolostream.server.sizing import decode_capacity
+        from yolostream.server.common.sizing import decode_capacity
 
         payloads = payloads_for()
         results["frames"] = {k: {"bytes": len(p.data), "height": p.height, "width": p.width}

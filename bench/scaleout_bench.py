@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 from conftest import ServeProcess  # noqa: E402
 
 from yolostream.client import FeatureClient  # noqa: E402
-from yolostream.client.api import DEFAULT_SETTLE_S  # noqa: E402
+from yolostream.client.client import DEFAULT_SETTLE_S  # noqa: E402
 
 
 #: Replicas start together and share the cores: on a busy 2-core machine that took over a minute.

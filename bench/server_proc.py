@@ -150,9 +150,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import logging
 
-    from yolostream.server.lifecycle import available_cores
-    from yolostream.server.settings import ServerSettings
-    from yolostream.server.supervisor import Supervisor
+    from yolostream.server.common.lifecycle import available_cores
+    from yolostream.server.common.settings import ServerSettings
+    from yolostream.server.serve.supervisor import Supervisor
 
     logging.basicConfig(level=logging.WARNING)
     settings = ServerSettings(weights=args.weights, cfg=None if args.weights else args.cfg, imgsz=args.imgsz,

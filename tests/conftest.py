@@ -35,7 +35,7 @@ def fixture_path(name: str) -> Path:
 def cpu_runner(imgsz: int = 64, **options):
     """The built-in yolov5n (seeded random weights) on the CPU: the device runner most server tests serve."""
     from yolostream.server.model.loader import load_model
-    from yolostream.server.runner import DeviceRunner
+    from yolostream.server.device.engine import DeviceRunner
 
     return DeviceRunner(load_model(), device="cpu", imgsz=imgsz, **options)
 

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from yolostream.server.batcher import BatcherConfig, MicroBatcher, ServerBusy
+from yolostream.server.device.batcher import MicroBatcher, ServerBusy
+from yolostream.server.ipc.batching import BatcherConfig
 
 KEY = (0, "none", "float32")
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from yolostream.server import cli
-from yolostream.server.runner import DeviceRunner
+from yolostream.server.device.engine import DeviceRunner
 from yolostream.server.model.loader import WeightsMismatchError, load_model
 
 from conftest import cpu_runner
@@ -67,8 +67,8 @@ def test_extract_images_and_video(tmp_path, capsys):
 
 
 def test_extract_batches_a_folder_of_images_and_keeps_their_order(tmp_path):
-    from yolostream.server.extract import run_extract
-    from yolostream.server.extractor import feature_extractor
+    from yolostream.server.offline.extract import run_extract
+    from yolostream.server.offline.extractor import feature_extractor
 
     folder = tmp_path / "imgs"
     folder.mkdir()

@@ -25,8 +25,9 @@ from yolostream.client import (
     open_source,
 )
 from yolostream.client.viz import map_to_frame
-from yolostream.server.runner import DeviceRunner
-from yolostream.server.grpc_server import ServerSettings, ServerThread
+from yolostream.server.device.engine import DeviceRunner
+from yolostream.server.common.settings import ServerSettings
+from yolostream.server.serve.in_process import ServerThread
 
 from conftest import cpu_runner
 
@@ -328,8 +329,9 @@ def test_a_server_stopped_mid_stream_gives_unavailable(engine):
 
 _SERVER_PROCESS = """
 import sys
-from yolostream.server.runner import DeviceRunner
-from yolostream.server.grpc_server import ServerSettings, ServerThread
+from yolostream.server.device.engine import DeviceRunner
+from yolostream.server.common.settings import ServerSettings
+from yolostream.server.serve.in_process import ServerThread
 from yolostream.server.model.loader import load_model
 server = ServerThread(DeviceRunner(load_model(), device="cpu", imgsz=64), ServerSettings(port=0)).start()
 print(server.port, flush=True)

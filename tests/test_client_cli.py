@@ -14,7 +14,8 @@ import pytest
 from yolostream.client import load_features
 from yolostream.client.stats import StatusLine, StreamStats, progress_bar
 from yolostream.server import cli
-from yolostream.server.grpc_server import ServerSettings, ServerThread
+from yolostream.server.common.settings import ServerSettings
+from yolostream.server.serve.in_process import ServerThread
 
 from conftest import cpu_runner
 

@@ -17,7 +17,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2_grpc
 
 from yolostream.client import ImageFile, open_source
-from yolostream.client.api import fill_frame
+from yolostream.client.options import fill_frame
 from yolostream.server import cli
 from yolostream.v1 import feature_service_pb2 as pb
 

@@ -11,8 +11,9 @@ import cv2
 import numpy as np
 import pytest
 
-from yolostream.server.runner import DeviceRunner
-from yolostream.server.grpc_server import ServerSettings, ServerThread
+from yolostream.server.device.engine import DeviceRunner
+from yolostream.server.common.settings import ServerSettings
+from yolostream.server.serve.in_process import ServerThread
 from yolostream.server.model.loader import load_model
 
 REPO = Path(__file__).resolve().parents[1]

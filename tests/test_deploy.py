@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from yolostream.server.app import register_serve, resolve_settings
+from yolostream.server.serve.command import register_serve, resolve_settings
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate (dev extra)")
 

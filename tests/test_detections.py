@@ -34,7 +34,7 @@ from yolostream.server.model import detections as D
 from yolostream.server.model.loader import load_model
 from yolostream.server.model.modules import fuse_model
 from yolostream.server.model.plan import make_plan, run_plan
-from yolostream.server.preprocess import prepare
+from yolostream.server.common.preprocess import prepare
 
 SETTINGS = ("default", "agnostic", "multi_label", "classes02", "max_det5")
 VARIANTS = ("fused", "unfused")

@@ -12,8 +12,8 @@ import torch
 
 from conftest import fixture_path, torch_threads
 from yolostream.server import cli
-from yolostream.server import export as export_module
-from yolostream.server.export import read_metadata, run_onnx, run_torchscript
+from yolostream.server.offline import export as export_module
+from yolostream.server.offline.export import read_metadata, run_onnx, run_torchscript
 
 pytest.importorskip("onnxruntime", reason="the onnx extra (pip install 'yolostream[onnx]') is not installed")
 
@@ -96,7 +96,7 @@ def test_dynamic_batch_and_dynamic_size(capsys, tmp_path, fixture_weights):
     size = export(capsys, tmp_path / "size.onnx", "--layers", "backbone,P3", "--imgsz", "128", "--dynamic", "shape",
                   weights=fixture_weights)
     from yolostream.server.model.loader import load_model
-    from yolostream.server.runner import DeviceRunner
+    from yolostream.server.device.engine import DeviceRunner
 
     engine = DeviceRunner(load_model(fixture_weights), device="cpu")
     rng = np.random.default_rng(3)
@@ -165,7 +165,7 @@ def test_a_failed_parity_check_fails_the_export_and_leaves_no_file(capsys, tmp_p
 
 
 def test_a_model_onnxruntime_cannot_load_is_a_one_line_user_error():
-    from yolostream.server.errors import UserError
+    from yolostream.server.common.errors import UserError
 
     with pytest.raises(UserError, match="onnxruntime cannot run this model on cpu: ") as caught:
         run_onnx(b"not an onnx model", np.zeros((1, 3, 32, 32), np.float32))

@@ -18,9 +18,11 @@ from torch import nn
 
 from conftest import REPO, fixture_path, torch_threads
 from yolostream.client import FeatureClient
-from yolostream.server import FeatureExtractor, feature_extractor
-from yolostream.server.runner import DeviceRunner
-from yolostream.server.grpc_server import ServerSettings, ServerThread
+from yolostream.server import FeatureExtractor
+from yolostream.server import feature_extractor
+from yolostream.server.device.engine import DeviceRunner
+from yolostream.server.common.settings import ServerSettings
+from yolostream.server.serve.in_process import ServerThread
 from yolostream.server.model.loader import load_model
 
 REL_TOL = 1e-4

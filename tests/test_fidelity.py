@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import fixture_path
-from yolostream.server.runner import DeviceRunner
+from yolostream.server.device.engine import DeviceRunner
 from yolostream.server.model.loader import load_model
 
 REL_TOL = 1e-4

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from yolostream.server.runner import DeviceRunner
-from yolostream.server.grpc_server import ServerSettings, ServerThread
+from yolostream.server.device.engine import DeviceRunner
+from yolostream.server.common.settings import ServerSettings
+from yolostream.server.serve.in_process import ServerThread
 from yolostream.v1 import feature_service_pb2 as pb
 from yolostream.v1 import feature_service_pb2_grpc as pb_grpc
 
@@ -116,7 +117,7 @@ def test_a_killed_servers_metrics_directory_is_swept_at_the_next_start(tmp_path,
     import sys
     import tempfile
 
-    from yolostream.server.supervisor import METRICS_DIR_PREFIX, sweep_stale_metrics
+    from yolostream.server.serve.supervisor import METRICS_DIR_PREFIX, sweep_stale_metrics
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)

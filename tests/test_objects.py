@@ -10,12 +10,12 @@ import torch
 
 from conftest import fixture_path
 from yolostream.server.model import detections as D
-from yolostream.server import object_request as R
+from yolostream.server.common import object_request as R
 from yolostream.server.model import objects as O
 from yolostream.server.model.loader import load_model
 from yolostream.server.model.modules import fuse_model
 from yolostream.server.model.plan import make_plan, run_plan
-from yolostream.server.preprocess import prepare
+from yolostream.server.common.preprocess import prepare
 from yolostream.v1 import feature_service_pb2 as pb
 from yolostream.v1 import wire
 

@@ -19,10 +19,11 @@ import torch
 from conftest import cli_cmd, cpu_runner, raw_frame, serve_env
 from yolostream.client import DetectOptions, FeatureClient, FrameError, ObjectFeatureOptions
 from yolostream.client.cli import read_boxes
-from yolostream.server.grpc_server import ServerSettings, ServerThread
+from yolostream.server.common.settings import ServerSettings
+from yolostream.server.serve.in_process import ServerThread
 from yolostream.server.model.objects import ObjectLayer, object_features
-from yolostream.server.object_request import ObjectOptions
-from yolostream.server.objects_wire import detection_options
+from yolostream.server.common.object_request import ObjectOptions
+from yolostream.server.frontend.objects_wire import detection_options
 from yolostream.v1 import feature_service_pb2 as pb
 from yolostream.v1 import feature_service_pb2_grpc as pb_grpc
 from yolostream.v1 import wire

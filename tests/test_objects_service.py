@@ -19,9 +19,10 @@ import pytest
 from conftest import cli_cmd, cpu_runner, fixture_path, raw_frame, serve_env, torch_threads
 from yolostream.client import DetectOptions, FeatureClient, ObjectFeatureOptions, load_features
 from yolostream.client.cli import read_boxes
-from yolostream.server.grpc_server import ServerSettings, ServerThread
+from yolostream.server.common.settings import ServerSettings
+from yolostream.server.serve.in_process import ServerThread
 from yolostream.server.model.loader import load_model
-from yolostream.server.runner import DeviceRunner
+from yolostream.server.device.engine import DeviceRunner
 from yolostream.v1 import feature_service_pb2 as pb
 from yolostream.v1 import feature_service_pb2_grpc as pb_grpc
 from yolostream.v1 import wire
@@ -298,7 +299,7 @@ def test_object_vectors_travel_in_the_requested_dtype(small_server, dtype):
 
 def test_the_staged_path_gives_the_same_objects_as_the_direct_one():
     """The CUDA path computes objects in ``collect`` (overlapping the next batch); on CPU it must agree exactly."""
-    from yolostream.server.object_request import NmsOptions, ObjectJob, ObjectOptions, ObjectRequest
+    from yolostream.server.common.object_request import NmsOptions, ObjectJob, ObjectOptions, ObjectRequest
 
     direct, staged = cpu_runner(imgsz=64), cpu_runner(imgsz=64, staged=True)
     staged.warmup(4)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from conftest import cpu_runner
-from yolostream.server.object_request import NmsOptions, ObjectOptions
-from yolostream.server.objects_wire import default_detection_message, object_request
+from yolostream.server.common.object_request import NmsOptions, ObjectOptions
+from yolostream.server.frontend.objects_wire import default_detection_message, object_request
 from yolostream.v1 import feature_service_pb2 as pb
 
 

@@ -17,9 +17,11 @@ import torch
 
 from conftest import ServeProcess, cpu_runner, grpc_channel, torch_threads
 from yolostream.server import cli
-from yolostream.server import onnx_backend
-from yolostream.server.errors import UserError
-from yolostream.server.grpc_server import ServerSettings, ServerThread
+from yolostream.server.device import onnx_backend
+from yolostream.server.model import onnx_io
+from yolostream.server.common.errors import UserError
+from yolostream.server.common.settings import ServerSettings
+from yolostream.server.serve.in_process import ServerThread
 from yolostream.v1 import feature_service_pb2 as pb
 from yolostream.v1 import feature_service_pb2_grpc as pb_grpc
 from yolostream.v1 import wire
@@ -116,11 +118,11 @@ def test_cpu_sessions_get_the_workers_thread_count(runners):
 
 def test_providers_prefer_the_gpu_then_cpu():
     installed = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
-    assert onnx_backend.providers_for(torch.device("cpu"), installed) == ["CPUExecutionProvider"]
-    assert onnx_backend.providers_for(torch.device("cuda:1"), installed) == [
+    assert onnx_io.providers_for(torch.device("cpu"), installed) == ["CPUExecutionProvider"]
+    assert onnx_io.providers_for(torch.device("cuda:1"), installed) == [
         ("TensorrtExecutionProvider", {"device_id": 1}), ("CUDAExecutionProvider", {"device_id": 1}),
         "CPUExecutionProvider"]
-    assert onnx_backend.providers_for(torch.device("cuda"), ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    assert onnx_io.providers_for(torch.device("cuda"), ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
 
 
 def stream(address: str, layers: list[str], dtype: int, pooling: int, frames: list[np.ndarray]) -> list[pb.FrameResult]:
@@ -165,7 +167,7 @@ def test_a_grpc_stream_on_the_onnxruntime_backend_equals_the_torch_backend(runne
                                              ({"torch": 5.0, "onnxruntime": 5.0}, "torch")])
 def test_auto_logs_both_times_and_keeps_the_faster(caplog, timings, choice):
     runner = cpu_runner(IMGSZ, backend="auto")
-    with caplog.at_level(logging.INFO, logger="yolostream.server.onnx_backend"):
+    with caplog.at_level(logging.INFO, logger="yolostream.server.device.onnx_backend"):
         picked = onnx_backend.select(runner, 8, [9], timer=timings.__getitem__)
     assert picked == choice
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("--backend auto:")]
@@ -177,7 +179,7 @@ def test_auto_logs_both_times_and_keeps_the_faster(caplog, timings, choice):
 
 def test_auto_measures_at_start_up_and_serves_with_its_choice(caplog):
     runner = cpu_runner(IMGSZ, backend="auto")
-    with caplog.at_level(logging.INFO, logger="yolostream.server.onnx_backend"):
+    with caplog.at_level(logging.INFO, logger="yolostream.server.device.onnx_backend"):
         with ServerThread(runner, ServerSettings(port=0, max_batch=2)) as server:
             results = stream(server.address, ["P3"], pb.DTYPE_FLOAT32, pb.POOLING_NONE, [image(0)])
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("--backend auto:"))
@@ -192,7 +194,7 @@ def test_auto_measures_at_start_up_and_serves_with_its_choice(caplog):
 def test_auto_without_onnxruntime_uses_torch_and_says_why(caplog, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     runner = cpu_runner(IMGSZ, backend="auto")
-    with caplog.at_level(logging.INFO, logger="yolostream.server.onnx_backend"):
+    with caplog.at_level(logging.INFO, logger="yolostream.server.device.onnx_backend"):
         assert runner.select_backend(4) == "torch"
     assert any("onnxruntime is not installed" in r.getMessage() and "yolostream[onnx]" in r.getMessage()
                for r in caplog.records)
@@ -265,7 +267,8 @@ def test_serve_backend_onnxruntime_and_auto_as_processes(tmp_path):
 def test_sessions_and_plans_are_bounded_however_many_layer_sets_clients_ask_for(monkeypatch):
     """Clients choose layer sets: every set kept built would let them grow the server without bound, so the least
     recently used is dropped (and built again when asked for again)."""
-    from yolostream.server import onnx_backend, runner as runner_module
+    from yolostream.server.device import onnx_backend
+    from yolostream.server.device import engine as runner_module
 
     built: list[tuple] = []
     real_session, real_truncated = onnx_backend.session, runner_module.TruncatedModel

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from yolostream.server.preprocess import POLICIES, Letterbox, input_shape, letterbox, prepare
+from yolostream.server.common.preprocess import POLICIES, Letterbox, input_shape, letterbox, prepare
 
 FIXTURES = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures"
 CASES_JSON = FIXTURES / "letterbox_cases.json"

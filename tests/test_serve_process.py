@@ -90,7 +90,8 @@ def test_reflection_lists_and_describes_the_service(configured):
 
 
 def test_settings_come_from_defaults_then_file_then_env_then_flags(tmp_path):
-    from yolostream.server import app, cli
+    from yolostream.server.serve import command as app
+    from yolostream.server import cli
 
     (tmp_path / "server.yaml").write_text("imgsz: 96\nmax-batch: 5\ntoken: from-file\nhalf: true\nlayers: P3,4\n")
 
@@ -114,7 +115,7 @@ def test_settings_come_from_defaults_then_file_then_env_then_flags(tmp_path):
 
 def test_the_serve_module_imports_without_torch_or_grpc():
     """``cli`` imports it to build its parser, so ``yolostream --help`` must not pay for torch."""
-    code = "import sys, yolostream.server.app; heavy = {'torch', 'grpc'} & set(sys.modules); assert not heavy, heavy"
+    code = "import sys, yolostream.server.serve.command; heavy = {'torch', 'grpc'} & set(sys.modules); assert not heavy, heavy"
     subprocess.run([sys.executable, "-c", code], env=_env(), check=True, timeout=60)
 
 

@@ -10,8 +10,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import self_signed_cert
-from yolostream.server.runner import DeviceRunner
-from yolostream.server.grpc_server import ServerSettings, ServerThread
+from yolostream.server.device.engine import DeviceRunner
+from yolostream.server.common.settings import ServerSettings
+from yolostream.server.serve.in_process import ServerThread
 from yolostream.v1 import feature_service_pb2 as pb
 from yolostream.v1 import feature_service_pb2_grpc as pb_grpc
 

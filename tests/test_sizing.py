@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from yolostream.server.sizing import (DECODE_MS, DEVICE_CORES, decode_capacity, default_decode_threads,
+from yolostream.server.common.sizing import (DECODE_MS, DEVICE_CORES, decode_capacity, default_decode_threads,
                                       default_frontends, frontend_plan)
 
 

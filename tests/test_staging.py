@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from yolostream.server.staging import HostPool, TuningPolicy, cudnn_benchmark, pinned_size
+from yolostream.server.device.staging import HostPool, TuningPolicy, cudnn_benchmark, pinned_size
 
 from conftest import cpu_runner
 

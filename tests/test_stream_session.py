@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from yolostream.server.pipeline import Begun, FrameOptions, Reply
-from yolostream.server.service import StreamLimits, StreamSession
+from yolostream.server.frontend.pipeline import Begun, FrameOptions, Reply
+from yolostream.server.frontend.service import StreamLimits, StreamSession
 from yolostream.v1 import feature_service_pb2 as pb
 
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 from torch import nn
 
-from yolostream.server.errors import GRPC_AIO_LOGGER, UnparsableRequestFilter, UserError, one_line, quote
+from yolostream.server.common.errors import GRPC_AIO_LOGGER, UnparsableRequestFilter, UserError, one_line, quote
 from yolostream.server.model.checkpoint import CheckpointError
 from yolostream.server.model.config import ConfigError, load_config
 from yolostream.server.model.download import WeightsUnavailableError
@@ -170,7 +170,7 @@ def test_a_request_that_does_not_parse_is_logged_as_one_line(caplog):
 
 
 def test_a_token_of_the_wrong_type_in_the_config_file_is_not_echoed(tmp_path):
-    from yolostream.server import settings
+    from yolostream.server.common import settings
 
     (tmp_path / "server.yaml").write_text("token: 918273645\n")
     with pytest.raises(ValueError, match="token") as err:

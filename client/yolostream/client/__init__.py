@@ -12,19 +12,10 @@ Several replicas: ``FeatureClient(["10.0.0.5:50051", "10.0.0.6:50051"])`` or ``F
 balances streams over the healthy ones and moves a stream to another when its replica fails (``ResumePolicy``).
 """
 
-from .api import (
-    DetectOptions,
-    Detections,
-    FeatureClient,
-    FeatureResult,
-    FeatureServerError,
-    FeatureStream,
-    FrameError,
-    LayerInfo,
-    ModelInfo,
-    ObjectFeatureOptions,
-    TensorInfo,
-)
+from .client import FeatureClient
+from .options import DetectOptions, ObjectFeatureOptions
+from .results import Detections, FeatureResult, FeatureServerError, FrameError, LayerInfo, ModelInfo, TensorInfo
+from .stream import FeatureStream
 from .resume import ResumePolicy
 from .sources import ImageFile, Source, SourceError, open_source
 from .store import FeatureWriter, SavedFeatures, load_features

@@ -21,17 +21,9 @@ import numpy as np
 
 from yolostream.v1 import vocab
 
-from .api import (
-    DEFAULT_ADDRESS,
-    ENCODINGS,
-    LETTERBOXES,
-    POOLINGS,
-    DetectOptions,
-    FeatureClient,
-    FeatureServerError,
-    ModelInfo,
-    ObjectFeatureOptions,
-)
+from .client import DEFAULT_ADDRESS, FeatureClient
+from .options import ENCODINGS, LETTERBOXES, POOLINGS, DetectOptions, ObjectFeatureOptions
+from .results import FeatureServerError, ModelInfo
 from .resume import ResumePolicy
 from .sources import open_source
 from .stats import StatusLine, StreamStats

@@ -12,7 +12,7 @@ from typing import Callable, TextIO
 
 import numpy as np
 
-from .api import TIMING_FIELDS, FeatureResult
+from .results import TIMING_FIELDS, FeatureResult
 
 #: Answers the live percentiles and fps are computed over.
 RECENT = 300

@@ -40,7 +40,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from .api import FeatureResult
+from .results import FeatureResult
 
 FORMAT = "yolostream-features"
 VERSION = 1

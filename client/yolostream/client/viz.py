@@ -18,7 +18,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .api import Detections, FeatureResult
+from .results import Detections, FeatureResult
 
 #: Video container → FourCC that this project's OpenCV (FFmpeg backend) can write.
 FOURCC = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".mkv": "mp4v", ".avi": "MJPG"}

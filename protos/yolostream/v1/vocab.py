@@ -22,6 +22,8 @@ POOLINGS = {"none": pb.POOLING_NONE, "avg": pb.POOLING_GLOBAL_AVG, "max": pb.POO
 LETTERBOX_POLICIES = {"auto": pb.LETTERBOX_POLICY_AUTO, "square": pb.LETTERBOX_POLICY_SQUARE}
 #: Layer roles by name.
 ROLES = {"backbone": pb.LAYER_ROLE_BACKBONE, "neck": pb.LAYER_ROLE_NECK, "detect": pb.LAYER_ROLE_DETECT}
+#: What runs the model's forwards (``--backend``): torch, onnxruntime, or the faster of the two, timed at start-up.
+BACKENDS = ("torch", "onnxruntime", "auto")
 #: Frame statuses by name.
 STATUSES = {"ok": pb.FRAME_STATUS_OK, "error": pb.FRAME_STATUS_ERROR, "dropped": pb.FRAME_STATUS_DROPPED}
 

@@ -14,7 +14,7 @@ __all__ = ["FeatureExtractor", "feature_extractor"]
 def __getattr__(name: str) -> Any:
     """Resolve the public extractor names lazily (PEP 562)."""
     if name in __all__:
-        from . import extractor
+        from .offline import extractor
 
         return getattr(extractor, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

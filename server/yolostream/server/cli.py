@@ -2,7 +2,7 @@
 
 Every expected failure (missing weights, bad YAML, unknown layer, unreadable input, a checkpoint the safe loader
 refuses) exits 2 with one clear line, not a traceback; ``--verbose`` shows the traceback for bug reports. Such
-failures are raised as :class:`~yolostream.server.errors.UserError` (the one base for them) or, in older code and
+failures are raised as :class:`~yolostream.server.common.errors.UserError` (the one base for them) or, in older code and
 in the client, as ValueError, OSError or RuntimeError; library messages that span lines are flattened to one.
 """
 
@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .errors import UserError, one_line, quote
-from .preprocess import MAX_IMGSZ
+from .common.errors import UserError, one_line, quote
+from .common.preprocess import MAX_IMGSZ
 
 EXIT_USAGE = 2
 #: Most values (batch × 3 × H × W) of an export's example input: 1 GiB of float32, run several times by the check.
@@ -43,7 +43,7 @@ def _model_args(p: argparse.ArgumentParser, *, device: bool = True, rect: bool =
 
 
 def _load_engine(args: argparse.Namespace, device: str | None = None, imgsz: int | None = None):
-    from .runner import DeviceRunner
+    from .device.engine import DeviceRunner
     from .model.loader import load_model
 
     loaded = load_model(args.weights, args.cfg)
@@ -98,13 +98,12 @@ def cmd_extract(args: argparse.Namespace) -> int:
     """The ``extract`` command: the library's ``FeatureExtractor`` on the chosen device, written by ``run_extract``."""
     import torch
 
-    from .runner import resolve_device
-    from .extract import run_extract
-    from .extractor import feature_extractor
+    from .model.placement import check_half, resolve_device
+    from .offline.extract import run_extract
+    from .offline.extractor import feature_extractor
 
     device = resolve_device(args.device)
-    if args.half and device.type != "cuda":
-        raise ValueError("--half needs CUDA: float16 on CPU runs about 26x slower than float32")
+    check_half(device, args.half)
     layers = [s for s in args.layers.split(",") if s.strip()]
     if args.backend == "torch":
         extractor = feature_extractor(args.weights, args.cfg, layers, fuse=args.fuse, imgsz=args.imgsz, device=device)
@@ -113,7 +112,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         if device.type == "cuda":
             extractor.to(memory_format=torch.channels_last)
     else:
-        from .extract import RunnerExtractor
+        from .offline.extract import RunnerExtractor
 
         engine = _load_engine(args, device=str(device))
         engine.select_backend(args.batch, layers)
@@ -142,8 +141,8 @@ def input_size(text: str) -> int | tuple[int, int]:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """The ``export`` command: the served truncated graph as an ONNX or TorchScript file, checked against the engine."""
-    from .export import ExportRequest, export_model
-    from .preprocess import input_shape
+    from .offline.export import ExportRequest, export_model
+    from .common.preprocess import input_shape
 
     if args.dynamic != "shape" and args.letterbox == "auto":
         raise UserError("--letterbox auto gives inputs of varying shape, which needs --dynamic shape; a fixed-size "
@@ -233,7 +232,7 @@ def _extra_commands() -> list[tuple[str, Callable[[argparse.ArgumentParser], Non
     import importlib.util
 
     found = []
-    for name, module in (("serve", "yolostream.server.app"), ("stream", "yolostream.client.cli"),
+    for name, module in (("serve", "yolostream.server.serve.command"), ("stream", "yolostream.client.cli"),
                          ("info", "yolostream.client.cli")):
         try:
             if importlib.util.find_spec(module) is None:

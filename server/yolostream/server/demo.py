@@ -80,8 +80,9 @@ def print_features(save: Path) -> None:
 
 
 def main() -> int:
-    from .runner import DeviceRunner
-    from .grpc_server import ServerSettings, ServerThread
+    from .device.engine import DeviceRunner
+    from .common.settings import ServerSettings
+    from .serve.in_process import ServerThread
     from .model.loader import load_model
 
     OUT.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from ..card import LayerInfo, ResolvedLayer, alias_table, resolve_layers
+from ..common.card import LayerInfo, ResolvedLayer, alias_table, resolve_layers
 from .plan import layer_inputs, make_plan, run_plan
 
 __all__ = ["LayerInfo", "ResolvedLayer", "alias_table", "build_catalogue", "resolve_layers"]

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import UserError, one_line
+from ..common.errors import UserError, one_line
 
 __all__ = [
     "Checkpoint",

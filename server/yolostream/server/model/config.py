@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 from torch import nn
 
-from ..errors import UserError
+from ..common.errors import UserError
 from . import modules as M
 from .modules import ActivationFactory
 

@@ -36,7 +36,7 @@ from types import ModuleType
 import numpy as np
 import torch
 
-from ..object_request import MAX_NMS, NmsOptions
+from ..common.object_request import MAX_NMS, NmsOptions
 from .modules import Detect
 
 #: Upstream's class offset for class-aware NMS, in pixels.

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..errors import UserError
+from ..common.errors import UserError
 
 __all__ = [
     "DEFAULT_BASE_URL",

@@ -19,6 +19,12 @@ from .modules import BN_EPS, BN_MOMENTUM, Detect, default_activation, fuse_model
 PROBE_SIZE = 256
 
 
+def input_stride(model: nn.Module) -> int:
+    """What every input side must be a multiple of: the model's largest level stride, and at least 32 (upstream's
+    rule, so a model without a Detect head still gets whole cells at every level)."""
+    return max(int(model.stride.max()), 32)
+
+
 class YoloModel(nn.Module):
     """A YOLOv5 detection graph built from a config (see ``build_model``).
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import UserError, one_line
+from ..common.errors import UserError, one_line
 from .checkpoint import CheckpointError, load_checkpoint, load_state_dict_file
 from .config import load_config
 from .download import resolve_weights

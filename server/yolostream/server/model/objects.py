@@ -30,12 +30,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..object_request import ObjectOptions
+from ..common.object_request import ObjectOptions
 from . import detections as det
+from .placement import TORCH_DTYPES
 
 #: Most elements (boxes × samples × channels) one RoIAlign gather holds; bounds its memory (~16 MB).
 ROI_CHUNK_ELEMENTS = 1 << 22
-OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -260,7 +260,7 @@ def object_features(features: Sequence[torch.Tensor], layers: Sequence[ObjectLay
         slices.append((layer.name, layer.index, stride, start, start + part.shape[1]))
         start += part.shape[1]
     joined = torch.cat(parts, 1) if parts else torch.zeros(len(image), 0, device=device)
-    joined = joined.to(OUTPUT_DTYPES[opts.dtype])
+    joined = joined.to(TORCH_DTYPES[opts.dtype])
     return ObjectFeatures(list(joined.split(counts)), slices)
 
 

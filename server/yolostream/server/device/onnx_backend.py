@@ -1,0 +1,174 @@
+"""The ONNX Runtime engine backend: the device runner's truncated forwards run as ONNX Runtime sessions.
+
+``DeviceRunner(backend="onnxruntime")`` asks this module for a plan per set of layers. The plan is the same
+``TruncatedModel`` that the torch backend runs, exported once (batch, height and width symbolic, so every batch size
+and letterboxed shape runs on one session) and kept as a session; its ``by_index`` takes and returns torch tensors on
+the runner's device, as ``TruncatedModel.by_index`` does, so launch, pooling, casting and the copy back are shared.
+
+Providers: TensorRT and CUDA (when the runner is on CUDA and the installed onnxruntime has them), then CPU. On CPU a
+session gets the intra-op thread count that the torch worker calling it has (``DeviceRunner.share_cpu`` gives each
+of two CPU workers half of the cores), so the two backends share the cores the same way.
+
+``--backend auto`` times both backends at start-up on the served input shape and keeps the faster (``select``).
+
+Imported by the device process only (onnxruntime is loaded lazily, and a missing install is a one-line error).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import threading
+import time
+from collections import OrderedDict
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from ..model.onnx_io import ONNX_EXTRA_HINT, available, onnx_bytes, require, session
+
+log = logging.getLogger(__name__)
+
+#: Sessions kept (one per set of layers and thread count), least recently used dropped first: each holds a copy of
+#: the weights, and clients choose the layer sets.
+MAX_SESSIONS = 8
+
+
+class _Positional(torch.nn.Module):
+    """A ``TruncatedModel``'s outputs as a tuple in layer order (ONNX outputs are positional)."""
+
+    def __init__(self, truncated: torch.nn.Module) -> None:
+        super().__init__()
+        self.truncated = truncated
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        by_index = self.truncated.by_index(x)
+        return tuple(by_index[i] for i in self.truncated.plan.targets)
+
+
+class OnnxPlan:
+    """One set of layers as an ONNX Runtime session: ``by_index`` as ``TruncatedModel.by_index``.
+
+    Args:
+        sess: the session; its outputs are the layers ``indices``, in that order.
+        indices: the layer indices, ascending.
+        device: where the outputs go (the runner's device).
+    """
+
+    def __init__(self, sess: Any, indices: Sequence[int], device: torch.device) -> None:
+        self.session = sess
+        self.indices = tuple(indices)
+        self.device = device
+        self.input_name = sess.get_inputs()[0].name
+        self.output_names = [o.name for o in sess.get_outputs()]
+
+    def by_index(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Run the session on ``x`` (N, 3, H, W) in the model's dtype; outputs on the runner's device by index."""
+        feed = np.ascontiguousarray(x.detach().cpu().numpy())
+        outputs = self.session.run(self.output_names, {self.input_name: feed})
+        return {i: torch.from_numpy(out).to(self.device) for i, out in zip(self.indices, outputs)}
+
+
+def graph_bytes(layers: torch.nn.Sequential, indices: Sequence[int], example: torch.Tensor) -> bytes:
+    """The ONNX model of the truncated forward for ``indices`` (batch, height and width symbolic)."""
+    from ..model.truncated import TruncatedModel
+
+    module = _Positional(TruncatedModel(layers, indices)).eval()
+    return onnx_bytes(module, example, len(module.truncated.plan.targets), "shape")
+
+
+class OnnxBackend:
+    """The ONNX Runtime sessions of one runner: built once per (set of layers, thread count) and kept.
+
+    Args:
+        runner: the ``DeviceRunner`` whose (fused, cast, placed) layers are exported.
+    """
+
+    def __init__(self, runner: Any) -> None:
+        require("onnxruntime", "--backend onnxruntime")
+        self.runner = runner
+        self._plans: OrderedDict[tuple[tuple[int, ...], int], OnnxPlan] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def plan(self, indices: tuple[int, ...]) -> OnnxPlan:
+        """The session for ``indices`` (ascending), with the calling worker's intra-op thread count on CPU."""
+        runner = self.runner
+        threads = torch.get_num_threads() if runner.device.type == "cpu" else 0
+        key = (indices, threads)
+        with self._lock:
+            plan = self._plans.pop(key, None)
+            if plan is None:
+                h, w = runner.input_hw()
+                example = torch.zeros((2, 3, h, w), dtype=runner.dtype, device=runner.device)
+                started = time.perf_counter()
+                data = graph_bytes(runner.layers, indices, example)
+                plan = OnnxPlan(session(data, runner.device, threads or None), indices, runner.device)
+                log.debug("onnxruntime session for layers %s (%d threads) built in %.2f s", list(indices), threads,
+                          time.perf_counter() - started)
+            self._plans[key] = plan  # most recently used last
+            while len(self._plans) > MAX_SESSIONS:
+                self._plans.popitem(last=False)
+            return plan
+
+
+def pick(timings: Mapping[str, float]) -> str:
+    """The backend with the smallest time; torch on a tie (it needs no export)."""
+    return min(timings, key=lambda name: (timings[name], name != "torch"))
+
+
+def choice_line(timings: Mapping[str, float], choice: str, where: str) -> str:
+    """The start-up log line of ``--backend auto``: both times, where they were measured, and the choice."""
+    times = ", ".join(f"{name} {ms:.2f} ms/frame" for name, ms in timings.items())
+    return f"--backend auto: {times} ({where}): using {choice}"
+
+
+def measure(runner: Any, backend: str, batches: Sequence[int], hw: tuple[int, int], keys: Sequence[tuple],
+            repeats: int = 3) -> float:
+    """Median ms per frame of ``runner.launch``/``collect`` with ``backend``, averaged over ``batches``.
+
+    One unmeasured round first (it builds the session, and lets both backends allocate).
+    """
+    previous, runner.backend = runner.backend, backend
+    try:
+        per_frame = []
+        for batch in batches:
+            images = [np.zeros((*hw, 3), np.uint8)] * batch
+            runs = []
+            for r in range(repeats + 1):
+                started = time.perf_counter()
+                runner.collect(runner.launch(images, keys))
+                if r:
+                    runs.append((time.perf_counter() - started) * 1000.0 / batch)
+            per_frame.append(statistics.median(runs))
+        return sum(per_frame) / len(per_frame)
+    finally:
+        runner.backend = previous
+
+
+def select(runner: Any, max_batch: int, indices: Sequence[int], imgsz: int | None = None,
+           timer: Callable[[str], float] | None = None) -> str:
+    """Resolve ``--backend auto``: time both backends on the served inputs (the square one and the letterboxed
+    4:3 and 16:9 camera frames, ``runner.served_shapes``) at batch 1 and ``max_batch``, log both times and return
+    the faster; torch when onnxruntime is not installed.
+
+    Args:
+        runner: the ``DeviceRunner`` (its ``backend`` is left as it was).
+        max_batch: the server's largest batch.
+        indices: the layers to time (the server's default layers).
+        imgsz: the input size (default: the runner's).
+        timer: backend name → ms per frame (default: ``measure``); tests inject timings here.
+    """
+    if not available():
+        log.info("--backend auto: onnxruntime is not installed (%s): using torch", ONNX_EXTRA_HINT)
+        return "torch"
+    shapes = runner.served_shapes(imgsz)
+    batches = sorted({1, max(1, max_batch)})
+    keys = [(i, "none", "float32") for i in sorted(set(indices))]
+    timer = timer or (lambda backend: statistics.mean(measure(runner, backend, batches, hw, keys) for hw in shapes))
+    timings = {backend: timer(backend) for backend in ("torch", "onnxruntime")}
+    choice = pick(timings)
+    where = (f"{runner.name} {', '.join(f'{h}x{w}' for h, w in shapes)}, batch {' and '.join(map(str, batches))}, "
+             f"layers {list(indices)}")
+    log.info(choice_line(timings, choice, where))
+    return choice

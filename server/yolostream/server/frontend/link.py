@@ -1,0 +1,328 @@
+"""The front-end's side of the device link: frames go to the device process through shared memory.
+
+A front-end owns one shared-memory arena (``ipc.shm.SharedArena``). For each frame it takes a slot for the
+letterboxed uint8 input and one for the features, writes the input, and sends the device a small control message
+(``ipc.messages.Run``: slot offsets, shape, requested outputs) over a ``multiprocessing.connection`` socket. The
+device answers once per batch (``Results``) with the timings of every frame of this front-end in it, after writing
+the features into their slots. Only offsets and a few numbers are pickled, never arrays. See BENCHMARKS.md for why this channel and not pyzmq.
+
+Slots are freed only when the device has answered for them (a cancelled frame is first withdrawn from the device
+queue, or finished), so the device never writes into memory the front-end has handed to another frame. The number
+of frames a front-end has at the device is bounded by ``capacity`` and by the arena itself; a frame that could
+never fit is refused at once with a per-frame error.
+
+Torch-free: this module runs in front-end processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import logging
+from dataclasses import dataclass
+from multiprocessing.connection import Client, Connection
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from yolostream.v1 import wire
+from yolostream.v1.vocab import DTYPES
+
+from ..common.object_request import ObjectJob, ObjectLayout
+from ..ipc.messages import Cancel, FrontEndMessage, Hello, OutputKey, Results, Run, Welcome
+from ..ipc.shm import ArenaFull, SharedArena, SlotAllocator
+
+log = logging.getLogger(__name__)
+
+#: Seconds a cancelled frame waits for the device to withdraw or finish it.
+CANCEL_WAIT_S = 30.0
+
+
+class DeviceUnavailable(ConnectionError):
+    """The device process is gone (or the link is closing): the server cannot compute features any more."""
+
+
+class DeviceFrameError(RuntimeError):
+    """The device could not compute this frame (its batch failed); the frame fails, the stream goes on."""
+
+
+class FrameTooLarge(ValueError):
+    """This frame's input plus features exceed the front-end's whole shared-memory arena."""
+
+
+@dataclass
+class Computed:
+    """A frame's features as views of the arena; ``release`` frees them (call it once the reply is built).
+    ``objects``: the frame's boxes, scores, classes and vectors (views, see ``ObjectLayout.views``), if asked."""
+
+    arrays: list[np.ndarray]
+    batch_size: int
+    queued_us: int
+    compute_us: int
+    fetch_us: int
+    release: Callable[[], None]
+    objects: dict[str, np.ndarray | None] | None = None
+
+
+@dataclass(eq=False)
+class FrameSlot:
+    """A reserved place in the arena: ``input`` is the frame's (H,W,3) uint8 view to fill before ``submit``."""
+
+    input: np.ndarray
+    keys: tuple[OutputKey, ...]
+    layout: list[tuple[tuple[int, ...], np.dtype]]
+    in_offset: int
+    out_offset: int
+    out_bytes: int
+    objects: ObjectLayout | None = None
+
+
+@dataclass(eq=False)
+class _Pending:
+    future: asyncio.Future
+    in_offset: int
+    out_offset: int
+    out_shapes: Sequence[tuple[tuple[int, ...], np.dtype]]
+    objects: ObjectLayout | None = None
+
+
+class DeviceLink:
+    """One front-end's connection to the device process. Construct, then ``await start()`` on the serving loop.
+
+    Args:
+        address: the device process's listener (``multiprocessing.connection`` address).
+        authkey: its shared secret.
+        arena_name: name of this front-end's shared-memory segment (under the server's prefix).
+        arena_bytes: its size.
+        capacity: frames this front-end may have at the device at once.
+        on_lost: called once, on the loop, when the device goes away.
+    """
+
+    def __init__(self, address: Any, authkey: bytes, arena_name: str, arena_bytes: int, capacity: int,
+                 on_lost: Callable[[], None] = lambda: None) -> None:
+        self.address = address
+        self.authkey = authkey
+        self.arena_name = arena_name
+        self.arena_bytes = arena_bytes
+        self.capacity = capacity
+        self.on_lost = on_lost
+        self.arena: SharedArena | None = None
+        self.slots = SlotAllocator(arena_bytes)
+        self._conn: Connection | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: dict[int, _Pending] = {}
+        self._outbox: list[FrontEndMessage] = []
+        self._next_rid = 0
+        self._credit: asyncio.Semaphore | None = None
+        self._space: asyncio.Condition | None = None
+        self.lost = False
+
+    @property
+    def in_flight(self) -> int:
+        """Frames this front-end has at the device now (queued or computing there)."""
+        return len(self._pending)
+
+    async def start(self) -> None:
+        """Create and share the arena, connect to the device, and start reading its answers."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._credit = asyncio.Semaphore(self.capacity)
+        self._space = asyncio.Condition()
+        self.arena = SharedArena.create(self.arena_name, self.arena_bytes)
+        try:
+            conn = await loop.run_in_executor(None, self._connect)
+        finally:
+            # The device has mapped it (or failed to): the name is no longer needed and must not outlive us.
+            self.arena.unlink()
+        self._conn = conn
+        loop.add_reader(conn.fileno(), self._on_readable)
+
+    def _connect(self) -> Connection:
+        conn = Client(self.address, authkey=self.authkey)
+        conn.send(Hello(self.arena_name))
+        reply = conn.recv()
+        if not isinstance(reply, Welcome):
+            conn.close()
+            raise DeviceUnavailable(f"the device refused this front-end: {reply!r}"[:200])
+        return conn
+
+    def close(self) -> None:
+        """Stop reading and fail whatever is still waiting (the device ends our frames when the socket closes)."""
+        if self._conn is not None and self._loop is not None:
+            try:
+                self._loop.remove_reader(self._conn.fileno())
+            except (ValueError, OSError):
+                pass
+            self._conn.close()
+            self._conn = None
+        self._fail_all(DeviceUnavailable("front-end is shutting down"))
+
+    async def reserve(self, in_shape: tuple[int, ...], keys: Sequence[OutputKey],
+                      out_shapes: Sequence[tuple[int, ...]], objects: ObjectLayout | None = None) -> "FrameSlot":
+        """Room for one frame: its (H,W,3) uint8 input (``slot.input``, to fill) and its outputs, whose shapes
+        (``out_shapes``, in ``keys`` order) the caller derives from the model card, plus room for its boxes and
+        object vectors when ``objects`` is given. Waits while the arena or the front-end's share of the device
+        queue is full; FrameTooLarge when it could never fit."""
+        if self.lost or self._conn is None:
+            raise DeviceUnavailable("the device process is not available")
+        layout = [(tuple(shape), wire.storage_dtype(DTYPES[key[2]])) for shape, key in zip(out_shapes, keys)]
+        in_bytes = math.prod(in_shape)
+        out_bytes = sum(math.prod(shape) * dtype.itemsize for shape, dtype in layout)
+        out_bytes += objects.nbytes if objects is not None else 0
+        if not self.slots.fits(in_bytes) or not self.slots.fits(out_bytes) or \
+                not self.slots.fits(in_bytes + out_bytes):
+            raise FrameTooLarge(f"the frame needs {in_bytes + out_bytes:,} bytes of shared memory (input "
+                                f"{in_bytes:,}, features {out_bytes:,}), over this server's {self.arena_bytes:,} "
+                                f"per front-end (--shm-mb): ask for fewer layers, pooling or a smaller imgsz")
+        await self._credit.acquire()
+        try:
+            in_offset, out_offset = await self._allocate(in_bytes, out_bytes)
+        except BaseException:
+            self._credit.release()
+            raise
+        return FrameSlot(self.arena.view(in_offset, tuple(in_shape)), tuple(keys), layout, in_offset, out_offset,
+                         out_bytes, objects)
+
+    def unreserve(self, slot: "FrameSlot") -> None:
+        """Give back a slot that will not be computed (its frame failed before reaching the device)."""
+        self._credit.release()
+        self._free(slot.in_offset, slot.out_offset)
+
+    def submit(self, slot: "FrameSlot", job: ObjectJob | None = None) -> asyncio.Future:
+        """Send a filled slot to the device; the future resolves to its ``Computed`` features (call ``release``
+        on them once used) or fails with DeviceFrameError / DeviceUnavailable. ``withdraw`` it if it will not be
+        awaited. ``job``: the frame's boxes/vectors work, laid out as the slot was reserved for."""
+        if self.lost or self._conn is None:
+            self.unreserve(slot)
+            raise DeviceUnavailable("the device process is not available")
+        rid = self._next_rid
+        self._next_rid += 1
+        if (job.layout if job is not None else None) != slot.objects:
+            self.unreserve(slot)
+            raise ValueError("the object job does not match the slot it was reserved with")
+        pending = _Pending(self._loop.create_future(), slot.in_offset, slot.out_offset, slot.layout, slot.objects)
+        pending.future.add_done_callback(_retrieve)
+        self._pending[rid] = pending
+        self._send(Run(rid, slot.in_offset, slot.input.shape, slot.out_offset, slot.out_bytes, slot.keys, job))
+        return pending.future
+
+    def withdraw(self, future: asyncio.Future) -> None:
+        """Nobody will use this frame's features: take it off the device queue, or free them when they come."""
+        if future.done():
+            _release_unused(future)
+            return
+        future.add_done_callback(_release_unused)
+        rid = next((r for r, p in self._pending.items() if p.future is future), None)
+        if rid is not None and self._conn is not None:
+            self._send(Cancel(rid))
+
+    def _send(self, message: FrontEndMessage) -> None:
+        """Queue a control message; everything queued in one turn of the event loop goes out in one write."""
+        self._outbox.append(message)
+        if len(self._outbox) == 1:
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        messages, self._outbox = self._outbox, []
+        if not messages or self._conn is None:
+            return
+        try:
+            self._conn.send(messages)
+        except (OSError, ValueError) as err:
+            self._lost(err)
+
+    async def _allocate(self, in_bytes: int, out_bytes: int) -> tuple[int, int]:
+        async with self._space:
+            while True:
+                if self.lost:
+                    raise DeviceUnavailable("the device process is not available")
+                try:
+                    in_offset = self.slots.alloc(in_bytes)
+                except ArenaFull:
+                    await self._space.wait()
+                    continue
+                try:
+                    return in_offset, self.slots.alloc(out_bytes)
+                except ArenaFull:
+                    self.slots.free(in_offset)
+                    await self._space.wait()
+
+    def _free(self, *offsets: int) -> None:
+        for offset in offsets:
+            self.slots.free(offset)
+        self._loop.create_task(self._notify_space())
+
+    async def _notify_space(self) -> None:
+        async with self._space:
+            self._space.notify_all()
+
+    def _on_readable(self) -> None:
+        try:
+            while self._conn is not None and self._conn.poll():
+                self._handle(self._conn.recv())
+        except (EOFError, OSError) as err:
+            self._lost(err)
+
+    def _handle(self, message: Results) -> None:
+        for frame in message.done:
+            pending = self._pending.pop(frame.rid)
+            self._credit.release()
+            self.slots.free(pending.in_offset)
+            arrays, offset = [], pending.out_offset
+            for shape, dtype in pending.out_shapes:
+                array = self.arena.view(offset, shape, dtype)
+                arrays.append(array)
+                offset += array.nbytes
+            objects = None
+            if pending.objects is not None:
+                objects = pending.objects.views(self.arena.view(offset, (pending.objects.nbytes,)), frame.boxes)
+            released = [False]
+
+            def release(out_offset: int = pending.out_offset, flag: list = released) -> None:
+                if not flag[0]:
+                    flag[0] = True
+                    self._free(out_offset)
+
+            pending.future.set_result(Computed(arrays, frame.batch_size, frame.queued_us, frame.compute_us,
+                                               frame.fetch_us, release, objects))
+        for failure in message.failed:
+            pending = self._pending.pop(failure.rid)
+            self._credit.release()
+            self._free(pending.in_offset, pending.out_offset)
+            if not pending.future.done():
+                pending.future.set_exception(DeviceFrameError(failure.message or "withdrawn"))
+        if message.done:
+            self._loop.create_task(self._notify_space())
+
+    def _lost(self, err: BaseException) -> None:
+        if self.lost:
+            return
+        self.lost = True
+        log.error("lost the device process (%s); failing %d frame(s) in flight", type(err).__name__,
+                  len(self._pending))
+        if self._conn is not None:
+            try:
+                self._loop.remove_reader(self._conn.fileno())
+            except (ValueError, OSError):
+                pass
+        self._fail_all(DeviceUnavailable("the device process went away"))
+        self.on_lost()
+
+    def _fail_all(self, err: BaseException) -> None:
+        pending, self._pending = self._pending, {}
+        for entry in pending.values():
+            if not entry.future.done():
+                entry.future.set_exception(err)
+        if self._space is not None and self._loop is not None and not self._loop.is_closed():
+            self._loop.create_task(self._notify_space())
+
+
+def _release_unused(future: asyncio.Future) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result().release()
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    """Mark a failure as seen: the frame's own caller may have gone (its stream ended) before it came."""
+    if not future.cancelled():
+        future.exception()

@@ -1,0 +1,310 @@
+"""One frame's trip through a front-end, shared by the unary and the streaming RPCs.
+
+decode (thread pool for JPEG/PNG) → letterbox to uint8 → device link (shared memory) → pooled, cast outputs →
+Tensor messages, plus the frame's boxes, scores, classes and object vectors when its stream asks for detections or
+the frame carries boxes of its own.
+Option validation lives here too: a bad option is a ValueError whose text names the problem and the valid
+choices, which the service turns into INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+import numpy as np
+
+from yolostream.v1 import feature_service_pb2 as pb
+from yolostream.v1 import wire
+from yolostream.v1.vocab import DTYPES, LETTERBOX_POLICIES, POOLINGS, names_of
+
+from ..common.card import ModelCard, ResolvedLayer
+from ..common.errors import one_line
+from .frames import FrameError, FrameLimits, decode_frame
+from ..ipc.messages import OutputKey
+from .link import DeviceFrameError, DeviceLink, FrameTooLarge
+from ..common.object_request import ObjectJob, ObjectRequest, client_boxes
+from .objects_wire import object_request
+from ..common.preprocess import MAX_IMGSZ, Letterbox, apply_letterbox, input_shape, letterbox_geometry
+
+_DTYPES = names_of(DTYPES)
+_POOLINGS = names_of(POOLINGS)
+_POLICIES = names_of(LETTERBOX_POLICIES)
+
+
+@dataclass(frozen=True)
+class FrameOptions:
+    """Validated per-stream (or per-call) options."""
+
+    layers: tuple[ResolvedLayer, ...]
+    dtype: int
+    pooling: str
+    policy: str
+    imgsz: int
+    objects: ObjectRequest = ObjectRequest(None, None)
+
+    @property
+    def output_keys(self) -> tuple[OutputKey, ...]:
+        return tuple((layer.index, self.pooling, _DTYPES[self.dtype]) for layer in self.layers)
+
+
+def _enum(value: int, table: dict[int, str], enum, field: str, default: int) -> int:
+    if value == 0:
+        return default
+    if value not in table:
+        choices = ", ".join(enum.Name(v) for v in table)
+        raise ValueError(f"invalid {field} {value}: choose {choices} (or leave it unset for the server default)")
+    return value
+
+
+class Pipeline:
+    """Validates options and runs frames: decodes and letterboxes here, computes through the device link.
+
+    Args:
+        card: the served model.
+        device: this front-end's link to the device process.
+        limits: per-frame size limits.
+        default_layers: what a request that names no layers gets.
+        max_imgsz: largest imgsz a request may ask for.
+        decode_threads: threads decoding JPEG/PNG (OpenCV releases the GIL there).
+        max_reply_bytes: largest reply a frame may produce (the gRPC message limit less an envelope).
+    """
+
+    def __init__(
+        self,
+        card: ModelCard,
+        device: DeviceLink,
+        limits: FrameLimits,
+        *,
+        default_layers: tuple[str, ...] = ("backbone",),
+        max_imgsz: int = MAX_IMGSZ,
+        decode_threads: int = 4,
+        max_reply_bytes: int = 128 * 1024 * 1024 - 64 * 1024,
+    ) -> None:
+        self.card = card
+        self.device = device
+        self.max_reply_bytes = max_reply_bytes
+        self.limits = limits
+        self.default_layers = default_layers
+        self.max_imgsz = max_imgsz
+        self.decode_threads = decode_threads
+        self.decode_pool: ThreadPoolExecutor | None = None
+
+    def start(self) -> None:
+        self.decode_pool = ThreadPoolExecutor(max_workers=self.decode_threads, thread_name_prefix="yolostream-decode")
+
+    def close(self) -> None:
+        if self.decode_pool is not None:
+            self.decode_pool.shutdown(wait=True, cancel_futures=True)
+
+    def options(self, msg: pb.FeatureOptions) -> FrameOptions:
+        """Validate a FeatureOptions message; ValueError names the problem and the valid choices."""
+        layers = tuple(self.card.resolve(list(msg.layers) or list(self.default_layers)))
+        dtype = _enum(msg.dtype, _DTYPES, pb.Dtype, "dtype", pb.DTYPE_FLOAT32)
+        pooling = _POOLINGS[_enum(msg.pooling, _POOLINGS, pb.Pooling, "pooling", pb.POOLING_NONE)]
+        policy_enum = _enum(msg.letterbox, _POLICIES, pb.LetterboxPolicy, "letterbox policy",
+                            LETTERBOX_POLICIES[self.card.letterbox])
+        imgsz = int(msg.imgsz) or self.card.imgsz
+        if not 32 <= imgsz <= self.max_imgsz:
+            raise ValueError(f"imgsz {imgsz} is out of range: choose 32..{self.max_imgsz} (or 0 for the server "
+                             f"default {self.card.imgsz})")
+        objects = object_request(msg, self.card)
+        if objects.detection is not None:
+            worst = objects.layout(None).nbytes
+            if worst > self.max_reply_bytes:
+                raise ValueError(f"detection max_det {objects.detection.max_det} with {objects.dim}-value object "
+                                 f"vectors could make replies of {worst:,} bytes, over the server's message limit of "
+                                 f"{self.max_reply_bytes:,}: lower max_det, roi_size or flatten, or use float16")
+        return FrameOptions(layers, dtype, pooling, _POLICIES[policy_enum], imgsz, objects)
+
+    def output_shapes(self, options: FrameOptions, input_hw: tuple[int, int]) -> list[tuple[int, ...]]:
+        """Shape of each requested output (without the batch dim) for a model input of ``input_hw``."""
+        h, w = input_hw
+        shapes = []
+        for layer in options.layers:
+            channels = self.card.channels(layer.index)
+            if options.pooling != "none":
+                shapes.append((channels,))
+            else:
+                shapes.append((channels, -(-h // layer.stride), -(-w // layer.stride)))
+        return shapes
+
+    @staticmethod
+    def reply_bytes(options: FrameOptions, shapes: list[tuple[int, ...]]) -> int:
+        """Tensor bytes of one frame's reply with outputs of ``shapes`` (the envelope is a few hundred more)."""
+        return sum(math.prod(shape) for shape in shapes) * wire.ITEMSIZE[options.dtype]
+
+
+    async def begin(self, frame: pb.Frame, options: FrameOptions) -> "Begun | pb.FrameResult":
+        """Decode, letterbox straight into a shared-memory slot and send the frame to the device, without waiting
+        for its features: a ``Begun`` to ``complete``, or an ERROR result for a bad frame. Never raises for bad
+        input (DeviceUnavailable when the device is gone)."""
+        start = time.perf_counter()
+        try:
+            if frame.WhichOneof("data") == "encoded":
+                loop = asyncio.get_running_loop()
+                image = await loop.run_in_executor(self.decode_pool, decode_frame, frame, self.limits)
+            else:  # raw pixels need no decoding: a thread hop would cost more than it saves
+                image = decode_frame(frame, self.limits)
+            letterbox = letterbox_geometry(image.shape[:2], input_shape(options.imgsz, self.card.stride),
+                                           self.card.stride, auto=options.policy == "auto")
+        except FrameError as err:
+            return error_result(frame, str(err))
+        except Exception as err:  # e.g. an OpenCV assertion on a degenerate frame: that frame fails, nothing else
+            return _unpreparable(frame, err)
+        try:
+            job, box_ids = self.object_job(frame, options.objects, image.shape[:2])
+        except ValueError as err:
+            return error_result(frame, f"bad boxes: {err}")
+        shapes = self.output_shapes(options, letterbox.out_hw)
+        reply = self.reply_bytes(options, shapes) + (job.layout.nbytes if job is not None else 0)
+        if reply > self.max_reply_bytes:
+            return error_result(frame, f"the reply would be {reply:,} bytes, over the server's message limit of "
+                                       f"{self.max_reply_bytes:,}: ask for fewer or deeper layers, pooling, float16, "
+                                       f"a smaller imgsz, or fewer boxes or object vector values")
+        decoded = time.perf_counter()
+        try:
+            slot = await self.device.reserve((*letterbox.out_hw, 3), options.output_keys, shapes,
+                                             job.layout if job is not None else None)
+        except FrameTooLarge as err:
+            return error_result(frame, str(err))
+        waited = time.perf_counter()
+        try:
+            apply_letterbox(image, letterbox, out=slot.input)  # straight into shared memory: no further copy
+        except Exception as err:  # e.g. an OpenCV assertion on a degenerate frame: that frame fails, nothing else
+            self.device.unreserve(slot)
+            return _unpreparable(frame, err)
+        preprocess_us = int((decoded - start + time.perf_counter() - waited) * 1e6)
+        return Begun(frame, options, letterbox, self.device.submit(slot, job), preprocess_us, job, box_ids)
+
+    def object_job(self, frame: pb.Frame, request: ObjectRequest,
+                   orig_hw: tuple[int, int]) -> tuple[ObjectJob | None, np.ndarray | None]:
+        """The frame's box work, and the box ids to echo: its own boxes (checked and clipped to the frame) get
+        vectors; without boxes it is detected when the stream asks for detections, else it has no box work.
+        ValueError (the frame fails) for malformed boxes or ids, NaN, empty boxes or too many."""
+        own = len(frame.boxes) > 0 or len(frame.box_ids) > 0
+        if not own and request.detection is None:
+            return None, None
+        boxes, ids = None, None
+        if own:
+            values, ids = wire.frame_boxes(frame)
+            boxes = client_boxes(values, orig_hw, self.limits.max_boxes)
+        layout = request.layout(None if boxes is None else len(boxes))
+        return ObjectJob(request, tuple(orig_hw), boxes, layout), ids
+
+    async def complete(self, begun: "Begun") -> "Reply":
+        """Wait for a begun frame's features: an OK ``Reply`` whose tensor bytes are still in shared memory (its
+        ``serialize`` or ``to_message`` copies them out and frees them), or an ERROR one when its batch failed."""
+        frame, options = begun.frame, begun.options
+        try:
+            out = await asyncio.shield(begun.computed)
+        except DeviceFrameError as err:  # a failed batch (e.g. CUDA out of memory) fails its frames, not the server
+            return Reply(error_result(frame, f"feature computation failed: {err}"))
+        except asyncio.CancelledError:
+            self.device.withdraw(begun.computed)
+            raise
+        encode_start = time.perf_counter()
+        result = pb.FrameResult()
+        _identify(result, frame, pb.FRAME_STATUS_OK)
+        result.letterbox.CopyFrom(wire.letterbox_to_proto(begun.letterbox.as_dict()))
+        for layer, array in zip(options.layers, out.arrays):
+            tensor = result.tensors.add(name=layer.name, layer_index=layer.index, stride=layer.stride,
+                                        dtype=options.dtype)
+            tensor.shape[:] = array.shape
+        if begun.job is not None and out.objects is not None:
+            self._fill_objects(result, begun, out.objects)
+        result.batch_size = out.batch_size
+        timings = result.timings
+        timings.queued_us = out.queued_us
+        timings.preprocess_us = begun.preprocess_us
+        timings.compute_us = out.compute_us
+        timings.encode_us = out.fetch_us + int((time.perf_counter() - encode_start) * 1e6)
+        return Reply(result, out.arrays, out.release)
+
+    @staticmethod
+    def _fill_objects(result: pb.FrameResult, begun: "Begun", found: dict[str, np.ndarray | None]) -> None:
+        request = begun.job.request
+        vectors = found["vectors"]
+        wire.fill_objects(result, found["boxes"],
+                          source=pb.BOX_SOURCE_CLIENT if begun.job.boxes is not None else pb.BOX_SOURCE_DETECTOR,
+                          scores=found["scores"], classes=found["classes"], box_ids=begun.box_ids,
+                          features=vectors, slices=request.slices if vectors is not None else (),
+                          dtype=wire.dtype_from_name(request.vector_dtype))
+
+    async def process(self, frame: pb.Frame, options: FrameOptions) -> pb.FrameResult:
+        """One frame's FrameResult (``begin`` then ``complete``): OK with tensors, or ERROR with a message."""
+        begun = await self.begin(frame, options)
+        if isinstance(begun, pb.FrameResult):
+            return begun
+        return (await self.complete(begun)).to_message()
+
+
+@dataclass
+class Reply:
+    """A frame's answer. ``result`` is complete but for the tensors' bytes, which are ``payloads`` (views of the
+    front-end's shared memory until ``serialize`` or ``to_message`` copies them out and calls ``release``)."""
+
+    result: pb.FrameResult
+    payloads: list[np.ndarray] = field(default_factory=list)
+    release: Callable[[], None] = lambda: None
+
+    def serialize(self, in_stream_response: bool) -> bytes:
+        """The wire bytes of the FrameResult (or of a StreamResponse around it), with each payload copied once."""
+        try:
+            return wire.serialize_result(self.result, self.payloads, in_stream_response)
+        finally:
+            self.release()
+
+    def to_message(self) -> pb.FrameResult:
+        """``result`` with the tensors' bytes filled in (for the unary call, where one copy more is no matter)."""
+        try:
+            for tensor, payload in zip(self.result.tensors, self.payloads):
+                tensor.data = payload.tobytes()
+            return self.result
+        finally:
+            self.release()
+
+
+@dataclass
+class Begun:
+    """A frame on its way through the device: what ``Pipeline.complete`` needs to build its reply."""
+
+    frame: pb.Frame
+    options: FrameOptions
+    letterbox: Letterbox
+    computed: asyncio.Future
+    preprocess_us: int
+    job: ObjectJob | None = None
+    box_ids: np.ndarray | None = None
+
+
+def _identify(result: pb.FrameResult, frame: pb.Frame, status: int) -> None:
+    result.frame_id = frame.frame_id
+    result.capture_timestamp_us = frame.capture_timestamp_us
+    result.status = status
+
+
+def _unpreparable(frame: pb.Frame, err: Exception) -> pb.FrameResult:
+    """The ERROR result of a frame that failed in decoding or letterboxing for a reason of its own (e.g. an OpenCV
+    assertion on a degenerate frame)."""
+    return error_result(frame, f"could not preprocess the frame: {type(err).__name__}: {one_line(str(err), 300)}")
+
+
+def error_result(frame: pb.Frame, message: str, into: pb.FrameResult | None = None) -> pb.FrameResult:
+    result = pb.FrameResult() if into is None else into
+    result.Clear()
+    _identify(result, frame, pb.FRAME_STATUS_ERROR)
+    result.error_message = message
+    return result
+
+
+def dropped_result(frame: pb.Frame, into: pb.FrameResult | None = None) -> pb.FrameResult:
+    result = pb.FrameResult() if into is None else into
+    _identify(result, frame, pb.FRAME_STATUS_DROPPED)
+    result.error_message = "dropped in realtime mode: a newer frame of this stream arrived first"
+    return result
