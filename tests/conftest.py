@@ -4,6 +4,7 @@ a real ``yolostream serve`` (the tests, and bench/scaleout_bench.py, which impor
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import queue
@@ -38,6 +39,53 @@ def cpu_runner(imgsz: int = 64, **options):
     from yolostream.server.device.engine import DeviceRunner
 
     return DeviceRunner(load_model(), device="cpu", imgsz=imgsz, **options)
+
+
+@contextlib.contextmanager
+def in_process_server(engine=None, **settings):
+    """The server as ``serve`` prepares it, on threads in this process (``ServerThread``), on 127.0.0.1 and an
+    ephemeral port; stopped (drained) on exit. ``engine``: default ``cpu_runner()``; ``settings``:
+    ``ServerSettings`` fields."""
+    from yolostream.server.common.settings import ServerSettings
+    from yolostream.server.serve.in_process import ServerThread
+
+    with ServerThread(engine if engine is not None else cpu_runner(), ServerSettings(port=0, **settings)) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def feature_stub(address: str):
+    """A ``FeatureService`` stub on a fresh plaintext channel to ``address``, closed on exit."""
+    from yolostream.v1 import feature_service_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        yield pb_grpc.FeatureServiceStub(channel)
+
+
+@dataclasses.dataclass
+class EngineFeatures:
+    """One frame's features as the served path computes them, and its letterbox."""
+
+    features: dict[str, np.ndarray]
+    letterbox: object
+
+
+def engine_extract(engine, frames, layers, imgsz=None, policy=None) -> list[EngineFeatures]:
+    """Features of ``frames`` through the engine's own launch/collect path (what a server sends, bit for bit): the
+    reference server tests compare replies with. One batch per letterboxed shape, float32, unpooled."""
+    resolved = engine.resolve(layers)
+    prepared = [engine.preprocess(frame, imgsz, policy) for frame in frames]
+    groups: dict[tuple, list[int]] = {}
+    for k, (image, _) in enumerate(prepared):
+        groups.setdefault(image.shape, []).append(k)
+    keys = [(index, "none", "float32") for index in sorted({r.index for r in resolved})]
+    results: dict[int, EngineFeatures] = {}
+    for members in groups.values():
+        done = engine.collect(engine.launch([prepared[k][0] for k in members], keys))
+        for row, k in enumerate(members):
+            features = {r.name: np.array(done.host[(r.index, "none", "float32")][row]) for r in resolved}
+            results[k] = EngineFeatures(features, prepared[k][1])
+    return [results[k] for k in range(len(frames))]
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ from yolostream.server import cli
 from yolostream.server.device.engine import DeviceRunner
 from yolostream.server.model.loader import WeightsMismatchError, load_model
 
-from conftest import cpu_runner
+from conftest import cpu_runner, engine_extract
 
 
 def _image(path, h=120, w=160, seed=0):
@@ -60,7 +60,7 @@ def test_extract_images_and_video(tmp_path, capsys):
         assert data["meta_pad"].tolist() == [0, 0, 0, 0] and bool(data["meta_random_weights"])
         saved = data["backbone"]
     engine = cpu_runner(128)
-    direct = engine.extract([frame], ["backbone"])[0]
+    direct = engine_extract(engine, [frame], ["backbone"])[0]
     np.testing.assert_array_equal(direct.features["backbone"], saved)
     with np.load(out / "clip_000002.npz") as data:
         assert int(data["meta_frame"]) == 2

@@ -29,7 +29,7 @@ from yolostream.server.device.engine import DeviceRunner
 from yolostream.server.common.settings import ServerSettings
 from yolostream.server.serve.in_process import ServerThread
 
-from conftest import cpu_runner
+from conftest import cpu_runner, engine_extract, in_process_server
 
 IMGSZ = 64
 MAX_PIXELS = 100_000
@@ -43,7 +43,7 @@ def engine() -> DeviceRunner:
 
 @pytest.fixture(scope="module")
 def server(engine):
-    with ServerThread(engine, ServerSettings(port=0, max_batch=8, max_pixels=MAX_PIXELS)) as running:
+    with in_process_server(engine, max_batch=8, max_pixels=MAX_PIXELS) as running:
         yield running
 
 
@@ -117,7 +117,7 @@ def test_a_video_file_is_streamed_every_frame_answered_with_catalogue_shapes(cli
 
 def test_stream_features_equal_extract_and_the_engine(client, engine):
     img = image(3)
-    want = engine.extract([img], ["P3"])[0].features["P3"]
+    want = engine_extract(engine, [img], ["P3"])[0].features["P3"]
     single = client.extract(img, layers="P3")
     np.testing.assert_array_equal(single.features["P3"], want)
     for encoding in ("png", "raw"):
@@ -130,14 +130,14 @@ def test_stream_features_equal_extract_and_the_engine(client, engine):
 
 def test_dtypes_pooling_and_grey_frames(client, engine):
     img = image(4)
-    want = engine.extract([img], ["C4"])[0].features["C4"]
+    want = engine_extract(engine, [img], ["C4"])[0].features["C4"]
     half = client.extract(img, layers="C4", dtype="float16").features["C4"]
     assert half.dtype == np.float16
     np.testing.assert_allclose(half, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
     pooled = client.extract(img, layers="C4", pooling="avg").features["C4"]
     np.testing.assert_allclose(pooled, want.mean(axis=(1, 2)), rtol=1e-6, atol=1e-6)
     grey = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
-    grey_want = engine.extract([cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)], ["C4"])[0].features["C4"]
+    grey_want = engine_extract(engine, [cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)], ["C4"])[0].features["C4"]
     for encoding in ("raw", "png"):
         (r,) = list(client.stream([grey], layers="C4", encoding=encoding))
         np.testing.assert_array_equal(r.features["C4"], grey_want)

@@ -14,18 +14,15 @@ import pytest
 from yolostream.client import load_features
 from yolostream.client.stats import StatusLine, StreamStats, progress_bar
 from yolostream.server import cli
-from yolostream.server.common.settings import ServerSettings
-from yolostream.server.serve.in_process import ServerThread
 
-from conftest import cpu_runner
+from conftest import cpu_runner, in_process_server
 
 IMGSZ = 64
 
 
 @pytest.fixture(scope="module")
 def server():
-    engine = cpu_runner(IMGSZ)
-    with ServerThread(engine, ServerSettings(port=0, max_batch=8)) as running:
+    with in_process_server(cpu_runner(IMGSZ), max_batch=8) as running:
         yield running
 
 

@@ -11,10 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from yolostream.server.device.engine import DeviceRunner
-from yolostream.server.common.settings import ServerSettings
-from yolostream.server.serve.in_process import ServerThread
-from yolostream.server.model.loader import load_model
+from conftest import in_process_server
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,7 +62,7 @@ def run(script: str, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def server():
-    with ServerThread(DeviceRunner(load_model(), device="cpu", imgsz=64), ServerSettings(port=0)) as running:
+    with in_process_server() as running:
         yield running
 
 

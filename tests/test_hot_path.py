@@ -14,7 +14,7 @@ from yolostream.v1 import feature_service_pb2 as pb
 from yolostream.v1 import feature_service_pb2_grpc as pb_grpc
 from yolostream.v1 import wire
 
-from conftest import cpu_runner
+from conftest import cpu_runner, engine_extract
 
 KEYS = [(4, "none", "float32"), (9, "avg", "float16"), (17, "max", "bfloat16"), (9, "none", "float16")]
 
@@ -73,7 +73,7 @@ def test_staging_buffers_are_reused_without_corrupting_earlier_results(engines):
 def test_pipelined_server_on_the_staged_path(engines):
     direct, staged = engines
     frames = [np.random.default_rng(k).integers(0, 256, (48, 80, 3), dtype=np.uint8) for k in range(10)]
-    want = direct.extract(frames, ["P4"])
+    want = engine_extract(direct, frames, ["P4"])
     with ServerThread(staged, ServerSettings(port=0, max_batch=6)) as srv:
         with grpc.insecure_channel(srv.address) as channel:
             stub = pb_grpc.FeatureServiceStub(channel)
@@ -99,7 +99,7 @@ def test_two_workers_sharing_staging_buffers_never_mix_frames():
     staged = cpu_runner(64, staged=True)
     frames = {(k, i): np.random.default_rng(100 * k + i).integers(0, 256, (48, 80, 3), dtype=np.uint8)
               for k in range(4) for i in range(15)}
-    want = dict(zip(frames, direct.extract(list(frames.values()), ["C4"])))
+    want = dict(zip(frames, engine_extract(direct, list(frames.values()), ["C4"])))
     with ServerThread(staged, ServerSettings(port=0, max_batch=4, workers=2)) as srv:
         def one_stream(k):
             with grpc.insecure_channel(srv.address) as channel:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cli_cmd, cpu_runner, raw_frame, serve_env
+from conftest import cli_cmd, cpu_runner, in_process_server, raw_frame, serve_env
 from yolostream.client import DetectOptions, FeatureClient, FrameError, ObjectFeatureOptions
 from yolostream.client.cli import read_boxes
 from yolostream.server.common.settings import ServerSettings
@@ -35,7 +35,7 @@ MAX_BOXES = 4
 
 @pytest.fixture(scope="module")
 def server():
-    with ServerThread(cpu_runner(imgsz=64), ServerSettings(port=0, max_boxes=MAX_BOXES)) as running:
+    with in_process_server(max_boxes=MAX_BOXES) as running:
         yield running
 
 

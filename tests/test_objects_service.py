@@ -16,11 +16,9 @@ import grpc
 import numpy as np
 import pytest
 
-from conftest import cli_cmd, cpu_runner, fixture_path, raw_frame, serve_env, torch_threads
+from conftest import cli_cmd, cpu_runner, fixture_path, in_process_server, raw_frame, serve_env, torch_threads
 from yolostream.client import DetectOptions, FeatureClient, ObjectFeatureOptions, load_features
 from yolostream.client.cli import read_boxes
-from yolostream.server.common.settings import ServerSettings
-from yolostream.server.serve.in_process import ServerThread
 from yolostream.server.model.loader import load_model
 from yolostream.server.device.engine import DeviceRunner
 from yolostream.v1 import feature_service_pb2 as pb
@@ -36,7 +34,7 @@ FLIP_REL = 1e-6
 def fixture_server(fixture_weights):
     """The fixture checkpoint served on the CPU, fused (as detect.py runs it), one frame per batch."""
     runner = DeviceRunner(load_model(fixture_weights), device="cpu", imgsz=320)
-    with ServerThread(runner, ServerSettings(port=0, workers=1, max_batch=1, max_boxes=4)) as server:
+    with in_process_server(runner, workers=1, max_batch=1, max_boxes=4) as server:
         with torch_threads(2):  # the fixtures were made with 2 intra-op threads
             yield server
 
@@ -44,7 +42,7 @@ def fixture_server(fixture_weights):
 @pytest.fixture(scope="module")
 def small_server():
     """The built-in yolov5n at a small input, for the option and box checks."""
-    with ServerThread(cpu_runner(imgsz=64), ServerSettings(port=0, max_boxes=4)) as server:
+    with in_process_server(max_boxes=4) as server:
         yield server
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ServeProcess, cpu_runner, grpc_channel, torch_threads
+from conftest import ServeProcess, cpu_runner, engine_extract, grpc_channel, torch_threads
 from yolostream.server import cli
 from yolostream.server.device import onnx_backend
 from yolostream.server.model import onnx_io
@@ -80,8 +80,8 @@ def test_every_layer_name_dtype_and_pooling_equals_the_torch_backend(runners):
     got = ort_runner.collect(ort_runner.launch(prepared, keys)).host
     for key in keys:
         assert_close(got[key], want[key], key[2], str(key))
-    by_name = ort_runner.extract(frames[:1], EVERY_NAME)[0].features
-    reference = torch_runner.extract(frames[:1], EVERY_NAME)[0].features
+    by_name = engine_extract(ort_runner, frames[:1], EVERY_NAME)[0].features
+    reference = engine_extract(torch_runner, frames[:1], EVERY_NAME)[0].features
     assert list(by_name) == EVERY_NAME
     for name in EVERY_NAME:
         assert_close(by_name[name], reference[name], "float32", name)
@@ -187,7 +187,7 @@ def test_auto_measures_at_start_up_and_serves_with_its_choice(caplog):
     times = {name: float(ms) for name, ms in re.findall(r"(torch|onnxruntime) ([\d.]+) ms/frame", line)}
     assert set(times) == {"torch", "onnxruntime"}
     assert runner.backend == min(times, key=lambda name: (times[name], name != "torch"))
-    want = cpu_runner(IMGSZ).extract([image(0)], ["P3"])[0].features["P3"]
+    want = engine_extract(cpu_runner(IMGSZ), [image(0)], ["P3"])[0].features["P3"]
     assert_close(wire.tensor_from_proto(results[0].tensors[0]), want, "float32", "P3")
 
 
@@ -237,7 +237,7 @@ def test_extract_backend_onnxruntime_writes_the_torch_features(tmp_path, capsys)
 def test_serve_backend_onnxruntime_and_auto_as_processes(tmp_path):
     """``serve --backend onnxruntime`` and ``--backend auto`` (which logs both times) answer with torch's features."""
     frame = image(3)
-    want = cpu_runner(IMGSZ).extract([frame], ["backbone", "P4"])[0].features
+    want = engine_extract(cpu_runner(IMGSZ), [frame], ["backbone", "P4"])[0].features
     servers = {backend: ServeProcess(tmp_path, "--imgsz", str(IMGSZ), "--device", "cpu", "--port", "0",
                                      "--max-batch", "2", "--backend", backend)
                for backend in ("onnxruntime", "auto")}
@@ -267,15 +267,14 @@ def test_serve_backend_onnxruntime_and_auto_as_processes(tmp_path):
 def test_sessions_and_plans_are_bounded_however_many_layer_sets_clients_ask_for(monkeypatch):
     """Clients choose layer sets: every set kept built would let them grow the server without bound, so the least
     recently used is dropped (and built again when asked for again)."""
-    from yolostream.server.device import onnx_backend
-    from yolostream.server.device import engine as runner_module
+    from yolostream.server.device import backends, onnx_backend
 
     built: list[tuple] = []
-    real_session, real_truncated = onnx_backend.session, runner_module.TruncatedModel
+    real_session, real_truncated = onnx_backend.session, backends.TruncatedModel
     monkeypatch.setattr(onnx_backend, "MAX_SESSIONS", 2)
     monkeypatch.setattr(onnx_backend, "session", lambda *a, **k: built.append("ort") or real_session(*a, **k))
-    monkeypatch.setattr(runner_module, "MAX_PLANS", 2)
-    monkeypatch.setattr(runner_module, "TruncatedModel",
+    monkeypatch.setattr(backends, "MAX_PLANS", 2)
+    monkeypatch.setattr(backends, "TruncatedModel",
                         lambda layers, key: built.append(("torch", key)) or real_truncated(layers, key))
     ort = cpu_runner(IMGSZ, backend="onnxruntime")
     for index in (1, 2, 3, 2, 1):  # 1 is dropped when 3 comes, 2 is still there, 1 is built again

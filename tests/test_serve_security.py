@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import self_signed_cert
+from conftest import feature_stub, in_process_server, self_signed_cert
 from yolostream.server.device.engine import DeviceRunner
 from yolostream.server.common.settings import ServerSettings
 from yolostream.server.serve.in_process import ServerThread
@@ -46,14 +46,14 @@ def _code(call) -> grpc.StatusCode:
 
 @pytest.fixture(scope="module")
 def token_server(engine) -> Iterator[ServerThread]:
-    with ServerThread(engine, ServerSettings(port=0, token=TOKEN)) as server:
+    with in_process_server(engine, token=TOKEN) as server:
         yield server
 
 
 @pytest.fixture()
 def stub(token_server) -> Iterator[pb_grpc.FeatureServiceStub]:
-    with grpc.insecure_channel(token_server.address) as channel:
-        yield pb_grpc.FeatureServiceStub(channel)
+    with feature_stub(token_server.address) as feature_service:
+        yield feature_service
 
 
 @pytest.mark.parametrize("metadata", [None, _auth("wrong"), (("authorization", TOKEN),)],

@@ -18,7 +18,7 @@ from yolostream.v1 import feature_service_pb2 as pb
 from yolostream.v1 import feature_service_pb2_grpc as pb_grpc
 from yolostream.v1 import wire
 
-from conftest import cpu_runner
+from conftest import cpu_runner, engine_extract, feature_stub, in_process_server
 
 IMGSZ = 64
 
@@ -34,14 +34,14 @@ def engine() -> DeviceRunner:
 
 @pytest.fixture(scope="module")
 def server(engine):
-    with ServerThread(engine, ServerSettings(port=0, max_batch=8)) as running:
+    with in_process_server(engine, max_batch=8) as running:
         yield running
 
 
 @pytest.fixture()
 def stub(server):
-    with grpc.insecure_channel(server.address) as channel:
-        yield pb_grpc.FeatureServiceStub(channel)
+    with feature_stub(server.address) as feature_service:
+        yield feature_service
 
 
 def image(seed: int, h: int = 48, w: int = 80) -> np.ndarray:
@@ -67,7 +67,7 @@ def requests(cfg: pb.StreamRequest, frames):
 
 def test_grpc_features_equal_the_engine_bit_for_bit(stub, engine):
     img = image(0)
-    want = engine.extract([img], ["backbone", "P3"])[0]
+    want = engine_extract(engine, [img], ["backbone", "P3"])[0]
     result = stub.Extract(pb.ExtractRequest(options=pb.FeatureOptions(layers=["backbone", "P3"]), frame=raw_frame(7, img)))
     assert result.status == pb.FRAME_STATUS_OK and result.frame_id == 7 and result.capture_timestamp_us == 1007
     got = {t.name: wire.tensor_from_proto(t) for t in result.tensors}
@@ -83,7 +83,7 @@ def test_grpc_features_equal_the_engine_bit_for_bit(stub, engine):
 
 def test_dtypes_and_pooling(stub, engine):
     img = image(1)
-    full = engine.extract([img], ["C4"])[0].features["C4"]
+    full = engine_extract(engine, [img], ["C4"])[0].features["C4"]
     cases = [
         (pb.DTYPE_FLOAT16, pb.POOLING_NONE, full, 1e-3),
         (pb.DTYPE_BFLOAT16, pb.POOLING_NONE, full, 1e-2),
@@ -99,7 +99,7 @@ def test_dtypes_and_pooling(stub, engine):
 
 def test_jpeg_png_gray_and_rgb_frames(stub, engine):
     img = image(2)
-    want = engine.extract([img], ["backbone"])[0].features["backbone"]
+    want = engine_extract(engine, [img], ["backbone"])[0].features["backbone"]
     png = cv2.imencode(".png", img)[1].tobytes()
     rgb = raw_frame(1, img[:, :, ::-1].copy())
     rgb.raw.format = pb.PIXEL_FORMAT_RGB
@@ -110,7 +110,7 @@ def test_jpeg_png_gray_and_rgb_frames(stub, engine):
     for frame in (pb.Frame(frame_id=0, encoded=png), rgb):
         got = wire.tensor_from_proto(stub.Extract(pb.ExtractRequest(options=opts, frame=frame)).tensors[0])
         np.testing.assert_array_equal(got, want)
-    gray_want = engine.extract([cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)], ["backbone"])[0].features["backbone"]
+    gray_want = engine_extract(engine, [cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)], ["backbone"])[0].features["backbone"]
     got = wire.tensor_from_proto(stub.Extract(pb.ExtractRequest(options=opts, frame=gray_msg)).tensors[0])
     np.testing.assert_array_equal(got, gray_want)
     jpeg = cv2.imencode(".jpg", img)[1].tobytes()
@@ -167,7 +167,7 @@ def test_eight_concurrent_streams_get_every_frame_in_order_and_share_batches(ser
 )
 def test_a_bad_frame_fails_that_frame_and_the_stream_goes_on(server, engine, frame, message):
     good = image(5)
-    want = engine.extract([good], ["backbone"])[0].features["backbone"]
+    want = engine_extract(engine, [good], ["backbone"])[0].features["backbone"]
     frame.frame_id = 1
     frames = [raw_frame(0, good), frame, raw_frame(2, good)]
     with grpc.insecure_channel(server.address) as channel:
@@ -202,7 +202,7 @@ def test_a_bad_frame_fails_that_frame_and_the_stream_goes_on(server, engine, fra
 )
 def test_an_invalid_stream_ends_with_invalid_argument(stub, engine, messages, needle):
     good = image(6)
-    want = engine.extract([good], ["backbone"])[0].features["backbone"]
+    want = engine_extract(engine, [good], ["backbone"])[0].features["backbone"]
     with ThreadPoolExecutor(1) as pool:
         healthy = pool.submit(lambda: list(stub.StreamFeatures(
             requests(config(), [raw_frame(i, good) for i in range(6)]), timeout=60)))

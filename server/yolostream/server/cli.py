@@ -99,28 +99,26 @@ def cmd_extract(args: argparse.Namespace) -> int:
     import torch
 
     from .model.placement import check_half, resolve_device
-    from .offline.extract import run_extract
+    from .model.onnx_io import require
+    from .offline.extract import extract_backend, onnxruntime_forward, run_extract
     from .offline.extractor import feature_extractor
 
     device = resolve_device(args.device)
     check_half(device, args.half)
     layers = [s for s in args.layers.split(",") if s.strip()]
-    if args.backend == "torch":
-        extractor = feature_extractor(args.weights, args.cfg, layers, fuse=args.fuse, imgsz=args.imgsz, device=device)
-        if args.half:
-            extractor.half()
-        if device.type == "cuda":
-            extractor.to(memory_format=torch.channels_last)
-    else:
-        from .offline.extract import RunnerExtractor
-
-        engine = _load_engine(args, device=str(device))
-        engine.select_backend(args.batch, layers)
-        extractor = RunnerExtractor(engine, layers)
+    backend = extract_backend(args.backend, device)
+    if backend == "onnxruntime":
+        require("onnxruntime", "--backend onnxruntime")
+    extractor = feature_extractor(args.weights, args.cfg, layers, fuse=args.fuse, imgsz=args.imgsz, device=device)
+    if args.half:
+        extractor.half()
+    if device.type == "cuda" and backend == "torch":
+        extractor.to(memory_format=torch.channels_last)
+    forward = onnxruntime_forward(extractor, device) if backend == "onnxruntime" else None
     if extractor.random_weights:
         print("WARNING: RANDOM WEIGHTS - features are for testing only", file=sys.stderr)
     written = run_extract(extractor, args.inputs, Path(args.out), policy=args.letterbox, max_frames=args.max_frames,
-                          batch=args.batch)
+                          batch=args.batch, forward=forward)
     print(f"wrote {len(written)} file(s) to {args.out}" + (" (RANDOM WEIGHTS)" if extractor.random_weights else ""))
     return 0
 

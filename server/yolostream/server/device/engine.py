@@ -9,41 +9,39 @@ device, in the model's dtype, exactly as upstream does it (``.float()`` or ``.ha
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 
+from yolostream.v1.vocab import BACKENDS, LETTERBOX_POLICIES, POOLINGS
+
 from ..common.card import LayerInfo, ModelCard, ResolvedLayer
 from ..common.lifecycle import available_cores
-from ..model.catalogue import build_catalogue
-from ..model.graph import input_stride
-from ..model.placement import TORCH_DTYPES, check_half, resolve_device, to_host
-from ..model.loader import LoadedModel
-from ..model.detections import detect_input_layers
-from ..model.modules import fuse_model
-from ..model.objects import frame_objects, object_layers
-from ..model.truncated import TruncatedModel
-from ..common.object_request import ObjectJob, ObjectRequest, ObjectResult
-from ..ipc.messages import OutputKey
-from yolostream.v1.vocab import BACKENDS, LETTERBOX_POLICIES, POOLINGS
+from ..common.object_request import ObjectJob, ObjectResult
 from ..common.preprocess import MAX_IMGSZ, Letterbox, input_shape
 from ..common.preprocess import letterbox as letterbox_frame
+from ..ipc.messages import OutputKey
+from ..model.catalogue import build_catalogue
+from ..model.graph import input_stride
+from ..model.loader import LoadedModel
+from ..model.modules import fuse_model
+from ..model.onnx_io import require
+from ..model.placement import TORCH_DTYPES, check_half, resolve_device, to_host
+from .backends import Backend, ForwardPlan, TorchBackend
+from .objects import batch_objects
+from .objects import object_inputs as objects_needs
 from .staging import DEFAULT_PINNED_BUDGET, HostPool, StagedCopies, TuningPolicy, cudnn_benchmark, make_event
 
 log = logging.getLogger(__name__)
 
-
 #: Frame sizes (height, width) of common cameras, 4:3 and 16:9: their letterboxed inputs are warmed up and timed.
 CAMERA_FRAMES = ((480, 640), (720, 1280))
-
-#: Truncated forwards kept built (one per set of layers asked for), least recently used dropped first.
-MAX_PLANS = 64
 
 
 @dataclass
@@ -89,14 +87,6 @@ def _pool_cast(t: torch.Tensor, key: OutputKey) -> torch.Tensor:
     return t.to(dtype=dtype, memory_format=torch.contiguous_format)
 
 
-@dataclass
-class FrameFeatures:
-    """One frame's requested layers (name as requested → float32 array without the batch dim) and its letterbox."""
-
-    features: dict[str, np.ndarray]
-    letterbox: Letterbox
-
-
 class DeviceRunner:
     """A model resident on one device, ready to run truncated forwards on batches of frames.
 
@@ -108,8 +98,13 @@ class DeviceRunner:
         fuse: fold BatchNorm into the convolutions.
         imgsz: default input size; letterbox: default letterbox policy.
         staged: use the pinned-staging, own-stream path (default: on CUDA).
-        backend: what runs the truncated forwards: ``torch``, ``onnxruntime`` (the same graph exported once per set
-            of layers, ``onnx_backend``) or ``auto`` (the faster of the two, timed by ``select_backend``).
+        backend: what runs the truncated forwards (``backends.Backend``): ``torch``, ``onnxruntime`` (the same graph
+            exported once per set of layers, ``onnx_backend``) or ``auto`` (the faster of the two, timed by
+            ``select_backend``).
+
+    The constructor places a copy of ``loaded``'s model (fused, cast, on the device) and leaves the caller's model
+    as it was; it runs nothing. The layer catalogue (a probe forward) is built on first use, and ``warmup`` (which
+    the server runs before taking frames) resolves ``auto`` and tunes the served shapes.
     """
 
     def __init__(
@@ -125,7 +120,6 @@ class DeviceRunner:
         staged: bool | None = None,
         backend: str = "torch",
     ) -> None:
-        self.loaded = loaded
         self.device = resolve_device(device)
         check_half(self.device, half)
         if letterbox not in LETTERBOX_POLICIES:
@@ -134,7 +128,11 @@ class DeviceRunner:
         self.channels_last = bool(channels_last if channels_last is not None else self.device.type == "cuda")
         if self.channels_last and self.device.type != "cuda":
             raise ValueError("channels_last is only used on CUDA")
-        model = loaded.model.eval()
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}: choose {', '.join(BACKENDS)}")
+        if backend == "onnxruntime":
+            require("onnxruntime", "--backend onnxruntime")
+        model = copy.deepcopy(loaded.model).eval()
         if fuse:
             fuse_model(model)
         self.fused = fuse
@@ -143,15 +141,15 @@ class DeviceRunner:
             model.to(memory_format=torch.channels_last)
         for p in model.parameters():
             p.requires_grad_(False)
+        self.loaded = replace(loaded, model=model)
         self.model = model
         self.layers = model.model
         self.stride = input_stride(model)
         self.imgsz = int(imgsz)
         self.letterbox_policy = letterbox
-        self._plans: OrderedDict[tuple[int, ...], TruncatedModel] = OrderedDict()
-        self._plans_lock = threading.Lock()
-        self._onnx = None
-        self.backend = self._check_backend(backend)
+        self._backends: dict[str, Backend] = {}
+        self._backends_lock = threading.Lock()
+        self.backend = backend
         self.buckets: tuple[int, ...] = ()
         self.configure_staging()
         self.tuning = TuningPolicy(apply=cudnn_benchmark) if self.device.type == "cuda" else TuningPolicy()
@@ -163,11 +161,7 @@ class DeviceRunner:
             # ordered after them, so finish them before anything is launched there.
             torch.cuda.synchronize(self.device)
         self._catalogues: dict[tuple[int, int], list[LayerInfo]] = {}
-        self._card = ModelCard(
-            name=loaded.name, source=loaded.source, random_weights=loaded.random_weights, device=str(self.device),
-            dtype=str(self.dtype).removeprefix("torch."), stride=self.stride, imgsz=self.imgsz,
-            letterbox=letterbox, catalogue=tuple(self.catalogue()), num_classes=int(getattr(model, "nc", 0)),
-            class_names=tuple(loaded.class_names))
+        self._base_card: ModelCard | None = None
 
     @property
     def name(self) -> str:
@@ -187,6 +181,18 @@ class DeviceRunner:
             self._catalogues[hw] = build_catalogue(self.model, hw)
         return self._catalogues[hw]
 
+    @property
+    def _card(self) -> ModelCard:
+        """The card without the backend, built on first use (its catalogue runs a probe forward)."""
+        if self._base_card is None:
+            model, loaded = self.model, self.loaded
+            self._base_card = ModelCard(
+                name=loaded.name, source=loaded.source, random_weights=loaded.random_weights,
+                device=str(self.device), dtype=str(self.dtype).removeprefix("torch."), stride=self.stride,
+                imgsz=self.imgsz, letterbox=self.letterbox_policy, catalogue=tuple(self.catalogue()),
+                num_classes=int(getattr(model, "nc", 0)), class_names=tuple(loaded.class_names))
+        return self._base_card
+
     def card(self) -> ModelCard:
         """The model as torch-free data, for front-ends, ModelInfo and the CLI (with the backend as resolved)."""
         return replace(self._card, backend=self.backend)
@@ -199,38 +205,28 @@ class DeviceRunner:
         """Requested names → layers, raising ValueError that lists the valid names."""
         return self._card.resolve(names)
 
-    def plan(self, indices: Iterable[int]) -> TruncatedModel:
+    def plan(self, indices: Iterable[int]) -> ForwardPlan:
         """The truncated forward for ``indices``, built once: a ``TruncatedModel``, or with the onnxruntime backend
         an ``OnnxPlan`` (the same graph as a session); both have ``by_index``."""
-        key = tuple(sorted(set(indices)))
         if self.backend == "auto":
             self.select_backend(1)
-        if self.backend == "onnxruntime":
-            return self._onnx_backend().plan(key)
-        with self._plans_lock:
-            plan = self._plans.pop(key, None)
-            if plan is None:
-                plan = TruncatedModel(self.layers, key)
-            self._plans[key] = plan  # most recently used last
-            while len(self._plans) > MAX_PLANS:  # clients choose layer sets: keep what they cost bounded
-                self._plans.popitem(last=False)
-        return plan
+        return self.backend_named(self.backend).plan(tuple(sorted(set(indices))))
 
-    def _check_backend(self, backend: str) -> str:
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}: choose {', '.join(BACKENDS)}")
-        if backend == "onnxruntime":
-            from ..model.onnx_io import require
+    def backend_named(self, name: str) -> Backend:
+        """The backend ``name`` (``torch`` or ``onnxruntime``) over this engine's layers, made on first use."""
+        with self._backends_lock:
+            backend = self._backends.get(name)
+            if backend is None:
+                if name == "torch":
+                    backend = TorchBackend(self.layers)
+                elif name == "onnxruntime":
+                    from .onnx_backend import OnnxBackend
 
-            require("onnxruntime", "--backend onnxruntime")
+                    backend = OnnxBackend(self.layers, self.device, self.dtype, self.input_hw())
+                else:
+                    raise ValueError(f"unknown backend {name!r}: choose torch or onnxruntime")
+                self._backends[name] = backend
         return backend
-
-    def _onnx_backend(self):
-        if self._onnx is None:
-            from .onnx_backend import OnnxBackend
-
-            self._onnx = OnnxBackend(self)
-        return self._onnx
 
     def select_backend(self, max_batch: int, layers: Iterable[str | int] | None = None,
                        imgsz: int | None = None) -> str:
@@ -303,7 +299,7 @@ class DeviceRunner:
         jobs = list(objects) if objects is not None and any(job is not None for job in objects) else None
         object_inputs: set[int] = set()
         for request in {job.request for job in jobs or () if job is not None}:
-            object_inputs |= self._object_inputs(request)
+            object_inputs |= objects_needs(self.model, request)
         plan = self.plan(sorted({k[0] for k in keys} | object_inputs))
         if not self.staged:
             start = time.perf_counter()
@@ -311,46 +307,13 @@ class DeviceRunner:
             with torch.inference_mode():
                 outputs = plan.by_index(self.frames_to_input(torch.from_numpy(batch)))
                 if jobs is not None:
-                    found = self._objects(outputs, jobs, images[0].shape[:2])
+                    found = batch_objects(self.model, outputs, jobs, images[0].shape[:2])
                 computed = time.perf_counter()
                 host = {key: to_host(_pool_cast(outputs[key[0]], key)) for key in keys}
             return PendingBatch(n, keys, host=host, compute_us=int((computed - start) * 1e6),
                                 fetch_us=int((time.perf_counter() - computed) * 1e6),
                                 objects=found if jobs is not None else None)
         return self._launch_staged(images, keys, plan, jobs, object_inputs)
-
-    def _object_inputs(self, request: ObjectRequest) -> set[int]:
-        """The layers a request's detections and vectors are computed from."""
-        needed = {index for _, index, _, _ in request.layers} if request.objects is not None else set()
-        if request.detection is not None:
-            needed |= set(detect_input_layers(self.model))
-        return needed
-
-    def _objects(self, outputs: dict[int, torch.Tensor], jobs: Sequence[ObjectJob | None],
-                 input_hw: tuple[int, int]) -> list[ObjectResult | None]:
-        """Boxes and vectors of every frame with a job, one ``frame_objects`` call per distinct request."""
-        groups: dict[ObjectRequest, list[int]] = {}
-        for row, job in enumerate(jobs):
-            if job is not None:
-                groups.setdefault(job.request, []).append(row)
-        found: list[ObjectResult | None] = [None] * len(jobs)
-        for request, rows in groups.items():
-            needed = self._object_inputs(request)
-            pick = torch.tensor(rows, device=self.device)
-            maps = {j: outputs[j].index_select(0, pick) for j in needed}
-            layers = (object_layers(self.model, [(name, index) for name, index, _, _ in request.layers])
-                      if request.objects is not None else None)
-            frames = frame_objects(self.model, maps, tuple(input_hw), [jobs[r].orig_hw for r in rows],
-                                   nms=request.detection, objects=request.objects, layers=layers,
-                                   boxes=[jobs[r].boxes for r in rows])
-            for row, frame in zip(rows, frames):
-                detected = frame.scores is not None
-                found[row] = ObjectResult(
-                    boxes=frame.boxes.float().cpu().numpy(),
-                    scores=frame.scores.float().cpu().numpy() if detected else None,
-                    classes=frame.classes.to(torch.int32).cpu().numpy() if detected else None,
-                    vectors=to_host(frame.vectors) if frame.vectors is not None else None)
-        return found
 
     def configure_staging(self, pinned_budget: int = DEFAULT_PINNED_BUDGET, max_imgsz: int = MAX_IMGSZ,
                           pool: HostPool | None = None) -> None:
@@ -367,7 +330,7 @@ class DeviceRunner:
         self.copies = StagedCopies(self.device, self.pool)
         self.max_input_hw = input_shape(max_imgsz, self.stride)
 
-    def _launch_staged(self, images: Sequence[np.ndarray], keys: tuple[OutputKey, ...], plan: TruncatedModel,
+    def _launch_staged(self, images: Sequence[np.ndarray], keys: tuple[OutputKey, ...], plan: ForwardPlan,
                        jobs: list[ObjectJob | None] | None, object_inputs: set[int]) -> PendingBatch:
         n = len(images)
         h, w = images[0].shape[:2]
@@ -404,7 +367,7 @@ class DeviceRunner:
         if pending.jobs is not None:
             began = time.perf_counter()
             with self.copies.streams.on(self.copies.streams.compute), torch.inference_mode():
-                pending.objects = self._objects(pending.outputs, pending.jobs, pending.input_hw)
+                pending.objects = batch_objects(self.model, pending.outputs, pending.jobs, pending.input_hw)
             pending.compute_us += int((time.perf_counter() - began) * 1e6)
             pending.outputs = None
         return pending
@@ -466,25 +429,3 @@ class DeviceRunner:
                     self.collect(self.launch(images, [(deepest, "none", "float32")]))
         log.info("warmed up %s on %s for batch buckets %s at inputs %s", self.name, self.device, self.buckets,
                  ", ".join(f"{h}x{w}" for h, w in shapes))
-
-    def extract(
-        self,
-        frames: Sequence[np.ndarray],
-        layers: Iterable[str | int],
-        imgsz: int | None = None,
-        policy: str | None = None,
-    ) -> list[FrameFeatures]:
-        """Preprocess, batch by input shape, and return float32 numpy features per frame, in input order."""
-        resolved = self.resolve(layers)
-        prepared = [self.preprocess(f, imgsz, policy) for f in frames]
-        results: list[FrameFeatures | None] = [None] * len(frames)
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for k, (chw, _) in enumerate(prepared):
-            groups.setdefault(chw.shape, []).append(k)
-        keys = [(index, "none", "float32") for index in sorted({r.index for r in resolved})]
-        for members in groups.values():
-            done = self.collect(self.launch([prepared[k][0] for k in members], keys))
-            for row, k in enumerate(members):
-                feats = {r.name: np.array(done.host[(r.index, "none", "float32")][row]) for r in resolved}
-                results[k] = FrameFeatures(feats, prepared[k][1])
-        return [r for r in results if r is not None]

@@ -1,6 +1,6 @@
 """The ONNX Runtime engine backend: the device runner's truncated forwards run as ONNX Runtime sessions.
 
-``DeviceRunner(backend="onnxruntime")`` asks this module for a plan per set of layers. The plan is the same
+``DeviceRunner(backend="onnxruntime")`` asks this backend (``backends.Backend``) for a plan per set of layers. The plan is the same
 ``TruncatedModel`` that the torch backend runs, exported once (batch, height and width symbolic, so every batch size
 and letterboxed shape runs on one session) and kept as a session; its ``by_index`` takes and returns torch tensors on
 the runner's device, as ``TruncatedModel.by_index`` does, so launch, pooling, casting and the copy back are shared.
@@ -79,31 +79,39 @@ def graph_bytes(layers: torch.nn.Sequential, indices: Sequence[int], example: to
 
 
 class OnnxBackend:
-    """The ONNX Runtime sessions of one runner: built once per (set of layers, thread count) and kept.
+    """ONNX Runtime sessions of the engine's layers (a ``backends.Backend``): one per (set of layers, thread count),
+    built once and kept.
 
     Args:
-        runner: the ``DeviceRunner`` whose (fused, cast, placed) layers are exported.
+        layers: the engine's (fused, cast, placed) layers, exported per set of layers.
+        device: where they live; picks the providers, and where outputs go.
+        dtype: the model's dtype (the exported input's).
+        input_hw: the input shape the graph is traced at (height and width stay symbolic).
     """
 
-    def __init__(self, runner: Any) -> None:
+    name = "onnxruntime"
+
+    def __init__(self, layers: torch.nn.Sequential, device: torch.device, dtype: torch.dtype,
+                 input_hw: tuple[int, int]) -> None:
         require("onnxruntime", "--backend onnxruntime")
-        self.runner = runner
+        self.layers = layers
+        self.device = device
+        self.dtype = dtype
+        self.input_hw = input_hw
         self._plans: OrderedDict[tuple[tuple[int, ...], int], OnnxPlan] = OrderedDict()
         self._lock = threading.Lock()
 
     def plan(self, indices: tuple[int, ...]) -> OnnxPlan:
         """The session for ``indices`` (ascending), with the calling worker's intra-op thread count on CPU."""
-        runner = self.runner
-        threads = torch.get_num_threads() if runner.device.type == "cpu" else 0
+        threads = torch.get_num_threads() if self.device.type == "cpu" else 0
         key = (indices, threads)
         with self._lock:
             plan = self._plans.pop(key, None)
             if plan is None:
-                h, w = runner.input_hw()
-                example = torch.zeros((2, 3, h, w), dtype=runner.dtype, device=runner.device)
+                example = torch.zeros((2, 3, *self.input_hw), dtype=self.dtype, device=self.device)
                 started = time.perf_counter()
-                data = graph_bytes(runner.layers, indices, example)
-                plan = OnnxPlan(session(data, runner.device, threads or None), indices, runner.device)
+                data = graph_bytes(self.layers, indices, example)
+                plan = OnnxPlan(session(data, self.device, threads or None), indices, self.device)
                 log.debug("onnxruntime session for layers %s (%d threads) built in %.2f s", list(indices), threads,
                           time.perf_counter() - started)
             self._plans[key] = plan  # most recently used last

@@ -15,14 +15,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence, TypeVar
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import cv2
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from yolostream.v1.vocab import IMAGE_SUFFIXES
 
+from ..model.onnx_io import INPUT_NAME, available, onnx_bytes, session
 from .extractor import FeatureExtractor, ImageFeatures
 
 log = logging.getLogger(__name__)
@@ -113,32 +115,55 @@ def write_npz(path: Path, result: ImageFeatures, frame_index: int, model_name: s
     tmp.replace(path)
 
 
-class RunnerExtractor:
-    """``FeatureExtractor.extract``'s interface over a ``DeviceRunner``: what ``extract --backend`` runs.
-
-    The runner's own ``launch``/``collect`` path, so a backend other than torch (``onnxruntime``, ``auto``) computes
-    exactly as it does when serving.
+def extract_backend(backend: str, device: torch.device) -> str:
+    """What ``extract --backend`` runs: ``auto`` is onnxruntime on CPU when it is installed (faster there, see
+    BENCHMARKS.md), else torch; the others as named.
 
     Args:
-        runner: the device runner (its backend already chosen).
-        layers: the layers to write, named as on the command line.
+        backend: ``torch``, ``onnxruntime`` or ``auto``.
+        device: where the extractor runs.
     """
+    if backend != "auto":
+        return backend
+    return "onnxruntime" if device.type == "cpu" and available() else "torch"
 
-    def __init__(self, runner: Any, layers: Sequence[str]) -> None:
-        self.runner = runner
-        self.layers = list(layers)
-        self.strides = {r.name: r.stride for r in runner.resolve(self.layers)}
-        self.model_name = runner.name
-        self.random_weights = runner.random_weights
 
-    def extract(self, images: Sequence[np.ndarray], *, imgsz: int | None = None, letterbox: str = "auto",
-                batch_size: int = 8) -> list[ImageFeatures]:
-        """Features of BGR uint8 images, one ``ImageFeatures`` per image, at most ``batch_size`` per forward."""
-        results: list[ImageFeatures] = []
-        for start in range(0, len(images), batch_size):
-            for done in self.runner.extract(images[start:start + batch_size], self.layers, imgsz, letterbox):
-                results.append(ImageFeatures(done.features, done.letterbox, self.strides))
-        return results
+def onnxruntime_forward(extractor: FeatureExtractor, device: torch.device) -> Callable[[torch.Tensor], dict]:
+    """The extractor's own forward as one ONNX Runtime session (batch, height and width symbolic): what
+    ``FeatureExtractor.extract(forward=...)`` runs for ``extract --backend onnxruntime``. Outputs keep the
+    extractor's keys and come back as torch tensors on the CPU.
+
+    Args:
+        extractor: the (frozen) extractor to export.
+        device: where the session runs (picks the providers).
+    """
+    weight = next(extractor.parameters())
+    side = 2 * extractor.stride
+    example = torch.zeros((1, 3, side, side), dtype=weight.dtype, device=weight.device)
+    with torch.inference_mode():
+        keys = list(extractor(example))
+    positional = _Positional(extractor, keys).eval()
+    sess = session(onnx_bytes(positional, example, len(keys), "shape"), device)
+    names = [output.name for output in sess.get_outputs()]
+
+    def run(x: torch.Tensor) -> dict:
+        outputs = sess.run(names, {INPUT_NAME: np.ascontiguousarray(x.detach().cpu().numpy())})
+        return {key: torch.from_numpy(out) for key, out in zip(keys, outputs)}
+
+    return run
+
+
+class _Positional(torch.nn.Module):
+    """An extractor's outputs as a tuple in ``keys`` order (ONNX outputs are positional)."""
+
+    def __init__(self, extractor: FeatureExtractor, keys: Sequence) -> None:
+        super().__init__()
+        self.extractor = extractor
+        self.keys = list(keys)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs = self.extractor(x)
+        return tuple(outputs[key] for key in self.keys)
 
 
 def run_extract(
@@ -151,6 +176,7 @@ def run_extract(
     max_frames: int | None = None,
     batch: int = 8,
     progress: bool | None = None,
+    forward: Callable[[torch.Tensor], dict] | None = None,
 ) -> list[Path]:
     """Extract the extractor's layers for every image and video frame in ``inputs``; return the files written.
 
@@ -161,6 +187,7 @@ def run_extract(
         imgsz: model input size (default: the extractor's); policy: the letterbox policy (``auto`` or ``square``).
         max_frames: stop each video after this many frames; batch: images or frames per forward.
         progress: show a progress bar (None: only on a terminal).
+        forward: what runs each batch (default: the extractor itself; see ``onnxruntime_forward``).
     """
     sources = collect_sources(inputs)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -172,7 +199,7 @@ def run_extract(
             chunk.append(item)
         if chunk and (item is None or len(chunk) >= batch):
             results = extractor.extract([frame for frame, _, _ in chunk], imgsz=imgsz, letterbox=policy,
-                                        batch_size=batch)
+                                        batch_size=batch, forward=forward)
             for (_, path, index), result in zip(chunk, results):
                 write_npz(path, result, index, extractor.model_name, extractor.random_weights)
                 written.append(path)

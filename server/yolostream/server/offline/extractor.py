@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -120,7 +120,8 @@ class FeatureExtractor(TruncatedModel):
         return super().train(mode and self.trainable)
 
     def extract(self, images: Sequence[np.ndarray], *, imgsz: int | None = None, letterbox: str = "auto",
-                batch_size: int = 8) -> list[ImageFeatures]:
+                batch_size: int = 8,
+                forward: Callable[[torch.Tensor], dict] | None = None) -> list[ImageFeatures]:
         """Features of BGR uint8 (H, W, 3) images as float32 numpy, one ``ImageFeatures`` per image, in order.
 
         Each image is letterboxed exactly as upstream's detect.py does; images of the same letterboxed shape run
@@ -131,6 +132,8 @@ class FeatureExtractor(TruncatedModel):
             imgsz: model input size (default: the extractor's ``imgsz``), rounded up to the stride.
             letterbox: ``auto`` (minimal stride-multiple rectangle, as detect.py) or ``square`` (full imgsz).
             batch_size: most images per forward.
+            forward: what runs a prepared batch (default: this module); ``extract --backend onnxruntime`` passes
+                the same graph as an ONNX Runtime session (``offline.extract.onnxruntime_forward``).
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -144,7 +147,7 @@ class FeatureExtractor(TruncatedModel):
             for members in groups.values():
                 for start in range(0, len(members), batch_size):
                     chunk = members[start:start + batch_size]
-                    outputs = self(self.to_input(np.stack([prepared[k][0] for k in chunk])))
+                    outputs = (forward or self)(self.to_input(np.stack([prepared[k][0] for k in chunk])))
                     arrays = {name: t.to(torch.float32).cpu().numpy() for name, t in outputs.items()}
                     for row, k in enumerate(chunk):
                         features = {name: np.array(a[row]) for name, a in arrays.items()}
