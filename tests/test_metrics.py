@@ -128,3 +128,54 @@ def test_a_killed_servers_metrics_directory_is_swept_at_the_next_start(tmp_path,
         (directory / "counter_1.db").write_bytes(b"x")
     sweep_stale_metrics()
     assert not dead.exists() and live.exists()
+
+
+def _wait_for_gauge(port: int, want: float, timeout: float = 30.0) -> float:
+    """Scrape until ``yolostream_queue_frames`` reads ``want`` (bounded); returns the last value read."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = _scrape(port)["yolostream_queue_frames"]
+        if value == want or time.monotonic() > deadline:
+            return value
+        time.sleep(0.05)
+
+
+def test_the_queue_gauge_is_the_true_depth_and_returns_to_zero_when_streams_are_abandoned(tmp_path):
+    """Two front-ends, so the gauge is summed from the shared metrics directory. Batches of 4 wait (600 s) for a
+    full batch, so frames short of one stay at the device until their stream goes: the gauge must show them while
+    they are there and drop to 0 once their stream is cancelled, with no later frame answered to update it. A stream
+    whose answers are not read holds its max_in_flight at the device, and no more."""
+    import re
+
+    from conftest import ServeProcess
+
+    server = ServeProcess(tmp_path, "--port", "0", "--imgsz", "64", "--frontends", "2", "--metrics-port", "0",
+                          "--max-batch", "4", "--max-delay-ms", "600000")
+    try:
+        server.wait_serving()
+        port = int(re.search(r"metrics on :(\d+)/metrics", server.details).group(1))
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.FeatureServiceStub(channel)
+
+            def requests(count: int, in_flight: int):
+                yield pb.StreamRequest(config=pb.StreamConfig(options=pb.FeatureOptions(layers=["P3"]),
+                                                              max_in_flight=in_flight))
+                for i in range(count):
+                    yield pb.StreamRequest(frame=_frame(i))
+
+            call = stub.StreamFeatures(requests(5, 8), timeout=120)
+            answered = [next(call) for _ in range(4)]  # one full batch; the fifth frame waits for three more
+            assert all(r.result.status == pb.FRAME_STATUS_OK for r in answered)
+            assert _wait_for_gauge(port, 1) == 1
+            call.cancel()
+            assert _wait_for_gauge(port, 0) == 0
+
+            unread = stub.StreamFeatures(requests(40, 3), timeout=120)  # never read: the server reads 3 frames
+            assert _wait_for_gauge(port, 3) == 3
+            assert _scrape(port)["yolostream_queue_frames"] == 3
+            unread.cancel()
+            assert _wait_for_gauge(port, 0) == 0
+    finally:
+        server.close()

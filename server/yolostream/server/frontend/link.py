@@ -96,16 +96,19 @@ class DeviceLink:
         arena_bytes: its size.
         capacity: frames this front-end may have at the device at once.
         on_lost: called once, on the loop, when the device goes away.
+        on_depth: called on the loop with ``in_flight`` whenever it changes (the queue gauge follows it).
     """
 
     def __init__(self, address: Any, authkey: bytes, arena_name: str, arena_bytes: int, capacity: int,
-                 on_lost: Callable[[], None] = lambda: None) -> None:
+                 on_lost: Callable[[], None] = lambda: None,
+                 on_depth: Callable[[int], None] = lambda depth: None) -> None:
         self.address = address
         self.authkey = authkey
         self.arena_name = arena_name
         self.arena_bytes = arena_bytes
         self.capacity = capacity
         self.on_lost = on_lost
+        self.on_depth = on_depth
         self.arena: SharedArena | None = None
         self.slots = SlotAllocator(arena_bytes)
         self._conn: Connection | None = None
@@ -203,6 +206,7 @@ class DeviceLink:
         pending = _Pending(self._loop.create_future(), slot.in_offset, slot.out_offset, slot.layout, slot.objects)
         pending.future.add_done_callback(_retrieve)
         self._pending[rid] = pending
+        self.on_depth(len(self._pending))
         self._send(Run(rid, slot.in_offset, slot.input.shape, slot.out_offset, slot.out_bytes, slot.keys, job))
         return pending.future
 
@@ -291,6 +295,8 @@ class DeviceLink:
             self._free(pending.in_offset, pending.out_offset)
             if not pending.future.done():
                 pending.future.set_exception(DeviceFrameError(failure.message or "withdrawn"))
+        if message.done or message.failed:
+            self.on_depth(len(self._pending))
         if message.done:
             self._loop.create_task(self._notify_space())
 
@@ -310,6 +316,8 @@ class DeviceLink:
 
     def _fail_all(self, err: BaseException) -> None:
         pending, self._pending = self._pending, {}
+        if pending:
+            self.on_depth(0)
         for entry in pending.values():
             if not entry.future.done():
                 entry.future.set_exception(err)

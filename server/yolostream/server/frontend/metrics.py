@@ -6,16 +6,16 @@ numbers; ``serve`` exposes it over HTTP only when a metrics port is configured.
 
 ``yolostream serve`` runs several front-end processes, and ``/metrics`` must count all of them. The supervisor gives
 them one directory in ``$PROMETHEUS_MULTIPROC_DIR`` before they import prometheus_client (its multiprocess mode):
-every front-end writes its counters there, and front-end 0 serves the sum over every front-end, alive or gone. In
-that mode the queue gauge is the sum of each front-end's depth at its last answered frame (prometheus_client cannot
-call a function in another process).
+every front-end writes its counters there, and front-end 0 serves the sum over every front-end, alive or gone. The
+queue gauge is set by each front-end whenever its depth at the device changes (a frame sent, answered, failed or
+withdrawn), so the sum over the live front-ends is the true depth at every scrape (prometheus_client cannot call
+a function in another process).
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -32,7 +32,7 @@ _STAGES = ("queued", "preprocess", "compute", "encode")
 class ServerMetrics:
     """Frames by status, per-stage server time, batch sizes, open streams and queue depth."""
 
-    def __init__(self, queue_depth: Callable[[], int], model: dict[str, str]) -> None:
+    def __init__(self, model: dict[str, str]) -> None:
         self.shared = bool(os.environ.get(METRICS_DIR_ENV))
         self.registry = CollectorRegistry(auto_describe=True)
         self.frames = Counter("yolostream_frames", "Frames answered, by status (ok, error, dropped).", ["status"],
@@ -47,9 +47,6 @@ class ServerMetrics:
                              registry=self.registry)
         self._queue = Gauge("yolostream_queue_frames", "Frames the front-ends have at the device (queued or "
                             "computing).", multiprocess_mode="livesum", registry=self.registry)
-        self._queue_depth = queue_depth
-        if not self.shared:
-            self._queue.set_function(lambda: float(queue_depth()))
         self._info = Info("yolostream_model", "The served model.", registry=self.registry)
         self._info.info(model)
         for status in _STATUS.values():
@@ -60,14 +57,16 @@ class ServerMetrics:
     def observe(self, result: pb.FrameResult) -> None:
         status = _STATUS.get(result.status, "error")
         self.frames.labels(status).inc()
-        if self.shared:
-            self._queue.set(float(self._queue_depth()))
         if status != "ok":
             return
         t = result.timings
         for stage, micros in zip(_STAGES, (t.queued_us, t.preprocess_us, t.compute_us, t.encode_us)):
             self.stage_seconds.labels(stage).observe(micros / 1e6)
         self.batch_size.observe(result.batch_size)
+
+    def queue_depth(self, frames: int) -> None:
+        """This front-end now has ``frames`` at the device (``DeviceLink.on_depth``)."""
+        self._queue.set(float(frames))
 
     def serve(self, host: str, port: int) -> int:
         """Expose ``/metrics`` over HTTP on ``host:port`` (0 picks a free port); returns the bound port."""

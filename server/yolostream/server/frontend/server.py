@@ -128,9 +128,10 @@ class FeatureServer:
                                  max_reply_bytes=s.max_message_bytes - REPLY_ENVELOPE_BYTES)
         stream_limits = StreamLimits(default_in_flight=s.max_in_flight, max_in_flight=s.max_in_flight_limit)
         info = model_info(card, batching, stream_limits, limits, s.max_message_bytes)
-        self.metrics = ServerMetrics(lambda: link.in_flight, {
+        self.metrics = ServerMetrics({
             "model": info.model_name, "source": info.source, "device": info.device, "dtype": info.dtype,
             "random_weights": str(info.random_weights).lower()})
+        link.on_depth = self.metrics.queue_depth
         self.service = FeatureService(self.pipeline, info, stream_limits, self.metrics)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.server: grpc.aio.Server | None = None
