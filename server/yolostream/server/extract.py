@@ -96,7 +96,7 @@ def iter_video(path: Path, max_frames: int | None = None) -> tuple[int | None, I
 def write_npz(path: Path, result: ImageFeatures, frame_index: int, model_name: str, random_weights: bool) -> None:
     """Write one image's features and letterbox metadata (the README's format) atomically: a crash leaves no half file."""
     lb = result.letterbox
-    arrays = {name: np.ascontiguousarray(a, dtype=np.float32) for name, a in result.features.items()}
+    arrays = {str(name): np.ascontiguousarray(a, dtype=np.float32) for name, a in result.features.items()}
     arrays.update(
         meta_ratio=np.asarray(lb.ratio, dtype=np.float64),
         meta_pad=np.asarray([lb.pad_left, lb.pad_top, lb.pad_right, lb.pad_bottom], dtype=np.int32),

@@ -98,13 +98,19 @@ def _to_host(t: torch.Tensor) -> np.ndarray:
     return t.cpu().numpy()
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when present, else CPU; asking for CUDA without one is an error, not a silent fallback."""
+def resolve_device(device: str = "auto", option: str = "--device ") -> torch.device:
+    """``auto`` picks CUDA when present, else CPU; asking for CUDA without one is an error, not a silent fallback.
+
+    Args:
+        device: ``auto``, ``cpu`` or ``cuda[:N]``.
+        option: how the caller's user spelled the setting, put before the value in the message: the flag
+            ``--device `` for the commands, ``device=`` for the library's ``feature_extractor``.
+    """
     name = (device or "auto").lower()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was requested but torch sees no CUDA device")
+        raise ValueError(f"{option}cuda was requested but torch sees no CUDA device")
     if name != "cpu" and not name.startswith("cuda"):
         raise ValueError(f"unknown device {device!r}: choose auto, cpu or cuda[:N]")
     return torch.device(name)
