@@ -6,8 +6,9 @@ connections open) and start it again on the same port (the camera comes back)::
     python tests/mjpeg_server.py --port 0 --shade 40 --fps 20 [--frames N]
 
 It prints ``PORT <n>`` on stdout once it listens; with ``--frames N`` the whole process exits once it has sent N
-frames (a camera that dies by itself, for tests that cannot reach it while they wait). Every frame is a 64x48 JPEG of one flat grey ``--shade``, so a
-reader can tell which run of the server a frame came from. Only the standard library, numpy and OpenCV are used.
+frames (a camera that dies by itself, for tests that cannot reach it while they wait). Every frame is a 64x48 JPEG
+of one flat grey ``--shade``, so a reader can tell which run of the server a frame came from. Only the
+standard library, numpy and OpenCV are used.
 """
 
 from __future__ import annotations

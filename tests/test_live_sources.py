@@ -85,7 +85,7 @@ def shade(frame: np.ndarray) -> int:
 
 
 def read_in_background(source: Source) -> tuple[queue.Queue, threading.Thread]:
-    """Iterate ``source`` in a thread: each frame's grey level goes into the queue, then the error or None at its end."""
+    """Iterate ``source`` in a thread: each frame's grey level goes into the queue, then its error or None."""
     out: queue.Queue = queue.Queue()
 
     def run() -> None:
