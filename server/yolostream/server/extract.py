@@ -7,7 +7,9 @@ File format (documented in the README): one float32 array per requested layer, k
 (``all`` → layer indices as strings), shape (C, H, W), plus ``meta_*`` entries: ``meta_ratio`` (rw, rh),
 ``meta_pad`` (left, top, right, bottom), ``meta_orig_hw``, ``meta_input_hw``, ``meta_frame`` (index within the
 source), ``meta_model`` and ``meta_random_weights``. A feature cell (y, x) of a stride-s layer covers model-input
-pixels around (x·s, y·s); original pixel = (input pixel − pad) / ratio.
+pixels [x·s, (x+1)·s) × [y·s, (y+1)·s); a model-input point maps back to the image with the formula of
+``yolostream.v1.vocab.input_to_frame``: x_orig = (x_input − pad_left) · original_width / resized_width, where
+resized_width = input_width − pad_left − pad_right, and likewise for y.
 """
 
 from __future__ import annotations
