@@ -16,7 +16,7 @@ import torch
 import torch.fx.experimental._config
 from torch import nn
 
-from conftest import REPO, fixture_path, torch_threads
+from conftest import REPO, engine_extract, fixture_path, torch_threads
 from yolostream.client import FeatureClient
 from yolostream.server import FeatureExtractor
 from yolostream.server import feature_extractor
@@ -247,7 +247,7 @@ def test_extract_batches_by_shape_keeps_order_and_equals_the_server_path(fixture
     finally:
         hook.remove()
     assert sorted(calls) == [1, 1, 2, 2] and len(results) == len(frames)
-    server = DeviceRunner(load_model(fixture_weights), device="cpu", imgsz=128).extract(frames, ["P3", "C4"])
+    server = engine_extract(DeviceRunner(load_model(fixture_weights), device="cpu", imgsz=128), frames, ["P3", "C4"])
     for mine, theirs, hw in zip(results, server, sizes):
         assert mine.letterbox == theirs.letterbox and mine.letterbox.orig_hw == hw
         for name in ("P3", "C4"):

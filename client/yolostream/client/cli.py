@@ -25,7 +25,7 @@ from .client import DEFAULT_ADDRESS, FeatureClient
 from .options import ENCODINGS, LETTERBOXES, POOLINGS, DetectOptions, ObjectFeatureOptions
 from .results import FeatureServerError, ModelInfo
 from .resume import ResumePolicy
-from .sources import open_source
+from .sources import GIVE_UP_AFTER_S, SOURCE_TIMEOUT_S, open_source
 from .stats import StatusLine, StreamStats
 from .store import FeatureWriter
 from .viz import VideoSink, Window, display_problem, render
@@ -176,6 +176,14 @@ def register_stream(p: argparse.ArgumentParser) -> None:
                    help="never hold the source back: the server drops frames it has no time for (answered DROPPED)")
     s.add_argument("--max-in-flight", type=int, help="frames the server holds for this stream (default 8)")
     s.add_argument("--max-frames", type=int, help="stop after N frames")
+    c = p.add_argument_group("live sources (cameras, RTSP/HTTP streams)")
+    c.add_argument("--give-up-after", type=float, default=GIVE_UP_AFTER_S, metavar="S",
+                   help="a camera or stream that stops delivering frames is reopened with backoff, the gRPC stream "
+                        "staying open; after S seconds without a frame it ends with an error (0: at the first lost "
+                        f"frame; inf: never; default {GIVE_UP_AFTER_S:g})")
+    c.add_argument("--source-timeout", type=float, default=SOURCE_TIMEOUT_S, metavar="S",
+                   help="seconds an RTSP/HTTP source may take to open and to deliver each frame before that try "
+                        f"fails (default {SOURCE_TIMEOUT_S:g})")
     d = p.add_argument_group("objects")
     d.add_argument("--detect", action="store_true", help="detect objects on every frame (upstream detect.py's "
                                                           "decode and NMS, on the server)")
@@ -228,6 +236,10 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-in-flight must be >= 1, got {args.max_in_flight}")
     if args.imgsz is not None and args.imgsz < 32:
         raise ValueError(f"--imgsz must be at least 32 (or left out for the server's default), got {args.imgsz}")
+    if not args.give_up_after >= 0:
+        raise ValueError(f"--give-up-after must be >= 0 seconds (inf: never), got {args.give_up_after}")
+    if not 0 < args.source_timeout < float("inf"):
+        raise ValueError(f"--source-timeout must be a positive number of seconds, got {args.source_timeout}")
 
 
 def _objects(args: argparse.Namespace) -> tuple[DetectOptions | None, ObjectFeatureOptions | None]:
@@ -319,7 +331,8 @@ def cmd_stream(args: argparse.Namespace) -> int:
     boxes = read_boxes(args.boxes) if args.boxes else None
     if args.show and (problem := display_problem()):
         raise RuntimeError(problem)
-    source = open_source(args.source, max_frames=args.max_frames)
+    source = open_source(args.source, max_frames=args.max_frames, give_up_after=args.give_up_after,
+                         timeout=args.source_timeout)
     with source, _client(args) as client:
         info = _model_info(client, args)
         known = f"{source.frame_count} frames" if source.frame_count is not None else "length unknown"
@@ -375,6 +388,8 @@ def _run_stream(args: argparse.Namespace, client: FeatureClient, source: Any, la
             status.finish(stats.status_line)
             outputs.close()  # finalise the save and the video before saying they are there
             print(stats.summary())
+            if getattr(source, "reconnects", 0) or getattr(source, "gap_s", 0.0):
+                print(f"source   {source.reconnects} reconnect(s), {source.gap_s:.1f} s without frames")
             if writer is not None:
                 print(f"saved    {writer.rows} feature row(s) of {writer.frames} frame(s) to {args.save} "
                       "(read with yolostream.client.load_features)")

@@ -15,6 +15,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from yolostream.v1.vocab import input_to_frame
+
 from . import cli
 
 OUT = Path("demo-out")
@@ -72,8 +74,7 @@ def print_features(save: Path) -> None:
             fmap = np.asarray(saved["P3"][meta["row"]]).mean(axis=0)
             cy, cx = np.unravel_index(int(np.argmax(fmap)), fmap.shape)
             lb, stride = meta["letterbox"], saved.meta["layers"]["P3"]["stride"]
-            px = ((cx + 0.5) * stride - lb["pad_left"]) / lb["ratio_w"]
-            py = ((cy + 0.5) * stride - lb["pad_top"]) / lb["ratio_h"]
+            px, py = input_to_frame([(cx + 0.5) * stride, (cy + 0.5) * stride], lb)
             peak = f"  ({px:5.0f}, {py:5.0f})"
         print(f"  {meta['frame_id']:>5}  {meta['timestamp']:6.2f}  {meta['batch_size']:>5}  "
               f"{meta['latency_s'] * 1000:>10.1f}  {means}{peak}")

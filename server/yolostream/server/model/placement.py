@@ -16,17 +16,19 @@ HOST_DTYPES = {TORCH_DTYPES[name]: wire.storage_dtype(code) for name, code in vo
 HALF_NEEDS_CUDA = "--half needs CUDA: float16 on CPU runs about 26x slower than float32"
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
+def resolve_device(device: str | torch.device = "auto", option: str = "--device ") -> torch.device:
     """``auto`` picks CUDA when present, else CPU; asking for CUDA without one is an error, not a silent fallback.
 
     Args:
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (or a ``torch.device``).
+        option: how the caller's user spelled the setting, put before the value in the message: the flag
+            ``--device `` for the commands, ``device=`` for the library's ``feature_extractor``.
     """
     name = (str(device) if device else "auto").lower()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was requested but torch sees no CUDA device")
+        raise ValueError(f"{option}cuda was requested but torch sees no CUDA device")
     if name != "cpu" and not name.startswith("cuda"):
         raise ValueError(f"unknown device {str(device)[:40]!r}: choose auto, cpu or cuda[:N]")
     return torch.device(name)

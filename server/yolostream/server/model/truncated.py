@@ -14,6 +14,7 @@ layers it needs so that it can be trained, hooked, compiled, traced and exported
 
 from __future__ import annotations
 
+import numbers
 from typing import Iterable, Mapping
 
 import torch
@@ -28,27 +29,28 @@ class TruncatedModel(nn.Module):
     Args:
         layers: the model's layer list (``YoloModel.model``); its modules are shared, not copied, so fusing,
             moving or training them here changes them there too.
-        outputs: the outputs to return, in order: a mapping of output name → layer index (several names may share
-            one layer, e.g. ``backbone`` and ``C5``), or layer indices (named by their decimal string).
+        outputs: the outputs to return, in order: a mapping of output key → layer index (several keys may share
+            one layer, e.g. ``backbone`` and ``C5``; an int key stays an int, any other key becomes a str), or layer
+            indices (named by their decimal string).
 
     Raises ValueError for an empty request, an index out of range or the Detect head (see ``make_plan``).
     """
 
-    def __init__(self, layers: nn.Sequential, outputs: Mapping[str, int] | Iterable[int]) -> None:
+    def __init__(self, layers: nn.Sequential, outputs: Mapping[str | int, int] | Iterable[int]) -> None:
         super().__init__()
         if isinstance(outputs, Mapping):
-            named = {str(name): int(index) for name, index in outputs.items()}
+            named = {_output_key(name): int(index) for name, index in outputs.items()}
         else:
             named = {str(int(index)): int(index) for index in outputs}
         plan = make_plan(layers, named.values())
         needed = set(plan.steps)
         self.model = nn.Sequential(*(layers[i] if i in needed else nn.Identity() for i in range(plan.deepest + 1)))
         self.plan: ForwardPlan = plan
-        self.output_names: tuple[str, ...] = tuple(named)
+        self.output_names: tuple[str | int, ...] = tuple(named)
         self.output_indices: tuple[int, ...] = tuple(named.values())
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Run the closure on ``x`` (N, 3, H, W) in the model's dtype; return name → output, in requested order."""
+    def forward(self, x: torch.Tensor) -> dict[str | int, torch.Tensor]:
+        """Run the closure on ``x`` (N, 3, H, W) in the model's dtype; return key → output, in requested order."""
         by_index = run_plan(self.model, x, self.plan)
         return {name: by_index[i] for name, i in zip(self.output_names, self.output_indices)}
 
@@ -69,3 +71,10 @@ class TruncatedModel(nn.Module):
                              f"specialises a batch of 1), got shape {tuple(example.shape)}")
         shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
         return torch.export.export(self, (example,), dynamic_shapes=shapes)
+
+
+def _output_key(name: object) -> str | int:
+    """An output's key: ints (``numbers.Integral``, not bool) stay ints, so ``out[9]`` works; the rest are str."""
+    if isinstance(name, numbers.Integral) and not isinstance(name, bool):
+        return int(name)
+    return str(name)

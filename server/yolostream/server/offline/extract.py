@@ -7,7 +7,9 @@ File format (documented in the README): one float32 array per requested layer, k
 (``all`` → layer indices as strings), shape (C, H, W), plus ``meta_*`` entries: ``meta_ratio`` (rw, rh),
 ``meta_pad`` (left, top, right, bottom), ``meta_orig_hw``, ``meta_input_hw``, ``meta_frame`` (index within the
 source), ``meta_model`` and ``meta_random_weights``. A feature cell (y, x) of a stride-s layer covers model-input
-pixels around (x·s, y·s); original pixel = (input pixel − pad) / ratio.
+pixels [x·s, (x+1)·s) × [y·s, (y+1)·s); a model-input point maps back to the image with the formula of
+``yolostream.v1.vocab.input_to_frame``: x_orig = (x_input − pad_left) · original_width / resized_width, where
+resized_width = input_width − pad_left − pad_right, and likewise for y.
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ def iter_video(path: Path, max_frames: int | None = None) -> tuple[int | None, I
 def write_npz(path: Path, result: ImageFeatures, frame_index: int, model_name: str, random_weights: bool) -> None:
     """Write one image's features and letterbox metadata (the README's format) atomically: a crash leaves no half file."""
     lb = result.letterbox
-    arrays = {name: np.ascontiguousarray(a, dtype=np.float32) for name, a in result.features.items()}
+    arrays = {str(name): np.ascontiguousarray(a, dtype=np.float32) for name, a in result.features.items()}
     arrays.update(
         meta_ratio=np.asarray(lb.ratio, dtype=np.float64),
         meta_pad=np.asarray([lb.pad_left, lb.pad_top, lb.pad_right, lb.pad_bottom], dtype=np.int32),
