@@ -168,7 +168,8 @@ def tensor_from_proto(tensor: pb.Tensor) -> np.ndarray:
     float32/float16 come back as a read-only ``np.frombuffer`` view of the field's bytes (no copy beyond the
     one protobuf makes when the field is read;
     call ``.copy()`` to write to it); bfloat16 comes back as a new float32 array. DTYPE_UINT8_AFFINE and
-    compressed tensors are handed to :func:`decode_tensor` (a new float32 array, or the float16 values).
+    compressed tensors go through :func:`decode_tensor`: codes decode to a new float32 array, compressed
+    float32/float16 to a read-only view of the decompressed bytes.
     """
     if tensor.dtype == pb.DTYPE_UINT8_AFFINE or is_compressed(tensor):
         return decode_tensor(tensor)
