@@ -13,6 +13,13 @@ class Dtype(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DTYPE_FLOAT32: _ClassVar[Dtype]
     DTYPE_FLOAT16: _ClassVar[Dtype]
     DTYPE_BFLOAT16: _ClassVar[Dtype]
+    DTYPE_UINT8_AFFINE: _ClassVar[Dtype]
+
+class Compression(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    COMPRESSION_UNSPECIFIED: _ClassVar[Compression]
+    COMPRESSION_NONE: _ClassVar[Compression]
+    COMPRESSION_SHUFFLE_ZSTD: _ClassVar[Compression]
 
 class Pooling(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -64,6 +71,10 @@ DTYPE_UNSPECIFIED: Dtype
 DTYPE_FLOAT32: Dtype
 DTYPE_FLOAT16: Dtype
 DTYPE_BFLOAT16: Dtype
+DTYPE_UINT8_AFFINE: Dtype
+COMPRESSION_UNSPECIFIED: Compression
+COMPRESSION_NONE: Compression
+COMPRESSION_SHUFFLE_ZSTD: Compression
 POOLING_UNSPECIFIED: Pooling
 POOLING_NONE: Pooling
 POOLING_GLOBAL_AVG: Pooling
@@ -144,14 +155,16 @@ class FeatureOptions(_message.Message):
     def __init__(self, layers: _Optional[_Iterable[str]] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., letterbox: _Optional[_Union[LetterboxPolicy, str]] = ..., imgsz: _Optional[int] = ..., detection: _Optional[_Union[DetectionOptions, _Mapping]] = ..., object_features: _Optional[_Union[ObjectFeatureOptions, _Mapping]] = ...) -> None: ...
 
 class StreamConfig(_message.Message):
-    __slots__ = ("options", "max_in_flight", "realtime")
+    __slots__ = ("options", "max_in_flight", "realtime", "compression")
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     REALTIME_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     options: FeatureOptions
     max_in_flight: int
     realtime: bool
-    def __init__(self, options: _Optional[_Union[FeatureOptions, _Mapping]] = ..., max_in_flight: _Optional[int] = ..., realtime: _Optional[bool] = ...) -> None: ...
+    compression: Compression
+    def __init__(self, options: _Optional[_Union[FeatureOptions, _Mapping]] = ..., max_in_flight: _Optional[int] = ..., realtime: _Optional[bool] = ..., compression: _Optional[_Union[Compression, str]] = ...) -> None: ...
 
 class StreamRequest(_message.Message):
     __slots__ = ("config", "frame")
@@ -210,20 +223,28 @@ class RawImage(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ..., format: _Optional[_Union[PixelFormat, str]] = ...) -> None: ...
 
 class Tensor(_message.Message):
-    __slots__ = ("name", "layer_index", "stride", "dtype", "shape", "data")
+    __slots__ = ("name", "layer_index", "stride", "dtype", "shape", "data", "affine_scales", "affine_offsets", "compression", "uncompressed_size")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LAYER_INDEX_FIELD_NUMBER: _ClassVar[int]
     STRIDE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    AFFINE_SCALES_FIELD_NUMBER: _ClassVar[int]
+    AFFINE_OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    UNCOMPRESSED_SIZE_FIELD_NUMBER: _ClassVar[int]
     name: str
     layer_index: int
     stride: int
     dtype: Dtype
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
-    def __init__(self, name: _Optional[str] = ..., layer_index: _Optional[int] = ..., stride: _Optional[int] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    affine_scales: _containers.RepeatedScalarFieldContainer[float]
+    affine_offsets: _containers.RepeatedScalarFieldContainer[float]
+    compression: Compression
+    uncompressed_size: int
+    def __init__(self, name: _Optional[str] = ..., layer_index: _Optional[int] = ..., stride: _Optional[int] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., affine_scales: _Optional[_Iterable[float]] = ..., affine_offsets: _Optional[_Iterable[float]] = ..., compression: _Optional[_Union[Compression, str]] = ..., uncompressed_size: _Optional[int] = ...) -> None: ...
 
 class LetterboxInfo(_message.Message):
     __slots__ = ("original_height", "original_width", "input_height", "input_width", "resized_height", "resized_width", "ratio_w", "ratio_h", "pad_left", "pad_top", "pad_right", "pad_bottom")

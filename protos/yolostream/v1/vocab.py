@@ -14,8 +14,9 @@ import numpy as np
 
 from . import feature_service_pb2 as pb
 
-#: Output dtypes by name.
-DTYPES = {"float32": pb.DTYPE_FLOAT32, "float16": pb.DTYPE_FLOAT16, "bfloat16": pb.DTYPE_BFLOAT16}
+#: Output dtypes by name; uint8 is DTYPE_UINT8_AFFINE (8-bit codes with a scale and offset per channel).
+DTYPES = {"float32": pb.DTYPE_FLOAT32, "float16": pb.DTYPE_FLOAT16, "bfloat16": pb.DTYPE_BFLOAT16,
+          "uint8": pb.DTYPE_UINT8_AFFINE}
 #: Poolings by name: none keeps (C, H, W); avg and max give one (C,) vector per layer.
 POOLINGS = {"none": pb.POOLING_NONE, "avg": pb.POOLING_GLOBAL_AVG, "max": pb.POOLING_GLOBAL_MAX}
 #: Letterbox policies by name: auto pads to the next stride multiple, square to the full imgsz.
@@ -26,6 +27,8 @@ ROLES = {"backbone": pb.LAYER_ROLE_BACKBONE, "neck": pb.LAYER_ROLE_NECK, "detect
 BACKENDS = ("torch", "onnxruntime", "auto")
 #: Frame statuses by name.
 STATUSES = {"ok": pb.FRAME_STATUS_OK, "error": pb.FRAME_STATUS_ERROR, "dropped": pb.FRAME_STATUS_DROPPED}
+#: Tensor data compressions by name (StreamConfig.compression): none, or zstd (byte shuffle, then Zstandard).
+COMPRESSIONS = {"none": pb.COMPRESSION_NONE, "zstd": pb.COMPRESSION_SHUFFLE_ZSTD}
 
 #: Files that are read as images (by suffix, any case); everything else is tried as a video.
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})

@@ -7,10 +7,17 @@ protobuf runtime hands a bytes field out as one copy; numpy adds none).
 bfloat16 has no numpy dtype. On the wire it is the upper 16 bits of the float32 bit pattern: encoding
 rounds a float32 to nearest, ties to even (any NaN becomes the quiet NaN 0x7FC0); decoding
 shifts the 16 bits back into the top of a float32, which is exact, so bfloat16 arrays decode to float32.
+
+DTYPE_UINT8_AFFINE carries one byte per element and a float32 scale and offset per channel
+(``quantize_reference`` is the numpy reference of the server's quantiser; ``dequantize_affine`` the wire
+formula). Tensor.data may be compressed (COMPRESSION_SHUFFLE_ZSTD: byte shuffle, then zstd); the codec's
+package is imported only when a compressed tensor arrives. ``tensor_from_proto`` and ``decode_tensor`` read
+every form.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,12 +34,13 @@ _NUMPY_DTYPES: dict[int, np.dtype] = {
 }
 
 #: Bytes per element of each wire dtype.
-ITEMSIZE: dict[int, int] = {pb.DTYPE_FLOAT32: 4, pb.DTYPE_FLOAT16: 2, pb.DTYPE_BFLOAT16: 2}
+ITEMSIZE: dict[int, int] = {pb.DTYPE_FLOAT32: 4, pb.DTYPE_FLOAT16: 2, pb.DTYPE_BFLOAT16: 2, pb.DTYPE_UINT8_AFFINE: 1}
 
 #: Names used in configs, CLIs and ``ModelInfo.dtype`` (the shared vocabulary's table).
 DTYPE_NAMES: dict[str, int] = DTYPES
 
 _BF16_STORAGE = np.dtype("<u2")
+_AFFINE_STORAGE = np.dtype("u1")
 _BF16_QUIET_NAN = np.uint16(0x7FC0)
 
 #: Field names of ``LetterboxInfo``; the dict form used by the helpers below has exactly these keys.
@@ -61,14 +69,17 @@ def dtype_from_name(name: str) -> int:
 
 
 def dtype_to_numpy(dtype: int) -> np.dtype:
-    """The numpy dtype :func:`tensor_from_proto` returns for a wire dtype (float32 for bfloat16)."""
+    """The numpy dtype :func:`tensor_from_proto` returns for a wire dtype (float32 for bfloat16 and uint8 codes)."""
     _check_dtype(dtype)
     return _NUMPY_DTYPES.get(dtype, np.dtype("<f4"))
 
 
 def storage_dtype(dtype: int) -> np.dtype:
-    """The numpy dtype of a wire dtype's raw bytes: itself for float32/float16, uint16 bit patterns for bfloat16."""
+    """The numpy dtype of a wire dtype's raw bytes: itself for float32/float16, uint16 bit patterns for bfloat16,
+    uint8 for DTYPE_UINT8_AFFINE codes."""
     _check_dtype(dtype)
+    if dtype == pb.DTYPE_UINT8_AFFINE:
+        return _AFFINE_STORAGE
     return _NUMPY_DTYPES.get(dtype, _BF16_STORAGE)
 
 
@@ -124,6 +135,8 @@ def fill_tensor(
     An array already in the wire dtype (any byte order, any strides) costs a single ``tobytes`` copy;
     anything else is converted first. For DTYPE_BFLOAT16, a uint16/int16 array is taken as ready bit
     patterns (e.g. a torch bfloat16 tensor viewed as int16), and floats are rounded to nearest even.
+    DTYPE_UINT8_AFFINE quantises a float array on the CPU (:func:`quantize_affine`); an array the codes cannot
+    carry (NaN, infinity, magnitude above 2**126) is sent as DTYPE_FLOAT32 instead, as the proto says.
     """
     arr = np.asarray(array)
     if arr.dtype.kind not in "fiub":
@@ -131,6 +144,8 @@ def fill_tensor(
     if dtype is None or dtype == pb.DTYPE_UNSPECIFIED:
         dtype = dtype_from_numpy(arr.dtype)
     _check_dtype(dtype)
+    if dtype == pb.DTYPE_UINT8_AFFINE:
+        return _fill_codes_or_float32(msg, name, layer_index, stride, arr)
     if dtype == pb.DTYPE_BFLOAT16:
         if arr.dtype.kind in "iu" and arr.dtype.itemsize == 2:
             wire = arr.astype(_BF16_STORAGE, copy=False)
@@ -152,8 +167,12 @@ def tensor_from_proto(tensor: pb.Tensor) -> np.ndarray:
 
     float32/float16 come back as a read-only ``np.frombuffer`` view of the field's bytes (no copy beyond the
     one protobuf makes when the field is read;
-    call ``.copy()`` to write to it); bfloat16 comes back as a new float32 array.
+    call ``.copy()`` to write to it); bfloat16 comes back as a new float32 array. DTYPE_UINT8_AFFINE and
+    compressed tensors go through :func:`decode_tensor`: codes decode to a new float32 array, compressed
+    float32/float16 to a read-only view of the decompressed bytes.
     """
+    if tensor.dtype == pb.DTYPE_UINT8_AFFINE or is_compressed(tensor):
+        return decode_tensor(tensor)
     dtype = _check_dtype(tensor.dtype)
     shape = tuple(tensor.shape)
     if any(d < 0 for d in shape):
@@ -377,3 +396,383 @@ def serialize_result(result: pb.FrameResult, payloads: Sequence[Any], in_stream_
         total = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in pieces)
         pieces[:0] = [_TAG_RESPONSE_RESULT, _varint(total)]
     return b"".join(pieces)
+
+
+# DTYPE_UINT8_AFFINE: 8-bit codes with an affine map per channel (the Dtype comment in the proto is the contract).
+
+#: Largest magnitude the 8-bit codes cover. Up to it every float32 step of the quantiser stays finite
+#: (max - min <= 2**127); a tensor holding a larger value, a NaN or an infinity is sent as float32 instead.
+AFFINE_LIMIT = 2.0**126
+#: The largest code: scale = (max - min) / AFFINE_MAX_CODE.
+AFFINE_MAX_CODE = 255
+
+
+class NotQuantizableError(ValueError):
+    """The array holds a NaN, an infinity or a magnitude above AFFINE_LIMIT, which 8-bit codes cannot carry."""
+
+
+def affine_channel_axis(ndim: int) -> int | None:
+    """The channel axis of a DTYPE_UINT8_AFFINE tensor of rank ``ndim`` (one frame's tensor, as sent).
+
+    (C, H, W) feature maps (and any rank of 3 or more): axis 0; (N, D) object features: axis 1, one channel per
+    column; (C,) pooled vectors and scalars: None, the whole tensor is one channel.
+    """
+    if ndim >= 3:
+        return 0
+    if ndim == 2:
+        return 1
+    return None
+
+
+def quantize_reference(
+    array: Any, reduce_axes: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The numpy reference of the per-channel 8-bit quantiser: the device quantiser equals it bit for bit.
+
+    Every step is one float32 operation, in this order, with no fused or reordered arithmetic:
+    ``offset = min``, ``scale = (max - min) / 255``, ``q = rint((x - offset) / d)`` where ``d`` is ``scale``, or 1
+    for a constant channel (scale 0), then ``fmin(fmax(q, 0), 255)`` (``fmax``/``fmin`` turn a NaN into 0, so the
+    codes are defined even for channels that cannot be coded) and the cast to uint8. ``rint`` rounds half to even,
+    as ``torch.round`` does. A channel with no elements gets offset 0 and scale 0.
+
+    Args:
+        array: the values; cast to float32 first (exact for float16 and bfloat16 inputs).
+        reduce_axes: the axes one channel spans, e.g. (2, 3) for an (N, C, H, W) batch of maps, (1,) for an
+            (N, C) batch of pooled vectors (one channel per frame), (0,) for (K, D) object vectors (one per column).
+
+    Returns:
+        ``(codes, scales, offsets, ok)``: uint8 codes of ``array``'s shape; float32 scales and offsets and the
+        bool ``ok`` shaped like the remaining axes. ``ok`` is False for a channel holding a NaN, an infinity or a
+        magnitude above AFFINE_LIMIT; its scale and offset are then 0 and its codes mean nothing.
+    """
+    x = np.asarray(array, dtype=np.float32)
+    axes = tuple(sorted(a % x.ndim for a in reduce_axes)) if x.ndim else ()
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"reduce_axes {tuple(reduce_axes)} name an axis twice")
+    kept_shape = tuple(1 if a in axes else n for a, n in enumerate(x.shape))
+    if any(x.shape[a] == 0 for a in axes):
+        lo = np.zeros(kept_shape, np.float32)
+        hi = np.zeros(kept_shape, np.float32)
+    else:
+        lo = x.min(axis=axes, keepdims=True)
+        hi = x.max(axis=axes, keepdims=True)
+    ok = (lo >= -AFFINE_LIMIT) & (hi <= AFFINE_LIMIT)
+    with np.errstate(all="ignore"):
+        scale = (hi - lo) / np.float32(AFFINE_MAX_CODE)
+        divisor = np.where(scale > 0, scale, np.float32(1))
+        steps = np.rint((x - lo) / divisor)
+        codes = np.fmin(np.fmax(steps, np.float32(0)), np.float32(AFFINE_MAX_CODE)).astype(np.uint8)
+    zero = np.float32(0)
+    scales = np.where(ok, scale, zero).astype(np.float32)
+    offsets = np.where(ok, lo, zero).astype(np.float32)
+    squeeze = tuple(axes)
+    return codes, scales.squeeze(squeeze), offsets.squeeze(squeeze), ok.squeeze(squeeze)
+
+
+@dataclass(frozen=True)
+class AffineCodes:
+    """One DTYPE_UINT8_AFFINE tensor: uint8 ``codes``, float32 ``scales`` and ``offsets`` (one per channel) and the
+    channel ``axis`` of ``codes`` (None: one channel for the whole tensor); see :func:`affine_channel_axis`."""
+
+    codes: np.ndarray
+    scales: np.ndarray
+    offsets: np.ndarray
+    axis: int | None
+
+    def dequantize(self) -> np.ndarray:
+        """The float32 values the codes stand for (:func:`dequantize_affine`)."""
+        return dequantize_affine(self.codes, self.scales, self.offsets, self.axis)
+
+
+def quantize_affine(array: Any) -> AffineCodes:
+    """8-bit codes of one frame's tensor, per channel along :func:`affine_channel_axis` (the CPU path).
+
+    Args:
+        array: a (C, H, W) map, (C,) pooled vector or (N, D) object features, float32 or float16.
+
+    Raises NotQuantizableError when a channel holds a NaN, an infinity or a magnitude above AFFINE_LIMIT: send the
+    tensor as float32 instead.
+    """
+    x = np.asarray(array)
+    axis = affine_channel_axis(x.ndim)
+    reduce_axes = tuple(a for a in range(x.ndim) if a != axis)
+    codes, scales, offsets, ok = quantize_reference(x, reduce_axes)
+    if not ok.all():
+        raise NotQuantizableError(
+            f"{int(ok.size - ok.sum())} channel(s) hold a NaN, an infinity or a magnitude above 2**126"
+        )
+    return AffineCodes(codes, scales.reshape(-1), offsets.reshape(-1), axis)
+
+
+def _channel_shape(ndim: int, axis: int | None) -> tuple[int, ...]:
+    """How the per-channel parameters broadcast against codes of rank ``ndim``."""
+    if axis is None:
+        return ()
+    shape = [1] * ndim
+    shape[axis] = -1
+    return tuple(shape)
+
+
+def _channel_count(shape: Sequence[int], axis: int | None) -> int:
+    return 1 if axis is None else int(shape[axis])
+
+
+def dequantize_affine(codes: Any, scales: Any, offsets: Any, axis: int | None) -> np.ndarray:
+    """float32 values of 8-bit codes: ``offset + scale * q`` in float64, rounded once to float32 (the wire formula).
+
+    Each channel's 256 possible values are computed once by that formula and the codes look them up, which gives
+    the same bits several times faster than evaluating it per element.
+
+    Args:
+        codes: uint8 codes.
+        scales: float32 scales, one per channel (one in all when ``axis`` is None).
+        offsets: float32 offsets, as many as ``scales``.
+        axis: the channel axis of ``codes``, or None for one channel.
+    """
+    q = np.asarray(codes, dtype=np.uint8)
+    n = _channel_count(q.shape, axis)
+    s = np.asarray(scales, dtype=np.float32).reshape(-1)
+    o = np.asarray(offsets, dtype=np.float32).reshape(-1)
+    if len(s) != n or len(o) != n:
+        raise ValueError(f"codes of shape {q.shape} have {n} channel(s), but {len(s)} scales and {len(o)} offsets")
+    steps = np.arange(AFFINE_MAX_CODE + 1, dtype=np.float64)
+    table = (o.astype(np.float64)[:, None] + s.astype(np.float64)[:, None] * steps).astype(np.float32)
+    if axis is None:
+        return np.asarray(np.take(table[0], q), dtype=np.float32)
+    if axis == q.ndim - 1:
+        return table[np.arange(n), q]
+    moved = np.moveaxis(q, axis, 0)
+    out = np.empty(moved.shape, dtype=np.float32)
+    for c in range(n):
+        np.take(table[c], moved[c], out=out[c])
+    return np.ascontiguousarray(np.moveaxis(out, 0, axis))
+
+
+def affine_header(
+    msg: pb.Tensor,
+    name: str,
+    layer_index: int,
+    stride: int,
+    shape: Sequence[int],
+    scales: Any,
+    offsets: Any,
+) -> pb.Tensor:
+    """Fill every field of a DTYPE_UINT8_AFFINE Tensor except ``data`` (for :func:`serialize_result`, whose payloads
+    are then the uint8 codes). ``scales`` and ``offsets`` hold one float32 per channel of ``shape``."""
+    shape = tuple(int(d) for d in shape)
+    n = _channel_count(shape, affine_channel_axis(len(shape)))
+    s = np.asarray(scales, dtype=np.float32).reshape(-1)
+    o = np.asarray(offsets, dtype=np.float32).reshape(-1)
+    if len(s) != n or len(o) != n:
+        raise ValueError(f"a tensor of shape {shape} has {n} channel(s), but got {len(s)} scales and {len(o)} offsets")
+    msg.name = name
+    msg.layer_index = layer_index
+    msg.stride = stride
+    msg.dtype = pb.DTYPE_UINT8_AFFINE
+    msg.shape[:] = shape
+    msg.affine_scales[:] = s.tolist()
+    msg.affine_offsets[:] = o.tolist()
+    return msg
+
+
+def fill_tensor_affine(
+    msg: pb.Tensor,
+    name: str,
+    layer_index: int,
+    stride: int,
+    codes: Any,
+    scales: Any,
+    offsets: Any,
+) -> pb.Tensor:
+    """Fill ``msg`` with one frame's uint8 ``codes`` and their per-channel ``scales`` and ``offsets`` (from the device
+    quantiser, or :func:`quantize_affine`). Returns ``msg``."""
+    q = np.asarray(codes)
+    if q.dtype != np.uint8:
+        raise ValueError(f"affine codes must be uint8, got {q.dtype}")
+    affine_header(msg, name, layer_index, stride, q.shape, scales, offsets)
+    msg.data = q.tobytes(order="C")
+    return msg
+
+
+def _fill_codes_or_float32(msg: pb.Tensor, name: str, layer_index: int, stride: int, array: np.ndarray) -> pb.Tensor:
+    """:func:`fill_tensor` for DTYPE_UINT8_AFFINE: codes of a float array, or the array as float32 when it holds
+    values the codes cannot carry."""
+    if array.dtype.kind != "f":
+        raise ValueError(f"DTYPE_UINT8_AFFINE quantises float arrays; got {array.dtype} (pass the device quantiser's "
+                         "codes to fill_tensor_affine)")
+    try:
+        codes = quantize_affine(array)
+    except NotQuantizableError:
+        return fill_tensor(msg, name, layer_index, stride, array, pb.DTYPE_FLOAT32)
+    return fill_tensor_affine(msg, name, layer_index, stride, codes.codes, codes.scales, codes.offsets)
+
+
+def _tensor_shape(tensor: pb.Tensor) -> tuple[int, ...]:
+    shape = tuple(tensor.shape)
+    if any(d < 0 for d in shape):
+        raise ValueError(f"tensor {tensor.name!r} has a negative dimension in shape {shape}")
+    return shape
+
+
+def affine_from_proto(tensor: pb.Tensor) -> AffineCodes:
+    """The raw codes and per-channel parameters of a DTYPE_UINT8_AFFINE Tensor (its data decompressed if need be).
+
+    Raises ValueError for another dtype, a data size other than one byte per element, parameter counts other than
+    one per channel, or a scale or offset that is not finite (or a negative scale).
+    """
+    if tensor.dtype != pb.DTYPE_UINT8_AFFINE:
+        raise ValueError(f"tensor {tensor.name!r} is {pb.Dtype.Name(tensor.dtype)}, not DTYPE_UINT8_AFFINE")
+    shape = _tensor_shape(tensor)
+    axis = affine_channel_axis(len(shape))
+    n = _channel_count(shape, axis)
+    scales = np.asarray(tensor.affine_scales, dtype=np.float32)
+    offsets = np.asarray(tensor.affine_offsets, dtype=np.float32)
+    if len(scales) != n or len(offsets) != n:
+        raise ValueError(f"tensor {tensor.name!r} of shape {shape} has {n} channel(s), but {len(scales)} "
+                         f"affine_scales and {len(offsets)} affine_offsets")
+    if not (np.isfinite(scales).all() and np.isfinite(offsets).all() and (scales >= 0).all()):
+        raise ValueError(f"tensor {tensor.name!r} has a non-finite or negative affine scale or offset")
+    codes = np.frombuffer(tensor_payload(tensor), dtype=np.uint8).reshape(shape)
+    return AffineCodes(codes, scales, offsets, axis)
+
+
+# Lossless compression of Tensor.data (Tensor.compression; StreamConfig.compression asks for it).
+
+#: The optional extra that installs the codec packages.
+COMPRESS_EXTRA = "compress"
+
+
+class CodecMissingError(ImportError):
+    """The codec a tensor is compressed with needs a package that is not installed."""
+
+
+def zstd_module() -> Any:
+    """The ``zstandard`` module, imported on first use; CodecMissingError (naming the extra) when it is absent."""
+    try:
+        import zstandard
+    except ImportError as exc:
+        raise CodecMissingError(
+            "zstd-compressed tensors need the zstandard package: pip install 'yolostream[compress]'"
+        ) from exc
+    return zstandard
+
+
+def is_compressed(tensor: pb.Tensor) -> bool:
+    """Whether a Tensor's data is compressed (anything but COMPRESSION_UNSPECIFIED and COMPRESSION_NONE)."""
+    return tensor.compression not in (pb.COMPRESSION_UNSPECIFIED, pb.COMPRESSION_NONE)
+
+
+def element_size(dtype: int) -> int:
+    """Bytes per element of a wire dtype (ValueError for an unknown one): the unit the byte shuffle groups by."""
+    return ITEMSIZE[_check_dtype(dtype)]
+
+
+def shuffle_bytes(data: Any, itemsize: int) -> Any:
+    """Group the bytes of ``itemsize``-byte elements by significance: byte j of element i goes to j * n + i.
+
+    Floats of one tensor share their sign and exponent bytes far more than their low mantissa bytes, so grouped
+    they compress better. ``itemsize`` 1 returns ``data`` unchanged (no copy).
+    """
+    if itemsize == 1:
+        return data
+    raw = np.frombuffer(data, dtype=np.uint8)
+    if raw.size % itemsize:
+        raise ValueError(f"{raw.size} bytes are not whole {itemsize}-byte elements")
+    return raw.reshape(-1, itemsize).T.tobytes()
+
+
+def unshuffle_bytes(data: Any, itemsize: int) -> Any:
+    """Undo :func:`shuffle_bytes`: plain byte i * itemsize + j is shuffled byte j * n + i.
+
+    Returns a read-only byte buffer (a memoryview). The copy goes plane by plane: a strided write per byte
+    position is several times faster than letting numpy gather a transposed view.
+    """
+    if itemsize == 1:
+        return data
+    raw = np.frombuffer(data, dtype=np.uint8)
+    if raw.size % itemsize:
+        raise ValueError(f"{raw.size} bytes are not whole {itemsize}-byte elements")
+    planes = raw.reshape(itemsize, -1)
+    out = np.empty((planes.shape[1], itemsize), dtype=np.uint8)
+    for j in range(itemsize):
+        out[:, j] = planes[j]
+    out.flags.writeable = False
+    return memoryview(out.reshape(-1))
+
+
+def decompress_payload(data: Any, compression: int, uncompressed_size: int, itemsize: int) -> Any:
+    """The plain bytes of a compressed Tensor.data.
+
+    Args:
+        data: the compressed bytes.
+        compression: the Tensor's ``compression``.
+        uncompressed_size: the size the plain bytes must have (the caller checks it against shape and dtype, so a
+            frame header announcing anything else is refused before any memory is set aside for it).
+        itemsize: bytes per element (:func:`element_size`), for the byte shuffle.
+
+    Raises ValueError for an unknown codec or a payload that does not decode to ``uncompressed_size`` bytes, and
+    CodecMissingError when the codec's package is not installed.
+    """
+    if compression in (pb.COMPRESSION_UNSPECIFIED, pb.COMPRESSION_NONE):
+        return data
+    if compression != pb.COMPRESSION_SHUFFLE_ZSTD:
+        name = pb.Compression.Name(compression) if compression in pb.Compression.values() else repr(compression)
+        raise ValueError(f"unsupported tensor compression {name}")
+    zstd = zstd_module()
+    try:
+        announced = zstd.frame_content_size(data)
+        if announced not in (-1, uncompressed_size):
+            raise ValueError(f"the zstd frame announces {announced} bytes, uncompressed_size says {uncompressed_size}")
+        plain = _decompressor(zstd).decompress(data, max_output_size=uncompressed_size)
+    except zstd.ZstdError as exc:
+        raise ValueError(f"corrupt zstd payload: {exc}") from None
+    if len(plain) != uncompressed_size:
+        raise ValueError(f"the zstd payload holds {len(plain)} bytes, uncompressed_size says {uncompressed_size}")
+    return unshuffle_bytes(plain, itemsize)
+
+
+_codec_state = threading.local()
+
+
+def _decompressor(zstd: Any) -> Any:
+    """This thread's ZstdDecompressor (a context is not safe to share between threads; reusing one is cheaper)."""
+    dctx = getattr(_codec_state, "zstd_decompressor", None)
+    if dctx is None:
+        dctx = _codec_state.zstd_decompressor = zstd.ZstdDecompressor()
+    return dctx
+
+
+def tensor_payload(tensor: pb.Tensor) -> Any:
+    """The plain bytes of a Tensor's data, decompressed when ``compression`` says so, checked against shape × size.
+
+    Raises ValueError when the size does not match (before decompressing anything).
+    """
+    shape = _tensor_shape(tensor)
+    itemsize = element_size(tensor.dtype)
+    expected = int(np.prod(shape, dtype=np.int64)) * itemsize
+    data = tensor.data
+    if is_compressed(tensor):
+        if tensor.uncompressed_size != expected:
+            raise ValueError(f"tensor {tensor.name!r}: uncompressed_size {tensor.uncompressed_size}, but shape "
+                             f"{shape} of {pb.Dtype.Name(tensor.dtype)} needs {expected} bytes")
+        return decompress_payload(data, tensor.compression, expected, itemsize)
+    if len(data) != expected:
+        raise ValueError(f"tensor {tensor.name!r}: {len(data)} data bytes, but shape {shape} of "
+                         f"{pb.Dtype.Name(tensor.dtype)} needs {expected}")
+    return data
+
+
+def decode_tensor(tensor: pb.Tensor) -> np.ndarray:
+    """The values of any Tensor: its data decompressed when compressed, DTYPE_UINT8_AFFINE codes decoded to float32.
+
+    Plain float32/float16 give a read-only view (as :func:`tensor_from_proto`), bfloat16 and affine codes a new
+    float32 array. :func:`affine_from_proto` gives the raw codes and parameters instead.
+    """
+    if tensor.dtype == pb.DTYPE_UINT8_AFFINE:
+        return affine_from_proto(tensor).dequantize()
+    dtype = _check_dtype(tensor.dtype)
+    shape = _tensor_shape(tensor)
+    data = tensor_payload(tensor)
+    if dtype == pb.DTYPE_BFLOAT16:
+        return bfloat16_bits_to_float32(np.frombuffer(data, dtype=_BF16_STORAGE)).reshape(shape)
+    return np.frombuffer(data, dtype=_NUMPY_DTYPES[dtype]).reshape(shape)

@@ -1,0 +1,109 @@
+"""8-bit per-channel codes for DTYPE_UINT8_AFFINE, computed on the device for a whole batch at once.
+
+Each frame's channel gets its own offset (the minimum) and scale ((max - min) / 255); the codes are a quarter of the
+float32 bytes to copy to the host and to send. The arithmetic is exactly that of the numpy reference
+``yolostream.v1.wire.quantize_reference``, one float32 operation at a time and in the same order, so the codes,
+scales and offsets are equal bit for bit on CPU and CUDA:
+
+- ``min``/``max`` are exact; ``-``, ``/`` and ``round`` (half to even) are single IEEE float32 operations on both
+  sides. The divisors are tensors on the data's device: CUDA divides by a CPU scalar as a multiplication by its
+  reciprocal, which can differ in the last bit.
+- ``fmax``/``fmin`` clamp to [0, 255] and send a NaN to 0, so even codes of channels that cannot be coded are
+  defined (they are not sent: see ``ok``).
+
+A frame whose tensor holds a NaN, an infinity or a magnitude above 2**126 has ``ok`` False: send that frame's tensor
+as float32 instead (the proto says so).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from yolostream.v1.wire import AFFINE_LIMIT, AFFINE_MAX_CODE
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """A batch of 8-bit codes and their parameters, on the device they were computed on.
+
+    ``codes`` uint8 in the input's shape; ``scales`` and ``offsets`` float32 with one entry per channel (their shape
+    is said by the function that made them); ``ok`` bool: per frame for maps and pooled vectors, one value for
+    object vectors: False where a channel held a NaN, an infinity or a magnitude above 2**126 (its scale and offset
+    are 0 and its codes mean nothing).
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    offsets: torch.Tensor
+    ok: torch.Tensor
+
+
+def _quantize(x: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes of ``x`` with one channel over ``dims``; scales, offsets and per-channel ok keep ``dims`` as size 1."""
+    x = x.to(torch.float32)
+    kept = tuple(1 if d in dims else n for d, n in enumerate(x.shape))
+    if x.numel() == 0:
+        zeros = x.new_zeros(kept)
+        oks = torch.ones(kept, dtype=torch.bool, device=x.device)
+        return torch.empty(x.shape, dtype=torch.uint8, device=x.device), zeros, zeros, oks
+    lo = x.amin(dim=dims, keepdim=True)
+    hi = x.amax(dim=dims, keepdim=True)
+    ok = (lo >= -AFFINE_LIMIT) & (hi <= AFFINE_LIMIT)
+    zero = torch.zeros((), dtype=torch.float32, device=x.device)
+    one = torch.ones((), dtype=torch.float32, device=x.device)
+    top = torch.full((), float(AFFINE_MAX_CODE), dtype=torch.float32, device=x.device)
+    scale = torch.div(hi - lo, top)
+    divisor = torch.where(scale > zero, scale, one)
+    steps = torch.sub(x, lo)
+    steps.div_(divisor)
+    steps.round_()
+    torch.fmax(steps, zero, out=steps)
+    torch.fmin(steps, top, out=steps)
+    codes = steps.to(torch.uint8)
+    return codes, torch.where(ok, scale, zero), torch.where(ok, lo, zero), ok
+
+
+def quantize_maps(maps: torch.Tensor) -> Quantized:
+    """Codes of a batch of feature maps, one channel per (frame, C) plane.
+
+    Args:
+        maps: (N, C, H, W), float32 or float16 (or bfloat16), any memory layout (channels_last included).
+
+    Returns codes (N, C, H, W) in ``maps``' memory layout, scales and offsets (N, C), ok (N,). Frame n's Tensor
+    carries ``codes[n]`` (C, H, W) with ``scales[n]`` and ``offsets[n]`` (C entries each).
+    """
+    if maps.dim() != 4:
+        raise ValueError(f"maps must be (N, C, H, W), got shape {tuple(maps.shape)}")
+    codes, scales, offsets, ok = _quantize(maps, (2, 3))
+    return Quantized(codes, scales.flatten(1), offsets.flatten(1), ok.flatten(1).all(dim=1))
+
+
+def quantize_pooled(vectors: torch.Tensor) -> Quantized:
+    """Codes of a batch of pooled vectors, one channel per frame (the proto's rule for a (C,) tensor).
+
+    Args:
+        vectors: (N, C), one pooled vector per frame.
+
+    Returns codes (N, C), scales and offsets (N,), ok (N,). Frame n's Tensor carries ``codes[n]`` with the single
+    scale ``scales[n]`` and offset ``offsets[n]``.
+    """
+    if vectors.dim() != 2:
+        raise ValueError(f"pooled vectors must be (N, C), got shape {tuple(vectors.shape)}")
+    codes, scales, offsets, ok = _quantize(vectors, (1,))
+    return Quantized(codes, scales.flatten(), offsets.flatten(), ok.flatten())
+
+
+def quantize_objects(features: torch.Tensor) -> Quantized:
+    """Codes of one frame's object vectors, one channel per column (the proto's rule for an (N, D) tensor).
+
+    Args:
+        features: (K, D), one row per box; K may be 0 (every column then has scale 0 and offset 0).
+
+    Returns codes (K, D), scales and offsets (D,), ok a 0-d bool.
+    """
+    if features.dim() != 2:
+        raise ValueError(f"object features must be (K, D), got shape {tuple(features.shape)}")
+    codes, scales, offsets, ok = _quantize(features, (0,))
+    return Quantized(codes, scales.flatten(), offsets.flatten(), ok.all())
