@@ -42,17 +42,13 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import importlib
-import importlib.util
 import json
 import socket
 import sys
 import time
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -61,10 +57,10 @@ import torch
 import report
 from e2e_bench import synthetic_frame
 
-from yolostream.server.extractor import FeatureExtractor
+from yolostream.server.offline.extractor import FeatureExtractor
 from yolostream.server.model import detections as det
 from yolostream.server.model.loader import load_model
-from yolostream.server.preprocess import prepare
+from yolostream.server.common.preprocess import prepare
 from yolostream.v1 import wire
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,21 +70,6 @@ CAMERA_FPS = 30
 #: of a subnormal scale (tests/test_quantize.py explains both terms).
 BOUND_ULPS = 6 * 2.0**-24
 BOUND_TINY = 2.0**-142
-
-
-def role_module(dotted: str) -> ModuleType:
-    """Import a role-package module; while ``device.py`` still shadows the ``device/`` folder, load it from its file."""
-    try:
-        return importlib.import_module(dotted)
-    except ModuleNotFoundError as exc:
-        if "is not a package" not in str(exc):
-            raise
-    path = REPO.joinpath("server", *dotted.split(".")).with_suffix(".py")
-    spec = importlib.util.spec_from_file_location(dotted, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[dotted] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @dataclass(frozen=True)
@@ -312,7 +293,7 @@ def _anchor_match(ref: torch.Tensor, other: torch.Tensor, conf: float = 0.25,
 
 def quality(features: Sequence[dict[str, np.ndarray]], head: Any) -> dict[str, Any]:
     """The 8-bit codes' fidelity on every tensor of every frame (see the module doc)."""
-    quantize = role_module("yolostream.server.device.quantize")
+    from yolostream.server.device import quantize
     layers: dict[str, dict[str, Any]] = {}
     pooled_cos: dict[str, list[float]] = {"avg_codes": [], "max_codes": [], "avg_of_decoded_maps": []}
     det_counts = {"uint8": [0, 0], "float16": [0, 0]}

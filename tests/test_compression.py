@@ -9,11 +9,10 @@ import sys
 import numpy as np
 import pytest
 
-from role_modules import role_module
 from yolostream.v1 import feature_service_pb2 as pb
 from yolostream.v1 import vocab, wire
 
-compression = role_module("yolostream.server.frontend.compression")
+from yolostream.server.frontend import compression  # noqa: E402
 
 needs_zstd = pytest.mark.skipif(
     importlib.util.find_spec("zstandard") is None,

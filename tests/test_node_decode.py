@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from role_modules import role_module
 from yolostream.v1 import feature_service_pb2 as pb
 from yolostream.v1 import regenerate, wire
 
@@ -50,7 +49,7 @@ def _cases() -> dict[str, pb.Tensor]:
     cases["float16"] = wire.tensor_to_proto("f16", 2, 16, _features((8, 9, 10)).astype(np.float16))
     cases["bfloat16"] = wire.tensor_to_proto("bf16", 2, 16, _features((8, 9, 10)), pb.DTYPE_BFLOAT16)
     if HAVE_ZSTD:
-        compression = role_module("yolostream.server.frontend.compression")
+        from yolostream.server.frontend import compression
         for name in ("affine_map", "float32", "float16"):
             packed = pb.Tensor()
             packed.CopyFrom(cases[name])

@@ -12,12 +12,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from role_modules import role_module
 from yolostream.v1 import feature_service_pb2 as pb
 from yolostream.v1 import wire
 
 torch = pytest.importorskip("torch", reason="the device quantiser needs torch (the server extra)")
-quantize = role_module("yolostream.server.device.quantize")
+from yolostream.server.device import quantize  # noqa: E402
 
 RNG = np.random.default_rng(19)
 ULPS = 6 * 2.0**-24

@@ -24,7 +24,7 @@ MAX_CLIENT_BOXES = 1024
 #: How per-object vectors are read (see ``model/objects.py``).
 MODES = ("anchor", "roi")
 #: Element types of object vectors.
-VECTOR_DTYPES = tuple(vocab.DTYPES)
+VECTOR_DTYPES = tuple(name for name in vocab.DTYPES if name != "uint8")
 
 
 @dataclass(frozen=True)

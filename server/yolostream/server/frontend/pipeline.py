@@ -106,6 +106,9 @@ class Pipeline:
         """Validate a FeatureOptions message; ValueError names the problem and the valid choices."""
         layers = tuple(self.card.resolve(list(msg.layers) or list(self.default_layers)))
         dtype = _enum(msg.dtype, _DTYPES, pb.Dtype, "dtype", pb.DTYPE_FLOAT32)
+        if dtype == pb.DTYPE_UINT8_AFFINE:
+            raise ValueError("dtype DTYPE_UINT8_AFFINE is not served yet: choose DTYPE_FLOAT32, DTYPE_FLOAT16 or "
+                             "DTYPE_BFLOAT16")
         pooling = _POOLINGS[_enum(msg.pooling, _POOLINGS, pb.Pooling, "pooling", pb.POOLING_NONE)]
         policy_enum = _enum(msg.letterbox, _POLICIES, pb.LetterboxPolicy, "letterbox policy",
                             LETTERBOX_POLICIES[self.card.letterbox])

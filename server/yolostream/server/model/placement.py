@@ -8,8 +8,8 @@ import torch
 
 from yolostream.v1 import vocab, wire
 
-#: Output dtypes by the names of the wire contract (``vocab.DTYPES``).
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: Output dtypes by the names of the wire contract (``vocab.DTYPES``); ``uint8`` holds 8-bit affine codes.
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "uint8": torch.uint8}
 #: The numpy dtype each torch output dtype is held in on the host: the wire's storage rule (``wire.storage_dtype``:
 #: bfloat16, which numpy lacks, as its uint16 bit patterns).
 HOST_DTYPES = {TORCH_DTYPES[name]: wire.storage_dtype(code) for name, code in vocab.DTYPES.items()}
