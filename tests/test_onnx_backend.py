@@ -5,8 +5,10 @@ and its log line, ``extract --backend``, and a one-line error without the onnx e
 from __future__ import annotations
 
 import logging
+import os
 import re
 import signal
+import subprocess
 import sys
 
 import cv2
@@ -15,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ServeProcess, cpu_runner, engine_extract, grpc_channel, torch_threads
+from conftest import ServeProcess, cpu_runner, engine_extract, grpc_channel, serve_cmd, serve_env, torch_threads
 from yolostream.server import cli
 from yolostream.server.device import onnx_backend
 from yolostream.server.model import onnx_io
@@ -162,42 +164,64 @@ def test_a_grpc_stream_on_the_onnxruntime_backend_equals_the_torch_backend(runne
                 assert_close(got[dtype, pooling][k][name], array, dtype, f"{dtype} {pooling} frame {k} {name}")
 
 
-@pytest.mark.parametrize("timings, choice", [({"torch": 12.5, "onnxruntime": 9.25}, "onnxruntime"),
-                                             ({"torch": 8.0, "onnxruntime": 11.0}, "torch"),
-                                             ({"torch": 5.0, "onnxruntime": 5.0}, "torch")])
-def test_auto_logs_both_times_and_keeps_the_faster(caplog, timings, choice):
+def test_auto_is_onnxruntime_on_cpu_and_serves_it_after_proving_it(caplog):
+    """``auto`` (the default) resolves to onnxruntime on a CPU where it is installed, by rule, with no timing run;
+    the start-up check compares it with the reference path before any frame is served."""
     runner = cpu_runner(IMGSZ, backend="auto")
-    with caplog.at_level(logging.INFO, logger="yolostream.server.device.onnx_backend"):
-        picked = onnx_backend.select(runner, 8, [9], timer=timings.__getitem__)
-    assert picked == choice
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("--backend auto:")]
-    assert len(lines) == 1
-    assert f"torch {timings['torch']:.2f} ms/frame" in lines[0]
-    assert f"onnxruntime {timings['onnxruntime']:.2f} ms/frame" in lines[0]
-    assert lines[0].endswith(f"using {choice}") and "batch 1 and 8" in lines[0] and "64x64" in lines[0]
-
-
-def test_auto_measures_at_start_up_and_serves_with_its_choice(caplog):
-    runner = cpu_runner(IMGSZ, backend="auto")
-    with caplog.at_level(logging.INFO, logger="yolostream.server.device.onnx_backend"):
+    with caplog.at_level(logging.INFO, logger="yolostream.server.device.engine"):
         with ServerThread(runner, ServerSettings(port=0, max_batch=2)) as server:
             results = stream(server.address, ["P3"], pb.DTYPE_FLOAT32, pb.POOLING_NONE, [image(0)])
-    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("--backend auto:"))
-    assert runner.backend in ("torch", "onnxruntime") and line.endswith(f"using {runner.backend}")
-    times = {name: float(ms) for name, ms in re.findall(r"(torch|onnxruntime) ([\d.]+) ms/frame", line)}
-    assert set(times) == {"torch", "onnxruntime"}
-    assert runner.backend == min(times, key=lambda name: (times[name], name != "torch"))
+            with grpc_channel(server.address) as channel:
+                info = pb_grpc.FeatureServiceStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
+    assert runner.backend == info.backend == "onnxruntime"
+    assert any(r.getMessage() == "--backend auto: onnxruntime on cpu" for r in caplog.records)
+    check = re.fullmatch(r"onnxruntime direct float32 cpu vs reference: worst relative error (\S+) on (\S+) "
+                         r"\(limit 0\.0001\)", info.startup_check)
+    assert check is not None, info.startup_check
+    assert float(check.group(1)) <= 1e-4
     want = engine_extract(cpu_runner(IMGSZ), [image(0)], ["P3"])[0].features["P3"]
     assert_close(wire.tensor_from_proto(results[0].tensors[0]), want, "float32", "P3")
 
 
-def test_auto_without_onnxruntime_uses_torch_and_says_why(caplog, monkeypatch):
+def test_auto_without_onnxruntime_uses_torch_silently(caplog, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     runner = cpu_runner(IMGSZ, backend="auto")
-    with caplog.at_level(logging.INFO, logger="yolostream.server.device.onnx_backend"):
-        assert runner.select_backend(4) == "torch"
-    assert any("onnxruntime is not installed" in r.getMessage() and "yolostream[onnx]" in r.getMessage()
-               for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert runner.resolve_backend() == "torch"
+    assert not caplog.records
+
+
+def test_a_backend_that_is_wrong_stops_the_start_with_one_line(monkeypatch):
+    """A served path off by 1 % (100x the float32 limit) never serves: the start fails naming path and layer."""
+    real = onnx_backend.OnnxPlan.by_index
+    monkeypatch.setattr(onnx_backend.OnnxPlan, "by_index",
+                        lambda plan, x: {i: t * 1.01 for i, t in real(plan, x).items()})
+    with pytest.raises(ValueError) as caught:
+        ServerThread(cpu_runner(IMGSZ, backend="onnxruntime"), ServerSettings(port=0, layers=["P3"])).start()
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith("start-up check: the served path (onnxruntime direct float32 "
+                                                        "cpu) differs from the reference path")
+    error = float(re.search(r"worst relative error ([0-9.e+-]+)", message).group(1))
+    assert 5e-3 < error < 2e-2 and " on layer " in message
+
+
+def test_a_served_path_that_fails_stops_the_start_with_one_line(monkeypatch):
+    def broken(plan, x):
+        raise RuntimeError("provider exploded\nwith a second line")
+
+    monkeypatch.setattr(onnx_backend.OnnxPlan, "by_index", broken)
+    with pytest.raises(ValueError) as caught:
+        ServerThread(cpu_runner(IMGSZ, backend="onnxruntime"), ServerSettings(port=0)).start()
+    message = str(caught.value)
+    assert "\n" not in message and "failed at input" in message and "RuntimeError: provider exploded" in message
+
+
+def test_the_reference_path_is_reported_as_such():
+    with ServerThread(cpu_runner(IMGSZ, backend="torch"), ServerSettings(port=0)) as server:
+        with grpc_channel(server.address) as channel:
+            info = pb_grpc.FeatureServiceStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
+    assert info.backend == "torch" and info.startup_check == "torch direct float32 cpu is the reference path"
 
 
 def test_without_the_onnx_extra_the_backend_and_onnx_export_are_one_line_errors(capsys, monkeypatch, tmp_path):
@@ -235,7 +259,8 @@ def test_extract_backend_onnxruntime_writes_the_torch_features(tmp_path, capsys)
 
 
 def test_serve_backend_onnxruntime_and_auto_as_processes(tmp_path):
-    """``serve --backend onnxruntime`` and ``--backend auto`` (which logs both times) answer with torch's features."""
+    """``serve --backend onnxruntime`` and ``--backend auto`` (onnxruntime here) answer with torch's features, and
+    the start-up line names the backend and what the start-up check measured."""
     frame = image(3)
     want = engine_extract(cpu_runner(IMGSZ), [frame], ["backbone", "P4"])[0].features
     servers = {backend: ServeProcess(tmp_path, "--imgsz", str(IMGSZ), "--device", "cpu", "--port", "0",
@@ -258,7 +283,10 @@ def test_serve_backend_onnxruntime_and_auto_as_processes(tmp_path):
             server.proc.send_signal(signal.SIGTERM)
             assert server.proc.wait(timeout=30) == 0, server.stderr()
         log = servers["auto"].stderr()
-        assert "--backend auto: torch " in log and " ms/frame, onnxruntime " in log, log
+        assert "--backend auto: onnxruntime on cpu" in log, log
+        assert "onnxruntime, RANDOM WEIGHTS" in servers["auto"].details
+        assert "start-up check: onnxruntime direct float32 cpu vs reference: worst relative error" in \
+            servers["auto"].details
     finally:
         for server in servers.values():
             server.close()
@@ -284,3 +312,26 @@ def test_sessions_and_plans_are_bounded_however_many_layer_sets_clients_ask_for(
     for index in (1, 2, 3, 2, 1):
         torch_runner.plan([index])
     assert [b[1] for b in built if b != "ort"] == [(1,), (2,), (3,), (1,)]
+
+
+WRONG_BACKEND = """
+from yolostream.server.device import onnx_backend
+
+_real = onnx_backend.OnnxPlan.by_index
+onnx_backend.OnnxPlan.by_index = lambda plan, x: {i: t * 1.01 for i, t in _real(plan, x).items()}
+"""
+
+
+def test_serve_refuses_to_start_on_a_wrong_backend_with_one_line_and_exit_2(tmp_path):
+    """Every process of the server imports a sitecustomize that makes the onnxruntime backend 1 % wrong: the device
+    process's start-up check catches it and ``serve`` exits 2 with one line naming the path and the layer."""
+    (tmp_path / "sitecustomize.py").write_text(WRONG_BACKEND)
+    env = serve_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env["PYTHONPATH"]])
+    done = subprocess.run(serve_cmd("--imgsz", str(IMGSZ), "--port", "0", "--backend", "onnxruntime"), env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("yolostream serve: ")]
+    assert len(lines) == 1, done.stderr
+    assert "start-up check: the served path (onnxruntime direct float32 cpu) differs from the reference path" in \
+        lines[0] and "on layer" in lines[0]

@@ -335,7 +335,7 @@ class ObjectFeatureSlice(_message.Message):
     def __init__(self, name: _Optional[str] = ..., layer_index: _Optional[int] = ..., stride: _Optional[int] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_name", "source", "random_weights", "device", "dtype", "default_letterbox", "default_imgsz", "stride", "layers", "batching", "limits", "num_classes", "class_names", "default_detection", "default_object_feature_dim", "backend")
+    __slots__ = ("model_name", "source", "random_weights", "device", "dtype", "default_letterbox", "default_imgsz", "stride", "layers", "batching", "limits", "num_classes", "class_names", "default_detection", "default_object_feature_dim", "backend", "startup_check")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     RANDOM_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
@@ -352,6 +352,7 @@ class ModelInfo(_message.Message):
     DEFAULT_DETECTION_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_OBJECT_FEATURE_DIM_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    STARTUP_CHECK_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     source: str
     random_weights: bool
@@ -368,7 +369,8 @@ class ModelInfo(_message.Message):
     default_detection: DetectionOptions
     default_object_feature_dim: int
     backend: str
-    def __init__(self, model_name: _Optional[str] = ..., source: _Optional[str] = ..., random_weights: _Optional[bool] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., default_letterbox: _Optional[_Union[LetterboxPolicy, str]] = ..., default_imgsz: _Optional[int] = ..., stride: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., batching: _Optional[_Union[BatchingInfo, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., num_classes: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., default_detection: _Optional[_Union[DetectionOptions, _Mapping]] = ..., default_object_feature_dim: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
+    startup_check: str
+    def __init__(self, model_name: _Optional[str] = ..., source: _Optional[str] = ..., random_weights: _Optional[bool] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., default_letterbox: _Optional[_Union[LetterboxPolicy, str]] = ..., default_imgsz: _Optional[int] = ..., stride: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., batching: _Optional[_Union[BatchingInfo, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., num_classes: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., default_detection: _Optional[_Union[DetectionOptions, _Mapping]] = ..., default_object_feature_dim: _Optional[int] = ..., backend: _Optional[str] = ..., startup_check: _Optional[str] = ...) -> None: ...
 
 class LayerInfo(_message.Message):
     __slots__ = ("index", "type", "inputs", "params", "role", "out_channels", "stride", "output_shape", "aliases")

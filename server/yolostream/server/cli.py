@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from yolostream.v1 import vocab
+
 from .common.errors import UserError, one_line, quote
 from .common.preprocess import MAX_IMGSZ
 
@@ -99,14 +101,14 @@ def cmd_extract(args: argparse.Namespace) -> int:
     import torch
 
     from .model.placement import check_half, resolve_device
-    from .model.onnx_io import require
-    from .offline.extract import extract_backend, onnxruntime_forward, run_extract
+    from .model.onnx_io import auto_backend, require
+    from .offline.extract import onnxruntime_forward, run_extract
     from .offline.extractor import feature_extractor
 
     device = resolve_device(args.device)
     check_half(device, args.half)
     layers = [s for s in args.layers.split(",") if s.strip()]
-    backend = extract_backend(args.backend, device)
+    backend = auto_backend(device) if args.backend == "auto" else args.backend
     if backend == "onnxruntime":
         require("onnxruntime", "--backend onnxruntime")
     extractor = feature_extractor(args.weights, args.cfg, layers, fuse=args.fuse, imgsz=args.imgsz, device=device)
@@ -194,9 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", default="backbone", help="comma list of indices or names: all, backbone, C3..C6, P3..P6")
     p.add_argument("--max-frames", type=int, default=None, help="stop each video after N frames")
     p.add_argument("--batch", type=int, default=8, help="images or video frames per forward (default 8)")
-    p.add_argument("--backend", choices=("torch", "onnxruntime", "auto"), default="torch",
-                   help="what runs the model: torch, onnxruntime (needs the onnx extra) or auto (the faster, timed "
-                        "first) (default torch)")
+    p.add_argument("--backend", choices=vocab.BACKENDS, default="auto",
+                   help="what runs the model: torch, onnxruntime (needs the onnx extra) or auto (onnxruntime on CPU "
+                        "when installed, else torch) (default auto)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_VIDEO", help="image files, image folders or video files")
     p.set_defaults(func=cmd_extract)

@@ -126,6 +126,8 @@ class ModelCard:
     num_classes: int = 0
     class_names: tuple[str, ...] = ()
     backend: str = "torch"
+    #: What the start-up check measured (``device.self_check``), e.g. the worst relative error against the reference.
+    startup_check: str = ""
 
     def input_hw(self, imgsz: int | None = None) -> tuple[int, int]:
         """The square model input for ``imgsz`` (default: the card's), rounded up to the stride as upstream."""

@@ -57,9 +57,9 @@ class ServerSettings:
                                metavar="C.yaml")
     device: str = _setting("auto", "str", "model", "auto | cpu | cuda[:N] (default auto: CUDA when present)")
     half: bool = _setting(False, "bool", "model", "float16 model (CUDA only)")
-    backend: str = _setting("torch", "str", "model", "what runs the model: torch, onnxruntime (the same truncated "
-                            "graph, exported once per layer set; needs the onnx extra) or auto (the faster of the "
-                            "two, timed at start-up) (default torch)", choices=vocab.BACKENDS)
+    backend: str = _setting("auto", "str", "model", "what runs the model: torch, onnxruntime (the same truncated "
+                            "graph, exported once per layer set; needs the onnx extra) or auto (onnxruntime on CPU "
+                            "when installed, else torch) (default auto)", choices=vocab.BACKENDS)
     fuse: bool = _setting(True, "bool", "model", "keep BatchNorm unfused (for comparisons)", flag="--no-fuse")
     imgsz: int = _setting(640, "int", "model", "default model input size, rounded up to the stride (default 640)",
                           low=32)

@@ -31,10 +31,11 @@ from ..model.catalogue import build_catalogue
 from ..model.graph import input_stride
 from ..model.loader import LoadedModel
 from ..model.modules import fuse_model
-from ..model.onnx_io import require
+from ..model.onnx_io import auto_backend, require
 from ..model.placement import TORCH_DTYPES, check_half, resolve_device, to_host
 from .backends import Backend, ForwardPlan, TorchBackend
 from .objects import batch_objects
+from .self_check import CheckReport, check_served_path
 from .objects import object_inputs as objects_needs
 from .staging import DEFAULT_PINNED_BUDGET, HostPool, StagedCopies, TuningPolicy, cudnn_benchmark, make_event
 
@@ -99,8 +100,8 @@ class DeviceRunner:
         imgsz: default input size; letterbox: default letterbox policy.
         staged: use the pinned-staging, own-stream path (default: on CUDA).
         backend: what runs the truncated forwards (``backends.Backend``): ``torch``, ``onnxruntime`` (the same graph
-            exported once per set of layers, ``onnx_backend``) or ``auto`` (the faster of the two, timed by
-            ``select_backend``).
+            exported once per set of layers, ``onnx_backend``) or ``auto`` (``onnx_io.auto_backend``'s rule, resolved
+            by ``resolve_backend``).
 
     The constructor places a copy of ``loaded``'s model (fused, cast, on the device) and leaves the caller's model
     as it was; it runs nothing. The layer catalogue (a probe forward) is built on first use, and ``warmup`` (which
@@ -136,6 +137,13 @@ class DeviceRunner:
         if fuse:
             fuse_model(model)
         self.fused = fuse
+        self.staged = self.device.type == "cuda" if staged is None else bool(staged)
+        # The start-up check (``check_fast_path``) compares the served path with these weights in float32 on the CPU,
+        # run directly by eager torch; kept only when the served path is something else, and freed once checked.
+        reference_path = (self.device.type == "cpu" and not half and not self.channels_last and not self.staged
+                          and backend == "torch")
+        self._reference = None if reference_path else copy.deepcopy(model)
+        self.startup_check = ""
         model.to(self.device, self.dtype)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -153,9 +161,6 @@ class DeviceRunner:
         self.buckets: tuple[int, ...] = ()
         self.configure_staging()
         self.tuning = TuningPolicy(apply=cudnn_benchmark) if self.device.type == "cuda" else TuningPolicy()
-        # The staged path (pooled pinned blocks, upload/compute/download streams) is the CUDA hot path; on CPU it
-        # can be switched on to test that code, but the direct path is faster there.
-        self.staged = self.device.type == "cuda" if staged is None else bool(staged)
         if self.device.type == "cuda":
             # Fusion, casts and the channels_last copy ran on the default stream; the engine's own stream is not
             # ordered after them, so finish them before anything is launched there.
@@ -194,8 +199,9 @@ class DeviceRunner:
         return self._base_card
 
     def card(self) -> ModelCard:
-        """The model as torch-free data, for front-ends, ModelInfo and the CLI (with the backend as resolved)."""
-        return replace(self._card, backend=self.backend)
+        """The model as torch-free data, for front-ends, ModelInfo and the CLI (with the backend as resolved and
+        what the start-up check measured)."""
+        return replace(self._card, backend=self.backend, startup_check=self.startup_check)
 
     @property
     def default_catalogue(self) -> tuple[LayerInfo, ...]:
@@ -208,9 +214,7 @@ class DeviceRunner:
     def plan(self, indices: Iterable[int]) -> ForwardPlan:
         """The truncated forward for ``indices``, built once: a ``TruncatedModel``, or with the onnxruntime backend
         an ``OnnxPlan`` (the same graph as a session); both have ``by_index``."""
-        if self.backend == "auto":
-            self.select_backend(1)
-        return self.backend_named(self.backend).plan(tuple(sorted(set(indices))))
+        return self.backend_named(self.resolve_backend()).plan(tuple(sorted(set(indices))))
 
     def backend_named(self, name: str) -> Backend:
         """The backend ``name`` (``torch`` or ``onnxruntime``) over this engine's layers, made on first use."""
@@ -228,16 +232,37 @@ class DeviceRunner:
                 self._backends[name] = backend
         return backend
 
-    def select_backend(self, max_batch: int, layers: Iterable[str | int] | None = None,
-                       imgsz: int | None = None) -> str:
-        """Resolve ``auto`` once: time both backends on the served input (batch 1 and ``max_batch``, the default
-        ``layers``, else the deepest feature layer), log both times and keep the faster. Other backends stay."""
-        if self.backend == "auto":
-            from .onnx_backend import select
+    def served_path(self) -> str:
+        """The served configuration in words, e.g. ``onnxruntime direct float32 cpu`` (the start-up check's path)."""
+        layout = " channels_last" if self.channels_last else ""
+        way = "staged" if self.staged else "direct"
+        return f"{self.backend} {way} {str(self.dtype).removeprefix('torch.')}{layout} {self.device}"
 
-            indices = ([r.index for r in self.resolve(layers)] if layers else [self._card.deepest_feature])
-            self.backend = "torch"
-            self.backend = select(self, max_batch, indices, imgsz)
+    def check_fast_path(self, layers: Iterable[str | int] | None = None,
+                        imgsz: int | None = None) -> CheckReport:
+        """Prove the served path against the reference path at start-up (``self_check``), then free the reference
+        weights. Raises ``FastPathMismatch`` (one line) on a mismatch or an error.
+
+        Args:
+            layers: the default layers to compare (always with the Detect head's inputs); default: the deepest
+                feature layer.
+            imgsz: the input size whose served shapes are run (default: the runner's).
+        """
+        names = {row.index: row.aliases[0] if row.aliases else str(row.index) for row in self._card.catalogue}
+        chosen = [(r.name, r.index) for r in self.resolve(layers)] if layers else []
+        chosen += [(names[index], index) for index in (self._card.detect_inputs or (self._card.deepest_feature,))]
+        unique = list({index: (name, index) for name, index in reversed(chosen)}.values())[::-1]
+        report = check_served_path(self, self._reference, unique, self.served_shapes(imgsz), self.served_path())
+        self._reference = None
+        self.startup_check = report.summary()
+        log.info("start-up check: %s", self.startup_check)
+        return report
+
+    def resolve_backend(self) -> str:
+        """Resolve ``auto`` once (``onnx_io.auto_backend``) and log the choice; other backends stay as given."""
+        if self.backend == "auto":
+            self.backend = auto_backend(self.device)
+            log.info("--backend auto: %s on %s", self.backend, self.device)
         return self.backend
 
     def preprocess(self, frame: np.ndarray, imgsz: int | None = None, policy: str | None = None) -> tuple[np.ndarray, Letterbox]:
@@ -411,7 +436,7 @@ class DeviceRunner:
         other shapes, which letterbox ``auto`` makes for other aspect ratios, run untuned rather than stall the
         device worker for a tuning run mid-stream. The host blocks of every bucket are allocated here too.
         """
-        self.select_backend(max_batch, imgsz=imgsz)
+        self.resolve_backend()
         if not self.staged:
             return
         sizes, size = [], 1

@@ -9,7 +9,7 @@ Providers: TensorRT and CUDA (when the runner is on CUDA and the installed onnxr
 session gets the intra-op thread count that the torch worker calling it has (``DeviceRunner.share_cpu`` gives each
 of two CPU workers half of the cores), so the two backends share the cores the same way.
 
-``--backend auto`` times both backends at start-up on the served input shape and keeps the faster (``select``).
+``--backend auto`` (the default) picks this backend on CPU when onnxruntime is installed (``onnx_io.auto_backend``).
 
 Imported by the device process only (onnxruntime is loaded lazily, and a missing install is a one-line error).
 """
@@ -17,16 +17,15 @@ Imported by the device process only (onnxruntime is loaded lazily, and a missing
 from __future__ import annotations
 
 import logging
-import statistics
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from ..model.onnx_io import ONNX_EXTRA_HINT, available, onnx_bytes, require, session
+from ..model.onnx_io import onnx_bytes, require, session
 
 log = logging.getLogger(__name__)
 
@@ -118,65 +117,3 @@ class OnnxBackend:
             while len(self._plans) > MAX_SESSIONS:
                 self._plans.popitem(last=False)
             return plan
-
-
-def pick(timings: Mapping[str, float]) -> str:
-    """The backend with the smallest time; torch on a tie (it needs no export)."""
-    return min(timings, key=lambda name: (timings[name], name != "torch"))
-
-
-def choice_line(timings: Mapping[str, float], choice: str, where: str) -> str:
-    """The start-up log line of ``--backend auto``: both times, where they were measured, and the choice."""
-    times = ", ".join(f"{name} {ms:.2f} ms/frame" for name, ms in timings.items())
-    return f"--backend auto: {times} ({where}): using {choice}"
-
-
-def measure(runner: Any, backend: str, batches: Sequence[int], hw: tuple[int, int], keys: Sequence[tuple],
-            repeats: int = 3) -> float:
-    """Median ms per frame of ``runner.launch``/``collect`` with ``backend``, averaged over ``batches``.
-
-    One unmeasured round first (it builds the session, and lets both backends allocate).
-    """
-    previous, runner.backend = runner.backend, backend
-    try:
-        per_frame = []
-        for batch in batches:
-            images = [np.zeros((*hw, 3), np.uint8)] * batch
-            runs = []
-            for r in range(repeats + 1):
-                started = time.perf_counter()
-                runner.collect(runner.launch(images, keys))
-                if r:
-                    runs.append((time.perf_counter() - started) * 1000.0 / batch)
-            per_frame.append(statistics.median(runs))
-        return sum(per_frame) / len(per_frame)
-    finally:
-        runner.backend = previous
-
-
-def select(runner: Any, max_batch: int, indices: Sequence[int], imgsz: int | None = None,
-           timer: Callable[[str], float] | None = None) -> str:
-    """Resolve ``--backend auto``: time both backends on the served inputs (the square one and the letterboxed
-    4:3 and 16:9 camera frames, ``runner.served_shapes``) at batch 1 and ``max_batch``, log both times and return
-    the faster; torch when onnxruntime is not installed.
-
-    Args:
-        runner: the ``DeviceRunner`` (its ``backend`` is left as it was).
-        max_batch: the server's largest batch.
-        indices: the layers to time (the server's default layers).
-        imgsz: the input size (default: the runner's).
-        timer: backend name → ms per frame (default: ``measure``); tests inject timings here.
-    """
-    if not available():
-        log.info("--backend auto: onnxruntime is not installed (%s): using torch", ONNX_EXTRA_HINT)
-        return "torch"
-    shapes = runner.served_shapes(imgsz)
-    batches = sorted({1, max(1, max_batch)})
-    keys = [(i, "none", "float32") for i in sorted(set(indices))]
-    timer = timer or (lambda backend: statistics.mean(measure(runner, backend, batches, hw, keys) for hw in shapes))
-    timings = {backend: timer(backend) for backend in ("torch", "onnxruntime")}
-    choice = pick(timings)
-    where = (f"{runner.name} {', '.join(f'{h}x{w}' for h, w in shapes)}, batch {' and '.join(map(str, batches))}, "
-             f"layers {list(indices)}")
-    log.info(choice_line(timings, choice, where))
-    return choice

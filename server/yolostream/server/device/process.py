@@ -224,7 +224,7 @@ def device_main(settings: Any, parent_pid: int, status: Connection, bypass: bool
     become_child(parent_pid)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the supervisor stops the device last, after the front-ends
     logging.basicConfig(level=logging.WARNING, format="yolostream device: %(message)s")
-    logging.getLogger("yolostream.server.device.onnx_backend").setLevel(logging.INFO)  # --backend auto says what it chose
+    logging.getLogger("yolostream.server.device.engine").setLevel(logging.INFO)  # --backend auto says what it chose
     try:
         runner, host = build_device(settings, bypass=bypass, threads=threads)
         host.start()
@@ -261,7 +261,7 @@ def build_device(settings: Any, bypass: bool = False, threads: int | None = None
 def prepare_device(runner: Any, settings: Any, bypass: bool = False, threads: int | None = None) -> DeviceHost:
     """Everything ``serve`` does to an engine before it takes frames, in one place for ``serve`` and the in-process
     server: bound its pinned memory, check the default layers, size the batching and share the cores, resolve the
-    backend and warm up. Returns the (not yet started) host; its ``threads_before`` is the thread count to restore.
+    backend, warm up, and prove the served path against the reference path (``self_check``). Returns the (not yet started) host; its ``threads_before`` is the thread count to restore.
 
     Args:
         runner: a ``DeviceRunner`` (or a stand-in with its interface).
@@ -284,8 +284,9 @@ def prepare_device(runner: Any, settings: Any, bypass: bool = False, threads: in
         from .transport_probe import ModelBypass
 
         return DeviceHost(ModelBypass(runner), batching, threads_before)
-    runner.select_backend(batching.max_batch, settings.layers)
+    runner.resolve_backend()
     runner.warmup(batching.max_batch)
+    runner.check_fast_path(settings.layers)
     return DeviceHost(runner, batching, threads_before)
 
 

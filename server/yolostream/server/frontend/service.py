@@ -416,4 +416,5 @@ def model_info(card: ModelCard, batching: BatcherConfig, stream_limits: StreamLi
         default_detection=default_detection_message(),
         default_object_feature_dim=sum(card.channels(layer.index) for layer in card.default_object_layers()),
         backend=card.backend,
+        startup_check=card.startup_check,
     )

@@ -61,6 +61,17 @@ def available() -> bool:
     return True
 
 
+def auto_backend(device: torch.device) -> str:
+    """What ``--backend auto`` runs: onnxruntime on a CPU when it is installed (faster there in every row of
+    ``make bench``: BENCHMARKS.md), torch on CUDA (until a GPU measurement says otherwise) or without the extra.
+    A rule, not a timing run, so that the default costs nothing at start-up.
+
+    Args:
+        device: where the model runs.
+    """
+    return "onnxruntime" if device.type == "cpu" and available() else "torch"
+
+
 def providers_for(device: torch.device, installed: Sequence[str]) -> list[Any]:
     """Execution providers in preference order: TensorRT, CUDA (on a CUDA device, when installed), then CPU."""
     chosen: list[Any] = []

@@ -13,6 +13,10 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 #: The numpy dtype each torch output dtype is held in on the host: the wire's storage rule (``wire.storage_dtype``:
 #: bfloat16, which numpy lacks, as its uint16 bit patterns).
 HOST_DTYPES = {TORCH_DTYPES[name]: wire.storage_dtype(code) for name, code in vocab.DTYPES.items()}
+#: Largest worst-case error of an output, relative to the reference's largest |value|, per model dtype: the fidelity
+#: rule for float32 (1e-4), and for float16 a bound of 1e-2, about twenty units of its 2^-11 rounding accumulated
+#: over the network's depth. The start-up check (``device.self_check``) and ``export``'s parity check use it.
+TOLERANCES = {torch.float32: 1e-4, torch.float16: 1e-2}
 HALF_NEEDS_CUDA = "--half needs CUDA: float16 on CPU runs about 26x slower than float32"
 
 

@@ -9,7 +9,7 @@ The input is ``images``: (N, 3, H, W) RGB in [0, 1], letterboxed as ``yolostream
 Everything a consumer needs to use the file is embedded as metadata (ONNX ``metadata_props``, TorchScript
 ``_extra_files``; the same ``yolostream.*`` keys, values JSON; ``read_metadata`` reads either). Every export ends
 with a parity check: a seeded input runs through ONNX Runtime (or the saved TorchScript) and through the engine, and
-the export fails, leaving no file, when an output is off by more than ``PARITY_TOLERANCE`` of its largest |value|.
+the export fails, leaving no file, when an output is off by more than ``TOLERANCES`` (the start-up check's) of its largest |value|.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from ..common.card import ResolvedLayer
 from ..common.errors import UserError
 from ..model.plan import layer_inputs
 from ..model.onnx_io import INPUT_NAME, onnx_bytes, require, session
+from ..model.placement import TOLERANCES
 from ..model.truncated import TruncatedModel
 
 FORMATS = ("onnx", "torchscript")
@@ -38,8 +39,6 @@ FORMATS = ("onnx", "torchscript")
 DYNAMIC = ("batch", "shape")
 DETECT_OUTPUT = "detect"
 METADATA_PREFIX = "yolostream."
-#: Largest worst-case error of an output, relative to its largest |value|, that the parity check accepts.
-PARITY_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2}
 
 
 class ExportGraph(nn.Module):
@@ -262,7 +261,7 @@ def export_model(runner: Any, request: ExportRequest, report: Callable[[str], No
                    else run_torchscript(tmp, x))
             for name, err in worst_errors(got, want).items():
                 errors[name] = max(errors.get(name, 0.0), err)
-        tolerance = PARITY_TOLERANCE[runner.dtype]
+        tolerance = TOLERANCES[runner.dtype]
         for name, err in errors.items():
             report(f"parity  {name:<10} worst relative error {err:.2e} (limit {tolerance:g})")
         check_parity(errors, tolerance)

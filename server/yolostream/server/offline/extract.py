@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from yolostream.v1.vocab import IMAGE_SUFFIXES
 
-from ..model.onnx_io import INPUT_NAME, available, onnx_bytes, session
+from ..model.onnx_io import INPUT_NAME, onnx_bytes, session
 from .extractor import FeatureExtractor, ImageFeatures
 
 log = logging.getLogger(__name__)
@@ -115,19 +115,6 @@ def write_npz(path: Path, result: ImageFeatures, frame_index: int, model_name: s
     with open(tmp, "wb") as fh:
         np.savez(fh, **arrays)
     tmp.replace(path)
-
-
-def extract_backend(backend: str, device: torch.device) -> str:
-    """What ``extract --backend`` runs: ``auto`` is onnxruntime on CPU when it is installed (faster there, see
-    BENCHMARKS.md), else torch; the others as named.
-
-    Args:
-        backend: ``torch``, ``onnxruntime`` or ``auto``.
-        device: where the extractor runs.
-    """
-    if backend != "auto":
-        return backend
-    return "onnxruntime" if device.type == "cpu" and available() else "torch"
 
 
 def onnxruntime_forward(extractor: FeatureExtractor, device: torch.device) -> Callable[[torch.Tensor], dict]:

@@ -318,7 +318,7 @@ class Supervisor:
 
     def _describe(self, frontends: int) -> str:
         s, card = self.settings, self.card
-        parts = [card.device, card.dtype, *([card.backend] if card.backend != "torch" else []),
+        parts = [card.device, card.dtype, card.backend,
                  "RANDOM WEIGHTS" if card.random_weights else f"weights {card.source}",
                  f"{frontends} front-end{'s' if frontends != 1 else ''}"]
         if s.uds:
@@ -329,6 +329,8 @@ class Supervisor:
             parts.append("bearer token")
         if self.metrics_port is not None:
             parts.append(f"metrics on :{self.metrics_port}/metrics")
+        if card.startup_check:
+            parts.append(f"start-up check: {card.startup_check}")
         return ", ".join(parts)
 
 
