@@ -71,6 +71,7 @@ def test_model_detections_give_upstreams_anchor_vectors(model, expected):
                                  objects=O.ObjectOptions())
     grids = [(32, 40), (16, 20), (8, 10)]
     for b, frame in enumerate(frames):
+        assert torch.equal(frame.cells, D.row_cells(frame.rows, grids, 3))  # the anchors the reply names
         cells = D.row_cells(frame.rows, grids, 3).numpy()
         assert frame.vectors.shape == (len(frame.rows), 448) and len(frame.rows) == 300
         for (name, _, _, s, e), layer in zip(frame.slices, P_LAYERS):
@@ -261,6 +262,34 @@ def test_client_boxes_are_validated_and_clipped():
         R.client_boxes(np.tile([0, 0, 1, 1], (5, 1)), (10, 10), max_boxes=4)
     with pytest.raises(ValueError, match=r"must be an \(N, 4\) array"):
         R.client_boxes([1, 2, 3, 4], (10, 10))
+
+
+def test_the_slot_carries_each_detections_anchor_and_keeps_no_room_for_it_with_client_boxes():
+    detections, client = R.ObjectLayout(5, 3, "float16", detections=True), R.ObjectLayout(5, 3, "float16", False)
+    assert detections.row_bytes == client.row_bytes + 16 == 16 + 4 + 4 + 16 + 3 * 2
+    buffer = np.zeros(detections.nbytes, np.uint8)
+    anchors = np.array([[0, 31, 39, 2], [2, 7, 9, 0]], np.int32)
+    result = R.ObjectResult(np.ones((2, 4), np.float32), np.array([0.9, 0.5], np.float32), np.array([3, 4], np.int32),
+                            np.full((2, 3), 0.25, np.float16), anchors)
+    detections.write(buffer, result)
+    views = detections.views(buffer, 2)
+    assert views["anchors"].dtype == np.int32 and views["anchors"].tolist() == anchors.tolist()
+    assert views["classes"].tolist() == [3, 4] and np.all(views["vectors"] == np.float16(0.25))
+    with pytest.raises(ValueError, match=r"anchors of shape None for 2 detections; the slot expects \(2, 4\)"):
+        detections.write(buffer, R.ObjectResult(result.boxes, result.scores, result.classes, result.vectors))
+    buffer = np.zeros(client.nbytes, np.uint8)
+    client.write(buffer, R.ObjectResult(np.ones((2, 4), np.float32), None, None, np.ones((2, 3), np.float16)))
+    views = client.views(buffer, 2)
+    assert views["anchors"] is None and views["scores"] is None and np.all(views["vectors"] == 1)
+
+
+def test_device_results_give_anchors_as_level_row_column_anchor():
+    from yolostream.server.device.objects import anchor_columns
+
+    cells = torch.tensor([[0, 2, 31, 39], [1, 0, 5, 6]])  # row_cells' (level, anchor, gy, gx)
+    got = anchor_columns(cells)
+    assert got.dtype == np.int32 and got.tolist() == [[0, 31, 39, 2], [1, 5, 6, 0]]
+    assert R.ANCHOR_COLUMNS == ("level", "row", "col", "anchor")
 
 
 @pytest.mark.parametrize(

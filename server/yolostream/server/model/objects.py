@@ -75,7 +75,9 @@ class FrameObjects:
     ``boxes`` (N, 4) float32 xyxy in original-frame pixels (unrounded, clipped); ``scores`` (N,) float32 and
     ``classes`` (N,) int64 for detections, None for client boxes; ``rows`` (N,) int64 anchor rows for
     detections, None for client boxes; ``vectors`` (N, D) in the requested dtype, or None when no vectors were
-    asked for; ``slices`` per layer as in :class:`ObjectFeatures`.
+    asked for; ``slices`` per layer as in :class:`ObjectFeatures`; ``cells`` (N, 4) int64 (level, anchor, gy,
+    gx) of each detection's anchor (:func:`detections.row_cells` of ``rows``), None for client boxes: which
+    anchor made a detection, returned to the client (issue 21).
     """
 
     boxes: torch.Tensor
@@ -84,6 +86,7 @@ class FrameObjects:
     rows: torch.Tensor | None
     vectors: torch.Tensor | None
     slices: list[tuple[str, int, int, int, int]]
+    cells: torch.Tensor | None = None
 
 
 def object_layers(model: torch.nn.Module, layers: Sequence[tuple[str, int]]) -> list[ObjectLayer]:
@@ -322,8 +325,9 @@ def frame_objects(
         d = found.get(b)
         if d is not None:
             frame_boxes = det.scale_boxes(d.boxes, input_hw, orig_hws[b])
-            frames.append(FrameObjects(frame_boxes, d.scores, d.classes, d.rows, None, []))
-            cells.append(det.row_cells(d.rows, grids, na))
+            anchor_cells = det.row_cells(d.rows, grids, na)
+            frames.append(FrameObjects(frame_boxes, d.scores, d.classes, d.rows, None, [], anchor_cells))
+            cells.append(anchor_cells)
         else:
             frame_boxes = torch.as_tensor(given[b] if given[b] is not None else np.zeros((0, 4), np.float32),
                                           dtype=torch.float32, device=device)
