@@ -71,6 +71,7 @@ def test_model_detections_give_upstreams_anchor_vectors(model, expected):
                                  objects=O.ObjectOptions())
     grids = [(32, 40), (16, 20), (8, 10)]
     for b, frame in enumerate(frames):
+        assert torch.equal(frame.cells, D.row_cells(frame.rows, grids, 3))  # the anchors the reply names
         cells = D.row_cells(frame.rows, grids, 3).numpy()
         assert frame.vectors.shape == (len(frame.rows), 448) and len(frame.rows) == 300
         for (name, _, _, s, e), layer in zip(frame.slices, P_LAYERS):
@@ -157,6 +158,74 @@ def test_client_boxes_equal_to_the_detectors_give_the_same_roi_vectors(model):
     assert torch.equal(client.vectors, detected.vectors[ok])
 
 
+#: Layers that are no Detect input, read at the centre cell for every box: C3 (layer 4, stride 8) and the SPPF.
+OTHER_LAYERS = [O.ObjectLayer("C3", 4), O.ObjectLayer("backbone", 9)]
+
+
+@pytest.mark.parametrize("case", [0, 2, 5, 7])
+def test_a_detection_sent_back_as_a_client_box_gets_its_anchor_vectors_on_every_layer_but_its_own_level(model,
+                                                                                                          case):
+    """Issue 21: off its own Detect level a detection is read under the centre of the box returned (clipped to the
+    frame), not of the decoded box, which reaches past the frame for objects at the edges; so the tracker flow
+    (detect, then send the boxes back) keeps each object's vector."""
+    with np.load(fixture_path("letterbox_cases.npz")) as data:
+        frame = data[f"case{case}_frame_bgr_hwc"]
+    chw, _ = prepare(frame, 320, 32, "auto")
+    input_hw, orig_hw = tuple(chw.shape[1:]), frame.shape[:2]
+    layers = P_LAYERS + OTHER_LAYERS
+    levels = D.detect_input_layers(model)
+    with torch.inference_mode():
+        outputs = run_plan(model.model, torch.from_numpy(chw)[None].float() / 255,
+                           make_plan(model.model, sorted({layer.index for layer in layers})))
+        detected = O.frame_objects(model, outputs, input_hw, [orig_hw], nms=D.NmsOptions(), objects=O.ObjectOptions(),
+                                   layers=layers)[0]
+        decoded = D.detect(model.model[model.detect_index], [outputs[j] for j in levels], D.NmsOptions())[0]
+        # A decoded box can be thinner than float32 resolves (width 0); a client may not send those back.
+        ok = ((detected.boxes[:, 2] > detected.boxes[:, 0]) & (detected.boxes[:, 3] > detected.boxes[:, 1])).numpy()
+        sent = R.client_boxes(detected.boxes.numpy()[ok], orig_hw)
+        client = O.frame_objects(model, outputs, input_hw, [orig_hw], nms=D.NmsOptions(), objects=O.ObjectOptions(),
+                                 layers=layers, boxes=[sent])[0]
+    assert torch.equal(decoded.rows, detected.rows) and len(detected.boxes) == 300 and ok.sum() > 200
+    assert client.rows is None and torch.equal(client.boxes, detected.boxes[ok])
+    returned = D.unscale_boxes(detected.boxes[ok], input_hw, orig_hw)
+    level = D.row_cells(detected.rows, D.level_grids([outputs[j] for j in levels]), 3)[ok, 0].numpy()
+    moved = 0
+    for (name, _, _, s, e), layer in zip(detected.slices, layers):
+        off_level = level != layer.level
+        assert torch.equal(client.vectors[off_level, s:e], detected.vectors[ok][off_level, s:e]), name
+        hw = tuple(outputs[layer.index].shape[-2:])
+        cells = zip(O.centre_cells(decoded.boxes[ok], hw, input_hw), O.centre_cells(returned, hw, input_hw))
+        moved += int((np.any([(a != b).numpy() for a, b in cells], axis=0) & off_level).sum())
+    # Objects at the frame's edges whose decoded centre lies in another cell than the returned box's centre.
+    assert moved >= 10, f"only {moved} vectors of clipped boxes change cell: the frame does not test the rule"
+
+
+def test_a_centre_on_a_cell_boundary_reads_the_cell_right_of_and_below_it(expected):
+    """The one rule for centre cells: column ⌊cx / stride⌋, row ⌊cy / stride⌋, clamped to the map."""
+    just_under = float(np.float32(32 - 2**-18))
+    boxes = torch.tensor([
+        [12.0, 20.0, 20.0, 28.0],  # centre (16, 24): on a P3 boundary in x and y, on a P4 boundary in x
+        [24.0, 24.0, 40.0, 40.0],  # centre (32, 32): on a boundary of every map
+        [just_under - 16, just_under - 16, just_under + 16, just_under + 16],  # one float32 step before (32, 32)
+        [300.0, 240.0, 340.0, 272.0],  # centre (320, 256): the input's right and bottom edge
+        [-20.0, -10.0, 10.0, 2.0],  # centre (-5, -4): left of and above the input
+    ])
+    centres = ((boxes[:, :2] + boxes[:, 2:]) / 2).tolist()
+    assert centres[2] == [just_under, just_under] and just_under < 32
+    want = {  # (rows, columns) per map, worked out by hand
+        "P3": ([3, 4, 3, 31, 0], [2, 4, 3, 39, 0]),
+        "P4": ([1, 2, 1, 15, 0], [1, 2, 1, 19, 0]),
+        "P5": ([0, 1, 0, 7, 0], [0, 1, 0, 9, 0]),
+    }
+    result = O.object_features(_maps(expected), P_LAYERS, [boxes], INPUT_HW)
+    for (name, _, _, s, e), layer in zip(result.slices, P_LAYERS):
+        fmap = expected[f"layer_{layer.index}"][0]
+        gy, gx = O.centre_cells(boxes, fmap.shape[1:], INPUT_HW)
+        assert (gy.tolist(), gx.tolist()) == want[name], name
+        rows, cols = want[name]
+        assert np.array_equal(result.vectors[0][:, s:e].numpy(), fmap[:, rows, cols].T), name
+
+
 def test_client_boxes_in_anchor_mode_use_the_centre_cell_on_every_layer(expected):
     boxes = torch.tensor([[10.0, 20.0, 50.0, 60.0], [300.0, 200.0, 330.0, 270.0]])
     result = O.object_features(_maps(expected), P_LAYERS, [boxes, boxes[:0]], INPUT_HW)
@@ -193,6 +262,34 @@ def test_client_boxes_are_validated_and_clipped():
         R.client_boxes(np.tile([0, 0, 1, 1], (5, 1)), (10, 10), max_boxes=4)
     with pytest.raises(ValueError, match=r"must be an \(N, 4\) array"):
         R.client_boxes([1, 2, 3, 4], (10, 10))
+
+
+def test_the_slot_carries_each_detections_anchor_and_keeps_no_room_for_it_with_client_boxes():
+    detections, client = R.ObjectLayout(5, 3, "float16", detections=True), R.ObjectLayout(5, 3, "float16", False)
+    assert detections.row_bytes == client.row_bytes + 16 == 16 + 4 + 4 + 16 + 3 * 2
+    buffer = np.zeros(detections.nbytes, np.uint8)
+    anchors = np.array([[0, 31, 39, 2], [2, 7, 9, 0]], np.int32)
+    result = R.ObjectResult(np.ones((2, 4), np.float32), np.array([0.9, 0.5], np.float32), np.array([3, 4], np.int32),
+                            np.full((2, 3), 0.25, np.float16), anchors)
+    detections.write(buffer, result)
+    views = detections.views(buffer, 2)
+    assert views["anchors"].dtype == np.int32 and views["anchors"].tolist() == anchors.tolist()
+    assert views["classes"].tolist() == [3, 4] and np.all(views["vectors"] == np.float16(0.25))
+    with pytest.raises(ValueError, match=r"anchors of shape None for 2 detections; the slot expects \(2, 4\)"):
+        detections.write(buffer, R.ObjectResult(result.boxes, result.scores, result.classes, result.vectors))
+    buffer = np.zeros(client.nbytes, np.uint8)
+    client.write(buffer, R.ObjectResult(np.ones((2, 4), np.float32), None, None, np.ones((2, 3), np.float16)))
+    views = client.views(buffer, 2)
+    assert views["anchors"] is None and views["scores"] is None and np.all(views["vectors"] == 1)
+
+
+def test_device_results_give_anchors_as_level_row_column_anchor():
+    from yolostream.server.device.objects import anchor_columns
+
+    cells = torch.tensor([[0, 2, 31, 39], [1, 0, 5, 6]])  # row_cells' (level, anchor, gy, gx)
+    got = anchor_columns(cells)
+    assert got.dtype == np.int32 and got.tolist() == [[0, 31, 39, 2], [1, 5, 6, 0]]
+    assert R.ANCHOR_COLUMNS == ("level", "row", "col", "anchor")
 
 
 @pytest.mark.parametrize(

@@ -32,9 +32,10 @@ FLIP_REL = 1e-6
 
 @pytest.fixture(scope="module")
 def fixture_server(fixture_weights):
-    """The fixture checkpoint served on the CPU, fused (as detect.py runs it), one frame per batch."""
+    """The fixture checkpoint served on the CPU, fused (as detect.py runs it), one frame per batch; it takes a
+    frame's 300 detections back as client boxes (the default --max-boxes)."""
     runner = DeviceRunner(load_model(fixture_weights), device="cpu", imgsz=320)
-    with in_process_server(runner, workers=1, max_batch=1, max_boxes=4) as server:
+    with in_process_server(runner, workers=1, max_batch=1) as server:
         with torch_threads(2):  # the fixtures were made with 2 intra-op threads
             yield server
 
@@ -112,6 +113,59 @@ def test_served_detections_equal_upstreams_on_letterboxed_frames(fixture_server)
                 if key in arrays:
                     why[tie or "upstream"] = _same_detections(found.boxes, found.scores, found.classes, arrays[key])
             assert any(v is None for v in why.values()), f"{case}: {why}"
+
+
+def _letterbox_frame(case: int) -> np.ndarray:
+    with np.load(fixture_path("letterbox_cases.npz")) as data:
+        return data[f"case{case}_frame_bgr_hwc"]
+
+
+def test_each_detection_names_its_anchor_whose_cell_of_its_level_is_its_anchor_vector(fixture_server):
+    """Issue 21: level, grid row and column and anchor index per detection, checked against the P3/P4/P5 maps of the
+    same call: the anchor-mode vector's part for the detection's level is that map at that cell."""
+    vectors = ObjectFeatureOptions(mode="anchor", normalize=False, dtype="float32")
+    with FeatureClient(fixture_server.address) as client:
+        result = client.extract(_letterbox_frame(1), layers="P3,P4,P5", dtype="float32", imgsz=320,
+                                encoding="raw", detect=True, objects=vectors)
+        found = result.detections
+        proper = (found.boxes[:, 2] > found.boxes[:, 0]) & (found.boxes[:, 3] > found.boxes[:, 1])
+        sent = client.extract(_letterbox_frame(1), layers="P3", pooling="avg", imgsz=320, encoding="raw",
+                              objects=vectors, boxes=found.boxes[proper][:3])
+    cells = found.anchor_cells
+    assert len(found) == 300 and cells.dtype == np.int32 and cells.shape == (300, 4)
+    assert set(cells[:, 0].tolist()) == {0, 1, 2} and set(cells[:, 3].tolist()) == {0, 1, 2}
+    for level, name in enumerate(("P3", "P4", "P5")):
+        fmap = result.features[name]
+        own = cells[:, 0] == level
+        rows, cols = cells[own, 1], cells[own, 2]
+        assert rows.max() < fmap.shape[1] and cols.max() < fmap.shape[2], name
+        start, stop = found.slices[name]
+        np.testing.assert_array_equal(result.object_features[own, start:stop], fmap[:, rows, cols].T, err_msg=name)
+    assert sent.detections.source == "client" and sent.detections.anchor_cells is None
+
+
+@pytest.mark.parametrize("case", [0, 2])
+def test_detections_sent_back_as_client_boxes_keep_their_vectors_off_their_own_level(fixture_server, case):
+    """Issue 21, the tracker's flow over the wire: detect, send the boxes back; on every layer but the anchor's own
+    level the vector is read under the returned box's centre for both, so it stays the same, edge objects included."""
+    frame = _letterbox_frame(case)
+    vectors = ObjectFeatureOptions(layers="P3,P4,P5,C3,backbone")
+    with FeatureClient(fixture_server.address) as client:
+        detected = client.extract(frame, layers="P3", pooling="avg", imgsz=320, encoding="raw", detect=True,
+                                  objects=vectors)
+        found = detected.detections
+        ok = (found.boxes[:, 2] > found.boxes[:, 0]) & (found.boxes[:, 3] > found.boxes[:, 1])
+        sent = client.extract(frame, layers="P3", pooling="avg", imgsz=320, encoding="raw", objects=vectors,
+                              boxes=found.boxes[ok])
+    h, w = frame.shape[:2]
+    at_edge = (found.boxes[ok, :2] == 0).any(1) | (found.boxes[ok, 2] == w) | (found.boxes[ok, 3] == h)
+    assert at_edge.sum() >= 20 and np.array_equal(sent.detections.boxes, found.boxes[ok])
+    level = found.anchor_cells[ok, 0]
+    for name, own_level in (("P3", 0), ("P4", 1), ("P5", 2), ("C3", None), ("backbone", None)):
+        start, stop = found.slices[name]
+        off = level != own_level
+        np.testing.assert_array_equal(sent.object_features[off, start:stop],
+                                      detected.object_features[ok][off, start:stop], err_msg=name)
 
 
 def test_model_info_describes_detection_and_object_vectors(stub):
@@ -258,6 +312,7 @@ def test_streamed_detections_saved_by_the_cli_equal_the_unary_calls(fixture_serv
             np.testing.assert_allclose(boxes[start:stop], want.detections.boxes, rtol=1e-5, atol=1e-3)
             np.testing.assert_allclose(saved.objects["scores"][start:stop], want.detections.scores, rtol=1e-5)
             np.testing.assert_array_equal(saved.objects["classes"][start:stop], want.detections.classes)
+            np.testing.assert_array_equal(saved.objects["anchor_cells"][start:stop], want.detections.anchor_cells)
             np.testing.assert_allclose(saved.objects["features"][start:stop], want.object_features, rtol=1e-4,
                                        atol=1e-5)
 
@@ -317,8 +372,33 @@ def test_the_staged_path_gives_the_same_objects_as_the_direct_one():
     for x, y in zip(a.objects, b.objects):
         if x is None:
             continue
-        for name in ("boxes", "scores", "classes", "vectors"):
+        for name in ("boxes", "scores", "classes", "anchors", "vectors"):
             np.testing.assert_array_equal(getattr(x, name), getattr(y, name))
+    assert b.objects[0].anchors.shape == (9, 4) and b.objects[2].anchors is None
+
+
+def test_a_save_keeps_anchor_cells_with_minus_one_for_client_boxes(tmp_path):
+    """``objects.anchor_cells`` has a row per box of every frame: the detection's anchor, or -1 for client boxes."""
+    from yolostream.client import Detections, FeatureWriter
+    from yolostream.client.results import FeatureResult
+
+    def result(frame_id: int, found: Detections) -> FeatureResult:
+        return FeatureResult(frame_id=frame_id, timestamp=0.0, status="ok", error="", features={}, tensors={},
+                             letterbox=None, timings_us={}, batch_size=1, latency=None, detections=found)
+
+    detected = Detections(boxes=np.ones((2, 4), np.float32), scores=np.ones(2, np.float32),
+                          classes=np.zeros(2, np.int32), names=None, box_ids=None, source="detector", slices={},
+                          anchor_cells=np.array([[0, 3, 4, 1], [2, 0, 9, 2]], np.int32))
+    client = Detections(boxes=np.ones((1, 4), np.float32), scores=None, classes=None, names=None,
+                        box_ids=np.array([7], np.uint64), source="client", slices={})
+    with FeatureWriter(tmp_path / "save") as writer:
+        writer.append(result(0, detected))
+        writer.append(result(1, client))
+    saved = load_features(tmp_path / "save")
+    assert saved.objects["anchor_cells"].dtype == np.int32
+    assert saved.objects["anchor_cells"].tolist() == [[0, 3, 4, 1], [2, 0, 9, 2], [-1, -1, -1, -1]]
+    assert saved.meta["objects"]["columns"]["anchor_cells"] == {"file": "objects.anchor_cells.npy", "dtype": "int32",
+                                                                "shape": [4]}
 
 
 def test_viz_draws_each_box_in_its_class_colour():

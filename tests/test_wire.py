@@ -260,6 +260,71 @@ def test_detections_and_object_features_round_trip_through_a_result():
     assert msg.object_features.name == wire.OBJECT_FEATURES_NAME and msg.object_features.layer_index == -1
 
 
+def _anchor_result(anchors=None) -> pb.FrameResult:
+    boxes = np.array([[1, 2, 30, 40], [0, 0, 5, 5], [7, 8, 9, 10]], np.float32)
+    return wire.fill_objects(pb.FrameResult(), boxes, scores=[0.9, 0.8, 0.7], classes=[1, 2, 3], anchors=anchors,
+                             features=np.ones((3, 2), np.float32), slices=[("P3", 17, 8, 0, 2)])
+
+
+def test_detection_anchors_round_trip_as_four_columns():
+    anchors = np.array([[0, 31, 39, 2], [1, 0, 0, 0], [2, 511, 7, 1]])
+    msg = _anchor_result(anchors)
+    assert list(msg.anchor_levels) == [0, 1, 2] and list(msg.anchor_rows) == [31, 0, 511]
+    assert list(msg.anchor_cols) == [39, 0, 7] and list(msg.anchor_indices) == [2, 0, 1]
+    got = wire.objects_from_proto(pb.FrameResult.FromString(msg.SerializeToString()))
+    assert got.anchors.dtype == np.int32 and got.anchors.tolist() == anchors.tolist()
+    empty = wire.fill_objects(pb.FrameResult(), np.zeros((0, 4), np.float32), scores=[], classes=[], anchors=[])
+    assert wire.objects_from_proto(empty).anchors.shape == (0, 4)
+
+
+def test_results_without_anchors_read_as_none():
+    """Client boxes have no anchor, and a server older than the anchor fields sends none: both read as None."""
+    assert wire.objects_from_proto(_anchor_result()).anchors is None
+    client = wire.fill_objects(pb.FrameResult(), np.ones((1, 4), np.float32), source=pb.BOX_SOURCE_CLIENT)
+    assert wire.objects_from_proto(client).anchors is None
+
+
+def test_a_client_built_before_the_anchor_fields_reads_a_new_reply_as_before():
+    """The old FrameResult (this proto without fields 16-19) parses a reply with anchors into exactly the message
+    a server without them would have sent: the fields are additive."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    file = descriptor_pb2.FileDescriptorProto()
+    pb.DESCRIPTOR.CopyToProto(file)
+    result = next(m for m in file.message_type if m.name == "FrameResult")
+    assert sorted(f.number for f in result.field if f.name in wire.ANCHOR_FIELDS) == [16, 17, 18, 19]
+    kept = [f for f in result.field if f.name not in wire.ANCHOR_FIELDS]
+    del result.field[:]
+    result.field.extend(kept)
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file)
+    old_result = message_factory.GetMessageClass(pool.FindMessageTypeByName("yolostream.v1.FrameResult"))
+    new_bytes = _anchor_result(np.array([[0, 1, 2, 0], [1, 3, 4, 1], [2, 5, 6, 2]])).SerializeToString()
+    old = old_result.FromString(new_bytes)
+    old.DiscardUnknownFields()
+    assert old.SerializeToString(deterministic=True) == _anchor_result().SerializeToString(deterministic=True)
+
+
+@pytest.mark.parametrize(
+    ("anchors", "message"),
+    [
+        (np.zeros((2, 4), int), r"anchors of shape \(2, 4\) for 3 boxes; want \(3, 4\)"),
+        (np.zeros((3, 3), int), r"anchors of shape \(3, 3\) for 3 boxes"),
+        (np.array([[0, 0, 0, 0], [0, -1, 0, 0], [0, 0, 0, 0]]), "never negative"),
+    ],
+)
+def test_bad_anchors_are_refused(anchors, message):
+    with pytest.raises(ValueError, match=message):
+        _anchor_result(anchors)
+
+
+def test_a_result_with_anchor_fields_of_different_lengths_is_refused():
+    msg = _anchor_result(np.zeros((3, 4), int))
+    del msg.anchor_cols[2:]
+    with pytest.raises(ValueError, match="3 anchor_levels, 3 anchor_rows, 2 anchor_cols, 3 anchor_indices for 3 boxes"):
+        wire.objects_from_proto(msg)
+
+
 def test_client_box_results_carry_ids_and_no_scores():
     boxes = np.array([[1, 2, 30, 40]], np.float32)
     msg = wire.fill_objects(pb.FrameResult(), boxes, source=pb.BOX_SOURCE_CLIENT, box_ids=[9],

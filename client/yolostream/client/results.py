@@ -117,6 +117,10 @@ class TensorInfo:
     stride: int
 
 
+#: The columns of ``Detections.anchor_cells`` (and of a save's ``objects.anchor_cells``), in order.
+ANCHOR_CELL_COLUMNS = ("level", "row", "col", "anchor")
+
+
 @dataclass(frozen=True)
 class Detections:
     """The boxes of one frame: the server's detections, or the client's own boxes sent with the frame.
@@ -126,6 +130,10 @@ class Detections:
     None for client boxes; ``names`` the class name of each box when the model carries names, else None;
     ``box_ids`` (N,) uint64, the ids sent with client boxes, else None; ``source`` ``"detector"`` or ``"client"``.
     ``slices`` maps each layer to its (start, stop) columns of ``FeatureResult.object_features``.
+    ``anchor_cells`` (N, 4) int32 for detections: which anchor made each box, as columns ``ANCHOR_CELL_COLUMNS``
+    (Detect level, grid row, grid column, anchor index); level k is the k-th Detect input (0, 1, 2 = P3, P4,
+    P5), and ``features["P3"][:, row, col]`` is the P3 cell of a level-0 detection. None for client boxes (and
+    from a server too old to send it).
     """
 
     boxes: np.ndarray
@@ -135,6 +143,7 @@ class Detections:
     box_ids: np.ndarray | None
     source: str
     slices: dict[str, tuple[int, int]]
+    anchor_cells: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.boxes)
@@ -185,7 +194,7 @@ def _detections(msg: pb.FrameResult, class_names: Sequence[str]) -> tuple[Detect
         names = [class_names[c] if 0 <= c < len(class_names) else str(c) for c in found.classes.tolist()]
     source = "client" if found.source == pb.BOX_SOURCE_CLIENT else "detector"
     return Detections(found.boxes, found.scores, found.classes, names, found.box_ids, source,
-                      found.slices), found.features
+                      found.slices, found.anchors), found.features
 
 
 def result_from_proto(msg: pb.FrameResult, latency: float | None, image: np.ndarray | None,

@@ -17,10 +17,13 @@ Format (version 1) of a save directory:
 ``objects.<column>.npy``
     Present when the stream detected objects or sent boxes: one row per box, over all frames, in frame order.
     Columns: ``boxes`` (B, 4) float32 x1, y1, x2, y2 in frame pixels; ``scores`` (B,) float32 (NaN for client
-    boxes); ``classes`` (B,) int32 (-1 for client boxes); ``box_ids`` (B,) uint64 (the client's ids;
+    boxes); ``classes`` (B,) int32 (-1 for client boxes); ``anchor_cells`` (B, 4) int32, the anchor that made
+    each detection as (Detect level, grid row, grid column, anchor index), all -1 for client boxes (and for
+    detections of a server that does not send anchors); ``box_ids`` (B,) uint64 (the client's ids;
     ``NO_BOX_ID`` = 2**64-1 where none was sent); ``features`` (B, D) object vectors, when asked for; and
     ``frame`` (B,) int64, the index in ``frames.jsonl`` of the frame each box belongs to. Each frame record
-    also says ``objects``: its ``[start, stop)`` box rows (null unless ok), and ``box_source``.
+    also says ``objects``: its ``[start, stop)`` box rows (null unless ok), and ``box_source``. Saves written
+    before ``anchor_cells`` existed lack that file; they read as before, without the column.
 
 Each row is appended as it arrives, so memory use does not grow with the video. The ``.npy`` header is written
 first with room for any row count (numpy reserves it) and rewritten with the final count on close; a save cut
@@ -40,7 +43,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from .results import FeatureResult
+from .results import ANCHOR_CELL_COLUMNS, FeatureResult
 
 FORMAT = "yolostream-features"
 VERSION = 1
@@ -48,7 +51,9 @@ META = "meta.json"
 #: Value of ``objects.box_ids`` for boxes sent without an id, and for detections.
 NO_BOX_ID = np.iinfo(np.uint64).max
 #: Per-box columns of a save, in file order (``features`` only when vectors were asked for).
-OBJECT_COLUMNS = ("boxes", "scores", "classes", "box_ids", "features", "frame")
+OBJECT_COLUMNS = ("boxes", "scores", "classes", "anchor_cells", "box_ids", "features", "frame")
+#: Value of every ``objects.anchor_cells`` column for boxes without an anchor (client boxes).
+NO_ANCHOR = -1
 #: Frame records are flushed to disk every this many frames.
 FLUSH_EVERY = 30
 FRAMES = "frames.jsonl"
@@ -179,13 +184,15 @@ class FeatureWriter:
             "boxes": found.boxes,
             "scores": found.scores if found.scores is not None else np.full(n, np.nan, np.float32),
             "classes": found.classes if found.classes is not None else np.full(n, -1, np.int32),
+            "anchor_cells": (found.anchor_cells if found.anchor_cells is not None
+                             else np.full((n, len(ANCHOR_CELL_COLUMNS)), NO_ANCHOR, np.int32)),
             "box_ids": found.box_ids if found.box_ids is not None else np.full(n, NO_BOX_ID, np.uint64),
             "frame": np.full(n, self.frames, np.int64),
         }
         if result.object_features is not None:
             columns["features"] = result.object_features
-        dtypes = {"boxes": np.float32, "scores": np.float32, "classes": np.int32, "box_ids": np.uint64,
-                  "frame": np.int64}
+        dtypes = {"boxes": np.float32, "scores": np.float32, "classes": np.int32, "anchor_cells": np.int32,
+                  "box_ids": np.uint64, "frame": np.int64}
         columns = {k: np.asarray(v, dtype=dtypes.get(k, np.asarray(v).dtype)) for k, v in columns.items()}
         if not self.objects:
             for name in (c for c in OBJECT_COLUMNS if c in columns):
@@ -226,8 +233,8 @@ class SavedFeatures(Mapping[str, np.ndarray]):
     """A save directory read back, as a mapping of layer name → read-only memory-mapped (rows, ...) array.
 
     Row ``i`` of every array belongs to the frame whose metadata has ``row == i``; ``frames`` lists every frame's
-    metadata in order. ``objects`` maps each per-box column (``boxes``, ``scores``, ``classes``, ``box_ids``,
-    ``features``, ``frame``; see the module docstring) to its memory-mapped array, empty when the stream had no
+    metadata in order. ``objects`` maps each per-box column (``boxes``, ``scores``, ``classes``,
+    ``anchor_cells``, ``box_ids``, ``features``, ``frame``; see the module docstring) to its memory-mapped array, empty when the stream had no
     boxes; ``objects["frame"][k]`` is the index in ``frames`` of box ``k``'s frame. Being a real Mapping, ``"P3" in saved``, ``len(saved)``, ``saved.items()`` and
     ``dict(saved)`` work as they do on the ``features`` dict it wraps; equality stays identity, as comparing
     arrays element-wise has no single truth value.

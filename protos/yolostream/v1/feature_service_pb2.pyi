@@ -287,7 +287,7 @@ class Timings(_message.Message):
     def __init__(self, queued_us: _Optional[int] = ..., preprocess_us: _Optional[int] = ..., compute_us: _Optional[int] = ..., encode_us: _Optional[int] = ...) -> None: ...
 
 class FrameResult(_message.Message):
-    __slots__ = ("frame_id", "capture_timestamp_us", "status", "error_message", "letterbox", "tensors", "timings", "batch_size", "box_source", "boxes", "scores", "classes", "box_ids", "object_features", "object_feature_slices")
+    __slots__ = ("frame_id", "capture_timestamp_us", "status", "error_message", "letterbox", "tensors", "timings", "batch_size", "box_source", "boxes", "scores", "classes", "box_ids", "object_features", "object_feature_slices", "anchor_levels", "anchor_rows", "anchor_cols", "anchor_indices")
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
     CAPTURE_TIMESTAMP_US_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -303,6 +303,10 @@ class FrameResult(_message.Message):
     BOX_IDS_FIELD_NUMBER: _ClassVar[int]
     OBJECT_FEATURES_FIELD_NUMBER: _ClassVar[int]
     OBJECT_FEATURE_SLICES_FIELD_NUMBER: _ClassVar[int]
+    ANCHOR_LEVELS_FIELD_NUMBER: _ClassVar[int]
+    ANCHOR_ROWS_FIELD_NUMBER: _ClassVar[int]
+    ANCHOR_COLS_FIELD_NUMBER: _ClassVar[int]
+    ANCHOR_INDICES_FIELD_NUMBER: _ClassVar[int]
     frame_id: int
     capture_timestamp_us: int
     status: FrameStatus
@@ -318,7 +322,11 @@ class FrameResult(_message.Message):
     box_ids: _containers.RepeatedScalarFieldContainer[int]
     object_features: Tensor
     object_feature_slices: _containers.RepeatedCompositeFieldContainer[ObjectFeatureSlice]
-    def __init__(self, frame_id: _Optional[int] = ..., capture_timestamp_us: _Optional[int] = ..., status: _Optional[_Union[FrameStatus, str]] = ..., error_message: _Optional[str] = ..., letterbox: _Optional[_Union[LetterboxInfo, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., batch_size: _Optional[int] = ..., box_source: _Optional[_Union[BoxSource, str]] = ..., boxes: _Optional[_Iterable[float]] = ..., scores: _Optional[_Iterable[float]] = ..., classes: _Optional[_Iterable[int]] = ..., box_ids: _Optional[_Iterable[int]] = ..., object_features: _Optional[_Union[Tensor, _Mapping]] = ..., object_feature_slices: _Optional[_Iterable[_Union[ObjectFeatureSlice, _Mapping]]] = ...) -> None: ...
+    anchor_levels: _containers.RepeatedScalarFieldContainer[int]
+    anchor_rows: _containers.RepeatedScalarFieldContainer[int]
+    anchor_cols: _containers.RepeatedScalarFieldContainer[int]
+    anchor_indices: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, frame_id: _Optional[int] = ..., capture_timestamp_us: _Optional[int] = ..., status: _Optional[_Union[FrameStatus, str]] = ..., error_message: _Optional[str] = ..., letterbox: _Optional[_Union[LetterboxInfo, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., batch_size: _Optional[int] = ..., box_source: _Optional[_Union[BoxSource, str]] = ..., boxes: _Optional[_Iterable[float]] = ..., scores: _Optional[_Iterable[float]] = ..., classes: _Optional[_Iterable[int]] = ..., box_ids: _Optional[_Iterable[int]] = ..., object_features: _Optional[_Union[Tensor, _Mapping]] = ..., object_feature_slices: _Optional[_Iterable[_Union[ObjectFeatureSlice, _Mapping]]] = ..., anchor_levels: _Optional[_Iterable[int]] = ..., anchor_rows: _Optional[_Iterable[int]] = ..., anchor_cols: _Optional[_Iterable[int]] = ..., anchor_indices: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ObjectFeatureSlice(_message.Message):
     __slots__ = ("name", "layer_index", "stride", "start", "stop")

@@ -205,6 +205,8 @@ def letterbox_from_proto(msg: pb.LetterboxInfo) -> dict[str, Any]:
 
 #: Name and layer index of FrameResult.object_features.
 OBJECT_FEATURES_NAME = "object_features"
+#: The FrameResult fields that say which anchor made each detection, in the column order of ``Objects.anchors``.
+ANCHOR_FIELDS = ("anchor_levels", "anchor_rows", "anchor_cols", "anchor_indices")
 
 
 def set_frame_boxes(frame: pb.Frame, boxes: Any, ids: Any = None) -> pb.Frame:
@@ -269,11 +271,13 @@ def fill_objects(
     features: Any = None,
     slices: Sequence[tuple[str, int, int, int, int]] = (),
     dtype: int | None = None,
+    anchors: Any = None,
 ) -> pb.FrameResult:
     """Fill a FrameResult's box fields: (N, 4) ``boxes`` from ``source``, optional (N,) ``scores``,
     ``classes`` and ``box_ids``, optional (N, D) ``features`` in wire ``dtype`` (see :func:`fill_tensor`) with
-    ``slices`` of (name, layer_index, stride, start, stop) per layer. Raises ValueError when the lengths
-    disagree. Returns ``result``.
+    ``slices`` of (name, layer_index, stride, start, stop) per layer, and for detections optional (N, 4)
+    ``anchors``, the columns of :data:`ANCHOR_FIELDS` (level, grid row, grid column, anchor index). Raises
+    ValueError when the lengths disagree or an anchor value is negative. Returns ``result``.
     """
     arr = _as_boxes(boxes)
     n = len(arr)
@@ -284,6 +288,15 @@ def fill_objects(
         if values is not None and len(vec) != n:
             raise ValueError(f"{len(vec)} {name} for {n} boxes")
         getattr(result, name)[:] = vec.tolist()
+    cells = np.zeros((0, len(ANCHOR_FIELDS)), np.int64) if anchors is None else np.asarray(anchors, np.int64)
+    if cells.size == 0:
+        cells = cells.reshape(0, len(ANCHOR_FIELDS))
+    if anchors is not None and cells.shape != (n, len(ANCHOR_FIELDS)):
+        raise ValueError(f"anchors of shape {cells.shape} for {n} boxes; want ({n}, {len(ANCHOR_FIELDS)})")
+    if (cells < 0).any():
+        raise ValueError("anchor levels, grid cells and anchor indices are never negative")
+    for column, name in enumerate(ANCHOR_FIELDS):
+        getattr(result, name)[:] = cells[:, column].tolist()
     ids = _ids(box_ids, n)
     result.box_ids[:] = ids.tolist() if ids is not None else []
     if features is not None:
@@ -305,7 +318,9 @@ class Objects:
 
     ``boxes`` (N, 4) float32 original-frame pixels; ``scores`` (N,) float32 and ``classes`` (N,) int32 for
     detections, else None; ``box_ids`` (N,) uint64 when the client sent ids, else None; ``features`` (N, D) or
-    None; ``slices`` maps each layer name to its (start, stop) columns; ``source`` a ``BoxSource`` value.
+    None; ``slices`` maps each layer name to its (start, stop) columns; ``source`` a ``BoxSource`` value;
+    ``anchors`` (N, 4) int32 for detections, each one's Detect level, grid row, grid column and anchor index
+    (:data:`ANCHOR_FIELDS`), None for client boxes and from servers that do not send them.
     """
 
     source: int
@@ -315,6 +330,7 @@ class Objects:
     box_ids: np.ndarray | None
     features: np.ndarray | None
     slices: dict[str, tuple[int, int]]
+    anchors: np.ndarray | None = None
 
     def layer(self, name: str) -> np.ndarray:
         """The (N, width) columns of ``features`` read from layer ``name``."""
@@ -342,6 +358,15 @@ def objects_from_proto(result: pb.FrameResult) -> Objects:
         features = tensor_from_proto(result.object_features)
         if features.ndim != 2 or len(features) != n:
             raise ValueError(f"object features of shape {features.shape} for {n} boxes")
+    columns = [np.asarray(getattr(result, name), dtype=np.int64) for name in ANCHOR_FIELDS]
+    counts = {len(c) for c in columns}
+    if counts - {0, n} or len(counts) > 1:
+        shown = ", ".join(f"{len(c)} {name}" for c, name in zip(columns, ANCHOR_FIELDS))
+        raise ValueError(f"FrameResult has {shown} for {n} boxes")
+    # Absent (a client box, or a server older than these fields) is None; an empty frame's detections are (0, 4).
+    anchors = None
+    if result.box_source == pb.BOX_SOURCE_DETECTOR and (n == 0 or counts == {n}):
+        anchors = np.stack(columns, 1).astype(np.int32) if n else np.zeros((0, len(ANCHOR_FIELDS)), np.int32)
     return Objects(
         source=result.box_source,
         boxes=boxes,
@@ -350,6 +375,7 @@ def objects_from_proto(result: pb.FrameResult) -> Objects:
         box_ids=_ids(np.asarray(result.box_ids, dtype=np.uint64) if len(result.box_ids) else None, n),
         features=features,
         slices={s.name: (s.start, s.stop) for s in result.object_feature_slices},
+        anchors=anchors,
     )
 
 

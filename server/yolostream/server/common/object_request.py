@@ -139,12 +139,19 @@ class ObjectRequest:
 _STORAGE = {name: wire.storage_dtype(code) for name, code in vocab.DTYPES.items()}
 
 
+#: Columns of ``ObjectResult.anchors``: a detection's Detect level, the row and column of its grid cell on that
+#: level's map, and the anchor's index within the level (the order of FrameResult fields 16–19).
+ANCHOR_COLUMNS = ("level", "row", "col", "anchor")
+
+
 @dataclass(frozen=True)
 class ObjectLayout:
-    """Where one frame's boxes, scores, classes and vectors lie in its slot, for up to ``rows`` boxes.
+    """Where one frame's boxes, scores, classes, anchors and vectors lie in its slot, for up to ``rows`` boxes.
 
     Arrays follow one another, each in full (``rows`` long): boxes (rows, 4) float32, scores (rows,) float32,
-    classes (rows,) int32, vectors (rows, dim) in ``dtype``'s storage; only the first n rows hold an answer.
+    classes (rows,) int32, then for detections only anchors (rows, 4) int32 (``ANCHOR_COLUMNS``; client boxes
+    have no anchor, so their slots keep no room for one), then vectors (rows, dim) in ``dtype``'s storage; only
+    the first n rows hold an answer.
     """
 
     rows: int
@@ -155,15 +162,17 @@ class ObjectLayout:
     @property
     def row_bytes(self) -> int:
         """Bytes of one box in the slot (and, within a few bytes, in the reply)."""
-        return 16 + 4 + 4 + self.dim * _STORAGE[self.dtype].itemsize
+        return 16 + 4 + 4 + (16 if self.detections else 0) + self.dim * _STORAGE[self.dtype].itemsize
 
     @property
     def nbytes(self) -> int:
         return self.rows * self.row_bytes
 
     def _arrays(self) -> list[tuple[str, tuple[int, ...], np.dtype]]:
+        anchors = [("anchors", (self.rows, 4), np.dtype(np.int32))] if self.detections else []
         return [("boxes", (self.rows, 4), np.dtype(np.float32)), ("scores", (self.rows,), np.dtype(np.float32)),
-                ("classes", (self.rows,), np.dtype(np.int32)), ("vectors", (self.rows, self.dim), _STORAGE[self.dtype])]
+                ("classes", (self.rows,), np.dtype(np.int32)), *anchors,
+                ("vectors", (self.rows, self.dim), _STORAGE[self.dtype])]
 
     def write(self, buffer: memoryview | np.ndarray, result: ObjectResult) -> None:
         """Copy ``result`` (at most ``rows`` boxes, vectors ``dim`` wide) into ``buffer`` (``nbytes`` long)."""
@@ -172,15 +181,18 @@ class ObjectLayout:
             raise ValueError(f"{n} boxes for a slot of {self.rows}")
         if result.vectors is not None and result.vectors.shape[1:] != (self.dim,):
             raise ValueError(f"object vectors of shape {result.vectors.shape}, the slot expects width {self.dim}")
+        if self.detections and (result.anchors is None or result.anchors.shape != (n, 4)):
+            shape = None if result.anchors is None else result.anchors.shape
+            raise ValueError(f"anchors of shape {shape} for {n} detections; the slot expects ({n}, 4)")
         views = self.views(buffer, n)
-        for name in ("boxes", "scores", "classes", "vectors"):
+        for name in ("boxes", "scores", "classes", "anchors", "vectors"):
             value = getattr(result, name)
             if value is not None and views[name] is not None:
                 np.copyto(views[name], value, casting="same_kind")
 
     def views(self, buffer: memoryview | np.ndarray, n: int) -> dict[str, np.ndarray | None]:
-        """The first ``n`` rows of each array in ``buffer`` (scores/classes None for client boxes, vectors None
-        when ``dim`` is 0)."""
+        """The first ``n`` rows of each array in ``buffer`` (scores, classes and anchors None for client boxes,
+        vectors None when ``dim`` is 0)."""
         raw = np.frombuffer(buffer, dtype=np.uint8, count=self.nbytes)
         out: dict[str, np.ndarray | None] = {}
         offset = 0
@@ -190,7 +202,7 @@ class ObjectLayout:
             out[name] = full[:n]
             offset += size
         if not self.detections:
-            out["scores"] = out["classes"] = None
+            out["scores"] = out["classes"] = out["anchors"] = None
         if self.dim == 0:
             out["vectors"] = None
         return out
@@ -211,12 +223,14 @@ class ObjectJob:
 class ObjectResult:
     """One frame's answer on the host: ``boxes`` (N, 4) float32 original-frame xyxy; ``scores`` (N,) float32 and
     ``classes`` (N,) int32 for detections (None for client boxes); ``vectors`` (N, D) storage of the request's
-    dtype, or None."""
+    dtype, or None; ``anchors`` (N, 4) int32 for detections, the anchor that made each one as ``ANCHOR_COLUMNS``
+    (None for client boxes)."""
 
     boxes: np.ndarray
     scores: np.ndarray | None
     classes: np.ndarray | None
     vectors: np.ndarray | None
+    anchors: np.ndarray | None = None
 
 
 def client_boxes(boxes: object, orig_hw: tuple[int, int], max_boxes: int = MAX_CLIENT_BOXES) -> np.ndarray:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -61,5 +62,12 @@ def batch_objects(model: nn.Module, outputs: dict[int, torch.Tensor], jobs: Sequ
                 boxes=frame.boxes.float().cpu().numpy(),
                 scores=frame.scores.float().cpu().numpy() if detected else None,
                 classes=frame.classes.to(torch.int32).cpu().numpy() if detected else None,
-                vectors=to_host(frame.vectors) if frame.vectors is not None else None)
+                vectors=to_host(frame.vectors) if frame.vectors is not None else None,
+                anchors=anchor_columns(frame.cells) if detected else None)
     return found
+
+
+def anchor_columns(cells: torch.Tensor) -> np.ndarray:
+    """(level, anchor, gy, gx) cells of ``detections.row_cells`` as the slot's (N, 4) int32 anchors, in
+    ``ANCHOR_COLUMNS`` order (level, row, column, anchor), the order the reply and the client use."""
+    return cells[:, [0, 2, 3, 1]].to(torch.int32).cpu().numpy()

@@ -237,7 +237,7 @@ class Pipeline:
                           source=pb.BOX_SOURCE_CLIENT if begun.job.boxes is not None else pb.BOX_SOURCE_DETECTOR,
                           scores=found["scores"], classes=found["classes"], box_ids=begun.box_ids,
                           features=vectors, slices=request.slices if vectors is not None else (),
-                          dtype=wire.dtype_from_name(request.vector_dtype))
+                          dtype=wire.dtype_from_name(request.vector_dtype), anchors=found["anchors"])
 
     async def process(self, frame: pb.Frame, options: FrameOptions) -> pb.FrameResult:
         """One frame's FrameResult (``begin`` then ``complete``): OK with tensors, or ERROR with a message."""

@@ -5,7 +5,8 @@ have already run for the detections, so the vectors are read from layer outputs 
 
 - ``anchor`` mode (default for the server's own detections, as ultralytics does): on the Detect level that
   produced a detection, the feature vector at its anchor's grid cell; on every other requested layer (and for
-  client boxes, which have no anchor), the cell under the box centre at that layer's stride.
+  client boxes, which have no anchor), the cell under the box centre at that layer's stride (see *One box*
+  below for which box and which cell).
 - ``roi`` mode: RoIAlign with ``aligned=True`` semantics: k×k bilinear samples at the bin centres of the box
   (torchvision's ``roi_align(output_size=k, spatial_scale=1/stride, sampling_ratio=1, aligned=True)``), averaged
   to a C-vector, or flattened to C·k·k in (C, k, k) order.
@@ -15,10 +16,20 @@ says which columns belong to which layer. With ``normalize`` each layer's slice 
 layers), so every row has norm 1 and the dot product of two rows is the mean of the per-layer cosine
 similarities.
 
-Boxes given by a client are in original-frame pixels: they are validated (``object_request.client_boxes``), clipped to the
-frame and mapped to model-input pixels with the inverse of ``scale_boxes``. In ``roi`` mode the detector's boxes
-take the same road (frame box, clipped, mapped back), so a client sending back the detector's boxes gets the very
-same vectors.
+One box, in both modes and for detections and client boxes alike: vectors are read for the box that is returned,
+i.e. the box in original-frame pixels, clipped to the frame (a client's boxes are validated and clipped by
+``object_request.client_boxes``, the detector's by ``detections.scale_boxes``), then mapped to model-input pixels
+with :func:`detections.unscale_boxes` (x_in = x · gain + (input_w − orig_w · gain) / 2, the inverse of upstream's
+``scale_boxes`` with its ideal half pad). The decoded box before clipping is never used: it can reach past the
+frame, and its centre then lies in another cell than the returned box's (issue 21). So a client sending a
+detection back as its own box gets the very same vector on every layer, except in anchor mode on the detection's
+own Detect level, where the detection is read at its anchor's cell and the client box at its centre's.
+
+The cell under a centre: (cx, cy) = ((x1 + x2) / 2, (y1 + y2) / 2) in model-input pixels (float32), column
+⌊cx / s⌋ and row ⌊cy / s⌋ for the layer's stride s (input size / map size, a power of two, so the division is
+exact), each clamped to the map. Cells are half-open, [k·s, (k+1)·s): a centre exactly on the boundary between
+two cells belongs to the right (lower) one, and a centre on the input's right (bottom) edge, or past it, reads the
+last column (row); one left of (above) the input, the first.
 """
 
 from __future__ import annotations
@@ -64,7 +75,9 @@ class FrameObjects:
     ``boxes`` (N, 4) float32 xyxy in original-frame pixels (unrounded, clipped); ``scores`` (N,) float32 and
     ``classes`` (N,) int64 for detections, None for client boxes; ``rows`` (N,) int64 anchor rows for
     detections, None for client boxes; ``vectors`` (N, D) in the requested dtype, or None when no vectors were
-    asked for; ``slices`` per layer as in :class:`ObjectFeatures`.
+    asked for; ``slices`` per layer as in :class:`ObjectFeatures`; ``cells`` (N, 4) int64 (level, anchor, gy,
+    gx) of each detection's anchor (:func:`detections.row_cells` of ``rows``), None for client boxes: which
+    anchor made a detection, returned to the client (issue 21).
     """
 
     boxes: torch.Tensor
@@ -73,6 +86,7 @@ class FrameObjects:
     rows: torch.Tensor | None
     vectors: torch.Tensor | None
     slices: list[tuple[str, int, int, int, int]]
+    cells: torch.Tensor | None = None
 
 
 def object_layers(model: torch.nn.Module, layers: Sequence[tuple[str, int]]) -> list[ObjectLayer]:
@@ -88,13 +102,18 @@ def default_object_layers(model: torch.nn.Module) -> list[ObjectLayer]:
                                  for s, j in zip(strides, det.detect_input_layers(model))])
 
 
-def _centre_cells(boxes: torch.Tensor, feature: torch.Tensor, input_hw: tuple[int, int]) -> tuple[torch.Tensor, ...]:
-    """(gy, gx) of the cell under each box centre (input pixels) on ``feature`` (…, H, W), clamped to the map."""
-    h, w = feature.shape[-2:]
+def centre_cells(boxes: torch.Tensor, map_hw: tuple[int, int], input_hw: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+    """(gy, gx) int64 of the cell under each box centre on a map of ``map_hw`` cells over an input of ``input_hw``.
+
+    ``boxes`` (N, 4) xyxy in model-input pixels. The rule of the module docstring: ⌊centre / stride⌋ per axis,
+    clamped to the map, so a centre on a cell boundary goes to the right (lower) cell. One function for detections
+    and client boxes, so both always agree on the cell.
+    """
+    h, w = map_hw
     cx = (boxes[:, 0] + boxes[:, 2]) / 2
     cy = (boxes[:, 1] + boxes[:, 3]) / 2
-    gx = torch.floor(cx * (w / input_hw[1])).long().clamp_(0, w - 1)
-    gy = torch.floor(cy * (h / input_hw[0])).long().clamp_(0, h - 1)
+    gx = torch.floor(cx / (input_hw[1] / w)).long().clamp_(0, w - 1)
+    gy = torch.floor(cy / (input_hw[0] / h)).long().clamp_(0, h - 1)
     return gy, gx
 
 
@@ -103,9 +122,10 @@ def anchor_vectors(feature: torch.Tensor, layer: ObjectLayer, image: torch.Tenso
     """(N, C) vectors of ``feature`` (B, C, H, W) for boxes of images ``image`` (N,).
 
     A box whose ``cells`` row (level, anchor, gy, gx) names this layer's Detect level is read at (gy, gx); any
-    other box (or every box, when ``cells`` is None) at the cell under its centre (``boxes`` in input pixels).
+    other box (or every box, when ``cells`` is None) at the cell under its centre (:func:`centre_cells`; ``boxes``
+    in input pixels, the returned boxes mapped to the input, never the decoded ones).
     """
-    gy, gx = _centre_cells(boxes, feature, input_hw)
+    gy, gx = centre_cells(boxes, (int(feature.shape[-2]), int(feature.shape[-1])), input_hw)
     if cells is not None and layer.level is not None:
         own = cells[:, 0] == layer.level
         gy = torch.where(own, cells[:, 2], gy)
@@ -283,6 +303,8 @@ def frame_objects(
     ``nms``: detection options, or None for no detections. ``objects``: vector options, or None for no vectors.
     ``boxes``: per frame, client boxes (already checked by ``object_request.client_boxes``) or None; a frame with client
     boxes is not run through Detect, its boxes get vectors (anchor mode: the centre cell on every layer).
+    Vectors of detections and of client boxes are read for the returned (clipped) box, mapped back to the input
+    (module docstring), so equal boxes get equal vectors, except on a detection's own level in anchor mode.
     """
     bs = len(orig_hws)
     given = list(boxes) if boxes is not None else [None] * bs
@@ -299,21 +321,21 @@ def frame_objects(
     frames: list[FrameObjects] = []
     vector_boxes: list[torch.Tensor] = []
     cells: list[torch.Tensor | None] = []
-    roi_mode = objects is not None and objects.mode == "roi"
     for b in range(bs):
         d = found.get(b)
         if d is not None:
             frame_boxes = det.scale_boxes(d.boxes, input_hw, orig_hws[b])
-            frames.append(FrameObjects(frame_boxes, d.scores, d.classes, d.rows, None, []))
-            cells.append(det.row_cells(d.rows, grids, na))
+            anchor_cells = det.row_cells(d.rows, grids, na)
+            frames.append(FrameObjects(frame_boxes, d.scores, d.classes, d.rows, None, [], anchor_cells))
+            cells.append(anchor_cells)
         else:
             frame_boxes = torch.as_tensor(given[b] if given[b] is not None else np.zeros((0, 4), np.float32),
                                           dtype=torch.float32, device=device)
             frames.append(FrameObjects(frame_boxes, None, None, None, None, []))
             cells.append(None)
-        # roi mode reads every box through its frame box, so a client sending a detection back gets its vector.
-        use_frame_box = d is None or roi_mode
-        vector_boxes.append(det.unscale_boxes(frame_boxes, input_hw, orig_hws[b]) if use_frame_box else d.boxes)
+        # Every box is read through the box returned (clipped, in frame pixels), mapped back to the input the same
+        # way for detections and client boxes: a client sending a detection back gets its vector.
+        vector_boxes.append(det.unscale_boxes(frame_boxes, input_hw, orig_hws[b]))
     if objects is not None:
         chosen = list(layers) if layers is not None else default_object_layers(model)
         result = object_features([outputs[layer.index] for layer in chosen], chosen, vector_boxes, input_hw,
