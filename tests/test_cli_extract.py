@@ -47,8 +47,9 @@ def test_extract_images_and_video(tmp_path, capsys):
         writer.write(np.full((64, 96, 3), 40 * k, np.uint8))
     writer.release()
     out = tmp_path / "out"
-    rc = cli.main(["extract", "--imgsz", "128", "--device", "cpu", "--layers", "backbone,P3,4", "--batch", "2",
-                   "--max-frames", "3", "--out", str(out), str(tmp_path / "a.png"), str(tmp_path / "b.jpg"), str(video)])
+    rc = cli.main(["extract", "--imgsz", "128", "--device", "cpu", "--backend", "torch", "--layers", "backbone,P3,4",
+                   "--batch", "2", "--max-frames", "3", "--out", str(out), str(tmp_path / "a.png"),
+                   str(tmp_path / "b.jpg"), str(video)])
     assert rc == 0
     assert sorted(p.name for p in out.iterdir()) == ["a.npz", "b.npz", "clip_000000.npz", "clip_000001.npz",
                                                      "clip_000002.npz"]

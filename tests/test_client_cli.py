@@ -77,7 +77,8 @@ def _images_extracted_offline(tmp_path: Path, count: int, seed: int, layers: str
     for i in range(count):
         cv2.imwrite(str(folder / f"img{i}{suffix}"), rng.integers(0, 256, (48, 80, 3), dtype=np.uint8))
     offline = tmp_path / "offline"
-    assert cli.main(["extract", "--imgsz", str(IMGSZ), "--device", "cpu", "--batch", "1", "--layers", layers,
+    assert cli.main(["extract", "--imgsz", str(IMGSZ), "--device", "cpu", "--backend", "torch", "--batch", "1",
+                     "--layers", layers,
                      "--out", str(offline), str(folder)]) == 0
     return folder, offline
 

@@ -27,7 +27,8 @@ from yolostream.v1 import wire
 from conftest import ServeProcess, cpu_runner, grpc_channel, raw_frame, serve_cmd, serve_env
 
 WAIT = 60.0
-SERVE = ("--port", "0", "--imgsz", "64", "--device", "cpu", "--max-batch", "1", "--shm-mb", "16")
+#: torch, as the in-process reference runs it: the streams must be bit-equal to it.
+SERVE = ("--port", "0", "--imgsz", "64", "--device", "cpu", "--max-batch", "1", "--shm-mb", "16", "--backend", "torch")
 
 
 def _config(max_in_flight: int = 4, layers: tuple[str, ...] = ("P3", "backbone")) -> pb.StreamRequest:
