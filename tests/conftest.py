@@ -88,6 +88,34 @@ def engine_extract(engine, frames, layers, imgsz=None, policy=None) -> list[Engi
     return [results[k] for k in range(len(frames))]
 
 
+#: The float32 slack of the 8-bit codes' bound, per channel: units in the last place of its largest magnitude...
+AFFINE_ULPS = 6 * 2.0**-24
+#: ...and the rounding of a subnormal scale (see ``assert_affine_bound``).
+AFFINE_TINY = 2.0**-142
+
+
+def assert_affine_bound(x: np.ndarray, codes) -> None:
+    """8-bit codes (``wire.AffineCodes``) decode to float32 values of ``x``'s shape within the per-element bound
+    |x - decoded| <= scale/2 + 6 * 2**-24 * max(|min|, |max|) + 2**-142 per channel.
+
+    That is half a step, plus the float32 rounding of the quantiser's subtraction, division and scale and of the
+    decode (a few units in the last place of the channel's largest magnitude), plus, for a channel whose range is under
+    255 * 2**-126 (about 3e-36), the rounding of a subnormal scale to the subnormal spacing 2**-149, which the top code
+    can multiply by 255 (255 * 2**-150 < 2**-142).
+    """
+    decoded = codes.dequantize()
+    assert decoded.dtype == np.float32 and decoded.shape == x.shape
+    axis = codes.axis
+    reduce = tuple(a for a in range(x.ndim) if a != axis)
+    shape = (() if axis is None else tuple(-1 if a == axis else 1 for a in range(x.ndim)))
+    s = codes.scales.astype(np.float64).reshape(shape)
+    lo = np.min(x, axis=reduce, keepdims=True).astype(np.float64) if x.size else 0.0
+    hi = np.max(x, axis=reduce, keepdims=True).astype(np.float64) if x.size else 0.0
+    bound = s / 2 + AFFINE_ULPS * np.maximum(np.abs(lo), np.abs(hi)) + AFFINE_TINY
+    err = np.abs(x.astype(np.float64) - decoded.astype(np.float64))
+    assert (err <= bound).all(), f"worst excess {(err - bound).max()}"
+
+
 @contextlib.contextmanager
 def torch_threads(count: int):
     """Run the block with ``count`` torch intra-op threads (the count moves results by ulps), then restore it."""
@@ -188,10 +216,15 @@ class ServeProcess:
 
 def raw_frame(k: int, h: int = 48, w: int = 64, channels: int = 3) -> pb.Frame:
     """Seeded random pixels as a raw BGR frame (or GRAY with ``channels=1``)."""
-    data = np.random.default_rng(k).integers(0, 256, (h, w, channels), dtype=np.uint8).tobytes()
+    return frame_of(k, np.random.default_rng(k).integers(0, 256, (h, w, channels), dtype=np.uint8))
+
+
+def frame_of(frame_id: int, image: np.ndarray) -> pb.Frame:
+    """``image`` (H, W, 3) BGR or (H, W, 1) GRAY uint8 as a raw Frame, stamped ``1000 + frame_id`` µs."""
+    h, w, channels = image.shape
     fmt = pb.PIXEL_FORMAT_BGR if channels == 3 else pb.PIXEL_FORMAT_GRAY
-    return pb.Frame(frame_id=k, capture_timestamp_us=1000 + k,
-                    raw=pb.RawImage(data=data, height=h, width=w, channels=channels, format=fmt))
+    return pb.Frame(frame_id=frame_id, capture_timestamp_us=1000 + frame_id,
+                    raw=pb.RawImage(data=image.tobytes(), height=h, width=w, channels=channels, format=fmt))
 
 
 def stream_config(max_in_flight: int = 4) -> pb.StreamRequest:

@@ -1,10 +1,7 @@
 """DTYPE_UINT8_AFFINE: the numpy reference, the device quantiser (torch) bit for bit against it, and the wire form.
 
-The per-element bound tested everywhere is |x - decoded| <= scale/2 + 6 * 2**-24 * max(|min|, |max|) + 2**-142 per
-channel: half a step, plus the float32 rounding of the quantiser's subtraction, division and scale and of the
-decode (a few units in the last place of the channel's largest magnitude), plus, for a channel whose range is under
-255 * 2**-126 (about 3e-36), the rounding of a subnormal scale to the subnormal spacing 2**-149, which the top code
-can multiply by 255 (255 * 2**-150 < 2**-142).
+The per-element bound tested everywhere is ``conftest.assert_affine_bound``'s (its docstring says where each term
+comes from).
 """
 
 from __future__ import annotations
@@ -15,31 +12,18 @@ import pytest
 from yolostream.v1 import feature_service_pb2 as pb
 from yolostream.v1 import wire
 
+from conftest import AFFINE_ULPS as ULPS
+from conftest import assert_affine_bound as _assert_bound
+
 torch = pytest.importorskip("torch", reason="the device quantiser needs torch (the server extra)")
 from yolostream.server.device import quantize  # noqa: E402
 
 RNG = np.random.default_rng(19)
-ULPS = 6 * 2.0**-24
-TINY = 2.0**-142
 
 
 def _bits(a) -> np.ndarray:
     """float32 bit patterns, so that -0.0 vs 0.0 and NaN payloads count as differences."""
     return np.ascontiguousarray(np.asarray(a, dtype=np.float32)).view(np.uint32)
-
-
-def _assert_bound(x: np.ndarray, codes: wire.AffineCodes) -> None:
-    decoded = codes.dequantize()
-    assert decoded.dtype == np.float32 and decoded.shape == x.shape
-    axis = codes.axis
-    reduce = tuple(a for a in range(x.ndim) if a != axis)
-    shape = (() if axis is None else tuple(-1 if a == axis else 1 for a in range(x.ndim)))
-    s = codes.scales.astype(np.float64).reshape(shape)
-    lo = np.min(x, axis=reduce, keepdims=True).astype(np.float64) if x.size else 0.0
-    hi = np.max(x, axis=reduce, keepdims=True).astype(np.float64) if x.size else 0.0
-    bound = s / 2 + ULPS * np.maximum(np.abs(lo), np.abs(hi)) + TINY
-    err = np.abs(x.astype(np.float64) - decoded.astype(np.float64))
-    assert (err <= bound).all(), f"worst excess {(err - bound).max()}"
 
 
 def _maps(n=3, c=5, h=7, w=9, scale=10.0) -> np.ndarray:
@@ -372,6 +356,38 @@ def test_device_shapes_are_checked():
         quantize.quantize_objects(torch.zeros(3, 4, 5))
 
 
+# The per-frame records the device hands the front-end (ipc/affine.py).
+
+
+@pytest.mark.parametrize("layout", ["maps", "channels_last", "pooled"])
+def test_records_unpack_to_the_reference_codes_and_mark_uncodable_frames(layout):
+    from yolostream.server.ipc import affine
+
+    x = _hard_maps() if layout != "pooled" else (RNG.standard_normal((4, 33)) * 7).astype(np.float32)
+    if layout == "pooled":
+        x[2, 3] = np.nan
+    t = torch.from_numpy(x)
+    if layout == "channels_last":
+        t = t.contiguous(memory_format=torch.channels_last)
+    records = quantize.affine_records(t).numpy()
+    frame = x.shape[1:]
+    assert records.dtype == np.uint8 and records.shape == (len(x), affine.record_bytes(frame))
+    assert affine.params(frame) == (x.shape[1] if layout != "pooled" else 1)
+    codes, scales, offsets, ok = wire.quantize_reference(x, tuple(range(1, x.ndim)) if layout == "pooled" else (2, 3))
+    for n in range(len(x)):
+        got_scales, got_offsets, got_codes = affine.unpack(records[n], frame)
+        assert got_codes.shape == frame and np.shares_memory(got_codes, records)
+        assert affine.coded(got_scales) == bool(ok[n].all())
+        if ok[n].all():
+            assert np.array_equal(got_codes, codes[n])
+            assert _bits(got_scales).tolist() == _bits(scales[n].reshape(-1)).tolist()
+            assert _bits(got_offsets).tolist() == _bits(offsets[n].reshape(-1)).tolist()
+        else:
+            assert np.isnan(got_scales).all()
+    with pytest.raises(ValueError, match="record"):
+        affine.unpack(records[0, :-1], frame)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the GPU check runs where there is one")
 def test_cuda_equals_the_reference():
     x = _hard_maps()
@@ -383,3 +399,5 @@ def test_cuda_equals_the_reference():
     vectors = (RNG.standard_normal((5, 64)) * 3).astype(np.float32)
     _assert_same(quantize.quantize_pooled(torch.from_numpy(vectors).cuda()), wire.quantize_reference(vectors, (1,)))
     _assert_same(quantize.quantize_objects(torch.from_numpy(vectors).cuda()), wire.quantize_reference(vectors, (0,)))
+    assert np.array_equal(quantize.affine_records(torch.from_numpy(x).cuda()).cpu().numpy(),
+                          quantize.affine_records(torch.from_numpy(x)).numpy())

@@ -18,9 +18,10 @@ from .results import Detections, FeatureResult, FeatureServerError, FrameError, 
 from .stream import FeatureStream
 from .resume import ResumePolicy
 from .sources import ImageFile, Source, SourceError, open_source
-from .store import FeatureWriter, SavedFeatures, load_features
+from .store import CodedRows, FeatureWriter, SavedFeatures, load_features
 
 __all__ = [
+    "CodedRows",
     "DetectOptions",
     "Detections",
     "FeatureClient",

@@ -22,7 +22,8 @@ import numpy as np
 from yolostream.v1 import vocab
 
 from .client import DEFAULT_ADDRESS, FeatureClient
-from .options import ENCODINGS, LETTERBOXES, POOLINGS, DetectOptions, ObjectFeatureOptions
+from .options import (COMPRESSIONS, ENCODINGS, LETTERBOXES, POOLINGS, DetectOptions, ObjectFeatureOptions,
+                      stream_compression)
 from .results import FeatureServerError, ModelInfo
 from .resume import ResumePolicy
 from .sources import GIVE_UP_AFTER_S, SOURCE_TIMEOUT_S, open_source
@@ -162,7 +163,12 @@ def register_stream(p: argparse.ArgumentParser) -> None:
     f = p.add_argument_group("features")
     f.add_argument("--layers", help="comma list of indices or names: backbone, C3..C6, P3..P6, 9 (default: the "
                                     "server's, usually backbone)")
-    f.add_argument("--dtype", choices=DTYPES, help="tensor type on the wire (default float32)")
+    f.add_argument("--dtype", choices=DTYPES, help="tensor type on the wire (default float32); uint8: 8-bit codes with "
+                                                   "a scale and offset per channel, a quarter of float32's bytes, "
+                                                   "decoded to float32 (--save keeps the codes)")
+    f.add_argument("--compression", choices=tuple(COMPRESSIONS),
+                   help="lossless compression of the tensors on the wire: zstd (byte shuffle, then Zstandard; needs "
+                        "the zstandard package, the compress extra) or none (default none)")
     f.add_argument("--pool", choices=tuple(POOLINGS), default="none",
                    help="none: (C,H,W) maps; avg/max: one (C,) vector per layer (default none)")
     f.add_argument("--letterbox", choices=tuple(LETTERBOXES), help="server default when omitted (auto)")
@@ -315,7 +321,8 @@ def _save_info(args: argparse.Namespace, info: ModelInfo, source_description: st
     return {"model": {"name": info.model_name, "source": info.source, "random_weights": info.random_weights,
                       "device": info.device},
             "server": args.server, "source": source_description,
-            "options": {"layers": list(layers), "dtype": args.dtype, "pooling": args.pool, "letterbox": args.letterbox,
+            "options": {"layers": list(layers), "dtype": args.dtype, "compression": args.compression,
+                        "pooling": args.pool, "letterbox": args.letterbox,
                         "imgsz": args.imgsz, "encoding": args.encoding, "quality": args.quality,
                         "realtime": args.realtime, "detect": args.detect, "conf": args.conf, "iou": args.iou,
                         "classes": args.classes, "agnostic": args.agnostic, "multi_label": args.multi_label,
@@ -328,6 +335,10 @@ def cmd_stream(args: argparse.Namespace) -> int:
     _check_numbers(args)
     layers = _layers(args)
     detect, objects = _objects(args)
+    try:  # before opening anything: the codec's package is missing here
+        stream_compression(args.compression)
+    except ImportError as err:
+        raise RuntimeError(f"--compression {args.compression}: {err}") from None
     boxes = read_boxes(args.boxes) if args.boxes else None
     if args.show and (problem := display_problem()):
         raise RuntimeError(problem)
@@ -367,7 +378,8 @@ def _run_stream(args: argparse.Namespace, client: FeatureClient, source: Any, la
             with client.stream(frames, layers=layers or None, dtype=args.dtype, pooling=args.pool,
                                letterbox=args.letterbox, imgsz=args.imgsz, realtime=args.realtime,
                                max_in_flight=args.max_in_flight, encoding=args.encoding, quality=args.quality,
-                               keep_images=bool(sink or window), detect=detect, objects=objects) as results:
+                               keep_images=bool(sink or window), detect=detect, objects=objects,
+                               compression=args.compression) as results:
                 for result in results:
                     stats.update(result)
                     if writer is not None:

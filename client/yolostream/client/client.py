@@ -19,7 +19,8 @@ from yolostream.v1 import feature_service_pb2 as pb
 from yolostream.v1 import feature_service_pb2_grpc as pb_grpc
 from yolostream.v1 import wire
 
-from .options import DetectOptions, ObjectFeatureOptions, check_encoding, feature_options, fill_frame
+from .options import (DetectOptions, ObjectFeatureOptions, check_encoding, feature_options, fill_frame,
+                      stream_compression)
 from .results import FeatureResult, FeatureServerError, FrameError, ModelInfo, result_from_proto
 from .resume import ResumePolicy, balancing_options, channel_target, is_address_list, names_one_address, resume_policy
 from .stream import FeatureStream
@@ -202,7 +203,7 @@ class FeatureClient:
                realtime: bool = False, max_in_flight: int | None = None, encoding: str = "jpeg",
                quality: int = 90, keep_images: bool = False,
                resume: ResumePolicy | bool | None = None, detect: DetectOptions | bool | None = None,
-               objects: ObjectFeatureOptions | str | None = None) -> "FeatureStream":
+               objects: ObjectFeatureOptions | str | None = None, compression: str | None = None) -> "FeatureStream":
         """Stream ``frames`` (BGR arrays, or ``(array, capture_time_seconds)`` pairs) and iterate over the results.
 
         A frame may also come with boxes of its own, as ``(array, time, boxes)`` or ``(array, time, boxes, ids)``
@@ -215,12 +216,19 @@ class FeatureClient:
         for drawing. The iterable is consumed in a background thread; an exception it raises (a camera that
         disappears) is re-raised after the results of the frames read before it. ``resume`` overrides the client's
         policy for this stream (False: end with UNAVAILABLE as soon as the replica carrying it fails).
+
+        ``dtype="uint8"`` asks for 8-bit codes (a quarter of float32's bytes): ``result.features`` still holds float32
+        arrays (decoded), and ``result.codes`` the codes with their per-channel scales and offsets.
+        ``compression="zstd"`` asks the server to compress each tensor losslessly (byte shuffle, then Zstandard) when
+        that makes it smaller; it needs the zstandard package here too (the ``compress`` extra). Results are the same
+        either way; only the bytes on the wire change.
         """
         check_encoding(encoding, quality)
         if max_in_flight is not None and max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
         config = pb.StreamConfig(options=feature_options(layers, dtype, pooling, letterbox, imgsz, detect, objects),
-                                 max_in_flight=max_in_flight or 0, realtime=realtime)
+                                 max_in_flight=max_in_flight or 0, realtime=realtime,
+                                 compression=stream_compression(compression))
         names = self.class_names() if detect else ()
         window = None if realtime else 2 * (max_in_flight or self._server_in_flight())
         self._settle()

@@ -20,6 +20,7 @@ from .sources import file_bytes
 ENCODINGS = ("jpeg", "png", "raw")
 POOLINGS = vocab.POOLINGS
 LETTERBOXES = vocab.LETTERBOX_POLICIES
+COMPRESSIONS = vocab.COMPRESSIONS
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,8 @@ def feature_options(layers: str | Sequence[str | int] | None = None, dtype: str 
                     imgsz: int | None = None, detect: DetectOptions | bool | None = None,
                     objects: ObjectFeatureOptions | str | None = None) -> pb.FeatureOptions:
     """The wire options; None means the server default. ``layers`` is a list or a comma-separated string.
+    ``dtype``: ``float32``, ``float16``, ``bfloat16`` or ``uint8`` (8-bit codes with a scale and offset per channel,
+    a quarter of float32's bytes; results decode them to float32).
     ``detect``: True (upstream's defaults) or ``DetectOptions`` to detect objects; ``objects``: how each box gets
     its vector, as ``ObjectFeatureOptions`` or just its mode (``"anchor"``, ``"roi"``, ``"none"``)."""
     names = _names(layers)
@@ -116,6 +119,24 @@ def feature_options(layers: str | Sequence[str | int] | None = None, dtype: str 
         object_features=(ObjectFeatureOptions(objects) if isinstance(objects, str) else objects).to_proto()
         if objects is not None else None,
     )
+
+
+def stream_compression(name: str | None) -> int:
+    """The StreamConfig.compression for ``name``: None or ``"none"`` (plain bytes), or ``"zstd"`` (byte shuffle, then
+    Zstandard; lossless). ValueError for another name; ``wire.CodecMissingError`` (an ImportError naming the
+    ``compress`` extra) when ``zstd`` is asked for and the zstandard package is missing, so a stream fails before
+    its first frame rather than at its first compressed answer.
+
+    Args:
+        name: the codec's name (``vocab.COMPRESSIONS``).
+    """
+    if name is None:
+        return pb.COMPRESSION_UNSPECIFIED
+    if name not in COMPRESSIONS:
+        raise ValueError(f"unknown compression {name!r}; choose one of {', '.join(COMPRESSIONS)}")
+    if COMPRESSIONS[name] == pb.COMPRESSION_SHUFFLE_ZSTD:
+        wire.zstd_module()
+    return COMPRESSIONS[name]
 
 
 def check_encoding(encoding: str, quality: int) -> None:

@@ -154,8 +154,9 @@ class FeatureResult:
     """The answer for one frame.
 
     ``features`` maps each layer name as requested to a read-only array, (C, H, W) or (C,) when pooled, that is a
-    zero-copy view of the response bytes for float32/float16 (bfloat16 arrives as float32). ``timestamp`` is the
-    capture time in seconds as given to ``stream`` (to the microsecond). ``latency`` is the client-measured round
+    zero-copy view of the response bytes for float32/float16 (bfloat16 and 8-bit codes arrive as float32; a
+    compressed tensor is a view of its decompressed bytes). ``timestamp`` is the capture time in seconds as given to
+    ``stream`` (to the microsecond). ``latency`` is the client-measured round
     trip in seconds, from the moment the frame was handed to gRPC until its answer was read. ``letterbox`` (dict of
     ``LetterboxInfo`` fields) maps model-input pixels back to the frame with ``yolostream.v1.vocab.input_to_frame``:
     ``x = (x_in - pad_left) * original_width / resized_width``.
@@ -163,6 +164,10 @@ class FeatureResult:
     (0 normally); ``latency`` then runs from its first send.
     ``detections`` holds the frame's boxes when the stream detects or the frame carried boxes (else None), and
     ``object_features`` their (N, D) vectors, one row per box (None when not asked for).
+    ``codes`` maps each layer sent as 8-bit codes (``dtype="uint8"``) to its ``yolostream.v1.wire.AffineCodes``: the
+    uint8 ``codes`` as sent (read-only), the float32 ``scales`` and ``offsets`` (one per channel: C for a (C, H, W)
+    map, 1 for a pooled vector) and the channel ``axis`` (0, or None for one channel); ``features`` holds the same
+    layer decoded to float32 (``codes[name].dequantize()``). Empty for other dtypes.
     """
 
     frame_id: int
@@ -179,6 +184,7 @@ class FeatureResult:
     retries: int = 0
     detections: Detections | None = None
     object_features: np.ndarray | None = field(default=None, repr=False)
+    codes: dict[str, wire.AffineCodes] = field(default_factory=dict, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -199,7 +205,13 @@ def _detections(msg: pb.FrameResult, class_names: Sequence[str]) -> tuple[Detect
 
 def result_from_proto(msg: pb.FrameResult, latency: float | None, image: np.ndarray | None,
                        class_names: Sequence[str] = ()) -> FeatureResult:
-    features = {t.name: wire.tensor_from_proto(t) for t in msg.tensors}
+    features, codes = {}, {}
+    for t in msg.tensors:
+        if t.dtype == pb.DTYPE_UINT8_AFFINE:  # decompressed and read once, for both forms
+            codes[t.name] = wire.affine_from_proto(t)
+            features[t.name] = codes[t.name].dequantize()
+        else:
+            features[t.name] = wire.tensor_from_proto(t)
     ok = msg.status == pb.FRAME_STATUS_OK
     detections, vectors = _detections(msg, class_names) if ok else (None, None)
     return FeatureResult(
@@ -216,4 +228,5 @@ def result_from_proto(msg: pb.FrameResult, latency: float | None, image: np.ndar
         image=image,
         detections=detections,
         object_features=vectors,
+        codes=codes,
     )

@@ -1,11 +1,12 @@
 """``--save DIR``: features written to disk as they arrive, readable lazily with plain numpy.
 
-Format (version 1) of a save directory:
+Format of a save directory (version 1; version 2 when a layer holds 8-bit codes, so that a reader that predates
+them refuses the save instead of handing out codes as if they were features):
 
 ``meta.json``
-    ``{"format": "yolostream-features", "version": 1, "complete": bool, "frames": N, "rows": R,
-    "layers": {name: {"file", "dtype", "shape", "layer_index", "stride"}}, ...}`` plus whatever the writer was
-    given (model, source, options). ``complete`` is false until the writer closed cleanly.
+    ``{"format": "yolostream-features", "version": 1 or 2, "complete": bool, "frames": N, "rows": R,
+    "layers": {name: {"file", "dtype", "shape", "layer_index", "stride"[, "affine"]}}, ...}`` plus whatever the
+    writer was given (model, source, options). ``complete`` is false until the writer closed cleanly.
 ``frames.jsonl``
     One JSON object per frame, in frame order: ``frame_id``, ``timestamp`` (capture time, s), ``status``
     (ok/error/dropped), ``error``, ``row`` (index of the frame in the layer arrays; null unless ok),
@@ -14,6 +15,11 @@ Format (version 1) of a save directory:
 ``<layer>.npy``
     One standard ``.npy`` per requested layer, shape ``(R, *frame_shape)`` — e.g. ``(R, C, H, W)``, or ``(R, C)``
     when pooled — in the wire dtype (float32, or float16; bfloat16 is stored as float32), one row per OK frame.
+    A layer streamed as 8-bit codes (``dtype="uint8"``) keeps them: ``<layer>.npy`` holds the uint8 codes, and
+    its ``affine`` entry in ``meta.json`` names two more files, ``{"scales": "<layer>.scales.npy", "offsets":
+    "<layer>.offsets.npy"}``: float32 ``(R, P)``, one scale and offset per channel and row (P = C for maps, 1 for
+    pooled vectors), so that row ``i`` decodes to ``offsets[i, c] + scales[i, c] * codes[i, c, ...]`` (the wire
+    formula, ``yolostream.v1.wire.dequantize_affine``). :func:`load_features` gives such a layer as float32.
 ``objects.<column>.npy``
     Present when the stream detected objects or sent boxes: one row per box, over all frames, in frame order.
     Columns: ``boxes`` (B, 4) float32 x1, y1, x2, y2 in frame pixels; ``scores`` (B,) float32 (NaN for client
@@ -43,10 +49,14 @@ from typing import IO, Any
 
 import numpy as np
 
+from yolostream.v1 import wire
+
 from .results import ANCHOR_CELL_COLUMNS, FeatureResult
 
 FORMAT = "yolostream-features"
 VERSION = 1
+#: The version of saves that hold 8-bit codes (readers of version 1 would take the codes for the features).
+VERSION_CODES = 2
 META = "meta.json"
 #: Value of ``objects.box_ids`` for boxes sent without an id, and for detections.
 NO_BOX_ID = np.iinfo(np.uint64).max
@@ -114,7 +124,8 @@ class FeatureWriter:
             raise FileExistsError(f"--save directory {self.dir} exists and is not empty; choose a new one")
         self.dir.mkdir(parents=True, exist_ok=True)
         self.info = dict(info or {})
-        self.layers: dict[str, _LayerFile] = {}
+        #: per layer, its files by part: "file" (the features or the codes), and "scales", "offsets" for codes
+        self.layers: dict[str, dict[str, _LayerFile]] = {}
         self.layer_meta: dict[str, dict[str, Any]] = {}
         self.objects: dict[str, _LayerFile] = {}
         self.object_meta: dict[str, Any] = {}
@@ -126,36 +137,53 @@ class FeatureWriter:
         self._write_meta(complete=False)
 
     def _write_meta(self, complete: bool) -> None:
-        meta = {**self.info, "format": FORMAT, "version": VERSION, "complete": complete, "frames": self.frames,
-                "rows": self.rows, "layers": self.layer_meta}
+        coded = any("affine" in layer for layer in self.layer_meta.values())
+        meta = {**self.info, "format": FORMAT, "version": VERSION_CODES if coded else VERSION, "complete": complete,
+                "frames": self.frames, "rows": self.rows, "layers": self.layer_meta}
         if self.object_meta:
             meta["objects"] = {**self.object_meta, "boxes": self.boxes}
         tmp = self.dir / (META + ".tmp")
         tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, self.dir / META)
 
-    def _layer(self, name: str, array: np.ndarray, result: FeatureResult) -> _LayerFile:
-        layer = self.layers.get(name)
-        if layer is None:
-            file = _file_name(name, {lf.path.name for lf in self.layers.values()})
-            layer = _LayerFile(self.dir / file, array.dtype, tuple(array.shape))
-            self.layers[name] = layer
+    def _layer(self, name: str, array: np.ndarray, result: FeatureResult) -> list[tuple[_LayerFile, np.ndarray]]:
+        """The files one row of layer ``name`` goes to, each with its part of the row: the features, or for 8-bit
+        codes the codes, the scales and the offsets (opened, and described in meta.json, on the layer's first row)."""
+        coded = result.codes.get(name)
+        parts = {"file": array} if coded is None else {"file": coded.codes, "scales": coded.scales,
+                                                       "offsets": coded.offsets}
+        files = self.layers.get(name)
+        if files is None:
+            taken = {lf.path.name for group in self.layers.values() for lf in group.values()}
+            files = {}
+            for part, values in parts.items():
+                file = _file_name(name if part == "file" else f"{name}.{part}", taken)
+                taken.add(file)
+                files[part] = _LayerFile(self.dir / file, values.dtype, tuple(values.shape))
+            self.layers[name] = files
             info = result.tensors.get(name)
-            self.layer_meta[name] = {"file": file, "dtype": str(array.dtype), "shape": list(array.shape),
+            self.layer_meta[name] = {"file": files["file"].path.name, "dtype": str(parts["file"].dtype),
+                                     "shape": list(parts["file"].shape),
                                      "layer_index": info.layer_index if info else None,
                                      "stride": info.stride if info else None}
+            if coded is not None:
+                self.layer_meta[name]["affine"] = {part: files[part].path.name for part in ("scales", "offsets")}
             self._write_meta(complete=False)
-        elif tuple(array.shape) != layer.row_shape or array.dtype != layer.dtype:
-            raise ValueError(f"frame {result.frame_id}: layer {name} has shape {tuple(array.shape)} {array.dtype}, "
-                             f"but this save holds {layer.row_shape} {layer.dtype}; frames of different sizes need "
-                             "--letterbox square (or --pool) to be saved together")
-        return layer
+        elif set(parts) != set(files):
+            raise ValueError(f"frame {result.frame_id}: layer {name} came {'as' if coded else 'without'} 8-bit codes, "
+                             f"but this save holds it {'without' if coded else 'as'} codes")
+        elif tuple(array.shape) != files["file"].row_shape or parts["file"].dtype != files["file"].dtype:
+            raise ValueError(f"frame {result.frame_id}: layer {name} has shape {tuple(array.shape)} "
+                             f"{parts['file'].dtype}, but this save holds {files['file'].row_shape} "
+                             f"{files['file'].dtype}; frames of different sizes need --letterbox square (or --pool) "
+                             "to be saved together")
+        return [(files[part], values) for part, values in parts.items()]
 
     def append(self, result: FeatureResult, **extra: Any) -> None:
         """Write one result: its features (OK frames) and its metadata line; ``extra`` adds fields to that line."""
         row = objects = None
         if result.ok:
-            targets = [(self._layer(name, array, result), array) for name, array in result.features.items()]
+            targets = [target for name, array in result.features.items() for target in self._layer(name, array, result)]
             columns = self._object_columns(result) if result.detections is not None else None
             for layer, array in targets:
                 layer.append(array)
@@ -217,7 +245,7 @@ class FeatureWriter:
             return
         self._closed = True
         self._frames_file.close()  # frame records first: a layer header never counts rows they do not describe
-        for layer in [*self.layers.values(), *self.objects.values()]:
+        for layer in [*(lf for group in self.layers.values() for lf in group.values()), *self.objects.values()]:
             layer.close()
         self._write_meta(complete=True)
 
@@ -228,9 +256,67 @@ class FeatureWriter:
         self.close()
 
 
+@dataclass(frozen=True, eq=False)
+class CodedRows:
+    """The saved rows of a layer streamed as 8-bit codes, read as float32: each row is decoded when it is indexed.
+
+    ``saved["P3"][i]`` (or a slice, or any numpy index whose first entry picks rows) gives float32 values, exactly
+    what the stream's ``result.features`` held; ``np.asarray(saved["P3"])`` decodes every row. ``shape``, ``dtype``
+    (float32), ``ndim`` and ``len()`` are those of the decoded array. The codes stay on disk, memory-mapped:
+    ``codes`` (rows, *shape) uint8, ``scales`` and ``offsets`` (rows, P) float32, and ``row(i)`` gives row ``i`` as a
+    ``yolostream.v1.wire.AffineCodes``.
+    """
+
+    codes: np.ndarray
+    scales: np.ndarray
+    offsets: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.codes.shape)
+
+    @property
+    def ndim(self) -> int:
+        return self.codes.ndim
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.float32)
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def head(self, rows: int) -> "CodedRows":
+        """The first ``rows`` rows, still coded."""
+        return CodedRows(self.codes[:rows], self.scales[:rows], self.offsets[:rows])
+
+    def row(self, i: int) -> wire.AffineCodes:
+        """Row ``i``'s codes and parameters, as the stream delivered them (``result.codes[name]``)."""
+        return wire.AffineCodes(np.asarray(self.codes[i]), np.asarray(self.scales[i]), np.asarray(self.offsets[i]),
+                                wire.affine_channel_axis(self.codes.ndim - 1))
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        first, rest = (index[0], index[1:]) if isinstance(index, tuple) and index else (index, ())
+        if first is Ellipsis or first is None:
+            return np.asarray(self)[index]
+        if isinstance(first, (int, np.integer)):
+            values = self.row(int(np.arange(len(self))[first])).dequantize()
+            return values[rest] if rest else values
+        picked = np.arange(len(self))[first]
+        values = np.empty((len(picked), *self.shape[1:]), np.float32)
+        for k, i in enumerate(picked):
+            values[k] = self.row(int(i)).dequantize()
+        return values[(slice(None), *rest)]
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        values = self[:]
+        return values if dtype is None else values.astype(dtype, copy=False)
+
+
 @dataclass(eq=False)
-class SavedFeatures(Mapping[str, np.ndarray]):
-    """A save directory read back, as a mapping of layer name → read-only memory-mapped (rows, ...) array.
+class SavedFeatures(Mapping[str, "np.ndarray | CodedRows"]):
+    """A save directory read back, as a mapping of layer name → read-only memory-mapped (rows, ...) array (a
+    :class:`CodedRows`, read as float32, for a layer streamed as 8-bit codes).
 
     Row ``i`` of every array belongs to the frame whose metadata has ``row == i``; ``frames`` lists every frame's
     metadata in order. ``objects`` maps each per-box column (``boxes``, ``scores``, ``classes``,
@@ -243,10 +329,10 @@ class SavedFeatures(Mapping[str, np.ndarray]):
     path: Path
     meta: dict[str, Any]
     frames: list[dict[str, Any]]
-    features: dict[str, np.ndarray]
+    features: dict[str, np.ndarray | CodedRows]
     objects: dict[str, np.ndarray] = field(default_factory=dict)
 
-    def __getitem__(self, layer: str) -> np.ndarray:
+    def __getitem__(self, layer: str) -> np.ndarray | CodedRows:
         return self.features[layer]
 
     def __iter__(self) -> Iterator[str]:
@@ -292,22 +378,34 @@ def _open_rows(path: Path, rows_hint: int) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(count, *row_shape))
 
 
+def _open_layer(directory: Path, layer: dict[str, Any], rows_hint: int) -> np.ndarray | CodedRows:
+    """A layer's rows: its memory-mapped file, or for 8-bit codes the three files as :class:`CodedRows` (cut to the
+    rows all three hold, for a save cut short)."""
+    codes = _open_rows(directory / layer["file"], rows_hint)
+    if "affine" not in layer:
+        return codes
+    scales = _open_rows(directory / layer["affine"]["scales"], rows_hint)
+    offsets = _open_rows(directory / layer["affine"]["offsets"], rows_hint)
+    return CodedRows(codes, scales, offsets).head(min(len(codes), len(scales), len(offsets)))
+
+
 def load_features(path: str | Path) -> SavedFeatures:
     """Read a save directory written by ``yolostream stream --save`` / :class:`FeatureWriter`, lazily.
 
-    Layer arrays are memory-mapped, so only the rows you touch are read. A save cut short is read up to its last
-    whole row.
+    Layer arrays are memory-mapped, so only the rows you touch are read; a layer saved as 8-bit codes is a
+    :class:`CodedRows`, which decodes the rows you index to float32. A save cut short is read up to its last whole
+    row. Saves of format version 1 and 2 are read.
     """
     directory = Path(path)
     meta_path = directory / META
     if not meta_path.is_file():
         raise FileNotFoundError(f"{directory} is not a yolostream feature save (no {META})")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+    if meta.get("format") != FORMAT or meta.get("version") not in (VERSION, VERSION_CODES):
         raise ValueError(f"{directory}: unsupported save format {meta.get('format')!r} version {meta.get('version')!r}")
     frames = _read_frames(directory / FRAMES)
     rows = sum(1 for f in frames if f["row"] is not None)
-    features = {name: _open_rows(directory / layer["file"], rows) for name, layer in meta["layers"].items()}
+    features = {name: _open_layer(directory, layer, rows) for name, layer in meta["layers"].items()}
     columns = meta.get("objects", {}).get("columns", {})
     boxes = max((f["objects"][1] for f in frames if f.get("objects")), default=0)
     objects = {name: _open_rows(directory / column["file"], boxes) for name, column in columns.items()}
@@ -320,7 +418,7 @@ def load_features(path: str | Path) -> SavedFeatures:
                     if (f["row"] is not None and f["row"] >= whole)
                     or (f.get("objects") and f["objects"][1] > whole_boxes)), len(frames))
         frames = frames[:cut]
-        features = {name: a[:whole] for name, a in features.items()}
+        features = {name: a.head(whole) if isinstance(a, CodedRows) else a[:whole] for name, a in features.items()}
         kept = max((f["objects"][1] for f in frames if f.get("objects")), default=0)
         objects = {name: a[:kept] for name, a in objects.items()}
     return SavedFeatures(directory, meta, frames, features, objects)

@@ -136,7 +136,8 @@ def fill_tensor(
     anything else is converted first. For DTYPE_BFLOAT16, a uint16/int16 array is taken as ready bit
     patterns (e.g. a torch bfloat16 tensor viewed as int16), and floats are rounded to nearest even.
     DTYPE_UINT8_AFFINE quantises a float array on the CPU (:func:`quantize_affine`); an array the codes cannot
-    carry (NaN, infinity, magnitude above 2**126) is sent as DTYPE_FLOAT32 instead, as the proto says.
+    carry (NaN, infinity, magnitude above 2**126) is filled as DTYPE_FLOAT32 instead (Tensor.dtype says which; the
+    server itself never sends such a feature tensor: it fails that frame, as the proto says).
     """
     arr = np.asarray(array)
     if arr.dtype.kind not in "fiub":
@@ -427,7 +428,7 @@ def serialize_result(result: pb.FrameResult, payloads: Sequence[Any], in_stream_
 # DTYPE_UINT8_AFFINE: 8-bit codes with an affine map per channel (the Dtype comment in the proto is the contract).
 
 #: Largest magnitude the 8-bit codes cover. Up to it every float32 step of the quantiser stays finite
-#: (max - min <= 2**127); a tensor holding a larger value, a NaN or an infinity is sent as float32 instead.
+#: (max - min <= 2**127); a tensor holding a larger value, a NaN or an infinity is never coded.
 AFFINE_LIMIT = 2.0**126
 #: The largest code: scale = (max - min) / AFFINE_MAX_CODE.
 AFFINE_MAX_CODE = 255

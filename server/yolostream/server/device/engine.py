@@ -37,6 +37,7 @@ from .backends import Backend, ForwardPlan, TorchBackend
 from .objects import batch_objects
 from .self_check import CheckReport, check_served_path
 from .objects import object_inputs as objects_needs
+from .quantize import affine_records
 from .staging import DEFAULT_PINNED_BUDGET, HostPool, StagedCopies, TuningPolicy, cudnn_benchmark, make_event
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,12 @@ class PendingBatch:
 
 
 def _pool(t: torch.Tensor, key: OutputKey) -> tuple[torch.Tensor, torch.dtype]:
-    """Pool on the device; returns the pooled (or untouched) tensor and the dtype it is to be sent in."""
+    """Pool on the device; returns the pooled (or untouched) tensor and the dtype it is to be sent in.
+
+    ``uint8`` (DTYPE_UINT8_AFFINE) is coded here too, after pooling and per frame: the tensor returned is then the
+    batch's (N, record bytes) uint8 records (``quantize.affine_records``, the layout of ``ipc/affine.py``), so both
+    the direct and the staged path carry them like any other output.
+    """
     _, pooling, dtype = key
     if pooling == "avg":
         t = t.mean(dim=(2, 3), dtype=torch.float32)
@@ -78,6 +84,8 @@ def _pool(t: torch.Tensor, key: OutputKey) -> tuple[torch.Tensor, torch.dtype]:
         raise ValueError(f"unknown pooling {pooling!r}: choose {', '.join(POOLINGS)}")
     if dtype not in TORCH_DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: choose {', '.join(TORCH_DTYPES)}")
+    if dtype == "uint8":
+        return affine_records(t), torch.uint8
     return t, TORCH_DTYPES[dtype]
 
 

@@ -11,8 +11,9 @@ scales and offsets are equal bit for bit on CPU and CUDA:
 - ``fmax``/``fmin`` clamp to [0, 255] and send a NaN to 0, so even codes of channels that cannot be coded are
   defined (they are not sent: see ``ok``).
 
-A frame whose tensor holds a NaN, an infinity or a magnitude above 2**126 has ``ok`` False: send that frame's tensor
-as float32 instead (the proto says so).
+A frame whose tensor holds a NaN, an infinity or a magnitude above 2**126 has ``ok`` False: the server fails that
+frame (the proto says so). ``affine_records`` packs a batch into the per-frame records the front-ends read
+(``ipc/affine.py``), with NaN scales for such a frame.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from yolostream.v1.wire import AFFINE_LIMIT, AFFINE_MAX_CODE
+
+from ..ipc import affine
 
 
 @dataclass(frozen=True)
@@ -107,3 +110,29 @@ def quantize_objects(features: torch.Tensor) -> Quantized:
         raise ValueError(f"object features must be (K, D), got shape {tuple(features.shape)}")
     codes, scales, offsets, ok = _quantize(features, (0,))
     return Quantized(codes, scales.flatten(), offsets.flatten(), ok.all())
+
+
+def affine_records(values: torch.Tensor) -> torch.Tensor:
+    """One ``ipc.affine`` record per frame: ``[scales float32 x P][offsets float32 x P][codes]``, as uint8 rows.
+
+    Maps are coded per channel (P = C), pooled vectors as one channel per frame (P = 1), as the proto says. A frame
+    that cannot be coded (``ok`` False) gets NaN scales, which the front-end reads as "fail this frame". The rows are
+    contiguous, so the batch goes to the host in one copy (direct path) or as one part of the staged download.
+
+    Args:
+        values: (N, C, H, W) maps or (N, C) pooled vectors, on the device, any float dtype and memory layout.
+
+    Returns (N, ``affine.record_bytes(values.shape[1:])``) uint8 on ``values``' device.
+    """
+    quantized = quantize_maps(values) if values.dim() == 4 else quantize_pooled(values)
+    n = values.shape[0]
+    uncoded = torch.full((), float("nan"), dtype=torch.float32, device=values.device)
+    scales = torch.where(quantized.ok.reshape(n, 1), quantized.scales.reshape(n, -1), uncoded)
+    offsets = quantized.offsets.reshape(n, -1).contiguous()
+    # float32 viewed as its bytes: little-endian on every platform torch runs on, as the record layout says
+    records = torch.cat([scales.view(torch.uint8), offsets.view(torch.uint8), quantized.codes.reshape(n, -1)], dim=1)
+    expected = affine.record_bytes(tuple(values.shape[1:]))
+    if records.shape[1] != expected:
+        raise ValueError(f"records of {records.shape[1]} bytes for frames of shape {tuple(values.shape[1:])}, "
+                         f"the layout says {expected}")
+    return records

@@ -14,6 +14,7 @@ import numpy as np
 from yolostream.v1 import wire
 from yolostream.v1.vocab import DTYPES
 
+from ..ipc import affine
 from ..ipc.messages import OutputKey
 from .engine import DeviceRunner, PendingBatch
 
@@ -35,8 +36,11 @@ class ModelBypass:
         for key in keys:
             index, pooling, dtype = key
             channels, stride = self._channels[index]
-            shape = (n, channels) if pooling != "none" else (n, channels, h // stride, w // stride)
-            host[key] = np.zeros(shape, wire.storage_dtype(DTYPES[dtype]))
+            frame = (channels,) if pooling != "none" else (channels, h // stride, w // stride)
+            if dtype == "uint8":  # one 8-bit record per frame (ipc/affine.py)
+                host[key] = np.zeros((n, affine.record_bytes(frame)), np.uint8)
+            else:
+                host[key] = np.zeros((n, *frame), wire.storage_dtype(DTYPES[dtype]))
         return PendingBatch(n, tuple(keys), host=host)
 
     def collect(self, pending: PendingBatch) -> PendingBatch:

@@ -29,6 +29,7 @@ from yolostream.v1 import wire
 from yolostream.v1.vocab import DTYPES
 
 from ..common.object_request import ObjectJob, ObjectLayout
+from ..ipc import affine
 from ..ipc.messages import Cancel, FrontEndMessage, Hello, OutputKey, Results, Run, Welcome
 from ..ipc.shm import ArenaFull, SharedArena, SlotAllocator
 
@@ -48,6 +49,31 @@ class DeviceFrameError(RuntimeError):
 
 class FrameTooLarge(ValueError):
     """This frame's input plus features exceed the front-end's whole shared-memory arena."""
+
+
+def output_layout(keys: Sequence[OutputKey],
+                  shapes: Sequence[tuple[int, ...]]) -> list[tuple[tuple[int, ...], np.dtype]]:
+    """How a frame's outputs lie in its slot, one after the other: (shape, dtype) per output, in ``keys`` order.
+
+    An output is its tensor in the wire's storage dtype, except ``uint8`` (DTYPE_UINT8_AFFINE), which is one
+    ``ipc.affine`` record per frame: the scales and offsets, then the codes.
+
+    Args:
+        keys: the requested outputs, (layer index, pooling, dtype name) each.
+        shapes: each output's tensor shape for one frame, as sent.
+    """
+    layout = []
+    for key, shape in zip(keys, shapes):
+        if key[2] == "uint8":
+            layout.append(((affine.record_bytes(shape),), np.dtype(np.uint8)))
+        else:
+            layout.append((tuple(shape), wire.storage_dtype(DTYPES[key[2]])))
+    return layout
+
+
+def layout_bytes(layout: Sequence[tuple[tuple[int, ...], np.dtype]]) -> int:
+    """Bytes of the outputs of an ``output_layout``."""
+    return sum(math.prod(shape) * dtype.itemsize for shape, dtype in layout)
 
 
 @dataclass
@@ -168,9 +194,9 @@ class DeviceLink:
         queue is full; FrameTooLarge when it could never fit."""
         if self.lost or self._conn is None:
             raise DeviceUnavailable("the device process is not available")
-        layout = [(tuple(shape), wire.storage_dtype(DTYPES[key[2]])) for shape, key in zip(out_shapes, keys)]
+        layout = output_layout(keys, out_shapes)
         in_bytes = math.prod(in_shape)
-        out_bytes = sum(math.prod(shape) * dtype.itemsize for shape, dtype in layout)
+        out_bytes = layout_bytes(layout)
         out_bytes += objects.nbytes if objects is not None else 0
         if not self.slots.fits(in_bytes) or not self.slots.fits(out_bytes) or \
                 not self.slots.fits(in_bytes + out_bytes):

@@ -1,8 +1,9 @@
 """One frame's trip through a front-end, shared by the unary and the streaming RPCs.
 
-decode (thread pool for JPEG/PNG) → letterbox to uint8 → device link (shared memory) → pooled, cast outputs →
-Tensor messages, plus the frame's boxes, scores, classes and object vectors when its stream asks for detections or
-the frame carries boxes of its own.
+decode (thread pool for JPEG/PNG) → letterbox to uint8 → device link (shared memory) → pooled, cast (or 8-bit
+coded) outputs → Tensor messages, plus the frame's boxes, scores, classes and object vectors when its stream asks for
+detections or the frame carries boxes of its own. A stream that asked for compression gets each tensor's bytes
+compressed here (``compression.compress_tensor``), whenever that makes them smaller.
 Option validation lives here too: a bad option is a ValueError whose text names the problem and the valid
 choices, which the service turns into INVALID_ARGUMENT.
 """
@@ -10,11 +11,10 @@ choices, which the service turns into INVALID_ARGUMENT.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
 
 
 import numpy as np
@@ -25,9 +25,11 @@ from yolostream.v1.vocab import DTYPES, LETTERBOX_POLICIES, POOLINGS, names_of
 
 from ..common.card import ModelCard, ResolvedLayer
 from ..common.errors import one_line
+from . import compression
 from .frames import FrameError, FrameLimits, decode_frame
+from ..ipc import affine
 from ..ipc.messages import OutputKey
-from .link import DeviceFrameError, DeviceLink, FrameTooLarge
+from .link import DeviceFrameError, DeviceLink, FrameTooLarge, layout_bytes, output_layout
 from ..common.object_request import ObjectJob, ObjectRequest, client_boxes
 from .objects_wire import object_request
 from ..common.preprocess import MAX_IMGSZ, Letterbox, apply_letterbox, input_shape, letterbox_geometry
@@ -35,6 +37,12 @@ from ..common.preprocess import MAX_IMGSZ, Letterbox, apply_letterbox, input_sha
 _DTYPES = names_of(DTYPES)
 _POOLINGS = names_of(POOLINGS)
 _POLICIES = names_of(LETTERBOX_POLICIES)
+#: StreamConfig.compression values a stream may ask for (unspecified means none).
+_CODECS = {pb.COMPRESSION_NONE: "none", **{codec: pb.Compression.Name(codec) for codec in compression.SUPPORTED}}
+#: Replies whose tensors hold fewer bytes than this are compressed on the event loop: shuffle+zstd-1 takes about
+#: 0.1 ms for 64 KiB, no more than the hop to a pool thread and back; larger ones (a 480x640 yolov5n P3-P5 reply is
+#: 0.5 MB as codes, 2.1 MB as float32: 0.7 to 3 ms) go to the decode pool, as zstd releases the GIL.
+INLINE_COMPRESS_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,8 @@ class FrameOptions:
     policy: str
     imgsz: int
     objects: ObjectRequest = ObjectRequest(None, None)
+    #: StreamConfig.compression (streams only; unspecified or none: plain bytes).
+    compression: int = pb.COMPRESSION_UNSPECIFIED
 
     @property
     def output_keys(self) -> tuple[OutputKey, ...]:
@@ -106,9 +116,6 @@ class Pipeline:
         """Validate a FeatureOptions message; ValueError names the problem and the valid choices."""
         layers = tuple(self.card.resolve(list(msg.layers) or list(self.default_layers)))
         dtype = _enum(msg.dtype, _DTYPES, pb.Dtype, "dtype", pb.DTYPE_FLOAT32)
-        if dtype == pb.DTYPE_UINT8_AFFINE:
-            raise ValueError("dtype DTYPE_UINT8_AFFINE is not served yet: choose DTYPE_FLOAT32, DTYPE_FLOAT16 or "
-                             "DTYPE_BFLOAT16")
         pooling = _POOLINGS[_enum(msg.pooling, _POOLINGS, pb.Pooling, "pooling", pb.POOLING_NONE)]
         policy_enum = _enum(msg.letterbox, _POLICIES, pb.LetterboxPolicy, "letterbox policy",
                             LETTERBOX_POLICIES[self.card.letterbox])
@@ -125,6 +132,17 @@ class Pipeline:
                                  f"{self.max_reply_bytes:,}: lower max_det, roi_size or flatten, or use float16")
         return FrameOptions(layers, dtype, pooling, _POLICIES[policy_enum], imgsz, objects)
 
+    def stream_options(self, config: pb.StreamConfig) -> FrameOptions:
+        """Validate a StreamConfig's options and its ``compression``.
+
+        Raises ValueError (INVALID_ARGUMENT) naming the problem and the valid choices, and
+        ``wire.CodecMissingError`` (an ImportError) when the codec asked for needs a package this server lacks.
+        """
+        options = self.options(config.options)
+        codec = _enum(config.compression, _CODECS, pb.Compression, "compression", pb.COMPRESSION_UNSPECIFIED)
+        compression.check_codec(codec)
+        return replace(options, compression=codec)
+
     def output_shapes(self, options: FrameOptions, input_hw: tuple[int, int]) -> list[tuple[int, ...]]:
         """Shape of each requested output (without the batch dim) for a model input of ``input_hw``."""
         h, w = input_hw
@@ -139,9 +157,9 @@ class Pipeline:
 
     @staticmethod
     def reply_bytes(options: FrameOptions, shapes: list[tuple[int, ...]]) -> int:
-        """Tensor bytes of one frame's reply with outputs of ``shapes`` (the envelope is a few hundred more)."""
-        return sum(math.prod(shape) for shape in shapes) * wire.ITEMSIZE[options.dtype]
-
+        """Tensor bytes of one frame's reply with outputs of ``shapes`` (the envelope is a few hundred more): for
+        8-bit codes, the codes and their float32 scales and offsets."""
+        return layout_bytes(output_layout(options.output_keys, shapes))
 
     async def begin(self, frame: pb.Frame, options: FrameOptions) -> "Begun | pb.FrameResult":
         """Decode, letterbox straight into a shared-memory slot and send the frame to the device, without waiting
@@ -183,7 +201,7 @@ class Pipeline:
             self.device.unreserve(slot)
             return _unpreparable(frame, err)
         preprocess_us = int((decoded - start + time.perf_counter() - waited) * 1e6)
-        return Begun(frame, options, letterbox, self.device.submit(slot, job), preprocess_us, job, box_ids)
+        return Begun(frame, options, letterbox, self.device.submit(slot, job), preprocess_us, job, box_ids, shapes)
 
     def object_job(self, frame: pb.Frame, request: ObjectRequest,
                    orig_hw: tuple[int, int]) -> tuple[ObjectJob | None, np.ndarray | None]:
@@ -215,10 +233,16 @@ class Pipeline:
         result = pb.FrameResult()
         _identify(result, frame, pb.FRAME_STATUS_OK)
         result.letterbox.CopyFrom(wire.letterbox_to_proto(begun.letterbox.as_dict()))
-        for layer, array in zip(options.layers, out.arrays):
-            tensor = result.tensors.add(name=layer.name, layer_index=layer.index, stride=layer.stride,
-                                        dtype=options.dtype)
-            tensor.shape[:] = array.shape
+        try:
+            payloads = self._fill_tensors(result, options, begun.shapes, out.arrays)
+            if compression.wants_compression(options.compression):
+                payloads = await self._compress(result, payloads, options.compression, out.release)
+        except wire.NotQuantizableError as err:  # that frame fails; its stream goes on
+            out.release()
+            return Reply(error_result(frame, str(err)))
+        except Exception:
+            out.release()
+            raise
         if begun.job is not None and out.objects is not None:
             self._fill_objects(result, begun, out.objects)
         result.batch_size = out.batch_size
@@ -227,7 +251,56 @@ class Pipeline:
         timings.preprocess_us = begun.preprocess_us
         timings.compute_us = out.compute_us
         timings.encode_us = out.fetch_us + int((time.perf_counter() - encode_start) * 1e6)
-        return Reply(result, out.arrays, out.release)
+        return Reply(result, payloads, out.release)
+
+    @staticmethod
+    def _fill_tensors(result: pb.FrameResult, options: FrameOptions, shapes: list[tuple[int, ...]],
+                      arrays: list[np.ndarray]) -> list[np.ndarray]:
+        """Add one Tensor header per output to ``result`` and return their payloads (views of shared memory): the
+        arrays themselves, or for 8-bit codes the codes of each record, whose scales and offsets go into the header.
+        Raises ``wire.NotQuantizableError``, naming the layer, when the device could not code one of the tensors."""
+        payloads = []
+        for layer, shape, array in zip(options.layers, shapes, arrays):
+            if options.dtype == pb.DTYPE_UINT8_AFFINE:
+                scales, offsets, codes = affine.unpack(array, shape)
+                if not affine.coded(scales):
+                    raise wire.NotQuantizableError(
+                        f"layer {layer.name} holds a NaN, an infinity or a magnitude above 2**126, which 8-bit codes "
+                        "cannot carry: ask for dtype float32 or float16 to receive it")
+                wire.affine_header(result.tensors.add(), layer.name, layer.index, layer.stride, shape, scales, offsets)
+                payloads.append(codes)
+            else:
+                tensor = result.tensors.add(name=layer.name, layer_index=layer.index, stride=layer.stride,
+                                            dtype=options.dtype)
+                tensor.shape[:] = array.shape
+                payloads.append(array)
+        return payloads
+
+    async def _compress(self, result: pb.FrameResult, payloads: list[np.ndarray], codec: int,
+                        release: Callable[[], None]) -> list:
+        """Each tensor's bytes compressed with ``codec`` where that makes them smaller (``compress_tensor`` sets the
+        header's fields), else the payload itself: on the event loop for small replies, else on the decode pool.
+
+        Args:
+            result: the reply, whose tensors match ``payloads``.
+            payloads: the plain bytes (views of shared memory).
+            codec: the stream's StreamConfig.compression.
+            release: frees the shared memory the payloads view; called once the pool thread is done with it when the
+                frame is cancelled meanwhile (the caller releases it in every other case).
+        """
+        tensors = list(result.tensors)
+
+        def run() -> list:
+            return [compression.compress_tensor(t, p, codec) for t, p in zip(tensors, payloads)]
+
+        if sum(p.nbytes for p in payloads) < INLINE_COMPRESS_BYTES:
+            return run()
+        work = asyncio.get_running_loop().run_in_executor(self.decode_pool, run)
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            work.add_done_callback(lambda _: release())
+            raise
 
     @staticmethod
     def _fill_objects(result: pb.FrameResult, begun: "Begun", found: dict[str, np.ndarray | None]) -> None:
@@ -250,10 +323,11 @@ class Pipeline:
 @dataclass
 class Reply:
     """A frame's answer. ``result`` is complete but for the tensors' bytes, which are ``payloads`` (views of the
-    front-end's shared memory until ``serialize`` or ``to_message`` copies them out and calls ``release``)."""
+    front-end's shared memory until ``serialize`` or ``to_message`` copies them out and calls ``release``; or the
+    compressed bytes, for a stream that asked for compression)."""
 
     result: pb.FrameResult
-    payloads: list[np.ndarray] = field(default_factory=list)
+    payloads: list[Any] = field(default_factory=list)
     release: Callable[[], None] = lambda: None
 
     def serialize(self, in_stream_response: bool) -> bytes:
@@ -267,7 +341,7 @@ class Reply:
         """``result`` with the tensors' bytes filled in (for the unary call, where one copy more is no matter)."""
         try:
             for tensor, payload in zip(self.result.tensors, self.payloads):
-                tensor.data = payload.tobytes()
+                tensor.data = memoryview(payload).tobytes()
             return self.result
         finally:
             self.release()
@@ -284,6 +358,8 @@ class Begun:
     preprocess_us: int
     job: ObjectJob | None = None
     box_ids: np.ndarray | None = None
+    #: Each output's tensor shape, as sent (an 8-bit output's slot holds a record, not this shape).
+    shapes: list[tuple[int, ...]] = field(default_factory=list)
 
 
 def _identify(result: pb.FrameResult, frame: pb.Frame, status: int) -> None:

@@ -302,10 +302,14 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
                                 + (first.WhichOneof("payload") or "an empty message"))
         config = first.config
         try:
-            options = self.pipeline.options(config.options)
+            options = self.pipeline.stream_options(config)
             in_flight = self._in_flight(config.max_in_flight)
         except ValueError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, one_line(str(err), 1000))
+        except ImportError as err:  # the codec asked for needs a package this server lacks (wire.CodecMissingError)
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                                f"StreamConfig.compression {pb.Compression.Name(config.compression)} is not available "
+                                f"on this server: {one_line(str(err), 300)}; ask for no compression")
         if self.draining.is_set():
             await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
         session = StreamSession(self.pipeline, options, in_flight, config.realtime, self.limits, self.draining,
