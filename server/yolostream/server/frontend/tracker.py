@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -199,8 +200,7 @@ class TrackUpdate:
     epoch: int
 
 
-@dataclass(frozen=True)
-class _Appearance:
+class _Appearance(NamedTuple):
     """One frame's vectors as the association stages need them (see ``Tracker._appearance``)."""
 
     unit: np.ndarray
@@ -463,11 +463,15 @@ class Tracker:
         cost = 1.0 - iou
         allowed = iou >= min_iou
         if appearance is not None and appearance.calibrated:
-            d_pair, t_pair = np.nonzero(allowed & appearance.det_ok[dets, None] & appearance.track_ok[None, tracks])
+            # Only the allowed pairs, a few per box: no dense boxes × tracks × D product (and no BLAS call, so no
+            # BLAS threads in a front-end).
+            d_pair, t_pair = allowed.nonzero()
+            d_rows, t_rows = dets[d_pair], tracks[t_pair]
+            both = appearance.det_ok[d_rows] & appearance.track_ok[t_rows]
+            if not both.all():
+                d_pair, t_pair, d_rows, t_rows = d_pair[both], t_pair[both], d_rows[both], t_rows[both]
             if len(d_pair):
-                # Only the allowed pairs, a few per box: no dense boxes × tracks × D product (and no BLAS call,
-                # so no BLAS threads in a front-end).
-                distance = self._distance(appearance, dets[d_pair], tracks[t_pair])
+                distance = self._distance(appearance, d_rows, t_rows)
                 sure = np.tanh(self._llr(distance) / 2.0)
                 sure[(sure > 0.0) & (distance > opt.appearance_threshold)] = 0.0
                 cost[d_pair, t_pair] -= opt.appearance_weight * sure
@@ -487,9 +491,9 @@ class Tracker:
         """Teach the same/different statistics from this frame's confident matches: a box overlapping its track
         by IoU ≥ 0.5 and no other track or box by 0.1 is a sample of "same"; that box against the next track in
         the list is a sample of "different"."""
-        near = iou >= 0.1
-        alone = (iou[rows, cols] >= 0.5) & (np.count_nonzero(near, axis=1)[rows] == 1) \
-            & (np.count_nonzero(near, axis=0)[cols] == 1)
+        near_d, near_t = (iou >= 0.1).nonzero()
+        alone = (iou[rows, cols] >= 0.5) & (np.bincount(near_d, minlength=len(dets))[rows] == 1) \
+            & (np.bincount(near_t, minlength=len(tracks))[cols] == 1)
         other = tracks[(cols + 1) % len(tracks)]
         alone &= appearance.det_ok[dets[rows]] & appearance.track_ok[tracks[cols]] & appearance.track_ok[other]
         pick = _where(alone)[:_CALIBRATION_PER_FRAME]
@@ -570,7 +574,7 @@ class Tracker:
         rows = track_of[dets]
         measured = _xywh(boxes[dets])
         self._last[rows] = measured
-        innovation = np.zeros_like(self._x)
+        innovation = np.zeros((len(self._x), 4))
         innovation[rows] = measured - self._x[rows]
         r = _STD_POSITION ** 2 * np.square(self._x[:, _SIZE_OF])
         gain_scale = matched[:, None] / (self._pxx + r)
@@ -578,23 +582,25 @@ class Tracker:
         self._x += kx * innovation
         self._v += kv * innovation
         self._pvv -= kv * self._pxv
-        kx -= 1.0
-        self._pxv *= -kx
-        self._pxx *= -kx
-        self._hits[matched] += 1
-        self._missed[matched] = 0
-        tentative = matched & (self._state == _TENTATIVE)
-        self._state[matched & ~tentative] = _TRACKED
-        confirm = tentative & (self._hits >= self.options.min_hits)
-        if confirm.any():
-            self._state[confirm] = _TRACKED
-            self._assign_ids(_where(confirm))
-            new_flags[dets[confirm[rows]]] = True
+        np.subtract(1.0, kx, out=kx)
+        self._pxv *= kx
+        self._pxx *= kx
+        self._hits += matched
+        self._missed[rows] = 0
+        tentative = self._state[rows] == _TENTATIVE
+        if tentative.any():
+            confirm = tentative & (self._hits[rows] >= self.options.min_hits)
+            self._state[rows[~tentative | confirm]] = _TRACKED
+            if confirm.any():
+                self._assign_ids(rows[confirm])
+                new_flags[dets[confirm]] = True
+        else:
+            self._state[rows] = _TRACKED
         if unit is not None:
             # Only confident boxes teach a track its look: low-score boxes are mostly partly hidden ones.
             teach = (score[dets] >= self.options.high_score) & unit_has[dets]
             if teach.any():
-                t_rows, d_rows = rows[teach], dets[teach]
+                t_rows, d_rows = (rows, dets) if teach.all() else (rows[teach], dets[teach])
                 # A track without a vector has a zero row, so the blend is then the box's own direction.
                 blended = self._vec[t_rows]
                 blended *= np.float32(self.options.vector_smoothing)
@@ -669,9 +675,9 @@ def _assign(gain: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     When no row and no column has two candidates (the usual frame: every box near one track), taking every
     candidate is that assignment, and the Hungarian solver is skipped.
     """
-    worth = gain < 0.0
-    if np.count_nonzero(worth, axis=1).max(initial=0) <= 1 and np.count_nonzero(worth, axis=0).max(initial=0) <= 1:
-        return np.nonzero(worth)
+    rows, cols = (gain < 0.0).nonzero()
+    if not len(rows) or (np.bincount(rows).max() <= 1 and np.bincount(cols).max() <= 1):
+        return rows, cols
     rows, cols = linear_sum_assignment(gain)
     keep = gain[rows, cols] < 0.0
     return rows[keep], cols[keep]
