@@ -13,7 +13,7 @@ balances streams over the healthy ones and moves a stream to another when its re
 """
 
 from .client import FeatureClient
-from .options import DetectOptions, ObjectFeatureOptions
+from .options import DetectOptions, ObjectFeatureOptions, TrackOptions
 from .results import Detections, FeatureResult, FeatureServerError, FrameError, LayerInfo, ModelInfo, TensorInfo
 from .stream import FeatureStream
 from .resume import ResumePolicy
@@ -39,6 +39,7 @@ __all__ = [
     "Source",
     "SourceError",
     "TensorInfo",
+    "TrackOptions",
     "load_features",
     "open_source",
 ]

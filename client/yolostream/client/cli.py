@@ -205,6 +205,8 @@ def register_stream(p: argparse.ArgumentParser) -> None:
     d.add_argument("--boxes", metavar="FILE", help="your own boxes, which get vectors instead of detection: CSV "
                                                     "lines 'frame,x1,y1,x2,y2[,id]' (frame = 0-based index in "
                                                     "SOURCE, pixels of the frame)")
+    d.add_argument("--track", action="store_true", help="track the boxes (--detect or --boxes) on the server: a "
+                                                        "stable id per object, drawn by --viz and saved by --save")
     o = p.add_argument_group("output")
     o.add_argument("--save", metavar="DIR", help="write features as they arrive: one .npy per layer, objects.*.npy "
                                                  "for boxes, frames.jsonl and meta.json (read with "
@@ -267,6 +269,8 @@ def _objects(args: argparse.Namespace) -> tuple[DetectOptions | None, ObjectFeat
                                            ("--max-det", args.max_det)) if value is not None and value is not False]
         if given:
             raise ValueError(f"{', '.join(given)} set detection options: add --detect")
+    if args.track and not (args.detect or args.boxes):
+        raise ValueError("--track follows boxes: add --detect or --boxes FILE")
     objects = None
     if args.object_features or args.object_layers:
         if not (args.detect or args.boxes):
@@ -327,7 +331,7 @@ def _save_info(args: argparse.Namespace, info: ModelInfo, source_description: st
                         "realtime": args.realtime, "detect": args.detect, "conf": args.conf, "iou": args.iou,
                         "classes": args.classes, "agnostic": args.agnostic, "multi_label": args.multi_label,
                         "max_det": args.max_det, "object_features": args.object_features,
-                        "object_layers": args.object_layers, "boxes": args.boxes},
+                        "object_layers": args.object_layers, "boxes": args.boxes, "track": args.track},
             "class_names": list(info.class_names)}
 
 
@@ -379,7 +383,7 @@ def _run_stream(args: argparse.Namespace, client: FeatureClient, source: Any, la
                                letterbox=args.letterbox, imgsz=args.imgsz, realtime=args.realtime,
                                max_in_flight=args.max_in_flight, encoding=args.encoding, quality=args.quality,
                                keep_images=bool(sink or window), detect=detect, objects=objects,
-                               compression=args.compression) as results:
+                               compression=args.compression, track=args.track) as results:
                 for result in results:
                     stats.update(result)
                     if writer is not None:

@@ -19,8 +19,16 @@ from yolostream.v1 import feature_service_pb2 as pb
 from yolostream.v1 import feature_service_pb2_grpc as pb_grpc
 from yolostream.v1 import wire
 
-from .options import (DetectOptions, ObjectFeatureOptions, check_encoding, feature_options, fill_frame,
-                      stream_compression)
+from .options import (
+    DetectOptions,
+    ObjectFeatureOptions,
+    TrackOptions,
+    check_encoding,
+    feature_options,
+    fill_frame,
+    stream_compression,
+    stream_tracking,
+)
 from .results import FeatureResult, FeatureServerError, FrameError, ModelInfo, result_from_proto
 from .resume import ResumePolicy, balancing_options, channel_target, is_address_list, names_one_address, resume_policy
 from .stream import FeatureStream
@@ -203,7 +211,8 @@ class FeatureClient:
                realtime: bool = False, max_in_flight: int | None = None, encoding: str = "jpeg",
                quality: int = 90, keep_images: bool = False,
                resume: ResumePolicy | bool | None = None, detect: DetectOptions | bool | None = None,
-               objects: ObjectFeatureOptions | str | None = None, compression: str | None = None) -> "FeatureStream":
+               objects: ObjectFeatureOptions | str | None = None, compression: str | None = None,
+               track: TrackOptions | bool | None = None) -> "FeatureStream":
         """Stream ``frames`` (BGR arrays, or ``(array, capture_time_seconds)`` pairs) and iterate over the results.
 
         A frame may also come with boxes of its own, as ``(array, time, boxes)`` or ``(array, time, boxes, ids)``
@@ -222,13 +231,18 @@ class FeatureClient:
         ``compression="zstd"`` asks the server to compress each tensor losslessly (byte shuffle, then Zstandard) when
         that makes it smaller; it needs the zstandard package here too (the ``compress`` extra). Results are the same
         either way; only the bytes on the wire change.
+
+        ``track=True`` (or a ``TrackOptions``) tracks the boxes on the server: each result's ``detections`` gets
+        ``track_ids`` and ``track_new``, and ``result.track_epoch`` says which tracker state they belong to (it
+        changes when the stream is resumed on another replica, whose state starts anew). Frames may carry scores
+        for their own boxes, as ``(array, time, boxes, ids, scores)`` (ids may be None).
         """
         check_encoding(encoding, quality)
         if max_in_flight is not None and max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
         config = pb.StreamConfig(options=feature_options(layers, dtype, pooling, letterbox, imgsz, detect, objects),
                                  max_in_flight=max_in_flight or 0, realtime=realtime,
-                                 compression=stream_compression(compression))
+                                 compression=stream_compression(compression), tracking=stream_tracking(track))
         names = self.class_names() if detect else ()
         window = None if realtime else 2 * (max_in_flight or self._server_in_flight())
         self._settle()

@@ -121,6 +121,50 @@ def feature_options(layers: str | Sequence[str | int] | None = None, dtype: str 
     )
 
 
+@dataclass(frozen=True)
+class TrackOptions:
+    """Server-side tracking of a stream's boxes (``StreamConfig.tracking``): each result's ``detections`` then carry
+    ``track_ids`` (stable within ``result.track_epoch``) and ``track_new``. None fields take the server's defaults,
+    documented on the proto's ``TrackingOptions``: ``high_score`` (0.5), ``low_score`` (0.1), ``new_track_score``
+    (0.6), ``match_iou`` (0.2), ``appearance_threshold`` (cosine distance, 0.7), ``appearance_weight`` (0.5; 0 is
+    IoU-only), ``max_lost`` frames (30), ``vector_smoothing`` (0.9); ``max_tracks`` (0: the server's 256);
+    ``return_vectors`` puts each box's track vector on ``result.track_vectors``.
+    """
+
+    high_score: float | None = None
+    low_score: float | None = None
+    new_track_score: float | None = None
+    match_iou: float | None = None
+    appearance_threshold: float | None = None
+    appearance_weight: float | None = None
+    max_lost: int | None = None
+    vector_smoothing: float | None = None
+    max_tracks: int = 0
+    return_vectors: bool = False
+
+    def to_proto(self, previous_epoch: int = 0) -> pb.TrackingOptions:
+        """The message; ``previous_epoch``: the last epoch seen, when a stream resumes (the server's is one more)."""
+        msg = pb.TrackingOptions(enabled=True, max_tracks=int(self.max_tracks), return_vectors=self.return_vectors,
+                                 previous_epoch=int(previous_epoch))
+        for name in ("high_score", "low_score", "new_track_score", "match_iou", "appearance_threshold",
+                     "appearance_weight", "max_lost", "vector_smoothing"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(msg, name, value)
+        return msg
+
+
+def stream_tracking(track: "TrackOptions | bool | None") -> pb.TrackingOptions | None:
+    """The StreamConfig.tracking for ``stream(track=...)``: True for the defaults, a TrackOptions, or None/False."""
+    if track is None or track is False:
+        return None
+    if track is True:
+        return TrackOptions().to_proto()
+    if isinstance(track, TrackOptions):
+        return track.to_proto()
+    raise TypeError(f"track must be True, False, None or a TrackOptions, got {type(track).__name__}")
+
+
 def stream_compression(name: str | None) -> int:
     """The StreamConfig.compression for ``name``: None or ``"none"`` (plain bytes), or ``"zstd"`` (byte shuffle, then
     Zstandard; lossless). ValueError for another name; ``wire.CodecMissingError`` (an ImportError naming the

@@ -134,6 +134,9 @@ class Detections:
     (Detect level, grid row, grid column, anchor index); level k is the k-th Detect input (0, 1, 2 = P3, P4,
     P5), and ``features["P3"][:, row, col]`` is the P3 cell of a level-0 detection. None for client boxes (and
     from a server too old to send it).
+    ``track_ids`` (N,) uint64 and ``track_new`` (N,) bool on a tracked stream (``stream(track=...)``): each box's
+    track id, stable within ``FeatureResult.track_epoch`` (0: no confirmed track), and whether it is new on this
+    frame; None when the stream does not track.
     """
 
     boxes: np.ndarray
@@ -144,6 +147,8 @@ class Detections:
     source: str
     slices: dict[str, tuple[int, int]]
     anchor_cells: np.ndarray | None = None
+    track_ids: np.ndarray | None = None
+    track_new: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.boxes)
@@ -168,6 +173,9 @@ class FeatureResult:
     uint8 ``codes`` as sent (read-only), the float32 ``scales`` and ``offsets`` (one per channel: C for a (C, H, W)
     map, 1 for a pooled vector) and the channel ``axis`` (0, or None for one channel); ``features`` holds the same
     layer decoded to float32 (``codes[name].dequantize()``). Empty for other dtypes.
+    ``track_epoch`` is the server's tracker state on a tracked stream (0 when not tracked): it changes when that
+    state restarts (the stream resumed on another replica), and ids of two epochs are unrelated. ``track_vectors``
+    (N, D) float32 each box's track vector, with ``TrackOptions(return_vectors=True)``.
     """
 
     frame_id: int
@@ -185,6 +193,8 @@ class FeatureResult:
     detections: Detections | None = None
     object_features: np.ndarray | None = field(default=None, repr=False)
     codes: dict[str, wire.AffineCodes] = field(default_factory=dict, repr=False)
+    track_epoch: int = 0
+    track_vectors: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -199,8 +209,10 @@ def _detections(msg: pb.FrameResult, class_names: Sequence[str]) -> tuple[Detect
     if found.classes is not None and class_names:
         names = [class_names[c] if 0 <= c < len(class_names) else str(c) for c in found.classes.tolist()]
     source = "client" if found.source == pb.BOX_SOURCE_CLIENT else "detector"
-    return Detections(found.boxes, found.scores, found.classes, names, found.box_ids, source,
-                      found.slices, found.anchors), found.features
+    tracked = msg.track_epoch > 0
+    return Detections(found.boxes, found.scores, found.classes, names, found.box_ids, source, found.slices,
+                      found.anchors, np.asarray(msg.track_ids, np.uint64) if tracked else None,
+                      np.asarray(msg.track_new, bool) if tracked else None), found.features
 
 
 def result_from_proto(msg: pb.FrameResult, latency: float | None, image: np.ndarray | None,
@@ -229,4 +241,6 @@ def result_from_proto(msg: pb.FrameResult, latency: float | None, image: np.ndar
         detections=detections,
         object_features=vectors,
         codes=codes,
+        track_epoch=msg.track_epoch if ok else 0,
+        track_vectors=wire.tensor_from_proto(msg.track_features) if ok and msg.HasField("track_features") else None,
     )

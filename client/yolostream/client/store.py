@@ -27,7 +27,9 @@ them refuses the save instead of handing out codes as if they were features):
     each detection as (Detect level, grid row, grid column, anchor index), all -1 for client boxes (and for
     detections of a server that does not send anchors); ``box_ids`` (B,) uint64 (the client's ids;
     ``NO_BOX_ID`` = 2**64-1 where none was sent); ``features`` (B, D) object vectors, when asked for; and
-    ``frame`` (B,) int64, the index in ``frames.jsonl`` of the frame each box belongs to. Each frame record
+    ``frame`` (B,) int64, the index in ``frames.jsonl`` of the frame each box belongs to; on a tracked stream
+    (``--track``) ``track_id`` (B,) uint64, each box's track id (0: no track), and each frame record also says its
+    ``track_epoch`` (ids of two epochs are unrelated). Each frame record
     also says ``objects``: its ``[start, stop)`` box rows (null unless ok), and ``box_source``. Saves written
     before ``anchor_cells`` existed lack that file; they read as before, without the column.
 
@@ -61,7 +63,7 @@ META = "meta.json"
 #: Value of ``objects.box_ids`` for boxes sent without an id, and for detections.
 NO_BOX_ID = np.iinfo(np.uint64).max
 #: Per-box columns of a save, in file order (``features`` only when vectors were asked for).
-OBJECT_COLUMNS = ("boxes", "scores", "classes", "anchor_cells", "box_ids", "features", "frame")
+OBJECT_COLUMNS = ("boxes", "scores", "classes", "anchor_cells", "box_ids", "track_id", "features", "frame")
 #: Value of every ``objects.anchor_cells`` column for boxes without an anchor (client boxes).
 NO_ANCHOR = -1
 #: Frame records are flushed to disk every this many frames.
@@ -199,6 +201,8 @@ class FeatureWriter:
         if result.detections is not None or self.object_meta:
             record["objects"] = objects
             record["box_source"] = result.detections.source if result.detections is not None else None
+            if result.track_epoch:
+                record["track_epoch"] = result.track_epoch
         self._frames_file.write(json.dumps(record) + "\n")
         self.frames += 1
         if self.frames % FLUSH_EVERY == 0:  # a killed client loses at most FLUSH_EVERY frame records
@@ -217,10 +221,12 @@ class FeatureWriter:
             "box_ids": found.box_ids if found.box_ids is not None else np.full(n, NO_BOX_ID, np.uint64),
             "frame": np.full(n, self.frames, np.int64),
         }
+        if found.track_ids is not None:
+            columns["track_id"] = found.track_ids
         if result.object_features is not None:
             columns["features"] = result.object_features
         dtypes = {"boxes": np.float32, "scores": np.float32, "classes": np.int32, "anchor_cells": np.int32,
-                  "box_ids": np.uint64, "frame": np.int64}
+                  "box_ids": np.uint64, "track_id": np.uint64, "frame": np.int64}
         columns = {k: np.asarray(v, dtype=dtypes.get(k, np.asarray(v).dtype)) for k, v in columns.items()}
         if not self.objects:
             for name in (c for c in OBJECT_COLUMNS if c in columns):

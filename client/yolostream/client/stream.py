@@ -146,11 +146,11 @@ def _send_frames(state: _SendState, frames: Iterable[Any], encoding: str, qualit
                 item = next(iterator)
             except StopIteration:
                 break
-            boxes = ids = None
+            boxes = ids = scores = None
             if isinstance(item, tuple):
-                if not 2 <= len(item) <= 4:
-                    raise ValueError(f"a frame tuple is (image, time[, boxes[, ids]]), got {len(item)} items")
-                image, timestamp, boxes, ids = (*item, None, None)[:4]
+                if not 2 <= len(item) <= 5:
+                    raise ValueError(f"a frame tuple is (image, time[, boxes[, ids[, scores]]]), got {len(item)} items")
+                image, timestamp, boxes, ids, scores = (*item, None, None, None)[:5]
             else:
                 image, timestamp = item, None
             if timestamp is None:
@@ -158,7 +158,7 @@ def _send_frames(state: _SendState, frames: Iterable[Any], encoding: str, qualit
             request = pb.StreamRequest()
             fill_frame(request.frame, image, encoding, quality)
             if boxes is not None:
-                wire.set_frame_boxes(request.frame, boxes, ids)
+                wire.set_frame_boxes(request.frame, boxes, ids, scores)
             request.frame.frame_id = state.read
             request.frame.capture_timestamp_us = int(round(float(timestamp) * 1e6))
             state.add(_Pending(request, image if keep_images else None))
@@ -224,6 +224,7 @@ class FeatureStream:
                                         name="yolostream-sender", daemon=True)
         self._call = client._open_stream(_requests(state, state.attempt, config))
         self.resumes = 0
+        self._track_epoch = 0  # the latest tracker epoch answered, passed on when the stream resumes
         self._cut: tuple[float, FeatureServerError] | None = None  # when and why the stream was cut, until an answer
         self._failures = 0
         # Cancels a resumed call that has not answered by the end of the resume time (a replica that accepts the
@@ -283,6 +284,7 @@ class FeatureStream:
         answer = result_from_proto(result, received - sent if sent is not None else None,
                                     pending.image if pending is not None else None, self._class_names)
         answer.retries = max(0, pending.sends - 1) if pending is not None else 0
+        self._track_epoch = max(self._track_epoch, answer.track_epoch)
         return answer
 
     def _resume_or_raise(self, error: FeatureServerError) -> None:
@@ -305,6 +307,8 @@ class FeatureStream:
         if self._state.stop.is_set():
             raise StopIteration
         self._call.cancel()
+        if self._config.HasField("tracking") and self._track_epoch:  # the new replica's state is a new epoch
+            self._config.tracking.previous_epoch = self._track_epoch
         attempt = self._state.new_attempt()
         log.info("resuming the stream at frame %d after %s", attempt.cursor, error)
         self._call = call = self._client._open_stream(_requests(self._state, attempt, self._config))

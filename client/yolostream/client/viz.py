@@ -71,7 +71,7 @@ def render(result: FeatureResult, layer: str, image: np.ndarray) -> np.ndarray:
 
 
 def box_colour(key: int) -> tuple[int, int, int]:
-    """A stable, well-spread BGR colour for a class id (or box id)."""
+    """A stable, well-spread BGR colour for a class id (or box or track id)."""
     hue = (key * 47) % 180
     bgr = cv2.cvtColor(np.uint8([[[hue, 220, 255]]]), cv2.COLOR_HSV2BGR)[0, 0]
     return int(bgr[0]), int(bgr[1]), int(bgr[2])
@@ -79,17 +79,23 @@ def box_colour(key: int) -> tuple[int, int, int]:
 
 def draw_boxes(image: np.ndarray, detections: Detections) -> np.ndarray:
     """Draw ``detections`` on ``image`` in place: a rectangle per box, labelled with the class name (or id) and
-    score for detections, the box id for client boxes. Returns ``image``."""
+    score for detections, the box id for client boxes; on a tracked stream the track id, in a colour per track (a
+    box without a track in grey). Returns ``image``."""
     for k, box in enumerate(detections.boxes):
         x1, y1, x2, y2 = (int(round(float(v))) for v in box)
-        if detections.classes is not None:
+        if detections.track_ids is not None:
+            key = int(detections.track_ids[k])
+            label = f"#{key}" if key else ""
+            colour = box_colour(key) if key else (160, 160, 160)
+        elif detections.classes is not None:
             key = int(detections.classes[k])
             name = detections.names[k] if detections.names is not None else str(key)
             label = f"{name} {float(detections.scores[k]):.2f}"
+            colour = box_colour(key)
         else:
             key = int(detections.box_ids[k]) if detections.box_ids is not None else k
             label = f"id {key}" if detections.box_ids is not None else ""
-        colour = box_colour(key)
+            colour = box_colour(key)
         cv2.rectangle(image, (x1, y1), (x2, y2), colour, 2, cv2.LINE_AA)
         if label:
             cv2.putText(image, label, (x1 + 2, max(y1 - 4, 10)), cv2.FONT_HERSHEY_SIMPLEX, 0.4, colour, 1,

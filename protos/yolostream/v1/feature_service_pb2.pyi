@@ -155,16 +155,46 @@ class FeatureOptions(_message.Message):
     def __init__(self, layers: _Optional[_Iterable[str]] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., letterbox: _Optional[_Union[LetterboxPolicy, str]] = ..., imgsz: _Optional[int] = ..., detection: _Optional[_Union[DetectionOptions, _Mapping]] = ..., object_features: _Optional[_Union[ObjectFeatureOptions, _Mapping]] = ...) -> None: ...
 
 class StreamConfig(_message.Message):
-    __slots__ = ("options", "max_in_flight", "realtime", "compression")
+    __slots__ = ("options", "max_in_flight", "realtime", "compression", "tracking")
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     REALTIME_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    TRACKING_FIELD_NUMBER: _ClassVar[int]
     options: FeatureOptions
     max_in_flight: int
     realtime: bool
     compression: Compression
-    def __init__(self, options: _Optional[_Union[FeatureOptions, _Mapping]] = ..., max_in_flight: _Optional[int] = ..., realtime: _Optional[bool] = ..., compression: _Optional[_Union[Compression, str]] = ...) -> None: ...
+    tracking: TrackingOptions
+    def __init__(self, options: _Optional[_Union[FeatureOptions, _Mapping]] = ..., max_in_flight: _Optional[int] = ..., realtime: _Optional[bool] = ..., compression: _Optional[_Union[Compression, str]] = ..., tracking: _Optional[_Union[TrackingOptions, _Mapping]] = ...) -> None: ...
+
+class TrackingOptions(_message.Message):
+    __slots__ = ("enabled", "high_score", "low_score", "new_track_score", "match_iou", "appearance_threshold", "appearance_weight", "max_lost", "vector_smoothing", "max_tracks", "return_vectors", "previous_epoch")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    HIGH_SCORE_FIELD_NUMBER: _ClassVar[int]
+    LOW_SCORE_FIELD_NUMBER: _ClassVar[int]
+    NEW_TRACK_SCORE_FIELD_NUMBER: _ClassVar[int]
+    MATCH_IOU_FIELD_NUMBER: _ClassVar[int]
+    APPEARANCE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    APPEARANCE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    MAX_LOST_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_SMOOTHING_FIELD_NUMBER: _ClassVar[int]
+    MAX_TRACKS_FIELD_NUMBER: _ClassVar[int]
+    RETURN_VECTORS_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    high_score: float
+    low_score: float
+    new_track_score: float
+    match_iou: float
+    appearance_threshold: float
+    appearance_weight: float
+    max_lost: int
+    vector_smoothing: float
+    max_tracks: int
+    return_vectors: bool
+    previous_epoch: int
+    def __init__(self, enabled: _Optional[bool] = ..., high_score: _Optional[float] = ..., low_score: _Optional[float] = ..., new_track_score: _Optional[float] = ..., match_iou: _Optional[float] = ..., appearance_threshold: _Optional[float] = ..., appearance_weight: _Optional[float] = ..., max_lost: _Optional[int] = ..., vector_smoothing: _Optional[float] = ..., max_tracks: _Optional[int] = ..., return_vectors: _Optional[bool] = ..., previous_epoch: _Optional[int] = ...) -> None: ...
 
 class StreamRequest(_message.Message):
     __slots__ = ("config", "frame")
@@ -193,20 +223,22 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("frame_id", "capture_timestamp_us", "encoded", "raw", "boxes", "box_ids")
+    __slots__ = ("frame_id", "capture_timestamp_us", "encoded", "raw", "boxes", "box_ids", "box_scores")
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
     CAPTURE_TIMESTAMP_US_FIELD_NUMBER: _ClassVar[int]
     ENCODED_FIELD_NUMBER: _ClassVar[int]
     RAW_FIELD_NUMBER: _ClassVar[int]
     BOXES_FIELD_NUMBER: _ClassVar[int]
     BOX_IDS_FIELD_NUMBER: _ClassVar[int]
+    BOX_SCORES_FIELD_NUMBER: _ClassVar[int]
     frame_id: int
     capture_timestamp_us: int
     encoded: bytes
     raw: RawImage
     boxes: _containers.RepeatedScalarFieldContainer[float]
     box_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, frame_id: _Optional[int] = ..., capture_timestamp_us: _Optional[int] = ..., encoded: _Optional[bytes] = ..., raw: _Optional[_Union[RawImage, _Mapping]] = ..., boxes: _Optional[_Iterable[float]] = ..., box_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    box_scores: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, frame_id: _Optional[int] = ..., capture_timestamp_us: _Optional[int] = ..., encoded: _Optional[bytes] = ..., raw: _Optional[_Union[RawImage, _Mapping]] = ..., boxes: _Optional[_Iterable[float]] = ..., box_ids: _Optional[_Iterable[int]] = ..., box_scores: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class RawImage(_message.Message):
     __slots__ = ("data", "height", "width", "channels", "format")
@@ -287,7 +319,7 @@ class Timings(_message.Message):
     def __init__(self, queued_us: _Optional[int] = ..., preprocess_us: _Optional[int] = ..., compute_us: _Optional[int] = ..., encode_us: _Optional[int] = ...) -> None: ...
 
 class FrameResult(_message.Message):
-    __slots__ = ("frame_id", "capture_timestamp_us", "status", "error_message", "letterbox", "tensors", "timings", "batch_size", "box_source", "boxes", "scores", "classes", "box_ids", "object_features", "object_feature_slices", "anchor_levels", "anchor_rows", "anchor_cols", "anchor_indices")
+    __slots__ = ("frame_id", "capture_timestamp_us", "status", "error_message", "letterbox", "tensors", "timings", "batch_size", "box_source", "boxes", "scores", "classes", "box_ids", "object_features", "object_feature_slices", "anchor_levels", "anchor_rows", "anchor_cols", "anchor_indices", "track_ids", "track_new", "track_epoch", "track_features")
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
     CAPTURE_TIMESTAMP_US_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -307,6 +339,10 @@ class FrameResult(_message.Message):
     ANCHOR_ROWS_FIELD_NUMBER: _ClassVar[int]
     ANCHOR_COLS_FIELD_NUMBER: _ClassVar[int]
     ANCHOR_INDICES_FIELD_NUMBER: _ClassVar[int]
+    TRACK_IDS_FIELD_NUMBER: _ClassVar[int]
+    TRACK_NEW_FIELD_NUMBER: _ClassVar[int]
+    TRACK_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    TRACK_FEATURES_FIELD_NUMBER: _ClassVar[int]
     frame_id: int
     capture_timestamp_us: int
     status: FrameStatus
@@ -326,7 +362,11 @@ class FrameResult(_message.Message):
     anchor_rows: _containers.RepeatedScalarFieldContainer[int]
     anchor_cols: _containers.RepeatedScalarFieldContainer[int]
     anchor_indices: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, frame_id: _Optional[int] = ..., capture_timestamp_us: _Optional[int] = ..., status: _Optional[_Union[FrameStatus, str]] = ..., error_message: _Optional[str] = ..., letterbox: _Optional[_Union[LetterboxInfo, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., batch_size: _Optional[int] = ..., box_source: _Optional[_Union[BoxSource, str]] = ..., boxes: _Optional[_Iterable[float]] = ..., scores: _Optional[_Iterable[float]] = ..., classes: _Optional[_Iterable[int]] = ..., box_ids: _Optional[_Iterable[int]] = ..., object_features: _Optional[_Union[Tensor, _Mapping]] = ..., object_feature_slices: _Optional[_Iterable[_Union[ObjectFeatureSlice, _Mapping]]] = ..., anchor_levels: _Optional[_Iterable[int]] = ..., anchor_rows: _Optional[_Iterable[int]] = ..., anchor_cols: _Optional[_Iterable[int]] = ..., anchor_indices: _Optional[_Iterable[int]] = ...) -> None: ...
+    track_ids: _containers.RepeatedScalarFieldContainer[int]
+    track_new: _containers.RepeatedScalarFieldContainer[bool]
+    track_epoch: int
+    track_features: Tensor
+    def __init__(self, frame_id: _Optional[int] = ..., capture_timestamp_us: _Optional[int] = ..., status: _Optional[_Union[FrameStatus, str]] = ..., error_message: _Optional[str] = ..., letterbox: _Optional[_Union[LetterboxInfo, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., batch_size: _Optional[int] = ..., box_source: _Optional[_Union[BoxSource, str]] = ..., boxes: _Optional[_Iterable[float]] = ..., scores: _Optional[_Iterable[float]] = ..., classes: _Optional[_Iterable[int]] = ..., box_ids: _Optional[_Iterable[int]] = ..., object_features: _Optional[_Union[Tensor, _Mapping]] = ..., object_feature_slices: _Optional[_Iterable[_Union[ObjectFeatureSlice, _Mapping]]] = ..., anchor_levels: _Optional[_Iterable[int]] = ..., anchor_rows: _Optional[_Iterable[int]] = ..., anchor_cols: _Optional[_Iterable[int]] = ..., anchor_indices: _Optional[_Iterable[int]] = ..., track_ids: _Optional[_Iterable[int]] = ..., track_new: _Optional[_Iterable[bool]] = ..., track_epoch: _Optional[int] = ..., track_features: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ObjectFeatureSlice(_message.Message):
     __slots__ = ("name", "layer_index", "stride", "start", "stop")

@@ -108,6 +108,13 @@ def bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
     return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32)
 
 
+def storage_to_float32(array: Any, dtype: int) -> np.ndarray:
+    """float32 values of ``array`` held in wire dtype ``dtype``'s storage (``storage_dtype``: bfloat16 as bits)."""
+    if _check_dtype(dtype) == pb.DTYPE_BFLOAT16:
+        return bfloat16_bits_to_float32(array)
+    return np.asarray(array, dtype=np.float32)
+
+
 def tensor_to_proto(
     name: str,
     layer_index: int,
@@ -210,15 +217,20 @@ OBJECT_FEATURES_NAME = "object_features"
 ANCHOR_FIELDS = ("anchor_levels", "anchor_rows", "anchor_cols", "anchor_indices")
 
 
-def set_frame_boxes(frame: pb.Frame, boxes: Any, ids: Any = None) -> pb.Frame:
-    """Attach a client's (N, 4) x1, y1, x2, y2 boxes (original-frame pixels) and optional N ids to ``frame``.
+def set_frame_boxes(frame: pb.Frame, boxes: Any, ids: Any = None, scores: Any = None) -> pb.Frame:
+    """Attach a client's (N, 4) x1, y1, x2, y2 boxes (original-frame pixels), optional N ids and optional N scores
+    (for tracking) to ``frame``.
 
-    Raises ValueError for a shape other than (N, 4) or an id count other than N. Returns ``frame``.
+    Raises ValueError for a shape other than (N, 4), or an id or score count other than N. Returns ``frame``.
     """
     arr = _as_boxes(boxes)
     id_arr = _ids(ids, len(arr))
+    score_arr = None if scores is None else np.asarray(scores, dtype=np.float32).reshape(-1)
+    if score_arr is not None and len(score_arr) != len(arr):
+        raise ValueError(f"{len(score_arr)} box scores for {len(arr)} boxes: send none, or one per box")
     frame.boxes[:] = arr.reshape(-1).tolist()
     frame.box_ids[:] = id_arr.tolist() if id_arr is not None else []
+    frame.box_scores[:] = score_arr.tolist() if score_arr is not None else []
     return frame
 
 
@@ -232,6 +244,21 @@ def frame_boxes(frame: pb.Frame) -> tuple[np.ndarray, np.ndarray | None]:
         raise ValueError(f"Frame.boxes holds {values.size} values, not 4 per box (x1, y1, x2, y2)")
     boxes = values.reshape(-1, 4)
     return boxes, _ids(np.asarray(frame.box_ids, dtype=np.uint64) if len(frame.box_ids) else None, len(boxes))
+
+
+def frame_box_scores(frame: pb.Frame, n: int) -> np.ndarray | None:
+    """The (n,) float32 scores of a Frame's ``n`` client boxes, or None when it sent none.
+
+    Raises ValueError when there is not one per box, or one is not finite.
+    """
+    if not len(frame.box_scores):
+        return None
+    scores = np.asarray(frame.box_scores, dtype=np.float32)
+    if len(scores) != n:
+        raise ValueError(f"{len(scores)} box scores for {n} boxes: send none, or one per box")
+    if not np.isfinite(scores).all():
+        raise ValueError("box scores must be finite numbers")
+    return scores
 
 
 def _as_boxes(boxes: Any) -> np.ndarray:

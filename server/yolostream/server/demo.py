@@ -3,7 +3,9 @@
 Starts a feature server in this process (built-in yolov5n with random weights, imgsz 320, CUDA when present),
 writes a short clip of moving shapes, streams it through the client exactly as ``yolostream stream`` does (same
 code path: ``cli.main(["stream", ...])``), saving the features and a heatmap video, prints a per-frame summary of
-the saved features, and stops the server cleanly.
+the saved features, then streams it again with the shapes' own boxes as client boxes and ``--track`` (the demo
+model has random weights, so it detects nothing real), prints each frame's track ids and writes a video of the
+tracks, and stops the server cleanly.
 """
 
 from __future__ import annotations
@@ -35,6 +37,13 @@ def video_suffix() -> tuple[str, str]:
     return (".mp4", "mp4v") if ok else (".avi", "MJPG")
 
 
+def shapes_at(i: int) -> tuple[tuple[int, int, int], tuple[int, int, int, int]]:
+    """Frame ``i``'s disc (cx, cy, radius) and square (x1, y1, x2, y2): they cross each other's paths."""
+    t = i / FRAMES
+    return (int(40 + 240 * t), int(120 + 60 * np.sin(2 * np.pi * t)), 32), (int(250 - 180 * t), 30,
+                                                                          int(300 - 180 * t), 80)
+
+
 def make_clip(path: Path, fourcc: str) -> Path:
     """A deterministic clip: a disc and a square crossing a gradient, so the demo needs no files."""
     y, x = np.mgrid[0:HEIGHT, 0:WIDTH]
@@ -44,13 +53,34 @@ def make_clip(path: Path, fourcc: str) -> Path:
         raise OSError(f"OpenCV cannot write {path}")
     for i in range(FRAMES):
         frame = background.copy()
-        t = i / FRAMES
-        cv2.circle(frame, (int(40 + 240 * t), int(120 + 60 * np.sin(2 * np.pi * t))), 32, (40, 200, 240), -1)
-        cv2.rectangle(frame, (int(250 - 180 * t), 30), (int(300 - 180 * t), 80), (220, 60, 60), -1)
+        (cx, cy, r), (x1, y1, x2, y2) = shapes_at(i)
+        cv2.circle(frame, (cx, cy), r, (40, 200, 240), -1)
+        cv2.rectangle(frame, (x1, y1), (x2, y2), (220, 60, 60), -1)
         cv2.line(frame, (0, 215), (WIDTH, 200), (255, 255, 255), 5)
         writer.write(frame)
     writer.release()
     return path
+
+
+def write_boxes(path: Path) -> Path:
+    """The shapes' own boxes, one CSV line per shape and frame (``stream --boxes``'s format)."""
+    lines = []
+    for i in range(FRAMES):
+        (cx, cy, r), square = shapes_at(i)
+        lines += [f"{i},{cx - r},{cy - r},{cx + r},{cy + r}", f"{i},{','.join(map(str, square))}"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def print_tracks(save: Path) -> None:
+    """Each frame's boxes with their track ids, read back from the save's objects.track_id column."""
+    from yolostream.client import load_features
+
+    saved = load_features(save)
+    ids, frames = saved.objects["track_id"], saved.objects["frame"]
+    print(f"\n== {save}: track ids per frame (0: not confirmed yet), epoch {saved.frames[0].get('track_epoch')}\n")
+    for k, meta in enumerate(saved.frames):
+        print(f"  frame {meta['frame_id']:>3}: " + " ".join(f"#{int(t)}" for t in ids[frames == k]))
 
 
 def print_features(save: Path) -> None:
@@ -105,7 +135,16 @@ def main() -> int:
         if code:
             return code
         print_features(save)
-    print(f"\n== server stopped; clip {clip}, heatmap video {heatmap}, features {save}/")
+        tracks, tracked = OUT / "tracks", OUT / f"tracks{suffix}"
+        shutil.rmtree(tracks, ignore_errors=True)
+        args = ["stream", str(clip), "--server", server.address, "--layers", "P3",
+                "--boxes", str(write_boxes(OUT / "boxes.csv")), "--track", "--save", str(tracks), "--viz", str(tracked)]
+        print(f"\n== yolostream {' '.join(args)}\n", flush=True)
+        code = cli.main(args)
+        if code:
+            return code
+        print_tracks(tracks)
+    print(f"\n== server stopped; clip {clip}, heatmap video {heatmap}, features {save}/, tracks {tracked}")
     return 0
 
 

@@ -25,14 +25,16 @@ from yolostream.v1.vocab import DTYPES, LETTERBOX_POLICIES, POOLINGS, names_of
 
 from ..common.card import ModelCard, ResolvedLayer
 from ..common.errors import one_line
-from . import compression
-from .frames import FrameError, FrameLimits, decode_frame
+from ..common.object_request import ObjectJob, ObjectRequest, client_boxes
+from ..common.preprocess import MAX_IMGSZ, Letterbox, apply_letterbox, input_shape, letterbox_geometry
 from ..ipc import affine
 from ..ipc.messages import OutputKey
+from . import compression
+from .frames import FrameError, FrameLimits, decode_frame
 from .link import DeviceFrameError, DeviceLink, FrameTooLarge, layout_bytes, output_layout
-from ..common.object_request import ObjectJob, ObjectRequest, client_boxes
 from .objects_wire import object_request
-from ..common.preprocess import MAX_IMGSZ, Letterbox, apply_letterbox, input_shape, letterbox_geometry
+from .tracker import Tracker
+from .tracking import TRACKING_VECTORS, StreamTracking, track_frame, tracking_options
 
 _DTYPES = names_of(DTYPES)
 _POOLINGS = names_of(POOLINGS)
@@ -57,6 +59,10 @@ class FrameOptions:
     objects: ObjectRequest = ObjectRequest(None, None)
     #: StreamConfig.compression (streams only; unspecified or none: plain bytes).
     compression: int = pb.COMPRESSION_UNSPECIFIED
+    #: StreamConfig.tracking (streams only), validated; None when off.
+    tracking: StreamTracking | None = None
+    #: Whether the object vectors go into the reply (False when only the tracker asked for them).
+    send_vectors: bool = True
 
     @property
     def output_keys(self) -> tuple[OutputKey, ...]:
@@ -141,7 +147,19 @@ class Pipeline:
         options = self.options(config.options)
         codec = _enum(config.compression, _CODECS, pb.Compression, "compression", pb.COMPRESSION_UNSPECIFIED)
         compression.check_codec(codec)
-        return replace(options, compression=codec)
+        tracking = tracking_options(config.tracking)
+        chosen = config.options.object_features
+        default_vectors = chosen.mode == pb.OBJECT_FEATURE_MODE_UNSPECIFIED and not chosen.layers
+        if tracking is not None and (default_vectors or options.objects.objects is None):
+            # A tracked stream's default vectors are the tracker's (sent as its object features); a stream that
+            # asked for none gets them computed for the tracker alone.
+            asked = pb.FeatureOptions()
+            asked.CopyFrom(config.options)
+            asked.object_features.CopyFrom(pb.ObjectFeatureOptions(
+                mode=pb.OBJECT_FEATURE_MODE_ANCHOR, layers=list(TRACKING_VECTORS), normalize=True,
+                dtype=chosen.dtype))
+            return replace(self.options(asked), compression=codec, tracking=tracking, send_vectors=default_vectors)
+        return replace(options, compression=codec, tracking=tracking)
 
     def output_shapes(self, options: FrameOptions, input_hw: tuple[int, int]) -> list[tuple[int, ...]]:
         """Shape of each requested output (without the batch dim) for a model input of ``input_hw``."""
@@ -180,6 +198,8 @@ class Pipeline:
             return _unpreparable(frame, err)
         try:
             job, box_ids = self.object_job(frame, options.objects, image.shape[:2])
+            box_scores = wire.frame_box_scores(frame, len(job.boxes)) if job is not None and job.boxes is not None \
+                else None
         except ValueError as err:
             return error_result(frame, f"bad boxes: {err}")
         shapes = self.output_shapes(options, letterbox.out_hw)
@@ -201,7 +221,8 @@ class Pipeline:
             self.device.unreserve(slot)
             return _unpreparable(frame, err)
         preprocess_us = int((decoded - start + time.perf_counter() - waited) * 1e6)
-        return Begun(frame, options, letterbox, self.device.submit(slot, job), preprocess_us, job, box_ids, shapes)
+        return Begun(frame, options, letterbox, self.device.submit(slot, job), preprocess_us, job, box_ids, shapes,
+                     box_scores)
 
     def object_job(self, frame: pb.Frame, request: ObjectRequest,
                    orig_hw: tuple[int, int]) -> tuple[ObjectJob | None, np.ndarray | None]:
@@ -218,9 +239,14 @@ class Pipeline:
         layout = request.layout(None if boxes is None else len(boxes))
         return ObjectJob(request, tuple(orig_hw), boxes, layout), ids
 
-    async def complete(self, begun: "Begun") -> "Reply":
+    async def complete(self, begun: "Begun", tracker: Tracker | None = None) -> "Reply":
         """Wait for a begun frame's features: an OK ``Reply`` whose tensor bytes are still in shared memory (its
-        ``serialize`` or ``to_message`` copies them out and frees them), or an ERROR one when its batch failed."""
+        ``serialize`` or ``to_message`` copies them out and frees them), or an ERROR one when its batch failed.
+
+        Args:
+            begun: the frame, as ``begin`` sent it.
+            tracker: the stream's tracker, when it tracks: an OK frame's boxes advance it (frames complete in order).
+        """
         frame, options = begun.frame, begun.options
         try:
             out = await asyncio.shield(begun.computed)
@@ -243,8 +269,11 @@ class Pipeline:
         except Exception:
             out.release()
             raise
-        if begun.job is not None and out.objects is not None:
-            self._fill_objects(result, begun, out.objects)
+        found = out.objects if begun.job is not None else None
+        if found is not None:
+            self._fill_objects(result, begun, found)
+        if tracker is not None and options.tracking is not None:
+            self._track(result, begun, found, tracker)
         result.batch_size = out.batch_size
         timings = result.timings
         timings.queued_us = out.queued_us
@@ -303,9 +332,24 @@ class Pipeline:
             raise
 
     @staticmethod
+    def _track(result: pb.FrameResult, begun: "Begun", found: dict[str, np.ndarray | None] | None,
+               tracker: Tracker) -> None:
+        """Give the frame's boxes (none when it has no object work: a client-box stream's frame without boxes) to
+        the stream's tracker: detections with their scores, client boxes with theirs (or none), float32 vectors."""
+        if found is None:
+            boxes, scores, vectors = np.zeros((0, 4), np.float32), None, None
+        else:
+            boxes = found["boxes"]
+            scores = found["scores"] if begun.job.boxes is None else begun.box_scores
+            vectors = found["vectors"]
+            if vectors is not None:
+                vectors = wire.storage_to_float32(vectors, wire.dtype_from_name(begun.job.request.vector_dtype))
+        track_frame(result, tracker, begun.options.tracking, boxes, scores, vectors)
+
+    @staticmethod
     def _fill_objects(result: pb.FrameResult, begun: "Begun", found: dict[str, np.ndarray | None]) -> None:
         request = begun.job.request
-        vectors = found["vectors"]
+        vectors = found["vectors"] if begun.options.send_vectors else None
         wire.fill_objects(result, found["boxes"],
                           source=pb.BOX_SOURCE_CLIENT if begun.job.boxes is not None else pb.BOX_SOURCE_DETECTOR,
                           scores=found["scores"], classes=found["classes"], box_ids=begun.box_ids,
@@ -360,6 +404,8 @@ class Begun:
     box_ids: np.ndarray | None = None
     #: Each output's tensor shape, as sent (an 8-bit output's slot holds a record, not this shape).
     shapes: list[tuple[int, ...]] = field(default_factory=list)
+    #: The client's box scores (Frame.box_scores), for tracking; None when it sent none.
+    box_scores: np.ndarray | None = None
 
 
 def _identify(result: pb.FrameResult, frame: pb.Frame, status: int) -> None:

@@ -83,6 +83,8 @@ class StreamSession:
         self.reading = False
         self.error: str | None = None
         self.tasks: set[asyncio.Task] = set()
+        # The stream's tracking state: created with the session and freed with it, however the stream ends.
+        self.tracker = options.tracking.tracker() if options.tracking is not None else None
 
     async def run(self, requests: AsyncIterator[pb.StreamRequest]) -> AsyncIterator[pb.StreamResponse]:
         reader = asyncio.create_task(self._read(requests))
@@ -129,7 +131,7 @@ class StreamSession:
             self.observe(item.result)
             return item
         try:
-            reply = await self.pipeline.complete(item)
+            reply = await self.pipeline.complete(item, self.tracker)
         except (asyncio.CancelledError, DeviceUnavailable):
             raise
         except Exception as err:  # defensive: one frame's bug must not take down its stream
