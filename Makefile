@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PROTO_DIR := protos
 PROTOS := $(wildcard $(PROTO_DIR)/yolostream/v1/*.proto)
 
-.PHONY: venv test demo bench protos clean
+.PHONY: venv test demo bench bench-tracking protos clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,11 @@ demo: $(STAMP)
 # BENCH_ARGS: --quick | --gpu (default: --gpu when torch sees CUDA, else --quick), --only, --out; see BENCHMARKS.md.
 bench: $(STAMP)
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# The tracker against supervision's ByteTrack on synthetic sequences (installs the bench extra; BENCHMARKS.md).
+bench-tracking: $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e '.[server,onnx,dev,bench]'
+	$(PY) bench/tracking_bench.py $(TRACKING_ARGS)
 
 # Regenerate the committed stubs from the proto (tests fail when they are stale).
 protos: $(STAMP)
