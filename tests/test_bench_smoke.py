@@ -51,6 +51,23 @@ def test_engine_rows_cover_both_ways_every_batch_and_layer_set(results):
     for r in rows:
         assert r["model"] == "yolov5n" and r["input"] == "64x64" and len(r["runs_ms"]) == 1
         assert r["ms_batch"] > 0 and r["fps"] == pytest.approx(1000.0 * r["batch"] / r["ms_batch"])
+        assert "flag" in r and (r["flag"] is None or r["flag"].startswith("⚠"))
+    run_sets = {r["layers"]: set(r["layers_run"]) for r in rows if r["way"].startswith("server") and r["batch"] == 1}
+    assert run_sets["backbone"] < run_sets["P3,P4,P5"] < run_sets["full (Detect)"]
+    assert all(set(r["layers_run"]) == run_sets["full (Detect)"] for r in seed)
+
+
+def test_engine_rows_slower_than_a_row_computing_more_are_flagged():
+    def row(layers, layers_run, ms_frame, backend="torch", batch=1):
+        return {"model": "m", "imgsz": 320, "input": "256x320", "device": "cpu", "backend": backend, "batch": batch,
+                "way": "server: x", "layers": layers, "layers_run": layers_run, "ms_frame": ms_frame}
+
+    rows = [row("backbone", [0, 1], 31.0), row("P3,P4,P5", [0, 1, 2], 20.0), row("full", [0, 1, 2, 3], 29.0),
+            row("backbone", [0, 1], 30.0, batch=4), row("P3,P4,P5", [0, 1, 2], 40.0, backend="onnxruntime")]
+    report.flag_inconsistent(rows)
+    assert [r["flag"] is not None for r in rows] == [True, False, False, False, False]
+    assert rows[0]["flag"] == "⚠ 1.6x the ms/frame of P3,P4,P5 (server), which computes all of its layers"
+    assert "⚠" in report.section_markdown("engine", [{**r, "fps": 1.0} for r in rows]).splitlines()[4]
 
 
 def test_e2e_rows_count_frames_and_relate_to_the_engine(results):
