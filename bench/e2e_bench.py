@@ -4,11 +4,14 @@ Every client talks to the server with the raw generated stubs (no client library
 frame over and over, either as fast as its in-flight window allows or paced at a camera rate, and timestamps
 each frame from the moment its request is handed to gRPC until its answer arrives. All clients start together;
 only the frames answered inside the measuring window count for throughput, and the server's CPU time is read
-at the window's two ends. This module imports neither torch nor the server package: the clients stay light.
+at the window's two ends. The driver owns the window: it lasts ``duration_s`` and, on a machine too slow or too
+loaded for that, until every client has had ``min_frames`` answers inside it (``SharedWindow``). This module
+imports neither torch nor the server package: the clients stay light.
 """
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import queue
 import threading
@@ -23,6 +26,9 @@ import psutil
 from report import percentiles
 
 MESSAGE_LIMIT = 128 * 1024 * 1024
+#: How much longer than its ``duration_s`` a window may wait for every client's ``min_frames`` answers before the
+#: run fails: generous, so that only a stalled server or client trips it, never a slow machine.
+WINDOW_TIMEOUT_S = 120.0
 #: The server's per-frame Timings fields, averaged per cell.
 TIMING_STAGES = ("queued_us", "preprocess_us", "compute_us", "encode_us")
 LAYER_SETS = {"backbone": ("backbone",), "P3,P4,P5": ("P3", "P4", "P5")}
@@ -82,7 +88,7 @@ class FramePayload:
 
 @dataclass(frozen=True)
 class StreamSpec:
-    """What one client process sends, how, and for how long (seconds on the shared monotonic clock)."""
+    """What one client process sends, how, and for how long at least (seconds on the shared monotonic clock)."""
 
     address: str
     payload: FramePayload
@@ -130,8 +136,9 @@ def config_message(spec: StreamSpec):
     return pb.StreamRequest(config=pb.StreamConfig(options=options, max_in_flight=spec.max_in_flight))
 
 
-def run_stream(spec: StreamSpec, start_at: float, connected: tuple | None = None) -> dict[str, Any]:
-    """Stream until ``start_at + warm_s + duration_s``; per frame: send and receive times, batch size, status.
+def run_stream(spec: StreamSpec, window: ClientWindow, connected: tuple | None = None) -> dict[str, Any]:
+    """Stream from the window's start until the driver closes it; per frame: send and receive times, batch size,
+    status.
 
     Paced streams (``rate`` > 0) send frame i at ``start_at + i / rate``, or as soon as an in-flight slot frees
     when behind; latency is always counted from the moment a frame is handed to gRPC.
@@ -139,7 +146,7 @@ def run_stream(spec: StreamSpec, start_at: float, connected: tuple | None = None
     from yolostream.v1 import feature_service_pb2 as pb
 
     channel, stub = connected or _stub(spec.address)
-    stop_at = start_at + spec.warm_s + spec.duration_s
+    start_at = window.start_at
     slots = threading.Semaphore(spec.max_in_flight)
     sent: list[float] = []
 
@@ -153,7 +160,7 @@ def run_stream(spec: StreamSpec, start_at: float, connected: tuple | None = None
             if not slots.acquire(timeout=120):
                 return
             now = time.perf_counter()
-            if now >= stop_at:
+            if window.closed(now):
                 slots.release()
                 return
             sent.append(now)
@@ -163,8 +170,8 @@ def run_stream(spec: StreamSpec, start_at: float, connected: tuple | None = None
     received, batch, ok, reply_bytes = [], [], [], 0
     stages = {name: [] for name in TIMING_STAGES}
     try:
-        for response in stub.StreamFeatures(requests(), timeout=spec.warm_s + spec.duration_s + 300):
-            received.append(time.perf_counter())
+        for response in stub.StreamFeatures(requests(), timeout=rpc_timeout_s(spec)):
+            received.append(window.answered())
             slots.release()
             result = response.result
             batch.append(result.batch_size)
@@ -181,19 +188,99 @@ def run_stream(spec: StreamSpec, start_at: float, connected: tuple | None = None
             "timings_us": {name: np.asarray(values, np.float64) for name, values in stages.items()}}
 
 
+def rpc_timeout_s(spec: Any) -> float:
+    """A client stream's gRPC deadline (``spec`` has ``warm_s`` and ``duration_s``): past the longest window
+    ``run_clients`` may hold open, with time to spare for the answers still in flight."""
+    return spec.warm_s + spec.duration_s + WINDOW_TIMEOUT_S + 300
+
+
 def _sleep_until(t: float) -> None:
     left = t - time.perf_counter()
     if left > 0:
         time.sleep(left)
 
 
-def _client_main(worker: Callable, spec: Any, ready: Any, go: Any, start: Any, results: Any, slot: int) -> None:
+@dataclass
+class SharedWindow:
+    """The measuring window in shared memory, between the driver and its client processes.
+
+    The driver owns both ends: it sets the common start, and closes the window once it has lasted ``duration_s``
+    and every client has had ``min_frames`` answers inside it (``close_window``). Clients never compute the end
+    themselves: they poll it, stop sending once it has passed, and count their answers inside it. A slow or loaded
+    machine therefore makes the window longer instead of empty, and frames/s stays frames over real seconds.
+    Times are ``time.perf_counter()`` values: the monotonic clock every process on the machine shares.
+    """
+
+    #: the common start (the clients' first send)
+    start_at: Any
+    #: the window's start: the common start plus the warm-up
+    opens_at: Any
+    #: the window's end, +inf until the driver closes it
+    closes_at: Any
+    #: per client, its answers inside the window so far
+    answers: Any
+
+    @staticmethod
+    def create(ctx: Any, clients: int) -> "SharedWindow":
+        """A window for ``clients`` processes of ``ctx``, open forever until the driver closes it."""
+        return SharedWindow(ctx.RawValue("d", 0.0), ctx.RawValue("d", math.inf), ctx.RawValue("d", math.inf),
+                            ctx.RawArray("q", clients))
+
+
+@dataclass(frozen=True)
+class ClientWindow:
+    """One client's side of a ``SharedWindow``: when to start, whether to stop sending, and its answer count."""
+
+    shared: SharedWindow
+    slot: int
+
+    @property
+    def start_at(self) -> float:
+        return self.shared.start_at.value
+
+    def closed(self, now: float) -> bool:
+        """Whether the driver has closed the window by ``now``: the client sends nothing more."""
+        return now >= self.shared.closes_at.value
+
+    def answered(self) -> float:
+        """Record an answer arriving now (counted when inside the window, which the driver waits on); its time."""
+        now = time.perf_counter()
+        if self.shared.opens_at.value <= now < self.shared.closes_at.value:
+            self.shared.answers[self.slot] += 1
+        return now
+
+
+def close_window(opens_at: float, duration_s: float, answers: Callable[[], Sequence[int]], min_frames: int,
+                 ended: Callable[[], bool], timeout_s: float = WINDOW_TIMEOUT_S) -> float | None:
+    """Wait until the window opened at ``opens_at`` has lasted ``duration_s`` and every client's count in
+    ``answers()`` has reached ``min_frames``; return the window's end (``perf_counter`` time).
+
+    The end is read after the counts, so every answer counted is inside it. Returns None as soon as ``ended()``
+    says a client stopped before that (the caller reports why); raises TimeoutError when the counts are still
+    short ``timeout_s`` after ``duration_s``: a stalled stream, not a slow machine.
+    """
+    _sleep_until(opens_at + duration_s)
+    deadline = opens_at + duration_s + timeout_s
+    while True:
+        counts = list(answers())
+        if min(counts, default=min_frames) >= min_frames:
+            return time.perf_counter()
+        if ended():
+            return None
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"after {duration_s + timeout_s:.0f} s the measuring window still lacks "
+                               f"{min_frames} answers per client (answers per client: {counts})")
+        time.sleep(0.005)
+
+
+def _client_main(worker: Callable, spec: Any, ready: Any, go: Any, window: SharedWindow, results: Any,
+                 slot: int) -> None:
     """A client process: connect, say ready, wait for the common start, run, send back the timings."""
     try:
         prepared = worker(spec, None)
         ready.put(("ready", slot, None))
         go.wait(300)
-        results.put((slot, worker(spec, start.value, prepared), None))
+        results.put((slot, worker(spec, ClientWindow(window, slot), prepared), None))
     except BaseException as err:  # report, do not hang the driver
         import traceback
 
@@ -201,11 +288,11 @@ def _client_main(worker: Callable, spec: Any, ready: Any, go: Any, start: Any, r
         results.put((slot, None, f"{type(err).__name__}: {err}"))
 
 
-def grpc_worker(spec: StreamSpec, start_at: float | None, prepared: Any = None) -> Any:
-    """Client-process entry for a gRPC stream: prepare (connect) when ``start_at`` is None, else run."""
-    if start_at is None:
+def grpc_worker(spec: StreamSpec, window: ClientWindow | None, prepared: Any = None) -> Any:
+    """Client-process entry for a gRPC stream: prepare (connect) when ``window`` is None, else run."""
+    if window is None:
         return _stub(spec.address)
-    return run_stream(spec, start_at, prepared)
+    return run_stream(spec, window, prepared)
 
 
 @dataclass
@@ -230,34 +317,48 @@ class Window:
         return self.frames / self.duration_s
 
 
-def run_clients(worker: Callable, specs: Sequence[Any], *, warm_s: float, duration_s: float,
+def run_clients(worker: Callable, specs: Sequence[Any], *, warm_s: float, duration_s: float, min_frames: int = 1,
                 cpu_seconds: Callable[[], float] | None = None, ready_timeout: float = 120.0,
-                cpu_by_role: Callable[[], dict[str, float]] | None = None) -> Window:
+                cpu_by_role: Callable[[], dict[str, float]] | None = None,
+                window_timeout_s: float = WINDOW_TIMEOUT_S) -> Window:
     """Start one spawned process per spec, start them together, and sum up their measuring window.
 
-    ``cpu_seconds`` (and ``cpu_by_role``, per server process role) are sampled at the window's edges.
+    ``worker(spec, None)`` prepares in the client process (connects), then ``worker(spec, ClientWindow, prepared)``
+    runs: it sends until ``closed``, calls ``answered`` per answer and returns its timings. The window opens
+    ``warm_s`` after the start and lasts ``duration_s``, longer when needed until every client has had
+    ``min_frames`` answers inside it (a loaded machine must not make a row empty), ``window_timeout_s`` at most.
+    ``cpu_seconds`` (and ``cpu_by_role``, per server process role) are sampled at the window's real edges.
     """
     ctx = mp.get_context("spawn")
-    ready, results, go, start = ctx.Queue(), ctx.Queue(), ctx.Event(), ctx.Value("d", 0.0)
-    procs = [ctx.Process(target=_client_main, args=(worker, spec, ready, go, start, results, k), daemon=True)
+    ready, results, go, shared = ctx.Queue(), ctx.Queue(), ctx.Event(), SharedWindow.create(ctx, len(specs))
+    procs = [ctx.Process(target=_client_main, args=(worker, spec, ready, go, shared, results, k), daemon=True)
              for k, spec in enumerate(specs)]
     for p in procs:
         p.start()
     try:
         _wait_ready(ready, procs, ready_timeout)
         start_at = time.perf_counter() + 0.05
-        start.value = start_at
+        window_start = start_at + warm_s
+        shared.start_at.value, shared.opens_at.value = start_at, window_start
         go.set()
-        window_start, window_end = start_at + warm_s, start_at + warm_s + duration_s
         clients = [psutil.Process(p.pid) for p in procs]
         _sleep_until(window_start)
         first = _cpu_sample(cpu_seconds, clients)
         roles_first = cpu_by_role() if cpu_by_role else {}
-        _sleep_until(window_end)
+        window_end = close_window(window_start, duration_s, lambda: shared.answers[:], min_frames,
+                                  lambda: any(p.exitcode is not None for p in procs), window_timeout_s)
+        if window_end is None:
+            ended, counts = [k for k, p in enumerate(procs) if p.exitcode is not None], shared.answers[:]
+            shared.closes_at.value = time.perf_counter()
+            _collect(results, procs, timeout=600)  # a client's own error, when it failed, says more
+            raise RuntimeError(f"client(s) {ended} ended their stream before having {min_frames} answers in the "
+                               f"window (answers per client: {counts})")
+        shared.closes_at.value = window_end
         last = _cpu_sample(cpu_seconds, clients)
         roles_last = cpu_by_role() if cpu_by_role else {}
         outputs = _collect(results, procs, timeout=warm_s + duration_s + 600)
     finally:
+        shared.closes_at.value = min(shared.closes_at.value, time.perf_counter())
         go.set()
         for p in procs:
             p.join(30)
@@ -354,14 +455,15 @@ class E2ECell:
 
 
 def run_cell(address: str, cell: E2ECell, payloads: dict[str, FramePayload], *, warm_s: float, duration_s: float,
-             max_in_flight: int, cpu_seconds: Callable[[], float] | None) -> dict[str, Any]:
+             max_in_flight: int, cpu_seconds: Callable[[], float] | None, min_frames: int = 1) -> dict[str, Any]:
     """One row of the end-to-end (or camera-rate) table."""
     spec = StreamSpec(address, payloads[cell.input], LAYER_SETS[cell.layers], cell.dtype, max_in_flight, cell.rate,
                       warm_s, duration_s)
     # paced streams are spread evenly over one frame period, as independent cameras would be
     specs = [replace(spec, phase=k / (cell.streams * cell.rate)) if cell.rate > 0 else spec
              for k in range(cell.streams)]
-    window = run_clients(grpc_worker, specs, warm_s=warm_s, duration_s=duration_s, cpu_seconds=cpu_seconds)
+    window = run_clients(grpc_worker, specs, warm_s=warm_s, duration_s=duration_s, min_frames=min_frames,
+                         cpu_seconds=cpu_seconds)
     stats = percentiles(window.latencies_ms)
     return {
         "streams": cell.streams, "input": cell.input, "layers": cell.layers, "dtype": cell.dtype,
@@ -440,13 +542,14 @@ def add_decode_bound(row: dict, decode_fps: float | None) -> dict:
 
 def run_e2e(address: str, cells: Sequence[E2ECell], payloads: dict[str, FramePayload], *, warm_s: float,
             duration_s: float, max_in_flight: int = 8, cpu_seconds: Callable[[], float] | None = None,
-            engine_rows: Sequence[dict] = (), camera: bool = False,
+            engine_rows: Sequence[dict] = (), camera: bool = False, min_frames: int = 1,
             progress: Callable[[str], None] = lambda s: None) -> list[dict]:
-    """Every cell against one running server, in order; rows carry the ratio to the engine where it was measured."""
+    """Every cell against one running server, in order; rows carry the ratio to the engine where it was measured.
+    Each cell's window lasts ``duration_s``, longer when needed for ``min_frames`` answers per stream."""
     rows = []
     for cell in cells:
         row = run_cell(address, cell, payloads, warm_s=warm_s, duration_s=duration_s, max_in_flight=max_in_flight,
-                       cpu_seconds=cpu_seconds)
+                       cpu_seconds=cpu_seconds, min_frames=min_frames)
         rows.append(add_camera_ratio(row, engine_rows) if camera else add_engine_ratio(row, engine_rows))
         progress(f"{'camera' if camera else 'e2e'} {cell}: {row['fps']:.1f} frames/s, p50 {row['p50_ms']} ms")
     return rows

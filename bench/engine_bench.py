@@ -1,7 +1,11 @@
 """The engine alone, in-process: the limit a server can approach, and the seed approach it replaces.
 
 Two ways of computing the same features, timed interleaved (every mode once per round, the starting mode
-rotating), after warm-up rounds, reporting the median per mode:
+rotating), after warm-up rounds, reporting the median per mode. Each timed call starts on a quiet process
+(``settle``): onnxruntime's intra-op threads spin for tens of milliseconds after a run, and the torch mode timed
+next shared the cores with them (batch-1 ``backbone``, right after the last onnxruntime mode, read 3× slower
+than batch-1 ``P3,P4,P5``, which computes more). Rows slower per frame than a row of the same backend and batch
+that computes a superset of their layers carry a ``flag`` (``report.flag_inconsistent``).
 
 - **server**: what the micro-batcher does: ``engine.collect(engine.launch(uint8 frames, keys))``: stack (or copy
   into a pooled pinned host block), upload, normalise on the device, truncated forward, cast, copy back. Fused
@@ -30,7 +34,7 @@ from yolostream.server.device.engine import DeviceRunner
 from yolostream.server.model.loader import load_model
 
 from e2e_bench import LAYER_SETS, synthetic_frame
-from report import median
+from report import flag_inconsistent, median
 
 
 @dataclass(frozen=True)
@@ -82,10 +86,16 @@ class SeedModel:
             return {i: t.cpu().numpy() for i, t in self.captured.items()}
 
 
-def _modes(engine: DeviceRunner, seed: SeedModel | None, frame: np.ndarray,
-           case: EngineCase, batches: Sequence[int] | None = None) -> list[tuple[dict, Callable]]:
-    """(row fields, timed callable) for every row of this case (``batches``: the engine's, default the case's)."""
+def _modes(engine: DeviceRunner, seed: SeedModel | None, frame: np.ndarray, case: EngineCase,
+           layers_run: Callable[[Sequence[int]], list[int]],
+           batches: Sequence[int] | None = None) -> list[tuple[dict, Callable]]:
+    """(row fields, timed callable) for every row of this case (``batches``: the engine's, default the case's).
+
+    ``layers_run(indices)``: the layers a truncated forward to ``indices`` runs; each row's ``layers_run`` is what
+    its mode computes (every layer for ``full`` and the seed), so rows can be checked against each other.
+    """
     sync = _sync(engine.device)
+    every_layer = list(range(len(engine.layers)))
     precision = "fp16+channels_last" if engine.dtype == torch.float16 else "fp32"
     path = "staged" if engine.staged else "direct"
     server_way = f"server: fused {precision}, {path}" + ("" if engine.backend == "torch" else f", {engine.backend}")
@@ -100,7 +110,7 @@ def _modes(engine: DeviceRunner, seed: SeedModel | None, frame: np.ndarray,
                 sync()
 
             modes.append(({"way": server_way, "backend": engine.backend, "layers": layers, "batch": batch,
-                           "out_dtype": case.out_dtype}, run))
+                           "out_dtype": case.out_dtype, "layers_run": layers_run([k[0] for k in keys])}, run))
         if case.full and engine.backend == "torch":
             def run_full(images=images):
                 # tuned like the server way's forwards (Detect's convolutions tune in the bench's warm-up rounds)
@@ -109,7 +119,7 @@ def _modes(engine: DeviceRunner, seed: SeedModel | None, frame: np.ndarray,
                 sync()
 
             modes.append(({"way": server_way, "backend": "torch", "layers": "full (Detect)", "batch": batch,
-                           "out_dtype": None}, run_full))
+                           "out_dtype": None, "layers_run": every_layer}, run_full))
     if seed is not None:
         chw = np.ascontiguousarray(frame.transpose(2, 0, 1)[::-1])  # the seed feeds upstream's layout
         for layers, names in LAYER_SETS.items():
@@ -120,17 +130,39 @@ def _modes(engine: DeviceRunner, seed: SeedModel | None, frame: np.ndarray,
                 sync()
 
             modes.append(({"way": "seed: full model fp32, hooks", "backend": "torch", "layers": layers, "batch": 1,
-                           "out_dtype": "float32"}, run_seed))
+                           "out_dtype": "float32", "layers_run": every_layer}, run_seed))
     return modes
 
 
+def settle(limit_s: float = 1.0, slice_s: float = 0.005, busy: float = 0.1) -> None:
+    """Wait until this process's threads are idle (under ``busy`` of a core over a ``slice_s`` slice), at most
+    ``limit_s``.
+
+    A run leaves worker threads spinning for a while (onnxruntime's intra-op pool for tens of milliseconds, OpenMP's
+    briefly), and a mode timed meanwhile shares the cores with them: on 2 cores torch's batch-1 ``backbone`` timed
+    right after onnxruntime read 3× its time. Only this process's CPU time counts: other load does not hold it up.
+    """
+    deadline = time.perf_counter() + limit_s
+    while time.perf_counter() < deadline:
+        cpu, wall = time.process_time(), time.perf_counter()
+        time.sleep(slice_s)
+        if time.process_time() - cpu < busy * (time.perf_counter() - wall):
+            return
+
+
 def time_interleaved(calls: Sequence[Callable[[], None]], repeats: int, warmup: int) -> list[list[float]]:
-    """Per call, ``repeats`` wall times in ms; each round runs every call once, starting one further along."""
+    """Per call, ``repeats`` wall times in ms; each round runs every call once, starting one further along.
+
+    At least one untimed round comes first, whatever ``warmup`` says: a mode's first call pays one-off costs (an
+    onnxruntime session's build, oneDNN primitives, allocator blocks). Every timed call starts ``settle``d.
+    """
     times: list[list[float]] = [[] for _ in calls]
-    n = len(calls)
+    n, warmup = len(calls), max(1, warmup)
     for r in range(warmup + repeats):
         for k in range(n):
             j = (k + r) % n
+            if r >= warmup:
+                settle()
             start = time.perf_counter()
             calls[j]()
             elapsed = (time.perf_counter() - start) * 1000.0
@@ -148,11 +180,15 @@ def run_engine_case(case: EngineCase, progress: Callable[[str], None] = lambda s
         engine.warmup(max(case.batches), imgsz=case.imgsz, frame_sizes=(synthetic_frame().shape[:2],))
     hooked = [r.index for names in LAYER_SETS.values() for r in engine.resolve(names)]
     seed = SeedModel(case.cfg, engine.device, hooked) if case.seed else None
-    modes = _modes(engine, seed, frame, case)
+
+    def layers_run(indices: Sequence[int]) -> list[int]:  # every backend runs torch's truncated graph
+        return list(engine.plan(indices).plan.steps)
+
+    modes = _modes(engine, seed, frame, case, layers_run)
     for backend in case.backends:  # timed in the same interleaved rounds as torch, so load hits both alike
         other = DeviceRunner(load_model(cfg=case.cfg), device=case.device, half=case.half, imgsz=case.imgsz,
                              backend=backend)
-        modes += _modes(other, None, frame, case, [b for b in case.batches if b in case.backend_batches])
+        modes += _modes(other, None, frame, case, layers_run, [b for b in case.batches if b in case.backend_batches])
     progress(f"engine {engine.name}@{case.imgsz} on {engine.device}: {len(modes)} modes × "
              f"{case.warmup}+{case.repeats} rounds")
     own, machine = psutil.Process(), psutil.cpu_times()
@@ -170,6 +206,7 @@ def run_engine_case(case: EngineCase, progress: Callable[[str], None] = lambda s
                      "device": str(engine.device), **fields, "ms_batch": ms, "ms_frame": ms / fields["batch"],
                      "fps": 1000.0 * fields["batch"] / ms, "min_ms": min(runs), "runs_ms": runs,
                      "random_weights": engine.random_weights, **load})
+    flag_inconsistent(rows)
     del seed, engine
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

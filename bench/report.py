@@ -89,7 +89,7 @@ def markdown_table(columns: Sequence[tuple[str, str, int]], rows: Sequence[dict[
 ENGINE_COLUMNS = [
     ("model", "model", 0), ("imgsz", "imgsz", 0), ("input", "input", 0), ("way", "way", 0), ("backend", "backend", 0),
     ("layers", "layers", 0), ("batch", "batch", 0), ("ms/batch", "ms_batch", 2), ("ms/frame", "ms_frame", 2),
-    ("frames/s", "fps", 1), ("other load (cores)", "other_cpu_cores", 2),
+    ("frames/s", "fps", 1), ("other load (cores)", "other_cpu_cores", 2), ("check", "flag", 0),
 ]
 
 E2E_COLUMNS = [
@@ -165,6 +165,32 @@ def backend_ratios(sections: dict[str, list[dict]]) -> list[dict]:
                          "size": r["batch"] if what == "engine" else r["streams"], "backend": r["backend"],
                          "torch_fps": base["fps"], "backend_fps": r["fps"], "ratio": r["fps"] / base["fps"]})
     return rows
+
+
+#: An engine row is flagged when its ms per frame exceeds this many times that of a row computing a superset of its
+#: layers (same model, input, device, backend and batch): computing more cannot honestly be that much faster.
+INCONSISTENT_RATIO = 1.5
+
+
+def flag_inconsistent(rows: Sequence[dict[str, Any]], ratio: float = INCONSISTENT_RATIO) -> None:
+    """Set every engine row's ``flag``: None, or why the row cannot be right (it is more than ``ratio`` times
+    slower per frame than the fastest comparable row whose ``layers_run`` include all of its own).
+
+    A row that lies (one-off costs, another backend's threads still spinning) shows in the table and the JSON at
+    once instead of in a footnote written after someone noticed.
+    """
+    def group(row: dict[str, Any]) -> tuple:
+        return row["model"], row["imgsz"], row["input"], row["device"], row["backend"], row["batch"]
+
+    for row in rows:
+        own = set(row["layers_run"])
+        supersets = [other for other in rows if other is not row and group(other) == group(row)
+                     and own <= set(other["layers_run"])]
+        fastest = min(supersets, key=lambda other: other["ms_frame"], default=None)
+        row["flag"] = None
+        if fastest is not None and row["ms_frame"] > ratio * fastest["ms_frame"]:
+            row["flag"] = (f"⚠ {row['ms_frame'] / fastest['ms_frame']:.1f}x the ms/frame of "
+                           f"{fastest['layers']} ({fastest['way'].split(':')[0]}), which computes all of its layers")
 
 
 def section_markdown(name: str, rows: Sequence[dict[str, Any]]) -> str:

@@ -67,6 +67,9 @@ class Preset:
     backend_batches: tuple[int, ...] = (1, 4, 8)
     backend_e2e_streams: tuple[int, ...] = ()
     backend_e2e_inputs: tuple[str, ...] = ("jpeg",)
+    #: Answers every client must have inside each e2e, camera and transport window: a window lasts its duration
+    #: and, on a machine too slow or loaded for that, until each client has had this many (never an empty row).
+    min_frames: int = 1
 
 
 #: Reply sizes for the transport section: 256x20x20 float32 = 409,600 B, and 4 * (128*80*80 + 256*40*40 + 512*20*20)
@@ -193,14 +196,16 @@ def run_suite(preset: Preset, sections: Sequence[str], out_dir: Path | None,
                          for layers, dtype in preset.e2e_outputs]
                 rows = run_e2e(server.address, cells, payloads, warm_s=preset.e2e_warm_s,
                                duration_s=preset.e2e_duration_s, max_in_flight=preset.max_in_flight,
-                               cpu_seconds=server.cpu_seconds, engine_rows=served_rows, progress=_log)
+                               cpu_seconds=server.cpu_seconds, engine_rows=served_rows, min_frames=preset.min_frames,
+                               progress=_log)
                 _emit(results, "e2e", [{**add_decode_bound(row, decode_fps), "backend": "torch"} for row in rows])
             if "camera" in sections:
                 dtype = "float16" if preset.half else "float32"
                 cells = [E2ECell(n, "jpeg", "backbone", dtype, preset.camera_rate) for n in preset.camera_streams]
                 rows = run_e2e(server.address, cells, payloads, warm_s=preset.camera_warm_s,
                                duration_s=preset.camera_duration_s, max_in_flight=preset.max_in_flight,
-                               cpu_seconds=server.cpu_seconds, engine_rows=served_rows, camera=True, progress=_log)
+                               cpu_seconds=server.cpu_seconds, engine_rows=served_rows, camera=True,
+                               min_frames=preset.min_frames, progress=_log)
                 _emit(results, "camera", rows)
     if "e2e" in sections and preset.backend_e2e_streams:
         for backend in preset.backends:
@@ -213,7 +218,8 @@ def run_suite(preset: Preset, sections: Sequence[str], out_dir: Path | None,
                          for kind in preset.backend_e2e_inputs for layers, dtype in preset.e2e_outputs]
                 rows = run_e2e(server.address, cells, payloads, warm_s=preset.e2e_warm_s,
                                duration_s=preset.e2e_duration_s, max_in_flight=preset.max_in_flight,
-                               cpu_seconds=server.cpu_seconds, engine_rows=own_rows, progress=_log)
+                               cpu_seconds=server.cpu_seconds, engine_rows=own_rows, min_frames=preset.min_frames,
+                               progress=_log)
             decode_fps = results.get("decode", {}).get("capacity_fps")
             results["sections"]["e2e"] += [{**(add_decode_bound(row, decode_fps) if decode_fps else row),
                                             "backend": backend} for row in rows]
@@ -227,7 +233,7 @@ def run_suite(preset: Preset, sections: Sequence[str], out_dir: Path | None,
         rows = run_transport(preset.transport_cases, in_flight=preset.transport_in_flight,
                              frontends=preset.transport_frontends,
                              warm_s=preset.transport_warm_s,
-                             duration_s=preset.transport_duration_s, progress=_log)
+                             duration_s=preset.transport_duration_s, min_frames=preset.min_frames, progress=_log)
         _emit(results, "transport", rows)
     if "objects" in sections:
         from objects_bench import ObjectsCase, nms_rows, overhead_rows

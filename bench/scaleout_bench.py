@@ -2,15 +2,17 @@
 them, and the failover gap (a replica SIGKILLed → the first answer resumed on another).
 
     PYTHONPATH=protos:server:client python bench/scaleout_bench.py [--replicas 1,2,3] [--streams 6]
-                                   [--duration 5] [--imgsz 128] [--json FILE]
+                                   [--duration 5] [--min-frames 1] [--imgsz 128] [--json FILE]
 
 Every replica is the real command (``yolostream serve --device cpu --metrics-port 0``) with the same flags; the
 client is ``FeatureClient`` over the replica list, with ``streams`` concurrent streams in threads of this process,
 each sending one raw frame over and over with ``max_in_flight`` frames in the server. Throughput counts the answers
-inside a ``duration`` window after a warm-up; the spread is each replica's ``yolostream_streams_active`` gauge in
-the middle of that window. The failover gap is measured on one stream at max_in_flight 1: the replica carrying it
-(the one whose gauge says 1) is SIGKILLed between two answers, and the gap runs from the kill to the next answer,
-which comes from another replica after the resume; with N replicas it is measured N-1 times.
+inside a window after a warm-up that lasts ``duration`` and, on a machine too slow for that, until every stream has
+had ``min-frames`` answers in it (``e2e_bench.close_window``); the spread is each replica's
+``yolostream_streams_active`` gauge in the middle of that window. The failover gap is measured on one stream at
+max_in_flight 1: the replica carrying it (the one whose gauge says 1) is SIGKILLed between two answers, and the gap
+runs from the kill to the next answer, which comes from another replica after the resume; with N replicas it is
+measured N-1 times.
 
 On a machine with few cores the replicas share them with each other and with the client, so aggregate frames/s
 cannot grow with the replicas here: the point of those rows is that it does not collapse and that streams spread.
@@ -39,6 +41,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import numpy as np  # noqa: E402
 from conftest import ServeProcess  # noqa: E402
+from e2e_bench import close_window  # noqa: E402
 
 from yolostream.client import FeatureClient  # noqa: E402
 from yolostream.client.client import DEFAULT_SETTLE_S  # noqa: E402
@@ -87,11 +90,12 @@ class Group:
 
 
 def throughput(group: Group, streams: int, max_in_flight: int, warm_s: float, duration_s: float,
-               frame: np.ndarray, settle_s: float) -> dict[str, Any]:
-    """``streams`` concurrent streams through the replica list; answers counted inside the window."""
+               frame: np.ndarray, settle_s: float, min_frames: int = 1) -> dict[str, Any]:
+    """``streams`` concurrent streams through the replica list; answers counted inside the window, which lasts
+    ``duration_s`` and until every stream has had ``min_frames`` answers in it."""
     stop = threading.Event()
-    window = {"start": float("inf"), "end": float("inf")}
-    counts = [0] * streams
+    window = {"start": float("inf")}
+    answered: list[list[float]] = [[] for _ in range(streams)]
     errors: list[str] = []
 
     def run(k: int, client: FeatureClient) -> None:
@@ -99,8 +103,8 @@ def throughput(group: Group, streams: int, max_in_flight: int, warm_s: float, du
         try:
             for result in client.stream(frames, layers="backbone", max_in_flight=max_in_flight, encoding="raw"):
                 now = time.perf_counter()
-                if window["start"] <= now < window["end"] and result.ok:
-                    counts[k] += 1
+                if now >= window["start"] and result.ok:
+                    answered[k].append(now)
         except Exception as err:  # reported in the row: a benchmark must not hide a failing stream
             errors.append(f"stream {k}: {err}")
 
@@ -108,17 +112,23 @@ def throughput(group: Group, streams: int, max_in_flight: int, warm_s: float, du
         threads = [threading.Thread(target=run, args=(k, client), daemon=True) for k in range(streams)]
         for t in threads:
             t.start()
-        stop.wait(warm_s)
-        window["start"] = time.perf_counter()
-        window["end"] = window["start"] + duration_s
-        stop.wait(duration_s / 2)
-        spread = group.spread()
-        stop.wait(max(0.0, window["end"] - time.perf_counter()))
-        stop.set()
+        try:
+            stop.wait(warm_s)
+            window["start"] = time.perf_counter()
+            stop.wait(duration_s / 2)
+            spread = group.spread()
+            # a stream that failed ends the window at once: the row reports its error
+            end = close_window(window["start"], duration_s, lambda: [len(times) for times in answered], min_frames,
+                               lambda: bool(errors) or not all(t.is_alive() for t in threads))
+            window["end"] = time.perf_counter() if end is None else end
+        finally:
+            stop.set()
         for t in threads:
             t.join(timeout=30)
+    counts = [sum(1 for at in times if at <= window["end"]) for times in answered]
+    seconds = window["end"] - window["start"]
     return {"replicas": len(group.procs), "streams": streams, "max_in_flight": max_in_flight, "settle_s": settle_s,
-            "frames": sum(counts), "fps": sum(counts) / duration_s, "per_stream_frames": counts,
+            "frames": sum(counts), "window_s": seconds, "fps": sum(counts) / seconds, "per_stream_frames": counts,
             "streams_per_replica": spread, "errors": errors}
 
 
@@ -160,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--imgsz", type=int, default=128, help="model input size (default 128)")
     parser.add_argument("--warm", type=float, default=1.0, help="seconds before the window (default 1)")
     parser.add_argument("--duration", type=float, default=5.0, help="measuring window in seconds (default 5)")
+    parser.add_argument("--min-frames", type=int, default=1,
+                        help="answers each stream must have in the window, which lasts longer if needed (default 1)")
     parser.add_argument("--settle", type=float, default=DEFAULT_SETTLE_S,
                         help="FeatureClient settle_s: how long new streams wait for every replica to connect")
     parser.add_argument("--json", type=Path, help="write the rows here")
@@ -173,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             group = Group(n, args.imgsz, Path(folder))
             try:
                 row = throughput(group, args.streams, args.max_in_flight, args.warm, args.duration, frame,
-                                 args.settle)
+                                 args.settle, args.min_frames)
                 results["throughput"].append(row)
                 if n > 1:
                     results["failover"].extend({"replicas": n, **r} for r in failover(group, frame))

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import psutil
 
-from e2e_bench import FramePayload, StreamSpec, frame_message, grpc_worker, run_clients
+from e2e_bench import ClientWindow, FramePayload, StreamSpec, frame_message, grpc_worker, rpc_timeout_s, run_clients
 from report import percentiles
 from server_proc import ServerProcess, server_args
 
@@ -83,35 +83,34 @@ def socket_server(request_bytes: int, reply_bytes: int, ports: Any) -> None:
                 conn.sendall(reply)
 
 
-def _windowed(start_at: float, stop_at: float, slots: threading.Semaphore, sent: list[float]) -> Iterator[None]:
-    """From ``start_at`` until ``stop_at``, yield once per free in-flight slot (the caller sends one request),
-    recording each send time in ``sent``; the receiver releases a slot per reply."""
-    left = start_at - time.perf_counter()
+def _windowed(window: ClientWindow, slots: threading.Semaphore, sent: list[float]) -> Iterator[None]:
+    """From the window's start until the driver closes it, yield once per free in-flight slot (the caller sends one
+    request), recording each send time in ``sent``; the receiver releases a slot per reply."""
+    left = window.start_at - time.perf_counter()
     if left > 0:
         time.sleep(left)
     while slots.acquire(timeout=120):
         now = time.perf_counter()
-        if now >= stop_at:
+        if window.closed(now):
             return
         sent.append(now)
         yield
 
 
-def socket_worker(spec: SocketSpec, start_at: float | None, prepared: Any = None) -> Any:
-    """Client-process entry: connect when ``start_at`` is None; else keep ``max_in_flight`` requests going."""
-    if start_at is None:
+def socket_worker(spec: SocketSpec, window: ClientWindow | None, prepared: Any = None) -> Any:
+    """Client-process entry: connect when ``window`` is None; else keep ``max_in_flight`` requests going."""
+    if window is None:
         conn = socket.create_connection(("127.0.0.1", spec.port), timeout=60)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn.settimeout(None)
         return conn
     conn: socket.socket = prepared
-    stop_at = start_at + spec.warm_s + spec.duration_s
     slots = threading.Semaphore(spec.max_in_flight)
     request = bytes(spec.request_bytes)
     sent: list[float] = []
 
     def send() -> None:
-        for _ in _windowed(start_at, stop_at, slots, sent):
+        for _ in _windowed(window, slots, sent):
             conn.sendall(request)
         conn.shutdown(socket.SHUT_WR)
 
@@ -121,7 +120,7 @@ def socket_worker(spec: SocketSpec, start_at: float | None, prepared: Any = None
     received = []
     with conn:
         while _recv_exact(conn, view):
-            received.append(time.perf_counter())
+            received.append(window.answered())
             slots.release()
     sender.join()
     n = len(received)
@@ -164,31 +163,30 @@ def echo_server(request_bytes: int, reply_bytes: int, ports: Any) -> None:
     asyncio.run(serve())
 
 
-def echo_worker(spec: SocketSpec, start_at: float | None, prepared: Any = None) -> Any:
+def echo_worker(spec: SocketSpec, window: ClientWindow | None, prepared: Any = None) -> Any:
     """Client-process entry for the plain gRPC stream (same window and in-flight logic as the service client)."""
     import grpc
 
     from e2e_bench import MESSAGE_LIMIT
 
-    if start_at is None:
+    if window is None:
         channel = grpc.insecure_channel(f"127.0.0.1:{spec.port}",
                                         options=[("grpc.max_receive_message_length", MESSAGE_LIMIT)])
         grpc.channel_ready_future(channel).result(timeout=60)
         return channel
     channel = prepared
-    stop_at = start_at + spec.warm_s + spec.duration_s
     slots = threading.Semaphore(spec.max_in_flight)
     request = bytes(spec.request_bytes)
     sent: list[float] = []
 
     def requests():
-        for _ in _windowed(start_at, stop_at, slots, sent):
+        for _ in _windowed(window, slots, sent):
             yield request
 
     received = []
     with channel:
-        for reply in channel.stream_stream(_ECHO_METHOD)(requests(), timeout=spec.warm_s + spec.duration_s + 300):
-            received.append(time.perf_counter())
+        for reply in channel.stream_stream(_ECHO_METHOD)(requests(), timeout=rpc_timeout_s(spec)):
+            received.append(window.answered())
             slots.release()
     n = len(received)
     return {"sent": np.asarray(sent[:n]), "received": np.asarray(received), "batch": np.ones(n),
@@ -196,7 +194,7 @@ def echo_worker(spec: SocketSpec, start_at: float | None, prepared: Any = None) 
 
 
 def run_pair(server_main: Callable, worker: Callable, request_bytes: int, reply_bytes: int, max_in_flight: int,
-             warm_s: float, duration_s: float):
+             warm_s: float, duration_s: float, min_frames: int = 1):
     """A reference server process and one client process; returns the client's window (server CPU included)."""
     ctx = mp.get_context("spawn")
     ports = ctx.Queue()
@@ -206,7 +204,7 @@ def run_pair(server_main: Callable, worker: Callable, request_bytes: int, reply_
         port = ports.get(timeout=60)
         ps = psutil.Process(server.pid)
         spec = SocketSpec(port, request_bytes, reply_bytes, max_in_flight, warm_s, duration_s)
-        window = run_clients(worker, [spec], warm_s=warm_s, duration_s=duration_s,
+        window = run_clients(worker, [spec], warm_s=warm_s, duration_s=duration_s, min_frames=min_frames,
                              cpu_seconds=lambda: sum(ps.cpu_times()[:2]))
     finally:
         server.join(10)
@@ -230,10 +228,11 @@ def _client_cpu_ms(window: Any) -> float | None:
 
 
 def run_transport(cases: Sequence[TransportCase], *, in_flight: Sequence[int] = (8,), warm_s: float = 0.5,
-                  duration_s: float = 3.0, frontends: Sequence[int] = (1, 2),
+                  duration_s: float = 3.0, frontends: Sequence[int] = (1, 2), min_frames: int = 1,
                   progress: Callable[[str], None] = lambda s: None) -> list[dict]:
     """One row per (case, front-ends, in-flight depth): our service (model bypassed) with that many front-end
-    processes and as many client streams, plain gRPC and a raw socket moving the same bytes.
+    processes and as many client streams, plain gRPC and a raw socket moving the same bytes. Every window lasts
+    ``duration_s``, longer when needed for ``min_frames`` answers per client (``run_clients``).
 
     Server CPU is the whole process tree (supervisor, device, front-ends), also given per role; the plain gRPC
     and socket references are one process each.
@@ -248,12 +247,14 @@ def run_transport(cases: Sequence[TransportCase], *, in_flight: Sequence[int] = 
                     spec = StreamSpec(server.address, strip, case.layers, case.dtype, depth, 0.0, warm_s, duration_s,
                                       imgsz=case.imgsz, square=True)
                     grpc_window = run_clients(grpc_worker, [spec] * count, warm_s=warm_s, duration_s=duration_s,
-                                              cpu_seconds=server.cpu_seconds, cpu_by_role=server.cpu_by_role)
+                                              min_frames=min_frames, cpu_seconds=server.cpu_seconds,
+                                              cpu_by_role=server.cpu_by_role)
                     request_bytes = frame_message(strip, 0, 0).ByteSize()
                     reply_bytes = grpc_window.reply_bytes
-                    echo = run_pair(echo_server, echo_worker, request_bytes, reply_bytes, depth, warm_s, duration_s)
+                    echo = run_pair(echo_server, echo_worker, request_bytes, reply_bytes, depth, warm_s, duration_s,
+                                    min_frames)
                     sock = run_pair(socket_server, socket_worker, request_bytes, reply_bytes, depth, warm_s,
-                                    duration_s)
+                                    duration_s, min_frames)
                     row = {
                         "what": case.what, "cfg": case.cfg, "layers": ",".join(case.layers), "dtype": case.dtype,
                         "imgsz": case.imgsz, "frontends": count, "streams": count, "in_flight": depth,

@@ -1,6 +1,8 @@
 """The benchmark suite at toy sizes: every section runs end to end and its results have the documented shape.
 
 No timing is asserted: only that each section measures what it says, with every field a table or the JSON needs.
+Nor does any assertion depend on the machine's speed: every measuring window waits for ``min_frames`` answers per
+client, however long its toy duration.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +31,7 @@ TINY = dataclasses.replace(
     camera_streams=(1,), camera_rate=30.0, camera_warm_s=0.1, camera_duration_s=0.4,
     transport_cases=(TransportCase("tiny", "yolov5n", ("backbone",), imgsz=64),),
     transport_in_flight=(2,), transport_frontends=(2,), transport_warm_s=0.1, transport_duration_s=0.3,
-    objects_imgsz=64, objects_repeats=1,
+    objects_imgsz=64, objects_repeats=1, min_frames=2,
 )
 
 
@@ -47,6 +50,23 @@ def test_engine_rows_cover_both_ways_every_batch_and_layer_set(results):
     for r in rows:
         assert r["model"] == "yolov5n" and r["input"] == "64x64" and len(r["runs_ms"]) == 1
         assert r["ms_batch"] > 0 and r["fps"] == pytest.approx(1000.0 * r["batch"] / r["ms_batch"])
+        assert "flag" in r and (r["flag"] is None or r["flag"].startswith("⚠"))
+    run_sets = {r["layers"]: set(r["layers_run"]) for r in rows if r["way"].startswith("server") and r["batch"] == 1}
+    assert run_sets["backbone"] < run_sets["P3,P4,P5"] < run_sets["full (Detect)"]
+    assert all(set(r["layers_run"]) == run_sets["full (Detect)"] for r in seed)
+
+
+def test_engine_rows_slower_than_a_row_computing_more_are_flagged():
+    def row(layers, layers_run, ms_frame, backend="torch", batch=1):
+        return {"model": "m", "imgsz": 320, "input": "256x320", "device": "cpu", "backend": backend, "batch": batch,
+                "way": "server: x", "layers": layers, "layers_run": layers_run, "ms_frame": ms_frame}
+
+    rows = [row("backbone", [0, 1], 31.0), row("P3,P4,P5", [0, 1, 2], 20.0), row("full", [0, 1, 2, 3], 29.0),
+            row("backbone", [0, 1], 30.0, batch=4), row("P3,P4,P5", [0, 1, 2], 40.0, backend="onnxruntime")]
+    report.flag_inconsistent(rows)
+    assert [r["flag"] is not None for r in rows] == [True, False, False, False, False]
+    assert rows[0]["flag"] == "⚠ 1.6x the ms/frame of P3,P4,P5 (server), which computes all of its layers"
+    assert "⚠" in report.section_markdown("engine", [{**r, "fps": 1.0} for r in rows]).splitlines()[4]
 
 
 def test_e2e_rows_count_frames_and_relate_to_the_engine(results):
@@ -126,6 +146,39 @@ def test_window_counts_only_frames_inside_it():
     assert window.frames == 2 and window.errors == 1 and window.cpu_s == 1.0
     np.testing.assert_allclose(window.latencies_ms, [500.0, 500.0, 500.0])
     np.testing.assert_array_equal(window.batch_sizes, [2, 3])
+
+
+def stub_worker(spec: tuple[float | None, int], window: e2e_bench.ClientWindow | None, prepared: object = None):
+    """A ``run_clients`` worker without a server. ``spec``: (seconds each answer takes, None for never; answers
+    after which it stops on its own, 0 for none)."""
+    if window is None:
+        return None
+    delay_s, stop_after = spec
+    sent, received = [], []
+    while not window.closed(time.perf_counter()) and not (stop_after and len(received) >= stop_after):
+        if delay_s is None:  # waits for the driver to close the window, answering nothing
+            time.sleep(0.01)
+            continue
+        sent.append(time.perf_counter())
+        time.sleep(delay_s)  # the answer's round trip: how long it takes does not change what the tests assert
+        received.append(window.answered())
+    n = len(received)
+    return {"sent": np.asarray(sent), "received": np.asarray(received), "batch": np.ones(n), "ok": np.ones(n, bool),
+            "reply_bytes": 1}
+
+
+def test_window_waits_for_min_frames_from_every_client():
+    """Answers far slower than the window's duration (zero): it stays open until each client has had three."""
+    window = e2e_bench.run_clients(stub_worker, [(0.05, 0), (0.2, 0)], warm_s=0.0, duration_s=0.0, min_frames=3)
+    assert len(window.per_client_frames) == 2 and min(window.per_client_frames) >= 3
+
+
+def test_window_that_cannot_get_min_frames_fails_clearly():
+    with pytest.raises(TimeoutError, match=r"lacks 1 answers per client \(answers per client: \[0\]\)"):
+        e2e_bench.run_clients(stub_worker, [(None, 0)], warm_s=0.0, duration_s=0.0, min_frames=1,
+                              window_timeout_s=0.2)
+    with pytest.raises(RuntimeError, match=r"client\(s\) \[1\] ended their stream before having 3 answers"):
+        e2e_bench.run_clients(stub_worker, [(0.01, 0), (0.01, 2)], warm_s=0.0, duration_s=0.0, min_frames=3)
 
 
 def test_engine_reference_picks_the_nearest_measured_batch():
