@@ -132,6 +132,9 @@ def describe_model(info: ModelInfo, address: str) -> str:
              f"limits  {info.limits['max_pixels']:,} pixels, {info.limits['max_frame_bytes']:,} bytes per frame, "
              f"{info.limits['max_message_bytes']:,} bytes per message, {info.limits.get('max_boxes', 0):,} boxes per "
              f"frame"]
+    if info.shared_memory["allowed"]:
+        lines.append(f"shm     clients on this host may stream through shared memory (--shm), regions up to "
+                     f"{info.shared_memory['max_region_bytes'] // 2**20:,} MiB")
     if info.num_classes:
         names = ", ".join(info.class_names[:5]) + (", …" if len(info.class_names) > 5 else "")
         lines.append(f"objects {info.num_classes} classes ({names or 'no names'}); default object vector "
