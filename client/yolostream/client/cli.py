@@ -175,6 +175,10 @@ def register_stream(p: argparse.ArgumentParser) -> None:
                    help="jpeg: small, lossy; png: lossless, slow to encode; raw: lossless, large (default jpeg). "
                         "JPEG and PNG image files already in the chosen encoding are sent as they are, unchanged")
     s.add_argument("--quality", type=int, default=90, help="JPEG quality 1..100 (default 90)")
+    s.add_argument("--shm", action="store_true",
+                   help="send raw frames and receive features through memory shared with the server, not the "
+                        "connection (the server on this host, started with --allow-client-shm); --encoding then "
+                        "applies only to frames larger than the first")
     s.add_argument("--realtime", action="store_true",
                    help="never hold the source back: the server drops frames it has no time for (answered DROPPED)")
     s.add_argument("--max-in-flight", type=int, help="frames the server holds for this stream (default 8)")
@@ -320,7 +324,8 @@ def _save_info(args: argparse.Namespace, info: ModelInfo, source_description: st
             "server": args.server, "source": source_description,
             "options": {"layers": list(layers), "dtype": args.dtype, "pooling": args.pool, "letterbox": args.letterbox,
                         "imgsz": args.imgsz, "encoding": args.encoding, "quality": args.quality,
-                        "realtime": args.realtime, "detect": args.detect, "conf": args.conf, "iou": args.iou,
+                        "realtime": args.realtime, "shared_memory": args.shm, "detect": args.detect,
+                        "conf": args.conf, "iou": args.iou,
                         "classes": args.classes, "agnostic": args.agnostic, "multi_label": args.multi_label,
                         "max_det": args.max_det, "object_features": args.object_features,
                         "object_layers": args.object_layers, "boxes": args.boxes},
@@ -341,7 +346,8 @@ def cmd_stream(args: argparse.Namespace) -> int:
         known = f"{source.frame_count} frames" if source.frame_count is not None else "length unknown"
         rate = f"{source.fps:g} fps, " if source.fps else ""
         print(f"streaming {source.description} ({rate}{known}) to {args.server}: {info.model_name} on {info.device}, "
-              f"layers {','.join(layers) or 'server default'}, {args.encoding}"
+              f"layers {','.join(layers) or 'server default'}, "
+              + ("raw frames through shared memory" if args.shm else args.encoding)
               + (", realtime" if args.realtime else ""), file=sys.stderr)
         if info.random_weights:
             print("WARNING: RANDOM WEIGHTS - features are for testing only", file=sys.stderr)
@@ -370,7 +376,8 @@ def _run_stream(args: argparse.Namespace, client: FeatureClient, source: Any, la
             with client.stream(frames, layers=layers or None, dtype=args.dtype, pooling=args.pool,
                                letterbox=args.letterbox, imgsz=args.imgsz, realtime=args.realtime,
                                max_in_flight=args.max_in_flight, encoding=args.encoding, quality=args.quality,
-                               keep_images=bool(sink or window), detect=detect, objects=objects) as results:
+                               keep_images=bool(sink or window), detect=detect, objects=objects,
+                               shared_memory=args.shm) as results:
                 for result in results:
                     stats.update(result)
                     if writer is not None:

@@ -38,6 +38,11 @@ from yolostream.v1 import feature_service_pb2 as pb
 from yolostream.v1 import vocab, wire
 
 from .options import frame_pixels
+
+try:
+    from numpy.lib.array_utils import byte_bounds
+except ImportError:  # numpy < 2
+    from numpy import byte_bounds
 from .results import FeatureServerError
 
 #: Slots beyond the frames a stream keeps unanswered: results whose arrays the caller still holds.
@@ -103,13 +108,20 @@ class SharedRegion:
     def free_slots(self) -> int:
         return len(self._free)
 
-    def acquire(self, stop: threading.Event) -> int | None:
-        """A free slot, waiting while every slot is held; None once ``stop`` is set or ``interrupt`` was called."""
+    def acquire(self, stop: threading.Event, timeout: float | None = None) -> int | None:
+        """A free slot, waiting while every slot is held (a held slot is never handed out again); None once ``stop``
+        is set, ``interrupt`` was called or ``timeout`` seconds passed (None: no limit)."""
         with self._cond:
-            self._cond.wait_for(lambda: self._free or stop.is_set() or self._interrupted)
-            if stop.is_set() or self._interrupted:
+            self._cond.wait_for(lambda: self._free or stop.is_set() or self._interrupted, timeout)
+            if stop.is_set() or self._interrupted or not self._free:
                 return None
             return self._free.pop()
+
+    def holds(self, array: np.ndarray) -> bool:
+        """Whether ``array``'s elements lie in this region (a result array read from shared memory does)."""
+        start = np.frombuffer(self._map, np.uint8, 1).__array_interface__["data"][0]
+        low, high = byte_bounds(array)
+        return start <= low and high <= start + self.size
 
     def release(self, slot: int) -> None:
         """Give a slot back (its frame is answered and no array views its room any more)."""

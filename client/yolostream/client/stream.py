@@ -44,7 +44,7 @@ from yolostream.v1 import wire
 from .options import fill_frame
 from .results import FeatureResult, FeatureServerError, result_from_proto
 from .resume import DRAIN_REFUSAL, RESUMABLE_CODES, ResumePolicy
-from .shm import StreamMemory
+from .shm import SharedRegion, StreamMemory
 
 if TYPE_CHECKING:
     from .client import FeatureClient
@@ -289,6 +289,12 @@ class FeatureStream:
     @property
     def frames_read(self) -> int:
         return self._state.read
+
+    @property
+    def shared_memory(self) -> "SharedRegion | None":
+        """The stream's shared-memory region (its memfd's name shows in /proc/PID/maps); None for a stream without
+        shared memory, and until the server has answered the config."""
+        return self._state.memory.region if self._state.memory is not None else None
 
     def __iter__(self) -> "FeatureStream":
         return self
