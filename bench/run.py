@@ -1,6 +1,7 @@
 """``make bench``: the benchmark suite. Prints a markdown table per section and writes the numbers as JSON.
 
-    python bench/run.py [--quick | --gpu] [--out bench/results] [--only engine,e2e,camera,transport,objects] [--frontends N]
+    python bench/run.py [--quick | --gpu] [--out bench/results] [--only engine,e2e,camera,transport,objects,samehost]
+                        [--frontends N]
 
 ``--quick`` is the CPU preset (yolov5n at 320, a documented subset of the end-to-end matrix, under 4 minutes on
 2 cores); ``--gpu`` is yolov5s at 640 fp16 with yolov5l engine rows and a matrix sized to finish in under 5 minutes
@@ -25,7 +26,7 @@ from transport_bench import TransportCase  # noqa: E402
 
 ensure_importable()
 
-SECTION_NAMES = ("engine", "e2e", "camera", "transport", "objects")
+SECTION_NAMES = ("engine", "e2e", "camera", "transport", "objects", "samehost")
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,16 @@ class Preset:
     backend_batches: tuple[int, ...] = (1, 4, 8)
     backend_e2e_streams: tuple[int, ...] = ()
     backend_e2e_inputs: tuple[str, ...] = ("jpeg",)
+    #: Same host (``samehost_bench.py``): reply sizes (model bypassed) × inputs × shared memory, gRPC over a Unix
+    #: socket and over TCP; then latency at ``camera_rate`` with raw ``samehost_camera_hw`` frames and the real
+    #: model, returning ``samehost_camera_layers`` in ``engine_out_dtype``.
+    samehost_cases: tuple[TransportCase, ...] = ()
+    samehost_inputs: tuple[str, ...] = ("strip", "1080p")
+    samehost_in_flight: int = 8
+    samehost_warm_s: float = 0.5
+    samehost_duration_s: float = 3.0
+    samehost_camera_layers: str = "P3,P4,P5"
+    samehost_camera_hw: tuple[int, int] = (1080, 1920)
 
 
 #: Reply sizes for the transport section: 256x20x20 float32 = 409,600 B, and 4 * (128*80*80 + 256*40*40 + 512*20*20)
@@ -89,6 +100,7 @@ QUICK = Preset(
            "batch 8 added to the engine rows: it is the CPU server's max_batch",
            "onnxruntime: engine rows at batch 1, 4, 8 in the same rounds as torch; e2e with 1 and 4 JPEG streams"),
     backends=("onnxruntime",), backend_batches=(1, 4, 8), backend_e2e_streams=(1, 4), backend_e2e_inputs=("jpeg",),
+    samehost_cases=TRANSPORT_CASES,
 )
 
 GPU = Preset(
@@ -105,6 +117,7 @@ GPU = Preset(
            "engine rows output float16 (the staged path casts on the device)",
            "no priming pass: the server's warm-up tunes cuDNN for the bench's 480x640 frames at every batch bucket, "
            "and other shapes never tune mid-run"),
+    samehost_cases=TRANSPORT_CASES,
 )
 
 PRESETS = {"quick": QUICK, "gpu": GPU}
@@ -238,6 +251,21 @@ def run_suite(preset: Preset, sections: Sequence[str], out_dir: Path | None,
         _log("objects: NMS alone, then layers against layers + detections (+ vectors)")
         _emit(results, "objects_nms", nms_rows(case))
         _emit(results, "objects_overhead", overhead_rows(case))
+    if "samehost" in sections:
+        from samehost_bench import run_samehost, run_samehost_camera, targets
+
+        _log("same host: shared memory, gRPC over a Unix socket and over TCP")
+        rows = run_samehost(preset.samehost_cases, inputs=preset.samehost_inputs, in_flight=preset.samehost_in_flight,
+                            warm_s=preset.samehost_warm_s, duration_s=preset.samehost_duration_s, progress=_log)
+        _emit(results, "samehost", rows)
+        camera = run_samehost_camera(preset.cfg, preset.imgsz, device=preset.device, half=preset.half,
+                                     threads=preset.threads, layers=preset.samehost_camera_layers,
+                                     dtype=preset.engine_out_dtype, rate=preset.camera_rate,
+                                     hw=preset.samehost_camera_hw, warm_s=preset.camera_warm_s,
+                                     duration_s=preset.camera_duration_s, repeats=preset.repeats,
+                                     warmup=preset.warmup, progress=_log)
+        _emit(results, "samehost_camera", camera)
+        _emit(results, "samehost_targets", targets(rows, camera, preset.samehost_cases))
     results["machine"]["elapsed_s"] = time.perf_counter() - started
     results["machine"]["loadavg_end"] = list(__import__("os").getloadavg())
     print(report.machine_line(results["machine"]))
