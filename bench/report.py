@@ -141,7 +141,8 @@ SAMEHOST_COLUMNS = [
     ("reply", "what", 0), ("input", "input", 0), ("way", "way", 0), ("reply bytes", "reply_bytes", 0),
     ("in flight", "in_flight", 0), ("msgs/s", "msgs_s", 0), ("MB/s", "mb_s", 0), ("p50 ms", "p50_ms", 1),
     ("server CPU-ms/msg", "server_cpu_ms_per_msg", 3), ("client CPU-ms/msg", "client_cpu_ms_per_msg", 3),
-    ("server+client CPU-ms/msg", "cpu_ms_per_msg", 3), ("errors", "errors", 0), ("other load (cores)", "other_cpu_cores", 2),
+    ("server+client CPU-ms/msg", "cpu_ms_per_msg", 3), ("of it front-end", "frontend_cpu_ms_per_msg", 3),
+    ("of it device", "device_cpu_ms_per_msg", 3), ("errors", "errors", 0), ("other load (cores)", "other_cpu_cores", 2),
 ]
 
 SAMEHOST_CAMERA_COLUMNS = [

@@ -164,7 +164,7 @@ def test_the_server_refuses_unsealed_memfds_and_descriptors_that_are_not_memfds(
     path.write_bytes(b"\0" * 4096)
     fd = os.open(path, os.O_RDWR)
     try:
-        with pytest.raises(RegionRefused, match="not a sealable memfd"):
+        with pytest.raises(RegionRefused, match="not a sealable memfd|not sealed against shrinking"):
             check_region_fd(fd)
     finally:
         os.close(fd)
@@ -173,6 +173,21 @@ def test_the_server_refuses_unsealed_memfds_and_descriptors_that_are_not_memfds(
         assert check_region_fd(fd) == 4096
         with pytest.raises(RegionRefused, match="it must be 1 to 1024 bytes"):
             check_region_fd(fd, max_bytes=1024)
+    finally:
+        os.close(fd)
+
+
+def test_a_sealed_hugetlbfs_memfd_is_refused():
+    """Its pages come from a fixed pool: a server write finding the pool empty would raise SIGBUS."""
+    try:
+        fd = os.memfd_create("huge", os.MFD_HUGETLB | os.MFD_ALLOW_SEALING)
+    except OSError as err:
+        pytest.skip(f"this kernel makes no hugetlbfs memfds ({err.strerror})")
+    try:
+        os.ftruncate(fd, 2 * 1024 * 1024)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+        with pytest.raises(RegionRefused, match="hugetlbfs memfds are refused"):
+            check_region_fd(fd)
     finally:
         os.close(fd)
 

@@ -307,7 +307,7 @@ def test_an_unsealed_region_is_refused_and_a_sealed_one_cannot_shrink_while_othe
     (tmp_path / "region").write_bytes(b"\0" * 4096)
     fd = os.open(tmp_path / "region", os.O_RDWR)
     try:
-        with pytest.raises(ValueError, match="not a sealable memfd"):
+        with pytest.raises(ValueError, match="not a sealable memfd|not sealed against shrinking"):
             register(fd, socket_name, token)
     finally:
         os.close(fd)

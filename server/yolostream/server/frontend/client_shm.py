@@ -11,8 +11,10 @@ Safety, in the order a region meets it:
 
 - Only memfds sealed against shrinking are mapped: ``F_GET_SEALS`` must include ``F_SEAL_SHRINK``, so the region
   can never become shorter than the mapping and no access through the mapping can raise SIGBUS. A descriptor that
-  has no seals (a regular file, a pipe, a socket) or an unsealed memfd is refused at registration. The size is
-  read after the seal check (it cannot shrink afterwards) and is bounded by ``MAX_REGION_BYTES``.
+  has no seals (a regular file, a pipe, a socket) or an unsealed memfd is refused at registration, and so is a
+  memfd on hugetlbfs (``MFD_HUGETLB``), whose pages come from a fixed pool: a write that finds the pool empty
+  raises SIGBUS; only shmem (tmpfs) memfds are taken. The size is read after the seal check (it cannot shrink
+  afterwards) and is bounded by ``MAX_REGION_BYTES``.
 - Every offset and length a frame names is checked against that size, in Python integers (no overflow), before a
   byte is read or written (``ClientRegion.pixels``, ``ClientRegion.check_room``, ``ClientRegion.place``): a bad
   one fails that frame, with a message of numbers only.
@@ -30,6 +32,7 @@ Torch-free: this module runs in front-end processes.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import fcntl
 import gc
 import logging
@@ -63,6 +66,11 @@ FLAG = "--allow-client-shm"
 CONNECTION_TIMEOUT_S = 5.0
 #: Largest registration message read: the token is 32 characters.
 _MAX_MESSAGE = 256
+#: Registration connections open at once; more are closed at once (a local process cannot exhaust descriptors).
+MAX_CONNECTIONS = 64
+#: statfs f_type of shmem (tmpfs), where memfds live unless created with MFD_HUGETLB.
+TMPFS_MAGIC = 0x01021994
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class RegionError(Exception):
@@ -94,11 +102,20 @@ def check_region_fd(fd: int, max_bytes: int = MAX_REGION_BYTES) -> int:
         raise RegionRefused("the memfd is not sealed against shrinking: add F_SEAL_SHRINK (fcntl F_ADD_SEALS) before "
                             "passing it, so that it can never become shorter than the server's mapping")
     info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
-        raise RegionRefused("the descriptor is not a memfd")
+    if not stat.S_ISREG(info.st_mode) or _filesystem(fd) != TMPFS_MAGIC:
+        raise RegionRefused("the descriptor is not a shmem memfd (hugetlbfs memfds are refused: their pages come "
+                            "from a fixed pool)")
     if not 0 < info.st_size <= max_bytes:
         raise RegionRefused(f"the region is {info.st_size} bytes: it must be 1 to {max_bytes} bytes")
     return info.st_size
+
+
+def _filesystem(fd: int) -> int:
+    """The statfs magic number of the file system ``fd`` lives on (``fstatfs``' first field, f_type)."""
+    buffer = ctypes.create_string_buffer(256)  # larger than struct statfs on every Linux ABI
+    if _libc.fstatfs(fd, buffer) != 0:
+        raise RegionRefused("the descriptor's file system cannot be read (fstatfs fails)")
+    return ctypes.c_long.from_buffer(buffer).value
 
 
 def room_bytes(sizes: Sequence[int]) -> int:
@@ -269,7 +286,7 @@ class RegionBroker:
             self._drop(conn)
         for expected in self._expected.values():
             if not expected.future.done():
-                expected.future.set_exception(RegionRefused("the server is shutting down"))
+                expected.future.set_exception(RegionError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down"))
         self._expected.clear()
 
     async def attach(self, output_bytes: int, context: grpc.aio.ServicerContext) -> ClientRegion:
@@ -320,6 +337,9 @@ class RegionBroker:
             except OSError as err:  # e.g. out of descriptors: this connection fails, the socket goes on
                 log.warning("shared-memory registration: accept failed (%s)", err.strerror)
                 return
+            if len(self._connections) >= MAX_CONNECTIONS:
+                conn.close()
+                continue
             conn.setblocking(False)
             self._connections[conn] = self._loop.call_later(CONNECTION_TIMEOUT_S, self._drop, conn)
             self._loop.add_reader(conn.fileno(), self._receive, conn)
