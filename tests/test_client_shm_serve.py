@@ -21,7 +21,7 @@ import numpy as np
 import psutil
 import pytest
 
-from yolostream.client import DetectOptions, FeatureClient, FeatureServerError, ObjectFeatureOptions
+from yolostream.client import DetectOptions, FeatureClient, FeatureServerError, ObjectFeatureOptions, ResumePolicy
 from yolostream.client.shm import SharedRegion, handshake, register
 from yolostream.v1 import feature_service_pb2 as pb
 from yolostream.v1 import feature_service_pb2_grpc as pb_grpc
@@ -458,3 +458,31 @@ def test_the_region_is_unmapped_when_the_client_is_killed(server, tmp_path):
         client.stdout.close()
         client.stderr.close()
     assert _dev_shm_clients() == before
+
+
+def test_a_stream_survives_its_front_end_and_registers_its_region_with_the_replacement(tmp_path):
+    """A killed front-end is replaced by the supervisor on the same port; the stream resumes there, passes the same
+    region to the new front-end, and every frame is answered once, in order, from shared memory."""
+    proc = ServeProcess(tmp_path, "--port", "0", "--imgsz", "64", "--device", "cpu", "--allow-client-shm")
+    try:
+        address = proc.wait_serving()
+        frames = _frames(12)
+        killed, mapped_after = None, None
+        with FeatureClient(address, shared_memory=True, resume=ResumePolicy(timeout_s=120.0)) as client:
+            stream = client.stream(frames, layers="backbone", max_in_flight=2)
+            answered = []
+            for result in stream:
+                assert result.ok, result.error
+                assert stream.shared_memory.holds(result.features["backbone"])
+                answered.append(result.frame_id)
+                if len(answered) == 3:
+                    killed = _frontend_mapping(proc, stream.shared_memory.name)
+                    os.kill(killed, signal.SIGKILL)
+                if stream.resumes and mapped_after is None:
+                    mapped_after = _frontend_mapping(proc, stream.shared_memory.name)
+            assert stream.resumes >= 1
+        assert answered == list(range(12))
+        assert mapped_after is not None and mapped_after != killed
+        _wait_unmapped(mapped_after, stream.shared_memory.name)
+    finally:
+        proc.close()
