@@ -243,7 +243,9 @@ def test_a_server_without_the_flag_refuses_shared_memory_naming_it(tmp_path):
 def test_offsets_and_sizes_outside_the_region_fail_their_frame_and_the_stream_goes_on(server):
     stream, region = _registered(server.address)
     image = _frames(1)[0]
+    region._map[:] = b"\xa5" * region.size  # a canary: nothing a refused frame names may be written
     good = _shm_frame(region, 0, image, 0)
+    before = bytes(region._map)
     bad = []
     past = pb.Frame(); past.CopyFrom(good); past.shared_memory.image.offset = region.size - 10
     bad.append((past, "past the end"))
@@ -266,6 +268,7 @@ def test_offsets_and_sizes_outside_the_region_fail_their_frame_and_the_stream_go
             result = stream.recv()
             assert result.frame_id == k and result.status == pb.FRAME_STATUS_ERROR, result
             assert words in result.error_message and len(result.error_message) < 300
+        assert bytes(region._map) == before
         stream.send(_shm_frame(region, 1, image, 99))
         result = stream.recv()
         assert result.status == pb.FRAME_STATUS_OK and result.tensors[0].HasField("shared_memory")
