@@ -177,6 +177,28 @@ def test_tcp_loopback_and_float16_work_too_and_frames_larger_than_the_first_trav
         np.testing.assert_array_equal(a.features["P3"], b.features["P3"])
 
 
+def test_grey_and_bgra_frames_and_realtime_streams_go_through_shared_memory_too(server):
+    colour = _frames(3)
+    sequence = [np.dstack([colour[0], np.full(colour[0].shape[:2], 255, np.uint8)]), colour[1][:, :, 0], colour[2]]
+    with FeatureClient(server.address, shared_memory=True) as client:
+        stream = client.stream(sequence, layers="P3", max_in_flight=1)
+        shared = list(stream)
+        region = stream.shared_memory
+    with FeatureClient(server.address) as client:
+        plain = list(client.stream(sequence, layers="P3", encoding="raw", max_in_flight=1))
+    assert region.frame_bytes == vocab.shm_aligned(colour[0].nbytes)  # BGRA is sent as BGR
+    for a, b in zip(shared, plain):
+        assert a.ok and region.holds(a.features["P3"])
+        np.testing.assert_array_equal(a.features["P3"], b.features["P3"])
+    with FeatureClient(server.address, shared_memory=True) as client:
+        stream = client.stream(_frames(12), layers="backbone", realtime=True, max_in_flight=1)
+        results = [(r.frame_id, r.status, r.ok and stream.shared_memory.holds(r.features["backbone"]))
+                   for r in stream]
+    assert [frame_id for frame_id, _, _ in results] == list(range(12))
+    assert all(status in ("ok", "dropped") for _, status, _ in results)
+    assert all(held for _, status, held in results if status == "ok") and results[-1][1] == "ok"
+
+
 def test_a_client_that_never_heard_of_shared_memory_works_exactly_as_before(server):
     frames = [raw_frame(k) for k in range(3)]
     with grpc_channel(server.address) as channel:
