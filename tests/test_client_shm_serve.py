@@ -299,6 +299,21 @@ def test_offsets_and_sizes_outside_the_region_fail_their_frame_and_the_stream_go
         stream.close()
 
 
+def test_a_client_that_cannot_reach_the_front_ends_socket_gets_one_clear_error(server, monkeypatch):
+    """As a client on another host (or network namespace) would: the stream ends with FAILED_PRECONDITION."""
+    import yolostream.client.shm as client_shm
+
+    def unreachable(*args: object) -> None:
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(client_shm, "register", unreachable)
+    with FeatureClient(server.address, shared_memory=True) as client:
+        with pytest.raises(FeatureServerError) as caught:
+            list(client.stream(_frames(2)))
+    assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "needs the client on the server's host" in caught.value.details
+
+
 def test_a_frame_naming_shared_memory_on_an_ordinary_stream_fails_alone(server):
     stream = HandStream(server.address, pb.StreamConfig(options=pb.FeatureOptions(layers=["backbone"])))
     try:

@@ -290,12 +290,16 @@ class StreamMemory:
                     self.region = SharedRegion(self.slots, self._first or 1, output_bytes)
                     self._cond.notify_all()
                 region = self.region
-            if output_bytes > region.output_bytes:
-                raise ValueError(f"the server asks for {output_bytes} bytes of output room per frame, the region's "
-                                 f"slots have {region.output_bytes} (a replica with other defaults?)")
-            if region.fd is None:
-                return False
-            register(region.fd, socket_name, token)
+                if region.fd is None:  # the stream is closing
+                    return False
+                fd = os.dup(region.fd)  # its own descriptor: closing the stream meanwhile cannot swap the file
+            try:
+                if output_bytes > region.output_bytes:
+                    raise ValueError(f"the server asks for {output_bytes} bytes of output room per frame, the "
+                                     f"region's slots have {region.output_bytes} (a replica with other defaults?)")
+                register(fd, socket_name, token)
+            finally:
+                os.close(fd)
             return True
         except OSError as err:
             raise FeatureServerError(grpc.StatusCode.FAILED_PRECONDITION,
@@ -309,5 +313,6 @@ class StreamMemory:
     def close(self) -> None:
         """Close the region's descriptor; its arrays stay valid."""
         self.interrupt()
-        if self.region is not None:
-            self.region.close()
+        with self._cond:
+            if self.region is not None:
+                self.region.close()
