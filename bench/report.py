@@ -137,6 +137,26 @@ BACKEND_COLUMNS = [
     ("backend / torch", "ratio", 2),
 ]
 
+SAMEHOST_COLUMNS = [
+    ("reply", "what", 0), ("input", "input", 0), ("way", "way", 0), ("reply bytes", "reply_bytes", 0),
+    ("in flight", "in_flight", 0), ("msgs/s", "msgs_s", 0), ("MB/s", "mb_s", 0), ("p50 ms", "p50_ms", 1),
+    ("server CPU-ms/msg", "server_cpu_ms_per_msg", 3), ("client CPU-ms/msg", "client_cpu_ms_per_msg", 3),
+    ("server+client CPU-ms/msg", "cpu_ms_per_msg", 3), ("of it front-end", "frontend_cpu_ms_per_msg", 3),
+    ("of it device", "device_cpu_ms_per_msg", 3), ("errors", "errors", 0), ("other load (cores)", "other_cpu_cores", 2),
+]
+
+SAMEHOST_CAMERA_COLUMNS = [
+    ("way", "way", 0), ("input", "input", 0), ("model input", "model_input", 0), ("layers", "layers", 0),
+    ("dtype", "dtype", 0), ("target fps", "rate", 0), ("achieved frames/s", "msgs_s", 1), ("p50 ms", "p50_ms", 1),
+    ("p99 ms", "p99_ms", 1), ("engine batch-1 ms", "engine_b1_ms", 1), ("p50 / engine b1", "p50_vs_engine", 2),
+    ("p99 / engine b1", "p99_vs_engine", 2), ("server CPU-ms/frame", "server_cpu_ms_per_msg", 2),
+    ("client CPU-ms/frame", "client_cpu_ms_per_msg", 2), ("other load (cores)", "other_cpu_cores", 2),
+]
+
+SAMEHOST_TARGET_COLUMNS = [
+    ("goal", "goal", 0), ("measured", "measured", 0), ("ratio", "ratio", 2), ("limit", "limit", 0), ("met", "met", 0),
+]
+
 SECTIONS = {
     "engine": ("DeviceRunner alone, in-process", ENGINE_COLUMNS),
     "objects_nms": ("NMS alone, one 640x640 image's decoded output", OBJECTS_NMS_COLUMNS),
@@ -145,6 +165,10 @@ SECTIONS = {
     "camera": ("Latency at camera rate", CAMERA_COLUMNS),
     "transport": ("Transport alone (model bypassed) against a raw TCP socket", TRANSPORT_COLUMNS),
     "backends": ("Engine backends: frames/s of each against torch's, same run", BACKEND_COLUMNS),
+    "samehost": ("Same host: shared memory against gRPC over a Unix socket and TCP (model bypassed)",
+                 SAMEHOST_COLUMNS),
+    "samehost_camera": ("Same host: latency at camera rate, raw frames", SAMEHOST_CAMERA_COLUMNS),
+    "samehost_targets": ("Same host: against the goals of issue 20", SAMEHOST_TARGET_COLUMNS),
 }
 
 

@@ -1,6 +1,7 @@
 """``make bench``: the benchmark suite. Prints a markdown table per section and writes the numbers as JSON.
 
-    python bench/run.py [--quick | --gpu] [--out bench/results] [--only engine,e2e,camera,transport,objects] [--frontends N]
+    python bench/run.py [--quick | --gpu] [--out bench/results] [--only engine,e2e,camera,transport,objects,samehost]
+                        [--frontends N]
 
 ``--quick`` is the CPU preset (yolov5n at 320, a documented subset of the end-to-end matrix, under 4 minutes on
 2 cores); ``--gpu`` is yolov5s at 640 fp16 with yolov5l engine rows and a matrix sized to finish in under 5 minutes
@@ -25,7 +26,7 @@ from transport_bench import TransportCase  # noqa: E402
 
 ensure_importable()
 
-SECTION_NAMES = ("engine", "e2e", "camera", "transport", "objects")
+SECTION_NAMES = ("engine", "e2e", "camera", "transport", "objects", "samehost")
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,18 @@ class Preset:
     #: Answers every client must have inside each e2e, camera and transport window: a window lasts its duration
     #: and, on a machine too slow or loaded for that, until each client has had this many (never an empty row).
     min_frames: int = 1
+    #: Same host (``samehost_bench.py``): reply sizes (model bypassed) × inputs × shared memory, gRPC over a Unix
+    #: socket and over TCP; then latency at ``camera_rate`` with raw ``samehost_camera_hw`` frames and the real
+    #: model, returning ``samehost_camera_layers`` in ``engine_out_dtype``.
+    samehost_cases: tuple[TransportCase, ...] = ()
+    samehost_inputs: tuple[str, ...] = ("strip", "1080p")
+    samehost_in_flight: int = 8
+    samehost_warm_s: float = 0.5
+    samehost_duration_s: float = 3.0
+    samehost_rounds: int = 1
+    samehost_camera_layers: str = "P3,P4,P5"
+    samehost_camera_hw: tuple[int, int] = (1080, 1920)
+    samehost_camera_rate: float = 30.0
 
 
 #: Reply sizes for the transport section: 256x20x20 float32 = 409,600 B, and 4 * (128*80*80 + 256*40*40 + 512*20*20)
@@ -92,6 +105,10 @@ QUICK = Preset(
            "batch 8 added to the engine rows: it is the CPU server's max_batch",
            "onnxruntime: engine rows at batch 1, 4, 8 in the same rounds as torch; e2e with 1 and 4 JPEG streams"),
     backends=("onnxruntime",), backend_batches=(1, 4, 8), backend_e2e_streams=(1, 4), backend_e2e_inputs=("jpeg",),
+    # 15 frames/s: one device thread takes ~32 ms per 1080p frame (P3,P4,P5 at 320) on this VM's cores, so 30 could
+    # not be kept up beside the client and the front-end on 2 shared cores: latency would be queueing, not transport
+    samehost_cases=TRANSPORT_CASES, samehost_warm_s=0.5, samehost_duration_s=2.0, samehost_rounds=3,
+    samehost_camera_rate=15.0,
 )
 
 GPU = Preset(
@@ -108,6 +125,7 @@ GPU = Preset(
            "engine rows output float16 (the staged path casts on the device)",
            "no priming pass: the server's warm-up tunes cuDNN for the bench's 480x640 frames at every batch bucket, "
            "and other shapes never tune mid-run"),
+    samehost_cases=TRANSPORT_CASES, samehost_rounds=3,
 )
 
 PRESETS = {"quick": QUICK, "gpu": GPU}
@@ -244,6 +262,26 @@ def run_suite(preset: Preset, sections: Sequence[str], out_dir: Path | None,
         _log("objects: NMS alone, then layers against layers + detections (+ vectors)")
         _emit(results, "objects_nms", nms_rows(case))
         _emit(results, "objects_overhead", overhead_rows(case))
+    if "samehost" in sections:
+        from samehost_bench import run_samehost, run_samehost_camera, targets
+
+        _log("same host: shared memory, gRPC over a Unix socket and over TCP")
+        rows = run_samehost(preset.samehost_cases, inputs=preset.samehost_inputs, in_flight=preset.samehost_in_flight,
+                            warm_s=preset.samehost_warm_s, duration_s=preset.samehost_duration_s,
+                            rounds=preset.samehost_rounds, min_frames=preset.min_frames, progress=_log)
+        _emit(results, "samehost", rows)
+        # One device thread on a CPU: the client and the front-end need the other core (and torch's threads spin
+        # badly on an oversubscribed machine); the engine's batch-1 time is measured with the same one thread.
+        camera = run_samehost_camera(preset.cfg, preset.imgsz, device=preset.device, half=preset.half,
+                                     threads=1 if preset.device == "cpu" else preset.threads,
+                                     layers=preset.samehost_camera_layers,
+                                     dtype=preset.engine_out_dtype, rate=preset.samehost_camera_rate,
+                                     hw=preset.samehost_camera_hw, warm_s=preset.camera_warm_s,
+                                     duration_s=preset.camera_duration_s, repeats=preset.repeats,
+                                     warmup=preset.warmup, min_frames=preset.min_frames, progress=_log)
+        _emit(results, "samehost_camera", camera)
+        _emit(results, "samehost_targets", targets(rows, camera, preset.samehost_cases,
+                                                   results["sections"].get("transport", ())))
     results["machine"]["elapsed_s"] = time.perf_counter() - started
     results["machine"]["loadavg_end"] = list(__import__("os").getloadavg())
     print(report.machine_line(results["machine"]))

@@ -112,9 +112,17 @@ def _read_line(proc: subprocess.Popen, timeout: float) -> str:
 
 def server_args(cfg: str, imgsz: int, *, device: str = "auto", half: bool = False, bypass: bool = False,
                 threads: int | None = None, max_batch: int | None = None, max_delay_ms: float | None = None,
-                weights: str | None = None, frontends: int | None = None, backend: str = "torch") -> list[str]:
-    """Command-line arguments of ``server_proc.py`` for these settings."""
+                weights: str | None = None, frontends: int | None = None, backend: str = "torch",
+                workers: int | None = None, uds: str | None = None, client_shm: bool = False) -> list[str]:
+    """Command-line arguments of ``server_proc.py`` for these settings (``uds``: also listen on this Unix socket;
+    ``client_shm``: map the shared memory of clients on this host, ``--allow-client-shm``)."""
     args = ["--cfg", cfg, "--imgsz", str(imgsz), "--device", device, "--backend", backend]
+    if workers:
+        args += ["--workers", str(workers)]
+    if uds:
+        args += ["--uds", uds]
+    if client_shm:
+        args.append("--allow-client-shm")
     if frontends:
         args += ["--frontends", str(frontends)]
     if weights:
@@ -145,6 +153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-delay-ms", type=float, default=None)
     parser.add_argument("--frontends", type=int, default=None)
     parser.add_argument("--backend", default="torch", choices=("torch", "onnxruntime", "auto"))
+    parser.add_argument("--workers", type=int, default=None, help="device workers (default: the server's)")
+    parser.add_argument("--uds", default=None, help="also listen on this Unix socket")
+    parser.add_argument("--allow-client-shm", action="store_true", help="map the shared memory of local clients")
     args = parser.parse_args(argv)
     ensure_importable()
 
@@ -158,7 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = ServerSettings(weights=args.weights, cfg=None if args.weights else args.cfg, imgsz=args.imgsz,
                               device=args.device, half=args.half, host="127.0.0.1", port=0,
                               max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, frontends=args.frontends,
-                              backend=args.backend, grace=2.0)
+                              backend=args.backend, grace=2.0, workers=args.workers, uds=args.uds,
+                              allow_client_shm=args.allow_client_shm)
 
     def announce(line: str) -> None:
         b = supervisor.batching

@@ -32,6 +32,8 @@ TINY = dataclasses.replace(
     transport_cases=(TransportCase("tiny", "yolov5n", ("backbone",), imgsz=64),),
     transport_in_flight=(2,), transport_frontends=(2,), transport_warm_s=0.1, transport_duration_s=0.3,
     objects_imgsz=64, objects_repeats=1, min_frames=2,
+    samehost_cases=(TransportCase("tiny", "yolov5n", ("backbone",), imgsz=64),), samehost_inputs=("strip",),
+    samehost_in_flight=2, samehost_warm_s=0.2, samehost_duration_s=0.3, samehost_rounds=1, samehost_camera_hw=(96, 128),
 )
 
 
@@ -124,10 +126,35 @@ def test_results_file_and_tables(results, capsys):
     stored = json.loads(path.read_text())
     assert path.name.startswith(stored["machine"]["hostname"]) and path.suffix == ".json"
     objects = {"objects_nms", "objects_overhead"}  # backends: derived from engine and e2e
-    assert set(stored["sections"]) == {*run.SECTION_NAMES, "backends"} - {"objects"} | objects
+    samehost = {"samehost_camera", "samehost_targets"}
+    assert set(stored["sections"]) == {*run.SECTION_NAMES, "backends"} - {"objects"} | objects | samehost
     assert stored["machine"]["preset"] == "smoke" and stored["machine"]["cpu_model"]
     table = report.section_markdown("e2e", stored["sections"]["e2e"])
     assert table.count("\n|") == 2 + len(stored["sections"]["e2e"])
+
+
+def test_samehost_moves_the_same_replies_through_shared_memory_a_unix_socket_and_tcp(results):
+    rows = results["sections"]["samehost"]
+    assert [(r["input"], r["way"]) for r in rows] == [("strip", way) for way in ("shm", "uds", "tcp")]
+    assert len({r["reply_bytes"] for r in rows}) == 1 and rows[0]["reply_bytes"] == 256 * 2 * 2 * 4
+    for r in rows:
+        assert r["errors"] == 0 and r["msgs_s"] > 0 and r["server_cpu_ms_per_msg"] > 0
+        assert r["cpu_ms_per_msg"] == pytest.approx(r["server_cpu_ms_per_msg"] + r["client_cpu_ms_per_msg"])
+        assert 0 < r["frontend_cpu_ms_per_msg"] + r["device_cpu_ms_per_msg"] <= r["server_cpu_ms_per_msg"] * 1.0001
+    camera = results["sections"]["samehost_camera"]
+    assert [r["way"] for r in camera] == ["shm", "uds", "tcp"]
+    for r in camera:
+        assert r["errors"] == 0 and r["model_input"] == "64x64" and r["msgs_s"] <= 30.0 * 1.5
+        assert r["p50_vs_engine"] == pytest.approx(r["p50_ms"] / r["engine_b1_ms"])
+    goals = results["sections"]["samehost_targets"]
+    assert [g["limit"] for g in goals] == ["≤ 1", "≤ 1", "≥ 5", "≤ 1.3"]
+    assert goals[0]["ratio"] == pytest.approx(rows[0]["cpu_ms_per_msg"] / rows[2]["cpu_ms_per_msg"])
+    assert goals[1]["ratio"] == pytest.approx(rows[0]["frontend_client_cpu_ms_per_msg"]
+                                              / rows[2]["frontend_client_cpu_ms_per_msg"])
+    assert goals[2]["ratio"] == pytest.approx(rows[0]["msgs_s"] / rows[2]["msgs_s"])
+    assert goals[3]["ratio"] == pytest.approx(camera[0]["p50_vs_engine"])
+    meets = {"≤ 1": lambda x: x <= 1.0, "≥ 5": lambda x: x >= 5.0, "≤ 1.3": lambda x: x <= 1.3}
+    assert all(g["met"] == meets[g["limit"]](g["ratio"]) for g in goals)
 
 
 def test_objects_rows_time_nms_and_each_mode_against_the_layers_alone(results):

@@ -10,6 +10,9 @@ Needs grpcio, protobuf, numpy and OpenCV only — never torch — so it runs on 
 
 Several replicas: ``FeatureClient(["10.0.0.5:50051", "10.0.0.6:50051"])`` or ``FeatureClient("dns:///name:50051")``
 balances streams over the healthy ones and moves a stream to another when its replica fails (``ResumePolicy``).
+
+Same host: ``FeatureClient("unix:///run/ys.sock", shared_memory=True)`` sends raw frames and gets the features
+through memory shared with the server (started with ``--allow-client-shm``); results are views of that memory.
 """
 
 from .client import FeatureClient

@@ -133,6 +133,9 @@ def describe_model(info: ModelInfo, address: str) -> str:
              f"limits  {info.limits['max_pixels']:,} pixels, {info.limits['max_frame_bytes']:,} bytes per frame, "
              f"{info.limits['max_message_bytes']:,} bytes per message, {info.limits.get('max_boxes', 0):,} boxes per "
              f"frame"]
+    if info.shared_memory["allowed"]:
+        lines.append(f"shm     clients on this host may stream through shared memory (--shm), regions up to "
+                     f"{info.shared_memory['max_region_bytes'] // 2**20:,} MiB")
     if info.num_classes:
         names = ", ".join(info.class_names[:5]) + (", …" if len(info.class_names) > 5 else "")
         lines.append(f"objects {info.num_classes} classes ({names or 'no names'}); default object vector "
@@ -178,6 +181,10 @@ def register_stream(p: argparse.ArgumentParser) -> None:
                    help="jpeg: small, lossy; png: lossless, slow to encode; raw: lossless, large (default jpeg). "
                         "JPEG and PNG image files already in the chosen encoding are sent as they are, unchanged")
     s.add_argument("--quality", type=int, default=90, help="JPEG quality 1..100 (default 90)")
+    s.add_argument("--shm", action="store_true",
+                   help="send raw frames and receive features through memory shared with the server, not the "
+                        "connection (the server on this host, started with --allow-client-shm); --encoding then "
+                        "applies only to frames larger than the first")
     s.add_argument("--realtime", action="store_true",
                    help="never hold the source back: the server drops frames it has no time for (answered DROPPED)")
     s.add_argument("--max-in-flight", type=int, help="frames the server holds for this stream (default 8)")
@@ -328,7 +335,8 @@ def _save_info(args: argparse.Namespace, info: ModelInfo, source_description: st
             "options": {"layers": list(layers), "dtype": args.dtype, "compression": args.compression,
                         "pooling": args.pool, "letterbox": args.letterbox,
                         "imgsz": args.imgsz, "encoding": args.encoding, "quality": args.quality,
-                        "realtime": args.realtime, "detect": args.detect, "conf": args.conf, "iou": args.iou,
+                        "realtime": args.realtime, "shared_memory": args.shm, "detect": args.detect,
+                        "conf": args.conf, "iou": args.iou,
                         "classes": args.classes, "agnostic": args.agnostic, "multi_label": args.multi_label,
                         "max_det": args.max_det, "object_features": args.object_features,
                         "object_layers": args.object_layers, "boxes": args.boxes, "track": args.track},
@@ -353,7 +361,8 @@ def cmd_stream(args: argparse.Namespace) -> int:
         known = f"{source.frame_count} frames" if source.frame_count is not None else "length unknown"
         rate = f"{source.fps:g} fps, " if source.fps else ""
         print(f"streaming {source.description} ({rate}{known}) to {args.server}: {info.model_name} on {info.device}, "
-              f"layers {','.join(layers) or 'server default'}, {args.encoding}"
+              f"layers {','.join(layers) or 'server default'}, "
+              + ("raw frames through shared memory" if args.shm else args.encoding)
               + (", realtime" if args.realtime else ""), file=sys.stderr)
         if info.random_weights:
             print("WARNING: RANDOM WEIGHTS - features are for testing only", file=sys.stderr)
@@ -383,7 +392,8 @@ def _run_stream(args: argparse.Namespace, client: FeatureClient, source: Any, la
                                letterbox=args.letterbox, imgsz=args.imgsz, realtime=args.realtime,
                                max_in_flight=args.max_in_flight, encoding=args.encoding, quality=args.quality,
                                keep_images=bool(sink or window), detect=detect, objects=objects,
-                               compression=args.compression, track=args.track) as results:
+                               compression=args.compression, track=args.track,
+                               shared_memory=args.shm) as results:
                 for result in results:
                     stats.update(result)
                     if writer is not None:

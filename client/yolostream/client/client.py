@@ -31,7 +31,8 @@ from .options import (
 )
 from .results import FeatureResult, FeatureServerError, FrameError, ModelInfo, result_from_proto
 from .resume import ResumePolicy, balancing_options, channel_target, is_address_list, names_one_address, resume_policy
-from .stream import FeatureStream
+from .shm import SPARE_SLOTS, StreamMemory
+from .stream import REALTIME_SEND_QUEUE, FeatureStream
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 #: Largest gRPC message either way: a raw 1080p frame is 6.2 MB, a multi-scale float32 reply at 640 ~5.7 MB.
@@ -57,17 +58,21 @@ class FeatureClient:
     says how streams move to another replica when theirs fails; it is on by default. ``settle_s`` is how long the
     first streams of a new client wait for every replica to connect, so that they spread (see ``_settle``; None:
     ``DEFAULT_SETTLE_S``, or 0 when the target is one IP address, which cannot name several replicas).
+    ``shared_memory``: streams pass frames and features through memory shared with the server instead of the
+    connection (the client must be on the server's host and the server run with ``--allow-client-shm``; see
+    :meth:`stream`); ``extract`` is unchanged.
     """
 
     def __init__(self, address: str | Sequence[str] = DEFAULT_ADDRESS, *, token: str | None = None,
                  tls: bool = False, tls_ca: str | Path | None = None, tls_server_name: str | None = None,
                  timeout: float | None = 30.0, max_message_bytes: int = MAX_MESSAGE_BYTES, keepalive_s: float = 20.0,
                  keepalive_timeout_s: float = 10.0, resume: ResumePolicy | bool = True,
-                 settle_s: float | None = None) -> None:
+                 settle_s: float | None = None, shared_memory: bool = False) -> None:
         target = channel_target(address)
         self.address = address if isinstance(address, str) else ",".join(address)
         self.target = target
         self.timeout = timeout
+        self.shared_memory = shared_memory
         self.resume = resume_policy(resume, ResumePolicy())
         options: list[tuple[str, Any]] = [
             ("grpc.max_send_message_length", int(max_message_bytes)),
@@ -212,7 +217,8 @@ class FeatureClient:
                quality: int = 90, keep_images: bool = False,
                resume: ResumePolicy | bool | None = None, detect: DetectOptions | bool | None = None,
                objects: ObjectFeatureOptions | str | None = None, compression: str | None = None,
-               track: TrackOptions | bool | None = None) -> "FeatureStream":
+               track: TrackOptions | bool | None = None, shared_memory: bool | None = None,
+               shm_slots: int | None = None) -> "FeatureStream":
         """Stream ``frames`` (BGR arrays, or ``(array, capture_time_seconds)`` pairs) and iterate over the results.
 
         A frame may also come with boxes of its own, as ``(array, time, boxes)`` or ``(array, time, boxes, ids)``
@@ -236,6 +242,15 @@ class FeatureClient:
         ``track_ids`` and ``track_new``, and ``result.track_epoch`` says which tracker state they belong to (it
         changes when the stream is resumed on another replica, whose state starts anew). Frames may carry scores
         for their own boxes, as ``(array, time, boxes, ids, scores)`` (ids may be None).
+
+        ``shared_memory`` (default: the client's) sends frames as raw pixels through a region of memory shared with
+        the server (a sealed memfd of ``shm_slots`` slots, sized from the first frame and the server's largest
+        reply; default: the frames the stream keeps unanswered plus ``SPARE_SLOTS``) and receives the features
+        there: result arrays are then read-only views of the region, and a frame's slot is reused only once every
+        array of its result has been dropped, so copy the arrays of results you keep (when every slot is held,
+        sending waits). Larger frames than the first travel in the message, their features still in the region.
+        A server without ``--allow-client-shm`` ends the stream with FAILED_PRECONDITION naming the flag; a client
+        on another host ends it with FAILED_PRECONDITION too.
         """
         check_encoding(encoding, quality)
         if max_in_flight is not None and max_in_flight < 1:
@@ -245,9 +260,17 @@ class FeatureClient:
                                  compression=stream_compression(compression), tracking=stream_tracking(track))
         names = self.class_names() if detect else ()
         window = None if realtime else 2 * (max_in_flight or self._server_in_flight())
+        memory = None
+        if self.shared_memory if shared_memory is None else shared_memory:
+            if shm_slots is not None and shm_slots < 1:
+                raise ValueError(f"shm_slots must be at least 1, got {shm_slots}")
+            # realtime: the frames the server holds, its one waiting frame and the few read ahead of gRPC
+            unanswered = window or (max_in_flight or self._server_in_flight()) + 1 + REALTIME_SEND_QUEUE
+            memory = StreamMemory(shm_slots or unanswered + SPARE_SLOTS)
         self._settle()
         return FeatureStream(self, frames, config, encoding=encoding, quality=quality, window=window,
-                             keep_images=keep_images, policy=resume_policy(resume, self.resume), class_names=names)
+                             keep_images=keep_images, policy=resume_policy(resume, self.resume), class_names=names,
+                             memory=memory)
 
     def _open_stream(self, requests: Iterator[pb.StreamRequest]) -> Any:
         return self._stub.StreamFeatures(requests, metadata=self._metadata)

@@ -190,6 +190,21 @@ def check_encoding(encoding: str, quality: int) -> None:
         raise ValueError(f"JPEG quality must be 1..100, got {quality}")
 
 
+def frame_pixels(image: np.ndarray) -> np.ndarray:
+    """``image`` as uncompressed frames carry it: HxW grey or HxWx3 BGR, uint8 (BGRA loses its alpha channel, HxWx1
+    becomes HxW; no copy otherwise). ValueError for anything else."""
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
+        kind = f"array of {image.dtype}" if isinstance(image, np.ndarray) else type(image).__name__
+        raise ValueError(f"frames must be uint8 numpy arrays (BGR, as OpenCV reads them), got {kind}")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim == 3 and image.shape[2] == 4:
+        image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)) or image.size == 0:
+        raise ValueError(f"frames must be HxWx3 BGR, HxWx4 BGRA or HxW grey images, got shape {image.shape}")
+    return image
+
+
 def fill_frame(frame: pb.Frame, image: np.ndarray, encoding: str = "jpeg", quality: int = 90) -> None:
     """Put ``image`` (BGR, BGRA or grey, uint8, as OpenCV returns it) into a Frame message, encoded as asked.
 
@@ -197,19 +212,11 @@ def fill_frame(frame: pb.Frame, image: np.ndarray, encoding: str = "jpeg", quali
     :class:`~yolostream.client.sources.ImageFile` (a frame of an image source) whose file is already in the chosen
     encoding goes as the file's own bytes: re-encoding would change the pixels the server sees.
     """
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
-        kind = f"array of {image.dtype}" if isinstance(image, np.ndarray) else type(image).__name__
-        raise ValueError(f"frames must be uint8 numpy arrays (BGR, as OpenCV reads them), got {kind}")
-    own = file_bytes(image, encoding)
+    own = file_bytes(image, encoding) if isinstance(image, np.ndarray) and image.dtype == np.uint8 else None
     if own is not None:
         frame.encoded = own
         return
-    if image.ndim == 3 and image.shape[2] == 1:
-        image = image[:, :, 0]
-    if image.ndim == 3 and image.shape[2] == 4:
-        image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
-    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)) or image.size == 0:
-        raise ValueError(f"frames must be HxWx3 BGR, HxWx4 BGRA or HxW grey images, got shape {image.shape}")
+    image = frame_pixels(image)
     if encoding == "raw":
         h, w = image.shape[:2]
         channels = 1 if image.ndim == 2 else 3

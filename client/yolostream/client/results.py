@@ -77,6 +77,9 @@ class ModelInfo:
     class_names: tuple[str, ...] = ()
     default_object_feature_dim: int = 0
     backend: str = ""
+    #: ``allowed`` (the server maps regions of clients on its host: ``FeatureClient(shared_memory=True)``) and
+    #: ``max_region_bytes``.
+    shared_memory: dict[str, Any] = field(default_factory=lambda: {"allowed": False, "max_region_bytes": 0})
 
     def layer(self, name: str | int) -> LayerInfo:
         """The catalogue row of a layer named by index (``9`` or ``"9"``) or alias (``"backbone"``, ``"P3"``)."""
@@ -106,6 +109,8 @@ class ModelInfo:
                     "max_message_bytes": msg.limits.max_message_bytes, "max_boxes": msg.limits.max_boxes},
             num_classes=msg.num_classes, class_names=tuple(msg.class_names),
             default_object_feature_dim=msg.default_object_feature_dim, backend=msg.backend,
+            shared_memory={"allowed": msg.shared_memory.allowed,
+                           "max_region_bytes": msg.shared_memory.max_region_bytes},
         )
 
 
@@ -216,14 +221,18 @@ def _detections(msg: pb.FrameResult, class_names: Sequence[str]) -> tuple[Detect
 
 
 def result_from_proto(msg: pb.FrameResult, latency: float | None, image: np.ndarray | None,
-                       class_names: Sequence[str] = ()) -> FeatureResult:
-    features, codes = {}, {}
-    for t in msg.tensors:
-        if t.dtype == pb.DTYPE_UINT8_AFFINE:  # decompressed and read once, for both forms
-            codes[t.name] = wire.affine_from_proto(t)
-            features[t.name] = codes[t.name].dequantize()
-        else:
-            features[t.name] = wire.tensor_from_proto(t)
+                       class_names: Sequence[str] = (), features: dict[str, np.ndarray] | None = None) -> FeatureResult:
+    """The FeatureResult of a FrameResult message. ``features``: its arrays when already made (views of the stream's
+    shared memory); by default they are read from the message, and 8-bit codes also give ``codes``."""
+    codes = {}
+    if features is None:
+        features = {}
+        for t in msg.tensors:
+            if t.dtype == pb.DTYPE_UINT8_AFFINE:  # decompressed and read once, for both forms
+                codes[t.name] = wire.affine_from_proto(t)
+                features[t.name] = codes[t.name].dequantize()
+            else:
+                features[t.name] = wire.tensor_from_proto(t)
     ok = msg.status == pb.FRAME_STATUS_OK
     detections, vectors = _detections(msg, class_names) if ok else (None, None)
     return FeatureResult(

@@ -32,7 +32,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -44,6 +44,7 @@ from yolostream.v1 import wire
 from .options import fill_frame
 from .results import FeatureResult, FeatureServerError, result_from_proto
 from .resume import DRAIN_REFUSAL, RESUMABLE_CODES, ResumePolicy
+from .shm import SharedRegion, StreamMemory
 
 if TYPE_CHECKING:
     from .client import FeatureClient
@@ -64,14 +65,23 @@ class _Pending:
     image: np.ndarray | None
     sent: float | None = None
     sends: int = 0
+    #: The shared-memory slot holding the frame and room for its features (shared-memory streams only).
+    slot: int | None = None
 
 
 @dataclass
 class _Attempt:
-    """One StreamFeatures call of a stream; ``cursor`` is the id of the next frame its request iterator sends."""
+    """One StreamFeatures call of a stream; ``cursor`` is the id of the next frame its request iterator sends.
+    ``call`` is the call once opened (``opened`` is then set): a shared-memory stream reads its handshake there."""
 
     cursor: int
     closed: bool = False
+    call: Any = None
+    opened: threading.Event = field(default_factory=threading.Event)
+
+    def bind(self, call: Any) -> None:
+        self.call = call
+        self.opened.set()
 
 
 class _SendState:
@@ -84,7 +94,10 @@ class _SendState:
     window of unanswered frames outside realtime mode, the frames not yet taken by the current call in it.
     """
 
-    def __init__(self, window: int | None, send_ahead: int) -> None:
+    def __init__(self, window: int | None, send_ahead: int, memory: StreamMemory | None = None) -> None:
+        self.memory = memory
+        #: Why the stream's shared memory could not reach the server (raised by the reader instead of the cancel).
+        self.memory_error: FeatureServerError | None = None
         self.cond = threading.Condition()
         self.window = window
         self.send_ahead = send_ahead
@@ -134,7 +147,10 @@ class _SendState:
         self.stop.set()
         with self.cond:
             self.attempt.closed = True
+            self.attempt.opened.set()
             self.cond.notify_all()
+        if self.memory is not None:
+            self.memory.interrupt()
 
 
 def _send_frames(state: _SendState, frames: Iterable[Any], encoding: str, quality: int, keep_images: bool) -> None:
@@ -156,15 +172,29 @@ def _send_frames(state: _SendState, frames: Iterable[Any], encoding: str, qualit
             if timestamp is None:
                 timestamp = time.time()
             request = pb.StreamRequest()
-            fill_frame(request.frame, image, encoding, quality)
+            slot = None
+            if state.memory is not None:
+                state.memory.offer(image)
+                slot = state.memory.acquire(state.stop)
+                if slot is None:
+                    break
+                try:
+                    request.frame.shared_memory.CopyFrom(state.memory.region.frame_ref(slot, image))
+                except BaseException:
+                    state.memory.region.release(slot)
+                    raise
+            if slot is None or not request.frame.shared_memory.HasField("image"):  # pixels in the message
+                fill_frame(request.frame, image, encoding, quality)
             if boxes is not None:
                 wire.set_frame_boxes(request.frame, boxes, ids, scores)
             request.frame.frame_id = state.read
             request.frame.capture_timestamp_us = int(round(float(timestamp) * 1e6))
-            state.add(_Pending(request, image if keep_images else None))
+            state.add(_Pending(request, image if keep_images else None, slot=slot))
     except BaseException as err:  # re-raised in the reader's thread once the answers are in
         state.error = err
     finally:
+        if state.memory is not None:
+            state.memory.source_ended()
         close = getattr(iterator, "close", None)
         if close is not None:
             try:
@@ -176,10 +206,32 @@ def _send_frames(state: _SendState, frames: Iterable[Any], encoding: str, qualit
             state.cond.notify_all()
 
 
-def _requests(state: _SendState, attempt: _Attempt, config: pb.StreamConfig) -> Iterator[pb.StreamRequest]:
+def _requests(state: _SendState, attempt: _Attempt, config: pb.StreamConfig,
+              address: str = "") -> Iterator[pb.StreamRequest]:
     """The request iterator of one call, consumed by gRPC in its own thread: the config, then every frame from the
-    attempt's cursor on, until the source ends (the half-close lets the server finish) or the attempt is closed."""
-    yield pb.StreamRequest(config=config)
+    attempt's cursor on, until the source ends (the half-close lets the server finish) or the attempt is closed.
+
+    A shared-memory stream sends its config once the first frame is read (it sizes the region; a source without
+    frames asks for no shared memory), then registers the region with the front-end that answered the config
+    (see :class:`~.shm.StreamMemory`) before any frame; a region that cannot reach the server cancels the call."""
+    memory = state.memory
+    if memory is not None and memory.wait_first():
+        shared = pb.StreamConfig()
+        shared.CopyFrom(config)
+        shared.shared_memory.SetInParent()
+        yield pb.StreamRequest(config=shared)
+        attempt.opened.wait()
+        if attempt.closed or attempt.call is None:
+            return
+        try:
+            if not memory.connect(attempt.call.initial_metadata(), address):
+                return
+        except FeatureServerError as err:
+            state.memory_error = err
+            attempt.call.cancel()
+            return
+    else:
+        yield pb.StreamRequest(config=config)
     while True:
         with state.cond:
             state.cond.wait_for(lambda: attempt.closed or max(attempt.cursor, state.answered) < state.read
@@ -212,17 +264,18 @@ class FeatureStream:
 
     def __init__(self, client: FeatureClient, frames: Iterable[Any], config: pb.StreamConfig, *, encoding: str,
                  quality: int, window: int | None, keep_images: bool, policy: ResumePolicy,
-                 class_names: Sequence[str] = ()) -> None:
+                 class_names: Sequence[str] = (), memory: StreamMemory | None = None) -> None:
         self._closed = True  # until fully started, so that a failed start leaves nothing for __del__ to close
         self._client = client
         self._config = config
         self._policy = policy
         self._class_names = tuple(class_names)
         self._address = client.address
-        self._state = state = _SendState(window, REALTIME_SEND_QUEUE)
+        self._state = state = _SendState(window, REALTIME_SEND_QUEUE, memory)
         self._sender = threading.Thread(target=_send_frames, args=(state, frames, encoding, quality, keep_images),
                                         name="yolostream-sender", daemon=True)
-        self._call = client._open_stream(_requests(state, state.attempt, config))
+        self._call = client._open_stream(_requests(state, state.attempt, config, self._address))
+        state.attempt.bind(self._call)
         self.resumes = 0
         self._track_epoch = 0  # the latest tracker epoch answered, passed on when the stream resumes
         self._cut: tuple[float, FeatureServerError] | None = None  # when and why the stream was cut, until an answer
@@ -237,6 +290,12 @@ class FeatureStream:
     @property
     def frames_read(self) -> int:
         return self._state.read
+
+    @property
+    def shared_memory(self) -> "SharedRegion | None":
+        """The stream's shared-memory region (its memfd's name shows in /proc/PID/maps); None for a stream without
+        shared memory, and until the server has answered the config."""
+        return self._state.memory.region if self._state.memory is not None else None
 
     def __iter__(self) -> "FeatureStream":
         return self
@@ -254,6 +313,9 @@ class FeatureStream:
                     raise state.error from None
                 raise
             except grpc.RpcError as err:
+                if state.memory_error is not None:
+                    self.close()
+                    raise state.memory_error from None
                 error = FeatureServerError.from_rpc(err, self._address)
                 if self._expired.is_set():
                     self._give_up(error)
@@ -281,8 +343,15 @@ class FeatureStream:
             self._watchdog.cancel()
             self._cut, self._failures = None, 0
         sent = pending.sent if pending is not None else None
+        features = None
+        if pending is not None and pending.slot is not None:
+            try:
+                features = state.memory.region.features(result, pending.slot)
+            except ValueError as err:
+                self.close()
+                raise FeatureServerError(grpc.StatusCode.INTERNAL, str(err), self._address) from None
         answer = result_from_proto(result, received - sent if sent is not None else None,
-                                    pending.image if pending is not None else None, self._class_names)
+                                    pending.image if pending is not None else None, self._class_names, features)
         answer.retries = max(0, pending.sends - 1) if pending is not None else 0
         self._track_epoch = max(self._track_epoch, answer.track_epoch)
         return answer
@@ -311,7 +380,8 @@ class FeatureStream:
             self._config.tracking.previous_epoch = self._track_epoch
         attempt = self._state.new_attempt()
         log.info("resuming the stream at frame %d after %s", attempt.cursor, error)
-        self._call = call = self._client._open_stream(_requests(self._state, attempt, self._config))
+        self._call = call = self._client._open_stream(_requests(self._state, attempt, self._config, self._address))
+        attempt.bind(call)
         self.resumes += 1
         self._watchdog.cancel()
         self._watchdog = threading.Timer(max(0.0, since + policy.timeout_s - time.monotonic()), self._expire, (call,))
@@ -349,6 +419,8 @@ class FeatureStream:
             self._sender.join(timeout=SENDER_JOIN_S)
             if self._sender.is_alive():
                 log.warning("the frame source did not return within %.0f s; leaving its thread behind", SENDER_JOIN_S)
+        if self._state.memory is not None:
+            self._state.memory.close()
 
     def __enter__(self) -> "FeatureStream":
         return self

@@ -155,18 +155,66 @@ class FeatureOptions(_message.Message):
     def __init__(self, layers: _Optional[_Iterable[str]] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., letterbox: _Optional[_Union[LetterboxPolicy, str]] = ..., imgsz: _Optional[int] = ..., detection: _Optional[_Union[DetectionOptions, _Mapping]] = ..., object_features: _Optional[_Union[ObjectFeatureOptions, _Mapping]] = ...) -> None: ...
 
 class StreamConfig(_message.Message):
-    __slots__ = ("options", "max_in_flight", "realtime", "compression", "tracking")
+    __slots__ = ("options", "max_in_flight", "realtime", "compression", "tracking", "shared_memory")
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     REALTIME_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     TRACKING_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     options: FeatureOptions
     max_in_flight: int
     realtime: bool
     compression: Compression
     tracking: TrackingOptions
-    def __init__(self, options: _Optional[_Union[FeatureOptions, _Mapping]] = ..., max_in_flight: _Optional[int] = ..., realtime: _Optional[bool] = ..., compression: _Optional[_Union[Compression, str]] = ..., tracking: _Optional[_Union[TrackingOptions, _Mapping]] = ...) -> None: ...
+    shared_memory: SharedMemoryOptions
+    def __init__(self, options: _Optional[_Union[FeatureOptions, _Mapping]] = ..., max_in_flight: _Optional[int] = ..., realtime: _Optional[bool] = ..., compression: _Optional[_Union[Compression, str]] = ..., tracking: _Optional[_Union[TrackingOptions, _Mapping]] = ..., shared_memory: _Optional[_Union[SharedMemoryOptions, _Mapping]] = ...) -> None: ...
+
+class SharedMemoryOptions(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SharedMemoryFrame(_message.Message):
+    __slots__ = ("image", "output_offset", "output_length")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    image: SharedMemoryImage
+    output_offset: int
+    output_length: int
+    def __init__(self, image: _Optional[_Union[SharedMemoryImage, _Mapping]] = ..., output_offset: _Optional[int] = ..., output_length: _Optional[int] = ...) -> None: ...
+
+class SharedMemoryImage(_message.Message):
+    __slots__ = ("offset", "length", "height", "width", "channels", "format")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    length: int
+    height: int
+    width: int
+    channels: int
+    format: PixelFormat
+    def __init__(self, offset: _Optional[int] = ..., length: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ..., format: _Optional[_Union[PixelFormat, str]] = ...) -> None: ...
+
+class SharedMemoryRange(_message.Message):
+    __slots__ = ("offset", "length")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    length: int
+    def __init__(self, offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+
+class SharedMemoryInfo(_message.Message):
+    __slots__ = ("allowed", "max_region_bytes")
+    ALLOWED_FIELD_NUMBER: _ClassVar[int]
+    MAX_REGION_BYTES_FIELD_NUMBER: _ClassVar[int]
+    allowed: bool
+    max_region_bytes: int
+    def __init__(self, allowed: _Optional[bool] = ..., max_region_bytes: _Optional[int] = ...) -> None: ...
 
 class TrackingOptions(_message.Message):
     __slots__ = ("enabled", "high_score", "low_score", "new_track_score", "match_iou", "appearance_threshold", "appearance_weight", "max_lost", "vector_smoothing", "max_tracks", "return_vectors", "previous_epoch")
@@ -223,7 +271,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("frame_id", "capture_timestamp_us", "encoded", "raw", "boxes", "box_ids", "box_scores")
+    __slots__ = ("frame_id", "capture_timestamp_us", "encoded", "raw", "boxes", "box_ids", "box_scores", "shared_memory")
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
     CAPTURE_TIMESTAMP_US_FIELD_NUMBER: _ClassVar[int]
     ENCODED_FIELD_NUMBER: _ClassVar[int]
@@ -231,6 +279,7 @@ class Frame(_message.Message):
     BOXES_FIELD_NUMBER: _ClassVar[int]
     BOX_IDS_FIELD_NUMBER: _ClassVar[int]
     BOX_SCORES_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     frame_id: int
     capture_timestamp_us: int
     encoded: bytes
@@ -238,7 +287,8 @@ class Frame(_message.Message):
     boxes: _containers.RepeatedScalarFieldContainer[float]
     box_ids: _containers.RepeatedScalarFieldContainer[int]
     box_scores: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, frame_id: _Optional[int] = ..., capture_timestamp_us: _Optional[int] = ..., encoded: _Optional[bytes] = ..., raw: _Optional[_Union[RawImage, _Mapping]] = ..., boxes: _Optional[_Iterable[float]] = ..., box_ids: _Optional[_Iterable[int]] = ..., box_scores: _Optional[_Iterable[float]] = ...) -> None: ...
+    shared_memory: SharedMemoryFrame
+    def __init__(self, frame_id: _Optional[int] = ..., capture_timestamp_us: _Optional[int] = ..., encoded: _Optional[bytes] = ..., raw: _Optional[_Union[RawImage, _Mapping]] = ..., boxes: _Optional[_Iterable[float]] = ..., box_ids: _Optional[_Iterable[int]] = ..., box_scores: _Optional[_Iterable[float]] = ..., shared_memory: _Optional[_Union[SharedMemoryFrame, _Mapping]] = ...) -> None: ...
 
 class RawImage(_message.Message):
     __slots__ = ("data", "height", "width", "channels", "format")
@@ -255,7 +305,7 @@ class RawImage(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ..., format: _Optional[_Union[PixelFormat, str]] = ...) -> None: ...
 
 class Tensor(_message.Message):
-    __slots__ = ("name", "layer_index", "stride", "dtype", "shape", "data", "affine_scales", "affine_offsets", "compression", "uncompressed_size")
+    __slots__ = ("name", "layer_index", "stride", "dtype", "shape", "data", "affine_scales", "affine_offsets", "compression", "uncompressed_size", "shared_memory")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LAYER_INDEX_FIELD_NUMBER: _ClassVar[int]
     STRIDE_FIELD_NUMBER: _ClassVar[int]
@@ -266,6 +316,7 @@ class Tensor(_message.Message):
     AFFINE_OFFSETS_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     UNCOMPRESSED_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     name: str
     layer_index: int
     stride: int
@@ -276,7 +327,8 @@ class Tensor(_message.Message):
     affine_offsets: _containers.RepeatedScalarFieldContainer[float]
     compression: Compression
     uncompressed_size: int
-    def __init__(self, name: _Optional[str] = ..., layer_index: _Optional[int] = ..., stride: _Optional[int] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., affine_scales: _Optional[_Iterable[float]] = ..., affine_offsets: _Optional[_Iterable[float]] = ..., compression: _Optional[_Union[Compression, str]] = ..., uncompressed_size: _Optional[int] = ...) -> None: ...
+    shared_memory: SharedMemoryRange
+    def __init__(self, name: _Optional[str] = ..., layer_index: _Optional[int] = ..., stride: _Optional[int] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., affine_scales: _Optional[_Iterable[float]] = ..., affine_offsets: _Optional[_Iterable[float]] = ..., compression: _Optional[_Union[Compression, str]] = ..., uncompressed_size: _Optional[int] = ..., shared_memory: _Optional[_Union[SharedMemoryRange, _Mapping]] = ...) -> None: ...
 
 class LetterboxInfo(_message.Message):
     __slots__ = ("original_height", "original_width", "input_height", "input_width", "resized_height", "resized_width", "ratio_w", "ratio_h", "pad_left", "pad_top", "pad_right", "pad_bottom")
@@ -383,7 +435,7 @@ class ObjectFeatureSlice(_message.Message):
     def __init__(self, name: _Optional[str] = ..., layer_index: _Optional[int] = ..., stride: _Optional[int] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_name", "source", "random_weights", "device", "dtype", "default_letterbox", "default_imgsz", "stride", "layers", "batching", "limits", "num_classes", "class_names", "default_detection", "default_object_feature_dim", "backend", "startup_check")
+    __slots__ = ("model_name", "source", "random_weights", "device", "dtype", "default_letterbox", "default_imgsz", "stride", "layers", "batching", "limits", "num_classes", "class_names", "default_detection", "default_object_feature_dim", "backend", "startup_check", "shared_memory")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     RANDOM_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
@@ -401,6 +453,7 @@ class ModelInfo(_message.Message):
     DEFAULT_OBJECT_FEATURE_DIM_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     STARTUP_CHECK_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     source: str
     random_weights: bool
@@ -418,7 +471,8 @@ class ModelInfo(_message.Message):
     default_object_feature_dim: int
     backend: str
     startup_check: str
-    def __init__(self, model_name: _Optional[str] = ..., source: _Optional[str] = ..., random_weights: _Optional[bool] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., default_letterbox: _Optional[_Union[LetterboxPolicy, str]] = ..., default_imgsz: _Optional[int] = ..., stride: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., batching: _Optional[_Union[BatchingInfo, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., num_classes: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., default_detection: _Optional[_Union[DetectionOptions, _Mapping]] = ..., default_object_feature_dim: _Optional[int] = ..., backend: _Optional[str] = ..., startup_check: _Optional[str] = ...) -> None: ...
+    shared_memory: SharedMemoryInfo
+    def __init__(self, model_name: _Optional[str] = ..., source: _Optional[str] = ..., random_weights: _Optional[bool] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., default_letterbox: _Optional[_Union[LetterboxPolicy, str]] = ..., default_imgsz: _Optional[int] = ..., stride: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., batching: _Optional[_Union[BatchingInfo, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., num_classes: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., default_detection: _Optional[_Union[DetectionOptions, _Mapping]] = ..., default_object_feature_dim: _Optional[int] = ..., backend: _Optional[str] = ..., startup_check: _Optional[str] = ..., shared_memory: _Optional[_Union[SharedMemoryInfo, _Mapping]] = ...) -> None: ...
 
 class LayerInfo(_message.Message):
     __slots__ = ("index", "type", "inputs", "params", "role", "out_channels", "stride", "output_shape", "aliases")

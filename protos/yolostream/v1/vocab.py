@@ -30,6 +30,23 @@ STATUSES = {"ok": pb.FRAME_STATUS_OK, "error": pb.FRAME_STATUS_ERROR, "dropped":
 #: Tensor data compressions by name (StreamConfig.compression): none, or zstd (byte shuffle, then Zstandard).
 COMPRESSIONS = {"none": pb.COMPRESSION_NONE, "zstd": pb.COMPRESSION_SHUFFLE_ZSTD}
 
+#: Shared memory for clients on the server's host (the handshake is the proto comment on SharedMemoryOptions): the
+#: initial-metadata keys the server answers a StreamConfig.shared_memory with, the byte alignment of every tensor it
+#: writes into a region, the registration answers, and how long the server waits for the region.
+SHM_SOCKET_KEY = "yolostream-shm-socket"
+SHM_TOKEN_KEY = "yolostream-shm-token"
+SHM_OUTPUT_BYTES_KEY = "yolostream-shm-output-bytes"
+SHM_ALIGN = 64
+SHM_OK = b"ok"
+SHM_ERROR = b"error: "
+SHM_REGISTER_TIMEOUT_S = 10.0
+
+
+def shm_aligned(offset: int) -> int:
+    """The first multiple of ``SHM_ALIGN`` at or after ``offset``: where the next tensor goes in a region."""
+    return -(-offset // SHM_ALIGN) * SHM_ALIGN
+
+
 #: Files that are read as images (by suffix, any case); everything else is tried as a video.
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 

@@ -170,26 +170,29 @@ def fill_tensor(
     return msg
 
 
-def tensor_from_proto(tensor: pb.Tensor) -> np.ndarray:
-    """The array held by a Tensor message.
+def tensor_from_proto(tensor: pb.Tensor, data: Any = None) -> np.ndarray:
+    """The array held by a Tensor message, or described by it when ``data`` is given.
 
     float32/float16 come back as a read-only ``np.frombuffer`` view of the field's bytes (no copy beyond the
     one protobuf makes when the field is read;
     call ``.copy()`` to write to it); bfloat16 comes back as a new float32 array. DTYPE_UINT8_AFFINE and
     compressed tensors go through :func:`decode_tensor`: codes decode to a new float32 array, compressed
     float32/float16 to a read-only view of the decompressed bytes.
+
+    ``data``: the tensor's bytes when they are not in the message (any buffer, e.g. a view of the shared-memory
+    range ``Tensor.shared_memory`` names); float32/float16 then view it (writable if it is).
     """
     if tensor.dtype == pb.DTYPE_UINT8_AFFINE or is_compressed(tensor):
-        return decode_tensor(tensor)
+        return decode_tensor(tensor, data)
     dtype = _check_dtype(tensor.dtype)
     shape = tuple(tensor.shape)
     if any(d < 0 for d in shape):
         raise ValueError(f"tensor {tensor.name!r} has a negative dimension in shape {shape}")
-    data = tensor.data
+    data = tensor.data if data is None else data
     expected = int(np.prod(shape, dtype=np.int64)) * ITEMSIZE[dtype]
-    if len(data) != expected:
+    if memoryview(data).nbytes != expected:
         raise ValueError(
-            f"tensor {tensor.name!r}: {len(data)} data bytes, but shape {shape} of "
+            f"tensor {tensor.name!r}: {memoryview(data).nbytes} data bytes, but shape {shape} of "
             f"{dtype_name(dtype)} needs {expected}"
         )
     if dtype == pb.DTYPE_BFLOAT16:
@@ -668,8 +671,9 @@ def _tensor_shape(tensor: pb.Tensor) -> tuple[int, ...]:
     return shape
 
 
-def affine_from_proto(tensor: pb.Tensor) -> AffineCodes:
-    """The raw codes and per-channel parameters of a DTYPE_UINT8_AFFINE Tensor (its data decompressed if need be).
+def affine_from_proto(tensor: pb.Tensor, data: Any = None) -> AffineCodes:
+    """The raw codes and per-channel parameters of a DTYPE_UINT8_AFFINE Tensor (its data decompressed if need be;
+    ``data`` as for :func:`tensor_payload`).
 
     Raises ValueError for another dtype, a data size other than one byte per element, parameter counts other than
     one per channel, or a scale or offset that is not finite (or a negative scale).
@@ -686,7 +690,7 @@ def affine_from_proto(tensor: pb.Tensor) -> AffineCodes:
                          f"affine_scales and {len(offsets)} affine_offsets")
     if not (np.isfinite(scales).all() and np.isfinite(offsets).all() and (scales >= 0).all()):
         raise ValueError(f"tensor {tensor.name!r} has a non-finite or negative affine scale or offset")
-    codes = np.frombuffer(tensor_payload(tensor), dtype=np.uint8).reshape(shape)
+    codes = np.frombuffer(tensor_payload(tensor, data), dtype=np.uint8).reshape(shape)
     return AffineCodes(codes, scales, offsets, axis)
 
 
@@ -796,37 +800,39 @@ def _decompressor(zstd: Any) -> Any:
     return dctx
 
 
-def tensor_payload(tensor: pb.Tensor) -> Any:
+def tensor_payload(tensor: pb.Tensor, data: Any = None) -> Any:
     """The plain bytes of a Tensor's data, decompressed when ``compression`` says so, checked against shape × size.
 
-    Raises ValueError when the size does not match (before decompressing anything).
+    ``data``: the tensor's bytes when they are not in the message (a view of the range ``Tensor.shared_memory``
+    names). Raises ValueError when the size does not match (before decompressing anything).
     """
     shape = _tensor_shape(tensor)
     itemsize = element_size(tensor.dtype)
     expected = int(np.prod(shape, dtype=np.int64)) * itemsize
-    data = tensor.data
+    data = tensor.data if data is None else data
     if is_compressed(tensor):
         if tensor.uncompressed_size != expected:
             raise ValueError(f"tensor {tensor.name!r}: uncompressed_size {tensor.uncompressed_size}, but shape "
                              f"{shape} of {pb.Dtype.Name(tensor.dtype)} needs {expected} bytes")
         return decompress_payload(data, tensor.compression, expected, itemsize)
-    if len(data) != expected:
-        raise ValueError(f"tensor {tensor.name!r}: {len(data)} data bytes, but shape {shape} of "
+    if memoryview(data).nbytes != expected:
+        raise ValueError(f"tensor {tensor.name!r}: {memoryview(data).nbytes} data bytes, but shape {shape} of "
                          f"{pb.Dtype.Name(tensor.dtype)} needs {expected}")
     return data
 
 
-def decode_tensor(tensor: pb.Tensor) -> np.ndarray:
+def decode_tensor(tensor: pb.Tensor, data: Any = None) -> np.ndarray:
     """The values of any Tensor: its data decompressed when compressed, DTYPE_UINT8_AFFINE codes decoded to float32.
 
     Plain float32/float16 give a read-only view (as :func:`tensor_from_proto`), bfloat16 and affine codes a new
-    float32 array. :func:`affine_from_proto` gives the raw codes and parameters instead.
+    float32 array. :func:`affine_from_proto` gives the raw codes and parameters instead. ``data`` as for
+    :func:`tensor_payload`.
     """
     if tensor.dtype == pb.DTYPE_UINT8_AFFINE:
-        return affine_from_proto(tensor).dequantize()
+        return affine_from_proto(tensor, data).dequantize()
     dtype = _check_dtype(tensor.dtype)
     shape = _tensor_shape(tensor)
-    data = tensor_payload(tensor)
+    data = tensor_payload(tensor, data)
     if dtype == pb.DTYPE_BFLOAT16:
         return bfloat16_bits_to_float32(np.frombuffer(data, dtype=_BF16_STORAGE)).reshape(shape)
     return np.frombuffer(data, dtype=_NUMPY_DTYPES[dtype]).reshape(shape)

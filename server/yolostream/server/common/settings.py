@@ -83,6 +83,9 @@ class ServerSettings:
     shm_mb: int = _setting(256, "int", "processes", "shared memory per front-end for frames and features in flight, "
                            "in MiB; a frame whose input plus reply exceeds it fails (default 256)", metavar="MIB",
                            low=8)
+    allow_client_shm: bool = _setting(False, "bool", "processes", "let clients on this host pass frames and features "
+                                      "through shared memory they create (a sealed memfd passed over a Unix socket, "
+                                      "mapped for one stream); off by default: such clients then use gRPC only")
     pinned_mb: int = _setting(1024, "int", "processes", "host memory the CUDA path may pin for uploads and "
                               "downloads, in MiB, counted as the allocator rounds blocks (powers of two); a block "
                               "over half of it uses pageable memory, correct but slower (default 1024)",

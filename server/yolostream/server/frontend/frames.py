@@ -101,23 +101,42 @@ def decode_frame(frame: pb.Frame, limits: FrameLimits) -> np.ndarray:
 _CHANNELS = {pb.PIXEL_FORMAT_BGR: 3, pb.PIXEL_FORMAT_RGB: 3, pb.PIXEL_FORMAT_GRAY: 1}
 
 
-def _raw_to_bgr(raw: pb.RawImage, limits: FrameLimits) -> np.ndarray:
-    if raw.format not in _CHANNELS:
-        raise FrameError("raw image needs a pixel format: PIXEL_FORMAT_BGR, PIXEL_FORMAT_RGB or PIXEL_FORMAT_GRAY")
-    limits.check_bytes(len(raw.data), "raw image data")
-    channels = _CHANNELS[raw.format]
-    if raw.channels and raw.channels != channels:
-        raise FrameError(f"raw {pb.PixelFormat.Name(raw.format)} image has {channels} channel(s), "
-                         f"but the frame says {raw.channels}")
-    limits.check_size(raw.height, raw.width, "raw image")
-    expected = raw.height * raw.width * channels
-    limits.check_bytes(expected, f"a raw {raw.width}x{raw.height}x{channels} image")
-    if len(raw.data) != expected:
-        raise FrameError(f"raw image data is {len(raw.data)} bytes, but {raw.width}x{raw.height}x{channels} "
-                         f"needs {expected}")
-    pixels = np.frombuffer(raw.data, np.uint8).reshape(raw.height, raw.width, channels)
-    if raw.format == pb.PIXEL_FORMAT_GRAY:
+def raw_channels(fmt: int, channels: int, height: int, width: int, limits: FrameLimits, what: str) -> int:
+    """Check the header of uncompressed pixels (in a message or in a client's shared memory) against the limits;
+    the number of bytes they take, height * width * channels. FrameError names what is wrong.
+
+    Args:
+        fmt: the PixelFormat.
+        channels: the channels the frame claims (0: the format's own).
+        height, width: the frame's size.
+        limits: the server's frame limits.
+        what: how errors name the frame, e.g. "raw image".
+    """
+    if fmt not in _CHANNELS:
+        raise FrameError(f"{what} needs a pixel format: PIXEL_FORMAT_BGR, PIXEL_FORMAT_RGB or PIXEL_FORMAT_GRAY")
+    own = _CHANNELS[fmt]
+    if channels and channels != own:
+        raise FrameError(f"{what} {pb.PixelFormat.Name(fmt)} has {own} channel(s), but the frame says {channels}")
+    limits.check_size(height, width, what)
+    expected = height * width * own
+    limits.check_bytes(expected, f"a {what} of {width}x{height}x{own}")
+    return expected
+
+
+def pixels_to_bgr(pixels: np.ndarray, fmt: int) -> np.ndarray:
+    """HxWxC pixels of ``fmt`` as the HxWx3 BGR image the letterbox takes (BGR pixels as they are, no copy)."""
+    if fmt == pb.PIXEL_FORMAT_GRAY:
         return cv2.cvtColor(pixels, cv2.COLOR_GRAY2BGR)
-    if raw.format == pb.PIXEL_FORMAT_RGB:
+    if fmt == pb.PIXEL_FORMAT_RGB:
         return np.ascontiguousarray(pixels[:, :, ::-1])
     return pixels
+
+
+def _raw_to_bgr(raw: pb.RawImage, limits: FrameLimits) -> np.ndarray:
+    limits.check_bytes(len(raw.data), "raw image data")
+    expected = raw_channels(raw.format, raw.channels, raw.height, raw.width, limits, "raw image")
+    if len(raw.data) != expected:
+        raise FrameError(f"raw image data is {len(raw.data)} bytes, but {raw.width}x{raw.height}x"
+                         f"{expected // (raw.width * raw.height)} needs {expected}")
+    pixels = np.frombuffer(raw.data, np.uint8).reshape(raw.height, raw.width, -1)
+    return pixels_to_bgr(pixels, raw.format)

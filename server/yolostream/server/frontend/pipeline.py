@@ -179,13 +179,17 @@ class Pipeline:
         8-bit codes, the codes and their float32 scales and offsets."""
         return layout_bytes(output_layout(options.output_keys, shapes))
 
-    async def begin(self, frame: pb.Frame, options: FrameOptions) -> "Begun | pb.FrameResult":
+    async def begin(self, frame: pb.Frame, options: FrameOptions,
+                    pixels: np.ndarray | None = None) -> "Begun | pb.FrameResult":
         """Decode, letterbox straight into a shared-memory slot and send the frame to the device, without waiting
         for its features: a ``Begun`` to ``complete``, or an ERROR result for a bad frame. Never raises for bad
-        input (DeviceUnavailable when the device is gone)."""
+        input (DeviceUnavailable when the device is gone). ``pixels``: the frame's BGR image when it is already in
+        memory (a client's shared-memory region, checked by ``client_shm``), letterboxed from there."""
         start = time.perf_counter()
         try:
-            if frame.WhichOneof("data") == "encoded":
+            if pixels is not None:
+                image = pixels
+            elif frame.WhichOneof("data") == "encoded":
                 loop = asyncio.get_running_loop()
                 image = await loop.run_in_executor(self.decode_pool, decode_frame, frame, self.limits)
             else:  # raw pixels need no decoding: a thread hop would cost more than it saves

@@ -21,6 +21,7 @@ from yolostream.v1 import feature_service_pb2 as pb
 from ..ipc.batching import BatcherConfig
 from ..common.card import ModelCard
 from ..common.errors import GRPC_AIO_LOGGER, UnparsableRequestFilter
+from .client_shm import RegionBroker
 from .frames import FrameLimits
 from .link import DeviceLink
 from .metrics import ServerMetrics
@@ -127,12 +128,13 @@ class FeatureServer:
         self.pipeline = Pipeline(card, link, limits, default_layers=tuple(s.layers), decode_threads=decode_threads,
                                  max_reply_bytes=s.max_message_bytes - REPLY_ENVELOPE_BYTES)
         stream_limits = StreamLimits(default_in_flight=s.max_in_flight, max_in_flight=s.max_in_flight_limit)
-        info = model_info(card, batching, stream_limits, limits, s.max_message_bytes)
+        self.regions = RegionBroker() if s.allow_client_shm else None
+        info = model_info(card, batching, stream_limits, limits, s.max_message_bytes, self.regions)
         self.metrics = ServerMetrics({
             "model": info.model_name, "source": info.source, "device": info.device, "dtype": info.dtype,
             "random_weights": str(info.random_weights).lower()})
         link.on_depth = self.metrics.queue_depth
-        self.service = FeatureService(self.pipeline, info, stream_limits, self.metrics)
+        self.service = FeatureService(self.pipeline, info, stream_limits, self.metrics, self.regions)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
@@ -156,6 +158,8 @@ class FeatureServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.link.start()
         self.pipeline.start()
+        if self.regions is not None:
+            self.regions.start()
         options = [("grpc.max_send_message_length", s.max_message_bytes),
                    ("grpc.max_receive_message_length", s.max_message_bytes),
                    ("grpc.so_reuseport", 1 if self.reuse_port else 0),
@@ -213,6 +217,8 @@ class FeatureServer:
             except asyncio.TimeoutError:
                 log.warning("drain: feature calls still running after %.0f s; cancelling them", grace)
             await self.server.stop(min(grace, 1.0))
+        if self.regions is not None:
+            self.regions.close()
         self.link.close()
         self.pipeline.close()
         self.metrics.close()

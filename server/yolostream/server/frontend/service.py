@@ -25,7 +25,9 @@ from yolostream.v1.vocab import LETTERBOX_POLICIES, ROLES
 from ..ipc.batching import BatcherConfig
 from ..common.card import ModelCard
 from ..common.errors import one_line
-from .frames import FrameLimits
+from .client_shm import ClientRegion, RegionBroker, RegionError, frame_pixels, open_region, output_room, \
+    shared_memory_info
+from .frames import FrameError, FrameLimits
 from .link import CANCEL_WAIT_S, DeviceUnavailable
 from .metrics import ServerMetrics
 from .objects_wire import default_detection_message
@@ -63,12 +65,15 @@ class _Latest:
 
 
 class StreamSession:
-    """Runs one StreamFeatures call after its config has been validated."""
+    """Runs one StreamFeatures call after its config has been validated. ``region``: the client's shared memory,
+    when the stream asked for it (frames may read their pixels from it and have their tensors written into it)."""
 
     def __init__(self, pipeline: Pipeline, options: FrameOptions, in_flight: int, realtime: bool,
                  limits: StreamLimits, draining: asyncio.Event,
-                 observe: Callable[[pb.FrameResult], None] = lambda result: None) -> None:
+                 observe: Callable[[pb.FrameResult], None] = lambda result: None, *,
+                 region: ClientRegion | None = None) -> None:
         self.pipeline = pipeline
+        self.region = region
         self.observe = observe
         self.options = options
         self.in_flight = in_flight
@@ -132,6 +137,8 @@ class StreamSession:
             return item
         try:
             reply = await self.pipeline.complete(item, self.tracker)
+            if self.region is not None:
+                reply = self.region.place(reply, item.frame)
         except (asyncio.CancelledError, DeviceUnavailable):
             raise
         except Exception as err:  # defensive: one frame's bug must not take down its stream
@@ -227,9 +234,15 @@ class StreamSession:
 
     async def _begin(self, frame: pb.Frame, entry: _Entry) -> None:
         try:
-            item = await self.pipeline.begin(frame, self.options)
+            if frame.HasField("shared_memory"):
+                item = await self.pipeline.begin(frame, self.options,
+                                                 frame_pixels(frame, self.region, self.pipeline.limits))
+            else:
+                item = await self.pipeline.begin(frame, self.options)
         except asyncio.CancelledError:
             raise
+        except FrameError as err:  # shared memory the frame names but cannot use
+            item = error_result(frame, str(err))
         except DeviceUnavailable as err:  # the whole stream ends with UNAVAILABLE (the writer re-raises this)
             if not entry.result.done():
                 entry.result.set_exception(err)
@@ -250,8 +263,9 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
     """Thin servicer: validates, then hands frames to the pipeline."""
 
     def __init__(self, pipeline: Pipeline, model_info: pb.ModelInfo, limits: StreamLimits | None = None,
-                 metrics: ServerMetrics | None = None) -> None:
+                 metrics: ServerMetrics | None = None, regions: RegionBroker | None = None) -> None:
         self.pipeline = pipeline
+        self.regions = regions
         self.model_info = model_info
         self.limits = limits or StreamLimits()
         self.metrics = metrics
@@ -314,8 +328,14 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
                                 f"on this server: {one_line(str(err), 300)}; ask for no compression")
         if self.draining.is_set():
             await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+        region = None
+        if config.HasField("shared_memory"):
+            try:
+                region = await open_region(self.regions, config, output_room(self.pipeline, options), context)
+            except RegionError as err:
+                await context.abort(err.code, err.message)
         session = StreamSession(self.pipeline, options, in_flight, config.realtime, self.limits, self.draining,
-                                *([self.metrics.observe] if self.metrics else []))
+                                *([self.metrics.observe] if self.metrics else []), region=region)
         self._count_stream(+1)
         self._call(+1)
         self._sessions.add(session)
@@ -339,6 +359,8 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
         finally:
             self._call(-1)
             self._count_stream(-1)
+            if region is not None:  # however the stream ended: the client's region is unmapped now
+                region.close()
 
     def _in_flight(self, requested: int) -> int:
         if requested == 0:
@@ -394,8 +416,9 @@ def add_to_server(service: FeatureService, server: Any) -> None:
 
 
 def model_info(card: ModelCard, batching: BatcherConfig, stream_limits: StreamLimits, limits: FrameLimits,
-               max_message_bytes: int) -> pb.ModelInfo:
-    """Everything a client needs to choose layers and size its buffers, built once at start-up from the card."""
+               max_message_bytes: int, regions: RegionBroker | None = None) -> pb.ModelInfo:
+    """Everything a client needs to choose layers and size its buffers, built once at start-up from the card.
+    ``regions``: the front-end's shared-memory broker, None when the server does not map clients' regions."""
     layers = [
         pb.LayerInfo(index=row.index, type=row.type, inputs=list(row.source), params=row.params,
                      role=ROLES[row.role], out_channels=row.out_channels, stride=row.stride,
@@ -423,4 +446,5 @@ def model_info(card: ModelCard, batching: BatcherConfig, stream_limits: StreamLi
         default_object_feature_dim=sum(card.channels(layer.index) for layer in card.default_object_layers()),
         backend=card.backend,
         startup_check=card.startup_check,
+        shared_memory=shared_memory_info(regions),
     )

@@ -323,6 +323,8 @@ class Supervisor:
                  f"{frontends} front-end{'s' if frontends != 1 else ''}"]
         if s.uds:
             parts.append(f"unix:{s.uds}")
+        if s.allow_client_shm:
+            parts.append("client shared memory")
         if s.tls_cert:
             parts.append("TLS")
         if s.token:
