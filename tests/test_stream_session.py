@@ -24,7 +24,7 @@ class GatedPipeline:
         self.started.append(frame.frame_id)
         return Begun(frame, options, None, asyncio.get_running_loop().create_future(), 0)
 
-    async def complete(self, begun: Begun) -> Reply:
+    async def complete(self, begun: Begun, tracker: object = None) -> Reply:
         await self.gate.wait()
         return Reply(pb.FrameResult(frame_id=begun.frame.frame_id, status=pb.FRAME_STATUS_OK))
 
