@@ -104,7 +104,9 @@ _CHANNELS = {pb.PIXEL_FORMAT_BGR: 3, pb.PIXEL_FORMAT_RGB: 3, pb.PIXEL_FORMAT_GRA
 def _raw_to_bgr(raw: pb.RawImage, limits: FrameLimits) -> np.ndarray:
     if raw.format not in _CHANNELS:
         raise FrameError("raw image needs a pixel format: PIXEL_FORMAT_BGR, PIXEL_FORMAT_RGB or PIXEL_FORMAT_GRAY")
-    limits.check_bytes(len(raw.data), "raw image data")
+    # Read the bytes once: each access to a bytes field of a protobuf (upb) message returns a new copy.
+    data = raw.data
+    limits.check_bytes(len(data), "raw image data")
     channels = _CHANNELS[raw.format]
     if raw.channels and raw.channels != channels:
         raise FrameError(f"raw {pb.PixelFormat.Name(raw.format)} image has {channels} channel(s), "
@@ -112,10 +114,10 @@ def _raw_to_bgr(raw: pb.RawImage, limits: FrameLimits) -> np.ndarray:
     limits.check_size(raw.height, raw.width, "raw image")
     expected = raw.height * raw.width * channels
     limits.check_bytes(expected, f"a raw {raw.width}x{raw.height}x{channels} image")
-    if len(raw.data) != expected:
-        raise FrameError(f"raw image data is {len(raw.data)} bytes, but {raw.width}x{raw.height}x{channels} "
+    if len(data) != expected:
+        raise FrameError(f"raw image data is {len(data)} bytes, but {raw.width}x{raw.height}x{channels} "
                          f"needs {expected}")
-    pixels = np.frombuffer(raw.data, np.uint8).reshape(raw.height, raw.width, channels)
+    pixels = np.frombuffer(data, np.uint8).reshape(raw.height, raw.width, channels)
     if raw.format == pb.PIXEL_FORMAT_GRAY:
         return cv2.cvtColor(pixels, cv2.COLOR_GRAY2BGR)
     if raw.format == pb.PIXEL_FORMAT_RGB:

@@ -183,7 +183,9 @@ class Pipeline:
             self.device.unreserve(slot)
             return _unpreparable(frame, err)
         preprocess_us = int((decoded - start + time.perf_counter() - waited) * 1e6)
-        return Begun(frame, options, letterbox, self.device.submit(slot, job), preprocess_us, job, box_ids)
+        # The Begun lives until its reply is written: keep the frame's header, not its pixels, or a client that
+        # never reads its replies keeps max_in_flight request messages alive (2.7 MB each for raw 720p).
+        return Begun(_header(frame), options, letterbox, self.device.submit(slot, job), preprocess_us, job, box_ids)
 
     def object_job(self, frame: pb.Frame, request: ObjectRequest,
                    orig_hw: tuple[int, int]) -> tuple[ObjectJob | None, np.ndarray | None]:
@@ -284,6 +286,11 @@ class Begun:
     preprocess_us: int
     job: ObjectJob | None = None
     box_ids: np.ndarray | None = None
+
+
+def _header(frame: pb.Frame) -> pb.Frame:
+    """What a frame's answer echoes (its id and capture time), without the pixels."""
+    return pb.Frame(frame_id=frame.frame_id, capture_timestamp_us=frame.capture_timestamp_us)
 
 
 def _identify(result: pb.FrameResult, frame: pb.Frame, status: int) -> None:
