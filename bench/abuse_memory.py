@@ -18,9 +18,13 @@ the end), after each round of abuse, and at the end (after an idle pause). One r
   ``--flood-in-flight`` frames in flight, sends raw BGR 1280x720 frames (2.7 MB each) as fast as HTTP/2 lets it,
   never reads a reply, and goes away (cancels, closes its channel) after ``--flood-seconds``.
 
-Two rounds tell a plateau (the second adds little) from a leak (each round adds as much again).
+Two rounds tell a plateau (the second adds little) from a leak (each round adds as much again). With
+``--background N``, N legitimate JPEG streams at 10 fps run through the rounds, so the server is never quiet.
+The arenas' reserved size (what ``--shm-mb`` took from shared memory at start-up) is reported beside what was
+touched.
 
-    python bench/abuse_memory.py [--rounds 2] [--abandoned 200] [--floods 24] [--imgsz 320] [--frontends 1]
+    python bench/abuse_memory.py [--rounds 2] [--abandoned 200] [--floods 24] [--background 0] [--imgsz 320]
+                                 [--frontends 1] [--json FILE]
     python bench/abuse_memory.py --quick      # one short round, for a smoke run
 """
 
@@ -62,29 +66,34 @@ def _env() -> dict[str, str]:
     return env
 
 
-def smaps_split(pid: int) -> dict[str, int]:
+def smaps_split(pid: int) -> dict[str, Any]:
     """PSS bytes of one process, split: ``arena`` (the server's /dev/shm mappings), ``heap`` (all the rest),
-    ``anon`` (anonymous memory alone, from the rollup) and ``arena_rss`` (arena pages this process has mapped).
+    ``anon`` (anonymous memory alone) and ``arena_rss`` (arena pages this process has mapped); ``segments``:
+    the size of each arena it maps, by inode (what ``--shm-mb`` reserved).
 
     Reads /proc/PID/smaps: psutil's ``memory_full_info`` gives the PSS total, not which mapping it is in.
     """
     pss = arena = arena_rss = anon = 0
-    in_arena = False
+    segments: dict[str, int] = {}
+    inode = None
     with open(f"/proc/{pid}/smaps") as lines:
         for line in lines:
-            head = line.split(None, 1)[0]
+            fields = line.split()
+            head = fields[0]
             if not head.endswith(":"):  # a mapping's header line: "start-end perms offset dev inode [path]"
-                in_arena = bool(ARENA.search(line))
+                inode = fields[4] if ARENA.search(line) else None
                 continue
-            if head == "Pss:":
-                kb = int(line.split()[1]) * 1024
+            kb = int(fields[1]) * 1024 if len(fields) > 1 and fields[1].isdigit() else 0
+            if head == "Size:" and inode is not None:
+                segments[inode] = segments.get(inode, 0) + kb
+            elif head == "Pss:":
                 pss += kb
-                arena += kb if in_arena else 0
-            elif head == "Rss:" and in_arena:
-                arena_rss += int(line.split()[1]) * 1024
+                arena += kb if inode is not None else 0
+            elif head == "Rss:" and inode is not None:
+                arena_rss += kb
             elif head == "Anonymous:":
-                anon += int(line.split()[1]) * 1024
-    return {"heap": pss - arena, "arena": arena, "anon": anon, "arena_rss": arena_rss}
+                anon += kb
+    return {"heap": pss - arena, "arena": arena, "anon": anon, "arena_rss": arena_rss, "segments": segments}
 
 
 def server_memory(root: int) -> dict[str, dict[str, int]]:
@@ -118,9 +127,14 @@ def server_memory(root: int) -> dict[str, dict[str, int]]:
     return out
 
 
-def totals(snapshot: dict[str, dict[str, int]]) -> dict[str, int]:
-    """Heap and arena over the whole server (PSS sums: every page once)."""
-    return {key: sum(p[key] for p in snapshot.values()) for key in ("heap", "arena", "anon")}
+def totals(snapshot: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """Heap and arena touched over the whole server (PSS sums: every page once), and the arenas reserved."""
+    out = {key: sum(p[key] for p in snapshot.values()) for key in ("heap", "arena", "anon")}
+    segments: dict[str, int] = {}
+    for proc in snapshot.values():
+        segments.update(proc["segments"])
+    out["arena_reserved"] = sum(segments.values())
+    return out
 
 
 def _stub(channel: grpc.Channel) -> Any:
@@ -157,6 +171,40 @@ def legitimate(address: str, jpeg_frames: list[bytes], raw_frames: list[bytes], 
                 bad = [a.result.status for a in answers if a.result.status != pb.FRAME_STATUS_OK]
                 if len(answers) != len(frames) or bad:
                     raise RuntimeError(f"a legitimate stream got {len(answers)} answers, not OK: {bad}")
+
+
+class Background:
+    """``count`` legitimate streams of JPEG frames at ``fps`` each, every answer read, from ``start`` to
+    ``stop``: a server that serves cameras while it is abused is never quiet."""
+
+    def __init__(self, address: str, frames: list[bytes], count: int, fps: float = 10.0) -> None:
+        self.address, self.frames, self.count, self.fps = address, frames, count, fps
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(count)]
+        self.answered = 0
+
+    def _requests(self) -> Iterator[bytes]:
+        yield _config(0)
+        k = 0
+        while not self._stop.wait(1.0 / self.fps):
+            yield self.frames[k % len(self.frames)]
+            k += 1
+
+    def _run(self) -> None:
+        with grpc.insecure_channel(self.address) as channel:
+            for answer in _stub(channel)(self._requests(), timeout=3600):
+                if answer.result.status != pb.FRAME_STATUS_OK:
+                    raise RuntimeError(f"a background stream got {answer.result.status}")
+                self.answered += 1
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(60)
 
 
 def abandon_streams(address: str, count: int, frames: list[bytes]) -> None:
@@ -230,6 +278,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         snapshots.append(("started", settle(proc.pid, args.settle)))
         legitimate(address, jpeg_frames, raw_frames, args.warm_streams)
         snapshots.append(("warm", settle(proc.pid, args.settle)))
+        background = Background(address, jpeg_frames, args.background)
+        background.start()
         for round_ in range(1, args.rounds + 1):
             start = time.perf_counter()
             abandon_streams(address, args.abandoned, jpeg_frames)
@@ -237,6 +287,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                           args.flood_seconds)
             steps.append({"round": round_, "seconds": time.perf_counter() - start, "flood_frames_sent": sent})
             snapshots.append((f"after round {round_}", settle(proc.pid, args.settle)))
+        background.stop()
         legitimate(address, jpeg_frames, raw_frames, 1)  # the abused server still serves
         snapshots.append(("end", settle(proc.pid, args.end_wait)))
     finally:
@@ -256,17 +307,20 @@ def report(row: dict[str, Any]) -> str:
     header = "| MB (PSS) | " + " | ".join(s["when"] for s in snaps) + " |"
     lines = [header, "|---" * (len(snaps) + 1) + "|"]
     for role in roles:
-        for key, label in (("heap", "heap"), ("arena", "arena")):
+        for key, label in (("heap", "heap"), ("arena", "arena touched")):
             values = [s["processes"].get(role, {}).get(key) for s in snaps]
             if key == "arena" and not any(values):
                 continue
             cells = " | ".join("" if v is None else f"{v / MB:.1f}" for v in values)
             lines.append(f"| {role} {label} | {cells} |")
     warm = next(s for s in snaps if s["when"] == "warm")["total"]
-    for key in ("heap", "arena"):
-        cells = " | ".join(f"**{s['total'][key] / MB:.1f}**" + (
-            f" ({(s['total'][key] / warm[key] - 1) * 100:+.0f} %)" if warm[key] else "") for s in snaps)
-        lines.append(f"| **all processes, {key}** | {cells} |")
+    lines.append("| all processes, arena reserved | " + " | ".join(f"{s['total']['arena_reserved'] / MB:.1f}"
+                                                                 for s in snaps) + " |")
+    cells = " | ".join(f"**{s['total']['heap'] / MB:.1f}** ({(s['total']['heap'] / warm['heap'] - 1) * 100:+.0f} %)"
+                       for s in snaps)
+    lines.append(f"| **all processes, heap** | {cells} |")
+    lines.append("| **all processes, arena touched** | "
+                 + " | ".join(f"**{s['total']['arena'] / MB:.1f}**" for s in snaps) + " |")
     return "\n".join(lines)
 
 
@@ -280,17 +334,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="max_in_flight a flood asks for (the server's default limit is 64)")
     parser.add_argument("--flood-seconds", type=float, default=2.0)
     parser.add_argument("--warm-streams", type=int, default=2, help="legitimate streams of each kind to warm up")
+    parser.add_argument("--background", type=int, default=0,
+                        help="legitimate JPEG streams at 10 fps running through the abuse rounds")
     parser.add_argument("--imgsz", type=int, default=320)
     parser.add_argument("--frontends", type=int, default=1)
     parser.add_argument("--shm-mb", type=int, default=0, help="--shm-mb for the server (default: the server's)")
-    parser.add_argument("--settle", type=float, default=3.0, help="seconds of quiet before each snapshot")
+    parser.add_argument("--settle", type=float, default=6.0,
+                        help="seconds after each step before its snapshot (a child trims its heap within about 4 s "
+                             "of going quiet)")
     parser.add_argument("--end-wait", type=float, default=10.0, help="seconds of quiet before the last one")
     parser.add_argument("--quick", action="store_true", help="one short round (a smoke run)")
     parser.add_argument("--json", type=Path, help="also write the snapshots here")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.abandoned, args.floods, args.flood_concurrency = 1, 20, 2, 2
-        args.flood_seconds, args.warm_streams, args.settle, args.end_wait = 1.0, 1, 1.0, 2.0
+        args.flood_seconds, args.warm_streams, args.end_wait = 1.0, 1, args.settle
     row = measure(args)
     if args.json:
         args.json.write_text(json.dumps(row, indent=1))
