@@ -52,38 +52,44 @@ def malloc_trim() -> bool:
     return True
 
 
-#: Seconds between two looks at a child's CPU time, and the share of one core under which it counts as quiet.
-QUIET_PERIOD_S, QUIET_CPU = 2.0, 0.05
+#: Seconds between two looks at a child's CPU time; the share of one core under which it counts as quiet; and
+#: the fall from its busiest period that counts as quiet too (a device still serving a camera after a flood).
+QUIET_PERIOD_S, QUIET_CPU, QUIET_DROP = 2.0, 0.05, 0.25
 
 
 class QuietAfterWork:
     """Tells, from the CPU time a process used in each period, when it has gone quiet after work: once per quiet
-    spell (a period under ``quiet_cpu`` of a core following one over it), not again until it has worked again."""
+    spell, a period under ``quiet_cpu`` of a core or under ``drop`` times the busiest period since the last quiet
+    spell, following one over ``quiet_cpu``; not again until it has worked again."""
 
-    def __init__(self, period_s: float = QUIET_PERIOD_S, quiet_cpu: float = QUIET_CPU) -> None:
+    def __init__(self, period_s: float = QUIET_PERIOD_S, quiet_cpu: float = QUIET_CPU,
+                 drop: float = QUIET_DROP) -> None:
         self.limit = quiet_cpu * period_s
-        self.busy = False
+        self.drop = drop
+        self.busiest = 0.0
 
     def quiet_again(self, cpu_s: float) -> bool:
         """Whether the process has just gone quiet, given the CPU seconds (all threads) of the last period."""
-        if cpu_s > self.limit:
-            self.busy = True
-            return False
-        went_quiet, self.busy = self.busy, False
-        return went_quiet
+        if self.busiest > self.limit and (cpu_s <= self.limit or cpu_s < self.drop * self.busiest):
+            self.busiest = 0.0
+            return True
+        self.busiest = max(self.busiest, cpu_s)
+        return False
 
 
-def trim_when_quiet(period_s: float = QUIET_PERIOD_S, quiet_cpu: float = QUIET_CPU) -> threading.Thread:
+def trim_when_quiet(period_s: float = QUIET_PERIOD_S, quiet_cpu: float = QUIET_CPU,
+                    drop: float = QUIET_DROP) -> threading.Thread:
     """Start a daemon thread that calls ``malloc_trim`` each time the process goes quiet after work
     (``QuietAfterWork``, looking every ``period_s``).
 
     Why quiet: trimming a busy process only returns pages its next frames or batches fault back in, and the trim
-    holds each malloc arena's lock while it runs. A process that has finished its work keeps its peak heap
-    otherwise, though nothing uses it (the device after a burst of full batches; a front-end after floods).
+    holds each malloc arena's lock while it runs. A process whose burst of work is over keeps its peak heap
+    otherwise, though nothing uses it: the device after a flood's full batches (measured: over 100 MB, while a
+    camera's stream still kept it busy), a front-end after floods.
     """
 
     def watch() -> None:
-        detector = QuietAfterWork(period_s, quiet_cpu)
+        detector = QuietAfterWork(period_s, quiet_cpu, drop)
         last = time.process_time()
         while True:
             time.sleep(period_s)
