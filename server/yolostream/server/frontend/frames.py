@@ -133,10 +133,12 @@ def pixels_to_bgr(pixels: np.ndarray, fmt: int) -> np.ndarray:
 
 
 def _raw_to_bgr(raw: pb.RawImage, limits: FrameLimits) -> np.ndarray:
-    limits.check_bytes(len(raw.data), "raw image data")
+    # Read the bytes once: each access to a bytes field of a protobuf (upb) message returns a new copy.
+    data = raw.data
+    limits.check_bytes(len(data), "raw image data")
     expected = raw_channels(raw.format, raw.channels, raw.height, raw.width, limits, "raw image")
-    if len(raw.data) != expected:
-        raise FrameError(f"raw image data is {len(raw.data)} bytes, but {raw.width}x{raw.height}x"
+    if len(data) != expected:
+        raise FrameError(f"raw image data is {len(data)} bytes, but {raw.width}x{raw.height}x"
                          f"{expected // (raw.width * raw.height)} needs {expected}")
-    pixels = np.frombuffer(raw.data, np.uint8).reshape(raw.height, raw.width, -1)
+    pixels = np.frombuffer(data, np.uint8).reshape(raw.height, raw.width, -1)
     return pixels_to_bgr(pixels, raw.format)

@@ -225,8 +225,10 @@ class Pipeline:
             self.device.unreserve(slot)
             return _unpreparable(frame, err)
         preprocess_us = int((decoded - start + time.perf_counter() - waited) * 1e6)
-        return Begun(frame, options, letterbox, self.device.submit(slot, job), preprocess_us, job, box_ids, shapes,
-                     box_scores)
+        # The Begun lives until its reply is written: keep the frame's header, not its pixels, or a client that
+        # never reads its replies keeps max_in_flight request messages alive (2.7 MB each for raw 720p).
+        return Begun(_header(frame), options, letterbox, self.device.submit(slot, job), preprocess_us, job, box_ids,
+                     shapes, box_scores)
 
     def object_job(self, frame: pb.Frame, request: ObjectRequest,
                    orig_hw: tuple[int, int]) -> tuple[ObjectJob | None, np.ndarray | None]:
@@ -410,6 +412,13 @@ class Begun:
     shapes: list[tuple[int, ...]] = field(default_factory=list)
     #: The client's box scores (Frame.box_scores), for tracking; None when it sent none.
     box_scores: np.ndarray | None = None
+
+
+def _header(frame: pb.Frame) -> pb.Frame:
+    """What a frame's answer needs (its id, capture time and, on a shared-memory stream, where its reply goes),
+    without the pixels."""
+    return pb.Frame(frame_id=frame.frame_id, capture_timestamp_us=frame.capture_timestamp_us,
+                    shared_memory=frame.shared_memory if frame.HasField("shared_memory") else None)
 
 
 def _identify(result: pb.FrameResult, frame: pb.Frame, status: int) -> None:

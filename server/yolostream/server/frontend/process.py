@@ -75,7 +75,7 @@ async def _serve(settings: ServerSettings, spec: FrontEndSpec, status: Connectio
                       settings.shm_bytes, spec.batching.queue_capacity)
     server = FeatureServer(settings.replace(port=spec.port), ModelCard.from_dict(spec.card), spec.batching, link,
                            reuse_port=True, uds=settings.uds if spec.index == 0 else None,
-                           serve_metrics=spec.index == 0)
+                           serve_metrics=spec.index == 0, trim_heap=True)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals: list[int] = []

@@ -23,6 +23,7 @@ from ..common.card import ModelCard
 from ..common.errors import GRPC_AIO_LOGGER, UnparsableRequestFilter
 from .client_shm import RegionBroker
 from .frames import FrameLimits
+from .heap import HeapTrimmer
 from .link import DeviceLink
 from .metrics import ServerMetrics
 from .pipeline import Pipeline
@@ -113,10 +114,13 @@ class FeatureServer:
         reuse_port: share the port with the other front-ends (SO_REUSEPORT).
         uds: also listen on this Unix domain socket path.
         serve_metrics: serve Prometheus metrics on ``settings.metrics_port``.
+        trim_heap: give freed heap back to the system after calls end (``heap.HeapTrimmer``); for a process
+            that is only this front-end, not one that shares its heap with a device (``serve.in_process``).
     """
 
     def __init__(self, settings: ServerSettings, card: ModelCard, batching: BatcherConfig, link: DeviceLink, *,
-                 reuse_port: bool = False, uds: str | None = None, serve_metrics: bool = True) -> None:
+                 reuse_port: bool = False, uds: str | None = None, serve_metrics: bool = True,
+                 trim_heap: bool = False) -> None:
         s = self.settings = settings
         self.card = card
         self.link = link
@@ -135,6 +139,9 @@ class FeatureServer:
             "random_weights": str(info.random_weights).lower()})
         link.on_depth = self.metrics.queue_depth
         self.service = FeatureService(self.pipeline, info, stream_limits, self.metrics, self.regions)
+        self.trimmer = HeapTrimmer() if trim_heap else None
+        if self.trimmer is not None:
+            self.service.on_call_end = self.trimmer.call_ended
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None

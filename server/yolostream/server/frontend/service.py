@@ -274,6 +274,8 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
         self._streams_changed = threading.Condition()
         self._sessions: set[StreamSession] = set()
         self.active_calls = 0
+        #: Called (on the loop) whenever an Extract or StreamFeatures call ends: the front-end trims its heap.
+        self.on_call_end: Callable[[], None] = lambda: None
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -287,6 +289,8 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
             self._idle.clear()
         else:
             self._idle.set()
+        if delta < 0:
+            self.on_call_end()
 
     async def drain(self) -> None:
         """Stop taking frames: every stream answers what it accepted, then ends with UNAVAILABLE."""
