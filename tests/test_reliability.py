@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import urllib.request
 from typing import Callable, Iterable, Iterator
@@ -414,12 +415,16 @@ def test_faults_a_channel_closed_mid_stream(server):
 
 
 def test_faults_a_deadline_that_expires_mid_stream(server):
+    started = threading.Event()  # gRPC may ask for the third request before ``call`` below is assigned
+
     def stalled() -> Iterator[pb.StreamRequest]:
         yield config()
         yield frame_request(0)
+        started.wait(CALL_TIMEOUT)
         wait_until(lambda: not call.is_active(), CALL_TIMEOUT, "the deadline to end the call")
 
     call = server.stub.StreamFeatures(stalled(), metadata=AUTH, timeout=1.0)
+    started.set()
     with pytest.raises(grpc.RpcError) as err:
         list(call)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
