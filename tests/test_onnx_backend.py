@@ -100,7 +100,7 @@ def test_backbone_never_runs_the_neck(runners):
               for part in node.name.split("/") if part.startswith("model.") and part.split(".")[1].isdigit()}
     assert layers and max(layers) == 9, sorted(layers)
     plan = ort_runner.plan([9])
-    assert plan.indices == (9,) and len(plan.output_names) == 1 and ort_runner.plan([9]) is plan
+    assert plan.keys == (9,) and len(plan.output_names) == 1 and ort_runner.plan([9]) is plan
 
 
 def test_cpu_sessions_get_the_workers_thread_count(runners):
@@ -194,8 +194,8 @@ def test_auto_without_onnxruntime_uses_torch_silently(caplog, monkeypatch):
 
 def test_a_backend_that_is_wrong_stops_the_start_with_one_line(monkeypatch):
     """A served path off by 1 % (100x the float32 limit) never serves: the start fails naming path and layer."""
-    real = onnx_backend.OnnxPlan.by_index
-    monkeypatch.setattr(onnx_backend.OnnxPlan, "by_index",
+    real = onnx_io.OnnxPlan.by_index
+    monkeypatch.setattr(onnx_io.OnnxPlan, "by_index",
                         lambda plan, x: {i: t * 1.01 for i, t in real(plan, x).items()})
     with pytest.raises(ValueError) as caught:
         ServerThread(cpu_runner(IMGSZ, backend="onnxruntime"), ServerSettings(port=0, layers=["P3"])).start()
@@ -210,7 +210,7 @@ def test_a_served_path_that_fails_stops_the_start_with_one_line(monkeypatch):
     def broken(plan, x):
         raise RuntimeError("provider exploded\nwith a second line")
 
-    monkeypatch.setattr(onnx_backend.OnnxPlan, "by_index", broken)
+    monkeypatch.setattr(onnx_io.OnnxPlan, "by_index", broken)
     with pytest.raises(ValueError) as caught:
         ServerThread(cpu_runner(IMGSZ, backend="onnxruntime"), ServerSettings(port=0)).start()
     message = str(caught.value)
@@ -315,10 +315,10 @@ def test_sessions_and_plans_are_bounded_however_many_layer_sets_clients_ask_for(
 
 
 WRONG_BACKEND = """
-from yolostream.server.device import onnx_backend
+from yolostream.server.model import onnx_io
 
-_real = onnx_backend.OnnxPlan.by_index
-onnx_backend.OnnxPlan.by_index = lambda plan, x: {i: t * 1.01 for i, t in _real(plan, x).items()}
+_real = onnx_io.OnnxPlan.by_index
+onnx_io.OnnxPlan.by_index = lambda plan, x: {i: t * 1.01 for i, t in _real(plan, x).items()}
 """
 
 

@@ -20,12 +20,11 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Sequence
+from typing import Sequence
 
-import numpy as np
 import torch
 
-from ..model.onnx_io import onnx_bytes, require, session
+from ..model.onnx_io import OnnxPlan, Positional, onnx_bytes, require, session
 
 log = logging.getLogger(__name__)
 
@@ -34,47 +33,13 @@ log = logging.getLogger(__name__)
 MAX_SESSIONS = 8
 
 
-class _Positional(torch.nn.Module):
-    """A ``TruncatedModel``'s outputs as a tuple in layer order (ONNX outputs are positional)."""
-
-    def __init__(self, truncated: torch.nn.Module) -> None:
-        super().__init__()
-        self.truncated = truncated
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        by_index = self.truncated.by_index(x)
-        return tuple(by_index[i] for i in self.truncated.plan.targets)
-
-
-class OnnxPlan:
-    """One set of layers as an ONNX Runtime session: ``by_index`` as ``TruncatedModel.by_index``.
-
-    Args:
-        sess: the session; its outputs are the layers ``indices``, in that order.
-        indices: the layer indices, ascending.
-        device: where the outputs go (the runner's device).
-    """
-
-    def __init__(self, sess: Any, indices: Sequence[int], device: torch.device) -> None:
-        self.session = sess
-        self.indices = tuple(indices)
-        self.device = device
-        self.input_name = sess.get_inputs()[0].name
-        self.output_names = [o.name for o in sess.get_outputs()]
-
-    def by_index(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Run the session on ``x`` (N, 3, H, W) in the model's dtype; outputs on the runner's device by index."""
-        feed = np.ascontiguousarray(x.detach().cpu().numpy())
-        outputs = self.session.run(self.output_names, {self.input_name: feed})
-        return {i: torch.from_numpy(out).to(self.device) for i, out in zip(self.indices, outputs)}
-
-
 def graph_bytes(layers: torch.nn.Sequential, indices: Sequence[int], example: torch.Tensor) -> bytes:
     """The ONNX model of the truncated forward for ``indices`` (batch, height and width symbolic)."""
     from ..model.truncated import TruncatedModel
 
-    module = _Positional(TruncatedModel(layers, indices)).eval()
-    return onnx_bytes(module, example, len(module.truncated.plan.targets), "shape")
+    truncated = TruncatedModel(layers, indices)
+    module = Positional(truncated, truncated.plan.targets, "by_index").eval()
+    return onnx_bytes(module, example, len(module.keys), "shape")
 
 
 class OnnxBackend:

@@ -144,13 +144,12 @@ class Pipeline:
         Raises ValueError (INVALID_ARGUMENT) naming the problem and the valid choices, and
         ``wire.CodecMissingError`` (an ImportError) when the codec asked for needs a package this server lacks.
         """
-        options = self.options(config.options)
         codec = _enum(config.compression, _CODECS, pb.Compression, "compression", pb.COMPRESSION_UNSPECIFIED)
         compression.check_codec(codec)
         tracking = tracking_options(config.tracking)
-        chosen = config.options.object_features
+        asked, chosen = config.options, config.options.object_features
         default_vectors = chosen.mode == pb.OBJECT_FEATURE_MODE_UNSPECIFIED and not chosen.layers
-        if tracking is not None and (default_vectors or options.objects.objects is None):
+        if tracking is not None and (default_vectors or chosen.mode == pb.OBJECT_FEATURE_MODE_NONE):
             # A tracked stream's default vectors are the tracker's (sent as its object features); a stream that
             # asked for none gets them computed for the tracker alone.
             asked = pb.FeatureOptions()
@@ -158,8 +157,8 @@ class Pipeline:
             asked.object_features.CopyFrom(pb.ObjectFeatureOptions(
                 mode=pb.OBJECT_FEATURE_MODE_ANCHOR, layers=list(TRACKING_VECTORS), normalize=True,
                 dtype=chosen.dtype))
-            return replace(self.options(asked), compression=codec, tracking=tracking, send_vectors=default_vectors)
-        return replace(options, compression=codec, tracking=tracking)
+        return replace(self.options(asked), compression=codec, tracking=tracking,
+                       send_vectors=chosen.mode != pb.OBJECT_FEATURE_MODE_NONE)
 
     def output_shapes(self, options: FrameOptions, input_hw: tuple[int, int]) -> list[tuple[int, ...]]:
         """Shape of each requested output (without the batch dim) for a model input of ``input_hw``."""

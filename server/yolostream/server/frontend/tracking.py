@@ -28,8 +28,6 @@ MAX_TRACKS = 1024
 #: 2,4,6 and both), on a checkpoint with random weights; early layers still separate textures there, where the deep
 #: ones collapse toward one direction. Rerun the bench with trained weights before relying on it.
 TRACKING_VECTORS = ("2", "4", "6")
-_FLOAT_FIELDS = ("high_score", "low_score", "new_track_score", "match_iou", "appearance_threshold",
-                 "appearance_weight", "vector_smoothing")
 
 
 @dataclass(frozen=True)
@@ -53,10 +51,9 @@ def tracking_options(msg: pb.TrackingOptions) -> StreamTracking | None:
     """
     if not msg.enabled:
         return None
-    values: dict[str, float | int] = {name: float(getattr(msg, name)) for name in _FLOAT_FIELDS
-                                      if msg.HasField(name)}
-    if msg.HasField("max_lost"):
-        values["max_lost"] = int(msg.max_lost)
+    # The ``optional`` fields the stream set are the tracker's options of the same names (a synthetic oneof each).
+    values: dict[str, float | int] = {field.name: value for field, value in msg.ListFields()
+                                      if field.containing_oneof is not None}
     if msg.max_tracks > MAX_TRACKS:
         raise ValueError(f"tracking.max_tracks {msg.max_tracks} is over the server's limit: choose 1..{MAX_TRACKS} "
                          f"(or 0 for the default {DEFAULT_MAX_TRACKS})")

@@ -12,6 +12,7 @@ import io
 import warnings
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -50,6 +51,52 @@ def onnx_bytes(graph: nn.Module, example: torch.Tensor, count: int, dynamic: str
         torch.onnx.export(graph, (example,), buffer, input_names=[INPUT_NAME], output_names=names,
                           dynamic_axes=axes or None, opset_version=OPSET, dynamo=False, do_constant_folding=True)
     return buffer.getvalue()
+
+
+class Positional(nn.Module):
+    """A module whose forward gives a mapping, with a tuple in ``keys`` order as its outputs instead: ONNX outputs
+    are positional, so this is what gets exported.
+
+    Args:
+        module: the module to export.
+        keys: the outputs to keep, in order.
+        method: the method of ``module`` that maps an input to its outputs (``forward``, or ``by_index`` of a
+            ``TruncatedModel``).
+    """
+
+    def __init__(self, module: nn.Module, keys: Sequence, method: str = "forward") -> None:
+        super().__init__()
+        self.module = module
+        self.keys = list(keys)
+        self.method = method
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs = getattr(self.module, self.method)(x)
+        return tuple(outputs[key] for key in self.keys)
+
+
+class OnnxPlan:
+    """An ONNX Runtime session run as a torch forward: ``by_index`` takes the (N, 3, H, W) input tensor and gives
+    the session's outputs, in order, as tensors on ``device`` under ``keys`` (as ``TruncatedModel.by_index``).
+
+    Args:
+        sess: the session; its outputs are ``keys``, in that order.
+        keys: what each output is called (layer indices for the device backend, the extractor's names offline).
+        device: where the outputs go.
+    """
+
+    def __init__(self, sess: Any, keys: Sequence, device: torch.device) -> None:
+        self.session = sess
+        self.keys = tuple(keys)
+        self.device = device
+        self.input_name = sess.get_inputs()[0].name
+        self.output_names = [o.name for o in sess.get_outputs()]
+
+    def by_index(self, x: torch.Tensor) -> dict:
+        """Run the session on ``x`` in the model's dtype; its outputs on ``device``, by key."""
+        feed = np.ascontiguousarray(x.detach().cpu().numpy())
+        outputs = self.session.run(self.output_names, {self.input_name: feed})
+        return {key: torch.from_numpy(out).to(self.device) for key, out in zip(self.keys, outputs)}
 
 
 def available() -> bool:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from yolostream.v1.vocab import IMAGE_SUFFIXES
 
-from ..model.onnx_io import INPUT_NAME, onnx_bytes, session
+from ..model.onnx_io import OnnxPlan, Positional, onnx_bytes, session
 from .extractor import FeatureExtractor, ImageFeatures
 
 log = logging.getLogger(__name__)
@@ -131,28 +131,8 @@ def onnxruntime_forward(extractor: FeatureExtractor, device: torch.device) -> Ca
     example = torch.zeros((1, 3, side, side), dtype=weight.dtype, device=weight.device)
     with torch.inference_mode():
         keys = list(extractor(example))
-    positional = _Positional(extractor, keys).eval()
-    sess = session(onnx_bytes(positional, example, len(keys), "shape"), device)
-    names = [output.name for output in sess.get_outputs()]
-
-    def run(x: torch.Tensor) -> dict:
-        outputs = sess.run(names, {INPUT_NAME: np.ascontiguousarray(x.detach().cpu().numpy())})
-        return {key: torch.from_numpy(out) for key, out in zip(keys, outputs)}
-
-    return run
-
-
-class _Positional(torch.nn.Module):
-    """An extractor's outputs as a tuple in ``keys`` order (ONNX outputs are positional)."""
-
-    def __init__(self, extractor: FeatureExtractor, keys: Sequence) -> None:
-        super().__init__()
-        self.extractor = extractor
-        self.keys = list(keys)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        outputs = self.extractor(x)
-        return tuple(outputs[key] for key in self.keys)
+    sess = session(onnx_bytes(Positional(extractor, keys).eval(), example, len(keys), "shape"), device)
+    return OnnxPlan(sess, keys, torch.device("cpu")).by_index
 
 
 def run_extract(
