@@ -151,7 +151,7 @@ class DeviceRunner:
         reference_path = (self.device.type == "cpu" and not half and not self.channels_last and not self.staged
                           and backend == "torch")
         self._reference = None if reference_path else copy.deepcopy(model)
-        self.startup_check = ""
+        self._checked: CheckReport | None = None
         model.to(self.device, self.dtype)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -209,7 +209,8 @@ class DeviceRunner:
     def card(self) -> ModelCard:
         """The model as torch-free data, for front-ends, ModelInfo and the CLI (with the backend as resolved and
         what the start-up check measured)."""
-        return replace(self._card, backend=self.backend, startup_check=self.startup_check)
+        return replace(self._card, backend=self.backend,
+                       startup_check=self._checked.summary() if self._checked is not None else "")
 
     @property
     def default_catalogue(self) -> tuple[LayerInfo, ...]:
@@ -249,21 +250,23 @@ class DeviceRunner:
     def check_fast_path(self, layers: Iterable[str | int] | None = None,
                         imgsz: int | None = None) -> CheckReport:
         """Prove the served path against the reference path at start-up (``self_check``), then free the reference
-        weights. Raises ``FastPathMismatch`` (one line) on a mismatch or an error.
+        weights; once proven, the report stands (the weights it needs are gone, and the path does not change).
+        Raises ``FastPathMismatch`` (one line) on a mismatch or an error.
 
         Args:
             layers: the default layers to compare (always with the Detect head's inputs); default: the deepest
                 feature layer.
             imgsz: the input size whose served shapes are run (default: the runner's).
         """
+        if self._checked is not None:
+            return self._checked
         names = {row.index: row.aliases[0] if row.aliases else str(row.index) for row in self._card.catalogue}
         chosen = [(r.name, r.index) for r in self.resolve(layers)] if layers else []
         chosen += [(names[index], index) for index in (self._card.detect_inputs or (self._card.deepest_feature,))]
         unique = list({index: (name, index) for name, index in reversed(chosen)}.values())[::-1]
         report = check_served_path(self, self._reference, unique, self.served_shapes(imgsz), self.served_path())
-        self._reference = None
-        self.startup_check = report.summary()
-        log.info("start-up check: %s", self.startup_check)
+        self._reference, self._checked = None, report
+        log.info("start-up check: %s", report.summary())
         return report
 
     def resolve_backend(self) -> str:
