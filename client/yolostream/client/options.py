@@ -146,11 +146,10 @@ class TrackOptions:
         """The message; ``previous_epoch``: the last epoch seen, when a stream resumes (the server's is one more)."""
         msg = pb.TrackingOptions(enabled=True, max_tracks=int(self.max_tracks), return_vectors=self.return_vectors,
                                  previous_epoch=int(previous_epoch))
-        for name in ("high_score", "low_score", "new_track_score", "match_iou", "appearance_threshold",
-                     "appearance_weight", "max_lost", "vector_smoothing"):
-            value = getattr(self, name)
+        for field in msg.DESCRIPTOR.fields:  # the message's optional fields, which these None fields mirror
+            value = getattr(self, field.name) if field.containing_oneof is not None else None
             if value is not None:
-                setattr(msg, name, value)
+                setattr(msg, field.name, value)
         return msg
 
 
