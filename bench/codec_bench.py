@@ -126,13 +126,18 @@ def codecs() -> list[Codec]:
 
 def run_features(weights: Path, frames: int) -> tuple[list[dict[str, np.ndarray]], Any]:
     """float32 backbone, P3, P4, P5 of ``frames`` synthetic 480x640 frames, and the model's Detect head."""
-    loaded = load_model(weights)
+    return features_of(load_model(weights), frames)
+
+
+def features_of(loaded: Any, frames: int, imgsz: int = 640) -> tuple[list[dict[str, np.ndarray]], Any]:
+    """float32 backbone, P3, P4, P5 of ``loaded`` (a ``load_model`` result) on ``frames`` synthetic 480x640 frames
+    letterboxed to ``imgsz``, and the model's Detect head."""
     extractor = FeatureExtractor(loaded, ["backbone", "P3", "P4", "P5"])
     head = loaded.model.model[loaded.model.detect_index].eval().requires_grad_(False)
     out = []
     with torch.no_grad():
         for seed in range(frames):
-            chw, _ = prepare(synthetic_frame(480, 640, seed), 640, extractor.stride, "auto")
+            chw, _ = prepare(synthetic_frame(480, 640, seed), imgsz, extractor.stride, "auto")
             maps = extractor(extractor.to_input(chw[None]))
             out.append({name: t[0].to(torch.float32).numpy().copy() for name, t in maps.items()})
     return out, head

@@ -242,10 +242,14 @@ class ClientWindow:
         """Whether the driver has closed the window by ``now``: the client sends nothing more."""
         return now >= self.shared.closes_at.value
 
+    def inside(self, now: float) -> bool:
+        """Whether ``now`` falls inside the window as the driver has set it so far."""
+        return self.shared.opens_at.value <= now < self.shared.closes_at.value
+
     def answered(self) -> float:
         """Record an answer arriving now (counted when inside the window, which the driver waits on); its time."""
         now = time.perf_counter()
-        if self.shared.opens_at.value <= now < self.shared.closes_at.value:
+        if self.inside(now):
             self.shared.answers[self.slot] += 1
         return now
 
@@ -311,6 +315,11 @@ class Window:
     machine_busy_s: float | None = None
     timings_us: dict[str, float] = field(default_factory=dict)
     cpu_by_role_s: dict[str, float] = field(default_factory=dict)
+    #: the window's edges (``time.perf_counter()``)
+    start: float = 0.0
+    end: float = 0.0
+    #: integer counts a worker returned beyond the standard fields, summed over the clients
+    extra: dict[str, int] = field(default_factory=dict)
 
     @property
     def fps(self) -> float:
@@ -440,9 +449,14 @@ def summarise(outputs: Sequence[dict], window_start: float, window_end: float, c
     cpu_s = cpu[1] - cpu[0] if cpu[0] is not None and cpu[1] is not None else None
     means = {stage: float(np.concatenate(parts).mean()) for stage, parts in timings.items()
              if sum(p.size for p in parts)}
+    extra: dict[str, int] = {}
+    for out in outputs:
+        for key, value in out.items():
+            if isinstance(value, int) and not isinstance(value, bool) and key != "reply_bytes":
+                extra[key] = extra.get(key, 0) + value
     return Window(frames, window_end - window_start, np.concatenate(latencies) if latencies else np.zeros(0),
                   np.concatenate(batches) if batches else np.zeros(0), errors, reply, cpu_s, counts,
-                  timings_us=means)
+                  timings_us=means, start=window_start, end=window_end, extra=extra)
 
 
 @dataclass(frozen=True)

@@ -157,6 +157,23 @@ SAMEHOST_TARGET_COLUMNS = [
     ("goal", "goal", 0), ("measured", "measured", 0), ("ratio", "ratio", 2), ("limit", "limit", 0), ("met", "met", 0),
 ]
 
+LINK_COLUMNS = [
+    ("link", "link", 0), ("RTT ms", "rtt_ms", 1), ("layers", "layers", 0), ("sent as", "mode", 0),
+    ("frames/s", "fps", 1), ("p50 ms", "p50_ms", 0), ("p99 ms", "p99_ms", 0),
+    ("kB/frame down", "down_kb_per_frame", 1), ("kB/frame up", "up_kb_per_frame", 1),
+    ("bits/value", "bits_per_value", 2), ("link bound frames/s", "link_bound_fps", 1),
+    ("CPU bound frames/s", "cpu_bound_fps", 1), ("bound", "bound", 0), ("server CPU-ms/frame", "server_cpu_ms_per_frame", 0),
+    ("client CPU-ms/frame", "client_cpu_ms_per_frame", 1), ("dropped", "dropped", 0),
+    ("other load (cores)", "other_cpu_cores", 2),
+]
+
+LINK_TARGET_COLUMNS = [
+    ("goal", "goal", 0), ("measured", "measured", 0), ("float16, same link", "float16", 0), ("ratio", "ratio", 2),
+    ("limit", "limit", 0), ("met", "met", 0),
+]
+
+LINK_QUALITY_COLUMNS = [("measure", "measure", 0), ("value", "value", 0), ("target", "target", 0), ("met", "met", 0)]
+
 SECTIONS = {
     "engine": ("DeviceRunner alone, in-process", ENGINE_COLUMNS),
     "objects_nms": ("NMS alone, one 640x640 image's decoded output", OBJECTS_NMS_COLUMNS),
@@ -169,6 +186,9 @@ SECTIONS = {
                  SAMEHOST_COLUMNS),
     "samehost_camera": ("Same host: latency at camera rate, raw frames", SAMEHOST_CAMERA_COLUMNS),
     "samehost_targets": ("Same host: against the goals of issue 20", SAMEHOST_TARGET_COLUMNS),
+    "link": ("Thin links: one camera over a shaped link", LINK_COLUMNS),
+    "link_targets": ("Thin links: against the targets of issue 19", LINK_TARGET_COLUMNS),
+    "link_quality": ("Thin links: the 8-bit codes against float32", LINK_QUALITY_COLUMNS),
 }
 
 

@@ -1,6 +1,6 @@
 """``make bench``: the benchmark suite. Prints a markdown table per section and writes the numbers as JSON.
 
-    python bench/run.py [--quick | --gpu] [--out bench/results] [--only engine,e2e,camera,transport,objects,samehost]
+    python bench/run.py [--quick | --gpu] [--out bench/results] [--only engine,e2e,camera,transport,objects,samehost,link]
                         [--frontends N]
 
 ``--quick`` is the CPU preset (yolov5n at 320, a documented subset of the end-to-end matrix, under 4 minutes on
@@ -21,12 +21,13 @@ from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from link_bench import LINKS, MODES  # noqa: E402  (light: no torch)
 from server_proc import ensure_importable  # noqa: E402  (light: no torch)
 from transport_bench import TransportCase  # noqa: E402
 
 ensure_importable()
 
-SECTION_NAMES = ("engine", "e2e", "camera", "transport", "objects", "samehost")
+SECTION_NAMES = ("engine", "e2e", "camera", "transport", "objects", "samehost", "link")
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,19 @@ class Preset:
     samehost_camera_layers: str = "P3,P4,P5"
     samehost_camera_hw: tuple[int, int] = (1080, 1920)
     samehost_camera_rate: float = 30.0
+    #: Thin links (``link_bench.py``): one ``link_rate`` JPEG camera to ``link_cfg`` at ``link_imgsz`` behind each of
+    #: ``links`` (and unshaped), for each of ``link_layers`` × ``link_modes`` ((dtype, compression) pairs); the codes'
+    #: quality on ``link_quality_frames`` frames in-process.
+    link_cfg: str = "yolov5s"
+    link_imgsz: int = 640
+    links: tuple = ()
+    link_layers: tuple[str, ...] = ("backbone", "P3,P4,P5")
+    link_modes: tuple[tuple[str, str | None], ...] = ()
+    link_rate: float = 30.0
+    link_warm_s: float = 3.0
+    link_duration_s: float = 6.0
+    link_min_frames: int = 3
+    link_quality_frames: int = 4
 
 
 #: Reply sizes for the transport section: 256x20x20 float32 = 409,600 B, and 4 * (128*80*80 + 256*40*40 + 512*20*20)
@@ -109,6 +123,7 @@ QUICK = Preset(
     # not be kept up beside the client and the front-end on 2 shared cores: latency would be queueing, not transport
     samehost_cases=TRANSPORT_CASES, samehost_warm_s=0.5, samehost_duration_s=2.0, samehost_rounds=3,
     samehost_camera_rate=15.0,
+    links=LINKS, link_modes=MODES,
 )
 
 GPU = Preset(
@@ -126,6 +141,7 @@ GPU = Preset(
            "no priming pass: the server's warm-up tunes cuDNN for the bench's 480x640 frames at every batch bucket, "
            "and other shapes never tune mid-run"),
     samehost_cases=TRANSPORT_CASES, samehost_rounds=3,
+    links=LINKS, link_modes=MODES,
 )
 
 PRESETS = {"quick": QUICK, "gpu": GPU}
@@ -282,6 +298,18 @@ def run_suite(preset: Preset, sections: Sequence[str], out_dir: Path | None,
         _emit(results, "samehost_camera", camera)
         _emit(results, "samehost_targets", targets(rows, camera, preset.samehost_cases,
                                                    results["sections"].get("transport", ())))
+    if "link" in sections:
+        from link_bench import link_quality, run_link, targets as link_targets
+
+        _log(f"thin links: one {preset.link_rate:.0f} fps camera, {preset.link_cfg} at {preset.link_imgsz}")
+        rows = run_link(preset.link_cfg, preset.link_imgsz, links=preset.links, layer_sets=preset.link_layers,
+                        modes=preset.link_modes, rate=preset.link_rate, warm_s=preset.link_warm_s,
+                        duration_s=preset.link_duration_s, min_frames=preset.link_min_frames, device=preset.device,
+                        half=preset.half, progress=_log)
+        _emit(results, "link", rows)
+        _emit(results, "link_targets", link_targets(rows, preset.link_rate))
+        _log("thin links: the codes against float32, in-process")
+        _emit(results, "link_quality", link_quality(preset.link_cfg, preset.link_imgsz, preset.link_quality_frames))
     results["machine"]["elapsed_s"] = time.perf_counter() - started
     results["machine"]["loadavg_end"] = list(__import__("os").getloadavg())
     print(report.machine_line(results["machine"]))

@@ -22,6 +22,8 @@ sys.path.insert(0, str(BENCH))
 import e2e_bench  # noqa: E402
 import report  # noqa: E402
 import run  # noqa: E402
+from link_bench import Link  # noqa: E402
+from shaped_link import CHUNK, DOWN, UP, ShapedLink  # noqa: E402
 from transport_bench import TransportCase  # noqa: E402
 
 TINY = dataclasses.replace(
@@ -34,6 +36,9 @@ TINY = dataclasses.replace(
     objects_imgsz=64, objects_repeats=1, min_frames=2,
     samehost_cases=(TransportCase("tiny", "yolov5n", ("backbone",), imgsz=64),), samehost_inputs=("strip",),
     samehost_in_flight=2, samehost_warm_s=0.2, samehost_duration_s=0.3, samehost_rounds=1, samehost_camera_hw=(96, 128),
+    link_cfg="yolov5n", link_imgsz=64, links=(Link("8 Mbit/s", 8.0, 2.0),), link_layers=("P3,P4,P5",),
+    link_modes=(("float32", None), ("uint8", "zstd")), link_warm_s=0.2, link_duration_s=0.4, link_min_frames=2,
+    link_quality_frames=1,
 )
 
 
@@ -127,7 +132,8 @@ def test_results_file_and_tables(results, capsys):
     assert path.name.startswith(stored["machine"]["hostname"]) and path.suffix == ".json"
     objects = {"objects_nms", "objects_overhead"}  # backends: derived from engine and e2e
     samehost = {"samehost_camera", "samehost_targets"}
-    assert set(stored["sections"]) == {*run.SECTION_NAMES, "backends"} - {"objects"} | objects | samehost
+    link = {"link_targets", "link_quality"}
+    assert set(stored["sections"]) == {*run.SECTION_NAMES, "backends"} - {"objects"} | objects | samehost | link
     assert stored["machine"]["preset"] == "smoke" and stored["machine"]["cpu_model"]
     table = report.section_markdown("e2e", stored["sections"]["e2e"])
     assert table.count("\n|") == 2 + len(stored["sections"]["e2e"])
@@ -155,6 +161,75 @@ def test_samehost_moves_the_same_replies_through_shared_memory_a_unix_socket_and
     assert goals[3]["ratio"] == pytest.approx(camera[0]["p50_vs_engine"])
     meets = {"≤ 1": lambda x: x <= 1.0, "≥ 5": lambda x: x >= 5.0, "≤ 1.3": lambda x: x <= 1.3}
     assert all(g["met"] == meets[g["limit"]](g["ratio"]) for g in goals)
+
+
+def test_link_rows_cover_every_link_and_mode_and_count_the_bytes_that_crossed(results):
+    rows = results["sections"]["link"]
+    assert [(r["link"], r["mode"]) for r in rows] == [(link, mode) for link in ("none", "8 Mbit/s")
+                                                      for mode in ("float32", "uint8+zstd")]
+    values = 64 * 8 * 8 + 128 * 4 * 4 + 256 * 2 * 2  # yolov5n's P3-P5 for a 64x64 input
+    for r in rows:
+        assert r["frames"] > 0 and r["errors"] == 0 and r["values_per_frame"] == values
+        assert r["bits_per_value"] == pytest.approx(8 * r["down_bytes_per_frame"] / values)
+        assert r["p50_ms"] <= r["p99_ms"] and r["bound"] in ("camera", "link", "CPU", "neither (load)")
+        assert r["cpu_bound_fps"] == next(u["fps"] for u in rows if u["link"] == "none" and u["mode"] == r["mode"])
+    plain, coded = rows[0], rows[1]
+    # float32 replies carry 32 bits per value plus framing; the codes at most 8 plus their scales and framing
+    assert plain["bits_per_value"] > 32 and coded["bits_per_value"] < plain["bits_per_value"] / 2
+    shaped = rows[2]
+    assert shaped["link_bound_fps"] == pytest.approx(
+        8e6 / (8 * max(shaped["down_bytes_per_frame"], shaped["up_bytes_per_frame"])))
+    assert [q["met"] for q in results["sections"]["link_quality"] if "bound on" in q["measure"]] == ["yes"] * 4
+
+
+def test_link_targets_read_the_rows():
+    def row(link, layers, mode, fps, bound, cpu=10.0):
+        return {"link": link, "layers": layers, "mode": mode, "fps": fps, "link_bound_fps": bound,
+                "down_bytes_per_frame": 1000.0, "bound": "x", "server_cpu_ms_per_frame": cpu}
+
+    from link_bench import targets
+    rows = [row("none", "P3,P4,P5", "float16", 5.0, None, 100.0), row("none", "P3,P4,P5", "uint8+zstd", 5.0, None, 104.0),
+            row("100 Mbit/s", "P3,P4,P5", "float16", 5.0, 6.0), row("100 Mbit/s", "P3,P4,P5", "uint8+zstd", 5.0, 16.0),
+            row("20 Mbit/s", "backbone", "uint8+zstd", 21.0, 25.0)]
+    goals = {g["goal"].split(":")[0]: g for g in targets(rows)}
+    assert goals["P3,P4,P5 at 100 Mbit/s, uint8+zstd"]["met"] == "on the link's bound (CPU-bound here)"
+    assert goals["backbone at 20 Mbit/s, uint8+zstd"]["met"] == "yes"
+    cost = goals["server CPU per frame, P3,P4,P5"]
+    assert cost["ratio"] == pytest.approx(1.04) and cost["met"] == "yes"
+
+
+def test_shaped_link_never_delivers_faster_than_its_rate():
+    """Bytes cannot arrive before their time on the line: 256 KB at 8 Mbit/s take at least 0.25 s, however fast
+    the machine (a slower one only takes longer), and the counts match what was sent."""
+    import socket
+    import threading
+
+    sink = socket.create_server(("127.0.0.1", 0))
+    got = []
+
+    def drain():
+        conn, _ = sink.accept()
+        with conn:
+            while data := conn.recv(65536):
+                got.append(len(data))
+
+    thread = threading.Thread(target=drain, daemon=True)
+    thread.start()
+    link = ShapedLink(sink.getsockname(), 8.0, one_way_ms=1.0).start()
+    try:
+        payload = b"\0" * (256 * 1024)
+        with socket.create_connection(("127.0.0.1", link.port)) as conn:
+            started = time.perf_counter()
+            conn.sendall(payload)
+        thread.join(30)
+        finished = time.perf_counter()
+        assert sum(got) == len(payload)
+        assert link.bytes_between(UP, started, finished) == len(payload) and link.bytes_between(DOWN, 0, finished) == 0
+        last = link.lines[UP].times[-1]
+        assert last - started >= (len(payload) - CHUNK) * 8 / 8e6
+    finally:
+        link.stop()
+        sink.close()
 
 
 def test_objects_rows_time_nms_and_each_mode_against_the_layers_alone(results):

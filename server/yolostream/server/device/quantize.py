@@ -8,8 +8,10 @@ scales and offsets are equal bit for bit on CPU and CUDA:
 - ``min``/``max`` are exact; ``-``, ``/`` and ``round`` (half to even) are single IEEE float32 operations on both
   sides. The divisors are tensors on the data's device: CUDA divides by a CPU scalar as a multiplication by its
   reciprocal, which can differ in the last bit.
-- ``fmax``/``fmin`` clamp to [0, 255] and send a NaN to 0, so even codes of channels that cannot be coded are
-  defined (they are not sent: see ``ok``).
+- a NaN becomes 0 and the steps are clamped to [0, 255] (the reference's ``fmax``/``fmin``, which give the same
+  values), so even codes of channels that cannot be coded are defined (they are not sent: see ``ok``).
+  ``nan_to_num_`` and ``clamp_`` with Python scalars are vectorised; ``fmax``/``fmin`` against a 0-d tensor are
+  not (on CPU they took 3.9 of the 5.8 ms that yolov5s's P3-P5 at 480x640 cost on one thread).
 
 A frame whose tensor holds a NaN, an infinity or a magnitude above 2**126 has ``ok`` False: the server fails that
 frame (the proto says so). ``affine_records`` packs a batch into the per-frame records the front-ends read
@@ -62,8 +64,7 @@ def _quantize(x: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, tor
     steps = torch.sub(x, lo)
     steps.div_(divisor)
     steps.round_()
-    torch.fmax(steps, zero, out=steps)
-    torch.fmin(steps, top, out=steps)
+    steps.nan_to_num_(nan=0.0).clamp_(0.0, float(AFFINE_MAX_CODE))
     codes = steps.to(torch.uint8)
     return codes, torch.where(ok, scale, zero), torch.where(ok, lo, zero), ok
 
