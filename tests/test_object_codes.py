@@ -129,8 +129,8 @@ def test_coded_object_vectors_decode_within_half_a_step_of_float32(fixture_serve
         if normalize:
             np.testing.assert_allclose(np.linalg.norm(coded.object_features, axis=1), 1.0, atol=2e-2)
     assert rows >= 6, "too few boxes to test the per-column codes"
-    print(f"{mode} {source} normalize={normalize}: {rows} vectors, worst cosine {worst_cosine:.6f}, "
-          f"worst |error|/scale {worst_ratio:.6f}")
+    print(f"{mode} {source} normalize={normalize}: {rows} vectors, worst cosine {worst_cosine:.8f}, "
+          f"worst |error|/scale {worst_ratio:.8f}")
     assert worst_cosine >= MIN_COSINE
 
 
@@ -211,6 +211,31 @@ def test_a_save_keeps_object_codes_and_loads_them_as_float32(small_server, tmp_p
         f.truncate(offsets.stat().st_size - 4)
     cut = load_features(tmp_path / "save")
     assert len(cut.frames) == 2 and np.array_equal(np.asarray(cut.objects["features"]), want[:3])
+
+
+def test_the_command_line_saves_object_codes(small_server, tmp_path, capsys):
+    import cv2
+
+    from yolostream.server import cli
+
+    small = [f[:64, :80] for f in FRAMES[:2]]
+    boxes = [_client_boxes(image, 2 + k, k) for k, image in enumerate(small)]
+    for k, image in enumerate(small):
+        cv2.imwrite(str(tmp_path / f"f{k}.png"), image)
+    lines = [f"{k},{','.join(str(float(v)) for v in box)}" for k, frame in enumerate(boxes) for box in frame]
+    (tmp_path / "boxes.csv").write_text("\n".join(lines) + "\n")
+    save = tmp_path / "features"
+    code = cli.main(["stream", str(tmp_path / "*.png"), "--server", small_server.address, "--layers", "P3", "--pool",
+                     "avg", "--encoding", "png", "--boxes", str(tmp_path / "boxes.csv"), "--object-dtype", "uint8",
+                     "--save", str(save), "-q"])
+    assert code == 0, capsys.readouterr().err
+    saved = load_features(save)
+    assert saved.meta["options"]["object_dtype"] == "uint8" and isinstance(saved.objects["features"], CodedRows)
+    with FeatureClient(small_server.address, timeout=60) as client:
+        want = [r.object_features for r in client.stream([(f, None, b) for f, b in zip(small, boxes)], layers="P3",
+                                                         pooling="avg", encoding="png",
+                                                         objects=ObjectFeatureOptions(dtype="uint8"))]
+    assert np.array_equal(np.asarray(saved.objects["features"]), np.concatenate(want))
 
 
 def test_the_writer_refuses_coded_and_float_object_vectors_in_one_save(small_server, tmp_path):
