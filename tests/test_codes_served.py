@@ -18,7 +18,7 @@ import torch
 from yolostream.client import CodedRows, FeatureClient, FeatureWriter, load_features
 from yolostream.client.options import stream_compression
 from yolostream.server import cli
-from yolostream.server.ipc import affine
+from yolostream.server.common import affine
 from yolostream.v1 import feature_service_pb2 as pb
 from yolostream.v1 import wire
 

@@ -356,12 +356,12 @@ def test_device_shapes_are_checked():
         quantize.quantize_objects(torch.zeros(3, 4, 5))
 
 
-# The per-frame records the device hands the front-end (ipc/affine.py).
+# The per-frame records the device hands the front-end (common/affine.py).
 
 
 @pytest.mark.parametrize("layout", ["maps", "channels_last", "pooled"])
 def test_records_unpack_to_the_reference_codes_and_mark_uncodable_frames(layout):
-    from yolostream.server.ipc import affine
+    from yolostream.server.common import affine
 
     x = _hard_maps() if layout != "pooled" else (RNG.standard_normal((4, 33)) * 7).astype(np.float32)
     if layout == "pooled":

@@ -209,6 +209,9 @@ def register_stream(p: argparse.ArgumentParser) -> None:
     d.add_argument("--object-features", choices=("anchor", "roi", "none"),
                    help="one vector per box: anchor (the detection's anchor cell; default), roi (RoIAlign) or none")
     d.add_argument("--object-layers", metavar="L1,L2", help="layers object vectors are read from (default P3,P4,P5)")
+    d.add_argument("--object-dtype", choices=DTYPES,
+                   help="object vector type on the wire (default float32); uint8: 8-bit codes with a scale and offset "
+                        "per column, decoded to float32 (--save keeps the codes)")
     d.add_argument("--boxes", metavar="FILE", help="your own boxes, which get vectors instead of detection: CSV "
                                                     "lines 'frame,x1,y1,x2,y2[,id]' (frame = 0-based index in "
                                                     "SOURCE, pixels of the frame)")
@@ -279,10 +282,12 @@ def _objects(args: argparse.Namespace) -> tuple[DetectOptions | None, ObjectFeat
     if args.track and not (args.detect or args.boxes):
         raise ValueError("--track follows boxes: add --detect or --boxes FILE")
     objects = None
-    if args.object_features or args.object_layers:
+    if args.object_features or args.object_layers or args.object_dtype:
         if not (args.detect or args.boxes):
-            raise ValueError("--object-features and --object-layers apply to boxes: add --detect or --boxes FILE")
-        objects = ObjectFeatureOptions(mode=args.object_features or "anchor", layers=args.object_layers)
+            raise ValueError("--object-features, --object-layers and --object-dtype apply to boxes: add --detect or "
+                             "--boxes FILE")
+        objects = ObjectFeatureOptions(mode=args.object_features or "anchor", layers=args.object_layers,
+                                       dtype=args.object_dtype)
     return detect, objects
 
 
@@ -339,7 +344,8 @@ def _save_info(args: argparse.Namespace, info: ModelInfo, source_description: st
                         "conf": args.conf, "iou": args.iou,
                         "classes": args.classes, "agnostic": args.agnostic, "multi_label": args.multi_label,
                         "max_det": args.max_det, "object_features": args.object_features,
-                        "object_layers": args.object_layers, "boxes": args.boxes, "track": args.track},
+                        "object_layers": args.object_layers, "object_dtype": args.object_dtype, "boxes": args.boxes,
+                        "track": args.track},
             "class_names": list(info.class_names)}
 
 

@@ -65,8 +65,10 @@ class ObjectFeatureOptions:
     """How one vector per box is made; None means the server's default.
 
     ``mode`` (``anchor``, ``roi`` or ``none``), ``layers`` (list or comma string; default the Detect inputs
-    P3, P4, P5), ``normalize`` (unit-norm rows, each layer an equal share), ``dtype`` (float32, float16 or
-    bfloat16), ``roi_size`` (roi mode: k×k samples, default 7), ``flatten`` (roi mode: keep all k×k samples).
+    P3, P4, P5), ``normalize`` (unit-norm rows, each layer an equal share), ``dtype`` (float32, float16,
+    bfloat16 or uint8: 8-bit codes with a scale and offset per column, decoded to float32 in
+    ``result.object_features``, raw in ``result.codes["object_features"]``), ``roi_size`` (roi mode: k×k samples,
+    default 7), ``flatten`` (roi mode: keep all k×k samples).
     """
 
     mode: str = "anchor"

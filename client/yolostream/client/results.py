@@ -173,11 +173,14 @@ class FeatureResult:
     ``retries`` is how many times the frame was sent again because the replica it was on failed before answering
     (0 normally); ``latency`` then runs from its first send.
     ``detections`` holds the frame's boxes when the stream detects or the frame carried boxes (else None), and
-    ``object_features`` their (N, D) vectors, one row per box (None when not asked for).
+    ``object_features`` their (N, D) vectors, one row per box (None when not asked for); float32 when they came as
+    8-bit codes.
     ``codes`` maps each layer sent as 8-bit codes (``dtype="uint8"``) to its ``yolostream.v1.wire.AffineCodes``: the
     uint8 ``codes`` as sent (read-only), the float32 ``scales`` and ``offsets`` (one per channel: C for a (C, H, W)
-    map, 1 for a pooled vector) and the channel ``axis`` (0, or None for one channel); ``features`` holds the same
-    layer decoded to float32 (``codes[name].dequantize()``). Empty for other dtypes.
+    map, 1 for a pooled vector, D for object vectors) and the channel ``axis`` (0, 1 for object vectors, or None for
+    one channel); ``features`` holds the same layer decoded to float32 (``codes[name].dequantize()``). Object vectors
+    sent as codes (``ObjectFeatureOptions(dtype="uint8")``) are under ``"object_features"``
+    (``yolostream.v1.wire.OBJECT_FEATURES_NAME``), decoded in ``object_features``. Empty for other dtypes.
     ``track_epoch`` is the server's tracker state on a tracked stream (0 when not tracked): it changes when that
     state restarts (the stream resumed on another replica), and ids of two epochs are unrelated. ``track_vectors``
     (N, D) float32 each box's track vector, with ``TrackOptions(return_vectors=True)``.
@@ -206,7 +209,8 @@ class FeatureResult:
         return self.status == "ok"
 
 
-def _detections(msg: pb.FrameResult, class_names: Sequence[str]) -> tuple[Detections | None, np.ndarray | None]:
+def _detections(msg: pb.FrameResult, class_names: Sequence[str]) -> tuple[Detections | None, wire.Objects | None]:
+    """The frame's boxes as ``Detections`` and the wire's reading of its box fields (vectors and their codes)."""
     if msg.box_source == pb.BOX_SOURCE_UNSPECIFIED:
         return None, None
     found = wire.objects_from_proto(msg)
@@ -217,7 +221,7 @@ def _detections(msg: pb.FrameResult, class_names: Sequence[str]) -> tuple[Detect
     tracked = msg.track_epoch > 0
     return Detections(found.boxes, found.scores, found.classes, names, found.box_ids, source, found.slices,
                       found.anchors, np.asarray(msg.track_ids, np.uint64) if tracked else None,
-                      np.asarray(msg.track_new, bool) if tracked else None), found.features
+                      np.asarray(msg.track_new, bool) if tracked else None), found
 
 
 def result_from_proto(msg: pb.FrameResult, latency: float | None, image: np.ndarray | None,
@@ -234,7 +238,9 @@ def result_from_proto(msg: pb.FrameResult, latency: float | None, image: np.ndar
             else:
                 features[t.name] = wire.tensor_from_proto(t)
     ok = msg.status == pb.FRAME_STATUS_OK
-    detections, vectors = _detections(msg, class_names) if ok else (None, None)
+    detections, found = _detections(msg, class_names) if ok else (None, None)
+    if found is not None and found.codes is not None:
+        codes[wire.OBJECT_FEATURES_NAME] = found.codes
     return FeatureResult(
         frame_id=msg.frame_id,
         timestamp=msg.capture_timestamp_us / 1e6,
@@ -248,7 +254,7 @@ def result_from_proto(msg: pb.FrameResult, latency: float | None, image: np.ndar
         latency=latency,
         image=image,
         detections=detections,
-        object_features=vectors,
+        object_features=found.features if found is not None else None,
         codes=codes,
         track_epoch=msg.track_epoch if ok else 0,
         track_vectors=wire.tensor_from_proto(msg.track_features) if ok and msg.HasField("track_features") else None,

@@ -1,7 +1,7 @@
 """``--save DIR``: features written to disk as they arrive, readable lazily with plain numpy.
 
-Format of a save directory (version 1; version 2 when a layer holds 8-bit codes, so that a reader that predates
-them refuses the save instead of handing out codes as if they were features):
+Format of a save directory (version 1; version 2 when a layer or the object vectors hold 8-bit codes, so that a
+reader that predates them refuses the save instead of handing out codes as if they were features):
 
 ``meta.json``
     ``{"format": "yolostream-features", "version": 1 or 2, "complete": bool, "frames": N, "rows": R,
@@ -26,7 +26,11 @@ them refuses the save instead of handing out codes as if they were features):
     boxes); ``classes`` (B,) int32 (-1 for client boxes); ``anchor_cells`` (B, 4) int32, the anchor that made
     each detection as (Detect level, grid row, grid column, anchor index), all -1 for client boxes (and for
     detections of a server that does not send anchors); ``box_ids`` (B,) uint64 (the client's ids;
-    ``NO_BOX_ID`` = 2**64-1 where none was sent); ``features`` (B, D) object vectors, when asked for; and
+    ``NO_BOX_ID`` = 2**64-1 where none was sent); ``features`` (B, D) object vectors, when asked for (vectors
+    streamed as 8-bit codes keep them, as layers do: uint8 codes, and the column's ``affine`` entry in
+    ``meta.json`` names ``objects.features.scales.npy`` and ``objects.features.offsets.npy``, float32 (F, D) with
+    one row per frame that has box rows, the scale and offset of each column of that frame's vectors, in frame
+    order; :func:`load_features` gives the column as float32); and
     ``frame`` (B,) int64, the index in ``frames.jsonl`` of the frame each box belongs to; on a tracked stream
     (``--track``) ``track_id`` (B,) uint64, each box's track id (0: no track), and each frame record also says its
     ``track_epoch`` (ids of two epochs are unrelated). Each frame record
@@ -130,6 +134,8 @@ class FeatureWriter:
         self.layers: dict[str, dict[str, _LayerFile]] = {}
         self.layer_meta: dict[str, dict[str, Any]] = {}
         self.objects: dict[str, _LayerFile] = {}
+        #: for object vectors streamed as 8-bit codes: "scales" and "offsets", one row per frame with box rows
+        self.object_params: dict[str, _LayerFile] = {}
         self.object_meta: dict[str, Any] = {}
         self.boxes = 0
         self.frames = 0
@@ -139,7 +145,7 @@ class FeatureWriter:
         self._write_meta(complete=False)
 
     def _write_meta(self, complete: bool) -> None:
-        coded = any("affine" in layer for layer in self.layer_meta.values())
+        coded = any("affine" in layer for layer in self.layer_meta.values()) or bool(self.object_params)
         meta = {**self.info, "format": FORMAT, "version": VERSION_CODES if coded else VERSION, "complete": complete,
                 "frames": self.frames, "rows": self.rows, "layers": self.layer_meta}
         if self.object_meta:
@@ -186,7 +192,7 @@ class FeatureWriter:
         row = objects = None
         if result.ok:
             targets = [target for name, array in result.features.items() for target in self._layer(name, array, result)]
-            columns = self._object_columns(result) if result.detections is not None else None
+            columns, params = self._object_columns(result) if result.detections is not None else (None, {})
             for layer, array in targets:
                 layer.append(array)
             row, self.rows = self.rows, self.rows + 1
@@ -194,6 +200,8 @@ class FeatureWriter:
                 n = len(result.detections)
                 for name, values in columns.items():
                     self.objects[name].append(values, rows=n)
+                for name, values in params.items():
+                    self.object_params[name].append(values)
                 objects, self.boxes = [self.boxes, self.boxes + n], self.boxes + n
         record = {"frame_id": result.frame_id, "timestamp": result.timestamp, "status": result.status,
                   "error": result.error, "row": row, "batch_size": result.batch_size, "latency_s": result.latency,
@@ -208,8 +216,9 @@ class FeatureWriter:
         if self.frames % FLUSH_EVERY == 0:  # a killed client loses at most FLUSH_EVERY frame records
             self._frames_file.flush()
 
-    def _object_columns(self, result: FeatureResult) -> dict[str, np.ndarray]:
-        """The per-box rows of one result, checked against (or opening) the object files."""
+    def _object_columns(self, result: FeatureResult) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """The per-box rows of one result, checked against (or opening) the object files, and for vectors streamed
+        as 8-bit codes the frame's row of their scales and of their offsets (else no such row)."""
         found = result.detections
         n = len(found)
         columns = {
@@ -223,8 +232,10 @@ class FeatureWriter:
         }
         if found.track_ids is not None:
             columns["track_id"] = found.track_ids
+        coded = result.codes.get(wire.OBJECT_FEATURES_NAME)
+        params = {} if coded is None else {"scales": coded.scales, "offsets": coded.offsets}
         if result.object_features is not None:
-            columns["features"] = result.object_features
+            columns["features"] = result.object_features if coded is None else coded.codes
         dtypes = {"boxes": np.float32, "scores": np.float32, "classes": np.int32, "anchor_cells": np.int32,
                   "box_ids": np.uint64, "track_id": np.uint64, "frame": np.int64}
         columns = {k: np.asarray(v, dtype=dtypes.get(k, np.asarray(v).dtype)) for k, v in columns.items()}
@@ -235,23 +246,31 @@ class FeatureWriter:
                 self.objects[name] = _LayerFile(self.dir / file, array.dtype, tuple(array.shape[1:]))
                 self.object_meta.setdefault("columns", {})[name] = {"file": file, "dtype": str(array.dtype),
                                                                     "shape": list(array.shape[1:])}
+            for part, values in params.items():
+                file = f"objects.features.{part}.npy"
+                self.object_params[part] = _LayerFile(self.dir / file, values.dtype, tuple(values.shape))
+                self.object_meta["columns"]["features"].setdefault("affine", {})[part] = file
             self.object_meta["slices"] = {k: list(v) for k, v in found.slices.items()}
             self._write_meta(complete=False)
         if set(columns) != set(self.objects):
             raise ValueError(f"frame {result.frame_id}: object columns {sorted(columns)} differ from this save's "
                              f"{sorted(self.objects)}")
+        if bool(params) != bool(self.object_params):
+            raise ValueError(f"frame {result.frame_id}: object features came {'as' if params else 'without'} 8-bit "
+                             f"codes, but this save holds them {'without' if params else 'as'} codes")
         for name, array in columns.items():
             if tuple(array.shape[1:]) != self.objects[name].row_shape:
                 raise ValueError(f"frame {result.frame_id}: object {name} rows of shape {tuple(array.shape[1:])}, "
                                  f"but this save holds {self.objects[name].row_shape}")
-        return columns
+        return columns, params
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._frames_file.close()  # frame records first: a layer header never counts rows they do not describe
-        for layer in [*(lf for group in self.layers.values() for lf in group.values()), *self.objects.values()]:
+        for layer in [*(lf for group in self.layers.values() for lf in group.values()), *self.objects.values(),
+                      *self.object_params.values()]:
             layer.close()
         self._write_meta(complete=True)
 
@@ -271,11 +290,17 @@ class CodedRows:
     (float32), ``ndim`` and ``len()`` are those of the decoded array. The codes stay on disk, memory-mapped:
     ``codes`` (rows, *shape) uint8, ``scales`` and ``offsets`` (rows, P) float32, and ``row(i)`` gives row ``i`` as a
     ``yolostream.v1.wire.AffineCodes``.
+
+    Object vectors saved as codes (``saved.objects["features"]``) are rows of boxes, and a frame's boxes share one
+    row of parameters (one scale and offset per column, as the frame's (N, D) tensor was coded): ``groups`` (rows,)
+    then gives each box's row of ``scales`` and ``offsets``, and ``row(i)`` is box ``i``'s (D,) codes with one
+    channel per element (axis 0). ``groups`` is None for layers, whose every row has its own parameters.
     """
 
     codes: np.ndarray
     scales: np.ndarray
     offsets: np.ndarray
+    groups: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -294,10 +319,17 @@ class CodedRows:
 
     def head(self, rows: int) -> "CodedRows":
         """The first ``rows`` rows, still coded."""
+        if self.groups is not None:
+            return CodedRows(self.codes[:rows], self.scales, self.offsets, self.groups[:rows])
         return CodedRows(self.codes[:rows], self.scales[:rows], self.offsets[:rows])
 
     def row(self, i: int) -> wire.AffineCodes:
-        """Row ``i``'s codes and parameters, as the stream delivered them (``result.codes[name]``)."""
+        """Row ``i``'s codes and parameters, as the stream delivered them (``result.codes[name]``; for object vectors
+        box ``i``'s row of its frame's codes, with its frame's per-column parameters)."""
+        if self.groups is not None:
+            g = int(self.groups[i])
+            return wire.AffineCodes(np.asarray(self.codes[i]), np.asarray(self.scales[g]), np.asarray(self.offsets[g]),
+                                    0)
         return wire.AffineCodes(np.asarray(self.codes[i]), np.asarray(self.scales[i]), np.asarray(self.offsets[i]),
                                 wire.affine_channel_axis(self.codes.ndim - 1))
 
@@ -310,8 +342,15 @@ class CodedRows:
             return values[rest] if rest else values
         picked = np.arange(len(self))[first]
         values = np.empty((len(picked), *self.shape[1:]), np.float32)
-        for k, i in enumerate(picked):
-            values[k] = self.row(int(i)).dequantize()
+        if self.groups is None:
+            for k, i in enumerate(picked):
+                values[k] = self.row(int(i)).dequantize()
+        else:  # a frame's boxes at once: one lookup table per frame, not per box
+            groups = np.asarray(self.groups)[picked]
+            for g in np.unique(groups):
+                mask = groups == g
+                values[mask] = wire.dequantize_affine(np.asarray(self.codes[picked[mask]]), self.scales[g],
+                                                      self.offsets[g], 1)
         return values[(slice(None), *rest)]
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
@@ -326,7 +365,8 @@ class SavedFeatures(Mapping[str, "np.ndarray | CodedRows"]):
 
     Row ``i`` of every array belongs to the frame whose metadata has ``row == i``; ``frames`` lists every frame's
     metadata in order. ``objects`` maps each per-box column (``boxes``, ``scores``, ``classes``,
-    ``anchor_cells``, ``box_ids``, ``features``, ``frame``; see the module docstring) to its memory-mapped array, empty when the stream had no
+    ``anchor_cells``, ``box_ids``, ``features``, ``frame``; see the module docstring) to its memory-mapped array (a
+    :class:`CodedRows`, read as float32, for ``features`` streamed as 8-bit codes), empty when the stream had no
     boxes; ``objects["frame"][k]`` is the index in ``frames`` of box ``k``'s frame. Being a real Mapping, ``"P3" in saved``, ``len(saved)``, ``saved.items()`` and
     ``dict(saved)`` work as they do on the ``features`` dict it wraps; equality stays identity, as comparing
     arrays element-wise has no single truth value.
@@ -336,7 +376,7 @@ class SavedFeatures(Mapping[str, "np.ndarray | CodedRows"]):
     meta: dict[str, Any]
     frames: list[dict[str, Any]]
     features: dict[str, np.ndarray | CodedRows]
-    objects: dict[str, np.ndarray] = field(default_factory=dict)
+    objects: dict[str, np.ndarray | CodedRows] = field(default_factory=dict)
 
     def __getitem__(self, layer: str) -> np.ndarray | CodedRows:
         return self.features[layer]
@@ -415,16 +455,34 @@ def load_features(path: str | Path) -> SavedFeatures:
     columns = meta.get("objects", {}).get("columns", {})
     boxes = max((f["objects"][1] for f in frames if f.get("objects")), default=0)
     objects = {name: _open_rows(directory / column["file"], boxes) for name, column in columns.items()}
+    coded = columns.get("features", {}).get("affine", {})
+    with_boxes = sum(1 for f in frames if f.get("objects"))
+    params = {part: _open_rows(directory / file, with_boxes) for part, file in coded.items()}
     if not meta.get("complete"):
-        # cut short: keep the frames whose rows reached every layer file and whose boxes reached every object
-        # file, and only those rows
+        # cut short: keep the frames whose rows reached every layer file, whose boxes reached every object file and
+        # whose row of object codes' parameters (when there are some) reached theirs, and only those rows
         whole = min((len(a) for a in features.values()), default=rows)
         whole_boxes = min((len(a) for a in objects.values()), default=boxes)
-        cut = next((i for i, f in enumerate(frames)
-                    if (f["row"] is not None and f["row"] >= whole)
-                    or (f.get("objects") and f["objects"][1] > whole_boxes)), len(frames))
+        whole_params = min((len(a) for a in params.values()), default=with_boxes)
+        cut, seen = len(frames), 0
+        for i, f in enumerate(frames):
+            if ((f["row"] is not None and f["row"] >= whole)
+                    or (f.get("objects") and (f["objects"][1] > whole_boxes or seen >= whole_params))):
+                cut = i
+                break
+            seen += 1 if f.get("objects") else 0
         frames = frames[:cut]
         features = {name: a.head(whole) if isinstance(a, CodedRows) else a[:whole] for name, a in features.items()}
         kept = max((f["objects"][1] for f in frames if f.get("objects")), default=0)
         objects = {name: a[:kept] for name, a in objects.items()}
+    if params:
+        objects["features"] = _coded_objects(objects["features"], params, frames)
     return SavedFeatures(directory, meta, frames, features, objects)
+
+
+def _coded_objects(codes: np.ndarray, params: dict[str, np.ndarray], frames: list[dict[str, Any]]) -> CodedRows:
+    """The object vectors of a save as :class:`CodedRows`: box rows of codes, each with the parameter row of its frame
+    (the k-th frame that has box rows owns the k-th row; its boxes are its ``objects`` range)."""
+    spans = [f["objects"] for f in frames if f.get("objects")]
+    groups = np.repeat(np.arange(len(spans), dtype=np.int64), [stop - start for start, stop in spans])
+    return CodedRows(codes[:len(groups)], params["scales"], params["offsets"], groups[:len(codes)])

@@ -305,7 +305,8 @@ def fill_objects(
     anchors: Any = None,
 ) -> pb.FrameResult:
     """Fill a FrameResult's box fields: (N, 4) ``boxes`` from ``source``, optional (N,) ``scores``,
-    ``classes`` and ``box_ids``, optional (N, D) ``features`` in wire ``dtype`` (see :func:`fill_tensor`) with
+    ``classes`` and ``box_ids``, optional (N, D) ``features`` in wire ``dtype`` (see :func:`fill_tensor`), or as
+    :class:`AffineCodes` already made (the server's device quantiser; ``dtype`` is then DTYPE_UINT8_AFFINE), with
     ``slices`` of (name, layer_index, stride, start, stop) per layer, and for detections optional (N, 4)
     ``anchors``, the columns of :data:`ANCHOR_FIELDS` (level, grid row, grid column, anchor index). Raises
     ValueError when the lengths disagree or an anchor value is negative. Returns ``result``.
@@ -331,10 +332,15 @@ def fill_objects(
     ids = _ids(box_ids, n)
     result.box_ids[:] = ids.tolist() if ids is not None else []
     if features is not None:
-        feats = np.asarray(features)
+        coded = features if isinstance(features, AffineCodes) else None
+        feats = np.asarray(features.codes if coded is not None else features)
         if feats.ndim != 2 or len(feats) != n:
             raise ValueError(f"object features must be (N, D) with N = {n} boxes, got shape {feats.shape}")
-        fill_tensor(result.object_features, OBJECT_FEATURES_NAME, -1, 0, feats, dtype)
+        if coded is not None:
+            fill_tensor_affine(result.object_features, OBJECT_FEATURES_NAME, -1, 0, coded.codes, coded.scales,
+                               coded.offsets)
+        else:
+            fill_tensor(result.object_features, OBJECT_FEATURES_NAME, -1, 0, feats, dtype)
         del result.object_feature_slices[:]
         for name, index, stride, start, stop in slices:
             if not 0 <= start <= stop <= feats.shape[1]:
@@ -351,7 +357,9 @@ class Objects:
     detections, else None; ``box_ids`` (N,) uint64 when the client sent ids, else None; ``features`` (N, D) or
     None; ``slices`` maps each layer name to its (start, stop) columns; ``source`` a ``BoxSource`` value;
     ``anchors`` (N, 4) int32 for detections, each one's Detect level, grid row, grid column and anchor index
-    (:data:`ANCHOR_FIELDS`), None for client boxes and from servers that do not send them.
+    (:data:`ANCHOR_FIELDS`), None for client boxes and from servers that do not send them. ``codes``: when the
+    features came as DTYPE_UINT8_AFFINE, their raw :class:`AffineCodes` (one scale and offset per column), of which
+    ``features`` is the float32 decoding; else None.
     """
 
     source: int
@@ -362,6 +370,7 @@ class Objects:
     features: np.ndarray | None
     slices: dict[str, tuple[int, int]]
     anchors: np.ndarray | None = None
+    codes: AffineCodes | None = None
 
     def layer(self, name: str) -> np.ndarray:
         """The (N, width) columns of ``features`` read from layer ``name``."""
@@ -384,9 +393,13 @@ def objects_from_proto(result: pb.FrameResult) -> Objects:
         if len(vec) not in (0, n) or (len(vec) == 0 and n and result.box_source == pb.BOX_SOURCE_DETECTOR):
             raise ValueError(f"FrameResult has {len(vec)} {name} for {n} detections")
         arrays[name] = vec if len(vec) == n and result.box_source != pb.BOX_SOURCE_CLIENT else None
-    features = None
+    features = codes = None
     if result.HasField("object_features"):
-        features = tensor_from_proto(result.object_features)
+        if result.object_features.dtype == pb.DTYPE_UINT8_AFFINE:  # read once, for both forms
+            codes = affine_from_proto(result.object_features)
+            features = codes.dequantize()
+        else:
+            features = tensor_from_proto(result.object_features)
         if features.ndim != 2 or len(features) != n:
             raise ValueError(f"object features of shape {features.shape} for {n} boxes")
     columns = [np.asarray(getattr(result, name), dtype=np.int64) for name in ANCHOR_FIELDS]
@@ -407,6 +420,7 @@ def objects_from_proto(result: pb.FrameResult) -> Objects:
         features=features,
         slices={s.name: (s.start, s.stop) for s in result.object_feature_slices},
         anchors=anchors,
+        codes=codes,
     )
 
 

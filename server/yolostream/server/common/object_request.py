@@ -11,11 +11,14 @@ is in ``model/detections.py`` and ``model/objects.py``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from yolostream.v1 import vocab, wire
+
+from . import affine
 
 #: Upstream's cap on candidates entering NMS per image, and so the largest ``max_det``.
 MAX_NMS = 30000
@@ -23,8 +26,10 @@ MAX_NMS = 30000
 MAX_CLIENT_BOXES = 1024
 #: How per-object vectors are read (see ``model/objects.py``).
 MODES = ("anchor", "roi")
-#: Element types of object vectors.
-VECTOR_DTYPES = tuple(name for name in vocab.DTYPES if name != "uint8")
+#: Element types of object vectors: every wire dtype; ``uint8`` is 8-bit codes, one scale and offset per column.
+VECTOR_DTYPES = tuple(vocab.DTYPES)
+#: The vector dtype whose slot region is one ``common.affine`` record instead of an (rows, D) array.
+CODED = "uint8"
 
 
 @dataclass(frozen=True)
@@ -66,8 +71,9 @@ class ObjectOptions:
 
     Arguments: ``mode`` (``anchor`` or ``roi``), ``roi_size`` (k: k×k samples per box in ``roi`` mode, 1..16),
     ``flatten`` (``roi`` mode: keep the k×k samples, C·k·k values per layer, instead of their mean),
-    ``normalize`` (L2, per layer slice, see ``model/objects.py``), ``dtype`` (``float32``, ``float16`` or
-    ``bfloat16``, applied last, on the device).
+    ``normalize`` (L2, per layer slice, see ``model/objects.py``), ``dtype`` (``float32``, ``float16``,
+    ``bfloat16`` or ``uint8``: 8-bit codes per column of each frame's (N, D) vectors; applied last, on the device,
+    after ``normalize``).
     """
 
     mode: str = "anchor"
@@ -151,7 +157,9 @@ class ObjectLayout:
     Arrays follow one another, each in full (``rows`` long): boxes (rows, 4) float32, scores (rows,) float32,
     classes (rows,) int32, then for detections only anchors (rows, 4) int32 (``ANCHOR_COLUMNS``; client boxes
     have no anchor, so their slots keep no room for one), then vectors (rows, dim) in ``dtype``'s storage; only
-    the first n rows hold an answer.
+    the first n rows hold an answer. For ``uint8`` the vectors are one ``common.affine`` record with room for
+    ``rows`` rows (dim scales, dim offsets, then the codes row by row), so the record of the n rows answered is its
+    prefix: the front-end reads it with ``affine.unpack`` as it reads a coded feature map.
     """
 
     rows: int
@@ -161,26 +169,34 @@ class ObjectLayout:
 
     @property
     def row_bytes(self) -> int:
-        """Bytes of one box in the slot (and, within a few bytes, in the reply)."""
+        """Bytes of one box in the slot (and, within a few bytes, in the reply); 8-bit codes add their scales and
+        offsets once per frame (``nbytes``)."""
         return 16 + 4 + 4 + (16 if self.detections else 0) + self.dim * _STORAGE[self.dtype].itemsize
 
     @property
     def nbytes(self) -> int:
-        return self.rows * self.row_bytes
+        return sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in self._arrays())
 
     def _arrays(self) -> list[tuple[str, tuple[int, ...], np.dtype]]:
         anchors = [("anchors", (self.rows, 4), np.dtype(np.int32))] if self.detections else []
+        vectors = (("vectors", (affine.record_bytes((self.rows, self.dim)),), np.dtype(np.uint8))
+                   if self.dtype == CODED else ("vectors", (self.rows, self.dim), _STORAGE[self.dtype]))
         return [("boxes", (self.rows, 4), np.dtype(np.float32)), ("scores", (self.rows,), np.dtype(np.float32)),
-                ("classes", (self.rows,), np.dtype(np.int32)), *anchors,
-                ("vectors", (self.rows, self.dim), _STORAGE[self.dtype])]
+                ("classes", (self.rows,), np.dtype(np.int32)), *anchors, vectors]
+
+    def _vector_shape(self, n: int) -> tuple[int, ...]:
+        """The shape of the vectors of ``n`` boxes in the slot: (n, dim), or for 8-bit codes their record's bytes."""
+        return (affine.record_bytes((n, self.dim)),) if self.dtype == CODED else (n, self.dim)
 
     def write(self, buffer: memoryview | np.ndarray, result: ObjectResult) -> None:
-        """Copy ``result`` (at most ``rows`` boxes, vectors ``dim`` wide) into ``buffer`` (``nbytes`` long)."""
+        """Copy ``result`` (at most ``rows`` boxes, vectors ``dim`` wide, or their 8-bit record) into ``buffer``
+        (``nbytes`` long)."""
         n = len(result.boxes)
         if n > self.rows:
             raise ValueError(f"{n} boxes for a slot of {self.rows}")
-        if result.vectors is not None and result.vectors.shape[1:] != (self.dim,):
-            raise ValueError(f"object vectors of shape {result.vectors.shape}, the slot expects width {self.dim}")
+        if result.vectors is not None and result.vectors.shape != self._vector_shape(n):
+            raise ValueError(f"object vectors of shape {result.vectors.shape} for {n} boxes, the slot expects "
+                             f"{self._vector_shape(n)} ({self.dtype}, width {self.dim})")
         if self.detections and (result.anchors is None or result.anchors.shape != (n, 4)):
             shape = None if result.anchors is None else result.anchors.shape
             raise ValueError(f"anchors of shape {shape} for {n} detections; the slot expects ({n}, 4)")
@@ -192,14 +208,14 @@ class ObjectLayout:
 
     def views(self, buffer: memoryview | np.ndarray, n: int) -> dict[str, np.ndarray | None]:
         """The first ``n`` rows of each array in ``buffer`` (scores, classes and anchors None for client boxes,
-        vectors None when ``dim`` is 0)."""
+        vectors None when ``dim`` is 0; for 8-bit codes, vectors is the flat record of those ``n`` rows)."""
         raw = np.frombuffer(buffer, dtype=np.uint8, count=self.nbytes)
         out: dict[str, np.ndarray | None] = {}
         offset = 0
         for name, shape, dtype in self._arrays():
             size = int(np.prod(shape)) * dtype.itemsize
             full = raw[offset:offset + size].view(dtype).reshape(shape)
-            out[name] = full[:n]
+            out[name] = full[:self._vector_shape(n)[0]] if name == "vectors" else full[:n]
             offset += size
         if not self.detections:
             out["scores"] = out["classes"] = out["anchors"] = None
@@ -223,8 +239,8 @@ class ObjectJob:
 class ObjectResult:
     """One frame's answer on the host: ``boxes`` (N, 4) float32 original-frame xyxy; ``scores`` (N,) float32 and
     ``classes`` (N,) int32 for detections (None for client boxes); ``vectors`` (N, D) storage of the request's
-    dtype, or None; ``anchors`` (N, 4) int32 for detections, the anchor that made each one as ``ANCHOR_COLUMNS``
-    (None for client boxes)."""
+    dtype (for ``uint8`` the frame's flat ``common.affine`` record instead), or None; ``anchors`` (N, 4) int32 for
+    detections, the anchor that made each one as ``ANCHOR_COLUMNS`` (None for client boxes)."""
 
     boxes: np.ndarray
     scores: np.ndarray | None

@@ -72,7 +72,7 @@ def _pool(t: torch.Tensor, key: OutputKey) -> tuple[torch.Tensor, torch.dtype]:
     """Pool on the device; returns the pooled (or untouched) tensor and the dtype it is to be sent in.
 
     ``uint8`` (DTYPE_UINT8_AFFINE) is coded here too, after pooling and per frame: the tensor returned is then the
-    batch's (N, record bytes) uint8 records (``quantize.affine_records``, the layout of ``ipc/affine.py``), so both
+    batch's (N, record bytes) uint8 records (``quantize.affine_records``, the layout of ``common/affine.py``), so both
     the direct and the staged path carry them like any other output.
     """
     _, pooling, dtype = key

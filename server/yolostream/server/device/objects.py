@@ -2,7 +2,8 @@
 
 Frames of one batch may carry different object requests (detect or not, other vector layers); they are grouped
 by request so each group is one call of ``model.objects.frame_objects`` over the rows that asked for it. Results
-come back to the host as the arrays the slot layout (``common.object_request.ObjectLayout``) writes.
+come back to the host as the arrays the slot layout (``common.object_request.ObjectLayout``) writes; 8-bit vectors
+are coded here, per frame, into the record that layout holds for them.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..common.object_request import ObjectJob, ObjectRequest, ObjectResult
+from ..common.object_request import CODED, ObjectJob, ObjectRequest, ObjectResult
 from ..model.detections import detect_input_layers
 from ..model.objects import frame_objects, object_layers
 from ..model.placement import to_host
+from .quantize import object_record
 
 
 def object_inputs(model: nn.Module, request: ObjectRequest) -> set[int]:
@@ -62,9 +64,19 @@ def batch_objects(model: nn.Module, outputs: dict[int, torch.Tensor], jobs: Sequ
                 boxes=frame.boxes.float().cpu().numpy(),
                 scores=frame.scores.float().cpu().numpy() if detected else None,
                 classes=frame.classes.to(torch.int32).cpu().numpy() if detected else None,
-                vectors=to_host(frame.vectors) if frame.vectors is not None else None,
+                vectors=_host_vectors(frame.vectors, request),
                 anchors=anchor_columns(frame.cells) if detected else None)
     return found
+
+
+def _host_vectors(vectors: torch.Tensor | None, request: ObjectRequest) -> np.ndarray | None:
+    """A frame's vectors as its slot holds them: in the request's dtype's storage, or for 8-bit codes their record,
+    coded here on the device from this frame's (N, D) float32 vectors alone (the proto's per-column channels)."""
+    if vectors is None:
+        return None
+    if request.vector_dtype == CODED:
+        return object_record(vectors).cpu().numpy()
+    return to_host(vectors)
 
 
 def anchor_columns(cells: torch.Tensor) -> np.ndarray:

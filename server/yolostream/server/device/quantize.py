@@ -15,7 +15,8 @@ scales and offsets are equal bit for bit on CPU and CUDA:
 
 A frame whose tensor holds a NaN, an infinity or a magnitude above 2**126 has ``ok`` False: the server fails that
 frame (the proto says so). ``affine_records`` packs a batch into the per-frame records the front-ends read
-(``ipc/affine.py``), with NaN scales for such a frame.
+(``common/affine.py``), with NaN scales for such a frame; ``object_record`` packs one frame's object vectors the
+same way.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 
 from yolostream.v1.wire import AFFINE_LIMIT, AFFINE_MAX_CODE
 
-from ..ipc import affine
+from ..common import affine
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ def quantize_objects(features: torch.Tensor) -> Quantized:
 
 
 def affine_records(values: torch.Tensor) -> torch.Tensor:
-    """One ``ipc.affine`` record per frame: ``[scales float32 x P][offsets float32 x P][codes]``, as uint8 rows.
+    """One ``common.affine`` record per frame: ``[scales float32 x P][offsets float32 x P][codes]``, as uint8 rows.
 
     Maps are coded per channel (P = C), pooled vectors as one channel per frame (P = 1), as the proto says. A frame
     that cannot be coded (``ok`` False) gets NaN scales, which the front-end reads as "fail this frame". The rows are
@@ -126,14 +127,33 @@ def affine_records(values: torch.Tensor) -> torch.Tensor:
     Returns (N, ``affine.record_bytes(values.shape[1:])``) uint8 on ``values``' device.
     """
     quantized = quantize_maps(values) if values.dim() == 4 else quantize_pooled(values)
-    n = values.shape[0]
-    uncoded = torch.full((), float("nan"), dtype=torch.float32, device=values.device)
+    return _records(quantized, values.shape[0], tuple(values.shape[1:]))
+
+
+def object_record(features: torch.Tensor) -> torch.Tensor:
+    """One frame's object vectors as its ``common.affine`` record, coded per column (``quantize_objects``).
+
+    The record is what the frame's object slot holds in place of the vectors (``ObjectLayout``), so the front-end
+    reads it as it reads a coded map; vectors that cannot be coded get NaN scales, and the front-end fails the frame.
+
+    Args:
+        features: (K, D) float vectors of one frame, K >= 0.
+
+    Returns a flat uint8 tensor of ``affine.record_bytes((K, D))`` bytes on ``features``' device.
+    """
+    return _records(quantize_objects(features), 1, tuple(features.shape))[0]
+
+
+def _records(quantized: Quantized, n: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """``n`` frames' codes and parameters packed as ``common.affine`` records of a tensor of ``shape`` each, NaN
+    scales for a frame whose ``ok`` is False; (n, ``affine.record_bytes(shape)``) uint8."""
+    device = quantized.codes.device
+    uncoded = torch.full((), float("nan"), dtype=torch.float32, device=device)
     scales = torch.where(quantized.ok.reshape(n, 1), quantized.scales.reshape(n, -1), uncoded)
     offsets = quantized.offsets.reshape(n, -1).contiguous()
     # float32 viewed as its bytes: little-endian on every platform torch runs on, as the record layout says
     records = torch.cat([scales.view(torch.uint8), offsets.view(torch.uint8), quantized.codes.reshape(n, -1)], dim=1)
-    expected = affine.record_bytes(tuple(values.shape[1:]))
+    expected = affine.record_bytes(shape)
     if records.shape[1] != expected:
-        raise ValueError(f"records of {records.shape[1]} bytes for frames of shape {tuple(values.shape[1:])}, "
-                         f"the layout says {expected}")
+        raise ValueError(f"records of {records.shape[1]} bytes for frames of shape {shape}, the layout says {expected}")
     return records

@@ -14,7 +14,7 @@ import numpy as np
 from yolostream.v1 import wire
 from yolostream.v1.vocab import DTYPES
 
-from ..ipc import affine
+from ..common import affine
 from ..ipc.messages import OutputKey
 from .engine import DeviceRunner, PendingBatch
 
@@ -37,7 +37,7 @@ class ModelBypass:
             index, pooling, dtype = key
             channels, stride = self._channels[index]
             frame = (channels,) if pooling != "none" else (channels, h // stride, w // stride)
-            if dtype == "uint8":  # one 8-bit record per frame (ipc/affine.py)
+            if dtype == "uint8":  # one 8-bit record per frame (common/affine.py)
                 host[key] = np.zeros((n, affine.record_bytes(frame)), np.uint8)
             else:
                 host[key] = np.zeros((n, *frame), wire.storage_dtype(DTYPES[dtype]))

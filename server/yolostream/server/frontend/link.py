@@ -28,8 +28,8 @@ import numpy as np
 from yolostream.v1 import wire
 from yolostream.v1.vocab import DTYPES
 
+from ..common import affine
 from ..common.object_request import ObjectJob, ObjectLayout
-from ..ipc import affine
 from ..ipc.messages import Cancel, FrontEndMessage, Hello, OutputKey, Results, Run, Welcome
 from ..ipc.shm import ArenaFull, SharedArena, SlotAllocator
 
@@ -56,7 +56,7 @@ def output_layout(keys: Sequence[OutputKey],
     """How a frame's outputs lie in its slot, one after the other: (shape, dtype) per output, in ``keys`` order.
 
     An output is its tensor in the wire's storage dtype, except ``uint8`` (DTYPE_UINT8_AFFINE), which is one
-    ``ipc.affine`` record per frame: the scales and offsets, then the codes.
+    ``common.affine`` record per frame: the scales and offsets, then the codes.
 
     Args:
         keys: the requested outputs, (layer index, pooling, dtype name) each.

@@ -25,9 +25,9 @@ from yolostream.v1.vocab import DTYPES, LETTERBOX_POLICIES, POOLINGS, names_of
 
 from ..common.card import ModelCard, ResolvedLayer
 from ..common.errors import one_line
-from ..common.object_request import ObjectJob, ObjectRequest, client_boxes
+from ..common import affine
+from ..common.object_request import CODED, ObjectJob, ObjectRequest, client_boxes
 from ..common.preprocess import MAX_IMGSZ, Letterbox, apply_letterbox, input_shape, letterbox_geometry
-from ..ipc import affine
 from ..ipc.messages import OutputKey
 from . import compression
 from .frames import FrameError, FrameLimits, decode_frame
@@ -135,7 +135,8 @@ class Pipeline:
             if worst > self.max_reply_bytes:
                 raise ValueError(f"detection max_det {objects.detection.max_det} with {objects.dim}-value object "
                                  f"vectors could make replies of {worst:,} bytes, over the server's message limit of "
-                                 f"{self.max_reply_bytes:,}: lower max_det, roi_size or flatten, or use float16")
+                                 f"{self.max_reply_bytes:,}: lower max_det, roi_size or flatten, or use float16 or "
+                                 "uint8")
         return FrameOptions(layers, dtype, pooling, _POLICIES[policy_enum], imgsz, objects)
 
     def stream_options(self, config: pb.StreamConfig) -> FrameOptions:
@@ -264,8 +265,10 @@ class Pipeline:
         result = pb.FrameResult()
         _identify(result, frame, pb.FRAME_STATUS_OK)
         result.letterbox.CopyFrom(wire.letterbox_to_proto(begun.letterbox.as_dict()))
+        found = out.objects if begun.job is not None else None
         try:
             payloads = self._fill_tensors(result, options, begun.shapes, out.arrays)
+            vectors = self._object_vectors(begun, found) if found is not None else None
             if compression.wants_compression(options.compression):
                 payloads = await self._compress(result, payloads, options.compression, out.release)
         except wire.NotQuantizableError as err:  # that frame fails; its stream goes on
@@ -274,11 +277,10 @@ class Pipeline:
         except Exception:
             out.release()
             raise
-        found = out.objects if begun.job is not None else None
         if found is not None:
-            self._fill_objects(result, begun, found)
+            self._fill_objects(result, begun, found, vectors)
         if tracker is not None and options.tracking is not None:
-            self._track(result, begun, found, tracker)
+            self._track(result, begun, found, vectors, tracker)
         result.batch_size = out.batch_size
         timings = result.timings
         timings.queued_us = out.queued_us
@@ -337,24 +339,45 @@ class Pipeline:
             raise
 
     @staticmethod
+    def _object_vectors(begun: "Begun", found: dict[str, np.ndarray | None]) -> np.ndarray | wire.AffineCodes | None:
+        """The frame's object vectors as its slot holds them: (N, D) in the request's storage dtype, or for 8-bit
+        codes the ``wire.AffineCodes`` of the slot's record (the codes a view of shared memory); None without vectors.
+        Raises ``wire.NotQuantizableError`` when the device could not code them."""
+        vectors = found["vectors"]
+        request = begun.job.request
+        if vectors is None or request.vector_dtype != CODED:
+            return vectors
+        shape = (len(found["boxes"]), request.dim)
+        scales, offsets, codes = affine.unpack(vectors, shape)
+        if not affine.coded(scales):
+            raise wire.NotQuantizableError(
+                "object features hold a NaN, an infinity or a magnitude above 2**126, which 8-bit codes cannot carry: "
+                "ask for object_features dtype float32 or float16 to receive them")
+        return wire.AffineCodes(codes, scales, offsets, wire.affine_channel_axis(len(shape)))
+
+    @staticmethod
     def _track(result: pb.FrameResult, begun: "Begun", found: dict[str, np.ndarray | None] | None,
-               tracker: Tracker) -> None:
+               vectors: np.ndarray | wire.AffineCodes | None, tracker: Tracker) -> None:
         """Give the frame's boxes (none when it has no object work: a client-box stream's frame without boxes) to
-        the stream's tracker: detections with their scores, client boxes with theirs (or none), float32 vectors."""
+        the stream's tracker: detections with their scores, client boxes with theirs (or none), and the vectors
+        (``_object_vectors``) as float32, 8-bit codes decoded as the client decodes them."""
         if found is None:
-            boxes, scores, vectors = np.zeros((0, 4), np.float32), None, None
+            boxes, scores = np.zeros((0, 4), np.float32), None
         else:
             boxes = found["boxes"]
             scores = found["scores"] if begun.job.boxes is None else begun.box_scores
-            vectors = found["vectors"]
-            if vectors is not None:
+            if isinstance(vectors, wire.AffineCodes):
+                vectors = vectors.dequantize()
+            elif vectors is not None:
                 vectors = wire.storage_to_float32(vectors, wire.dtype_from_name(begun.job.request.vector_dtype))
         track_frame(result, tracker, begun.options.tracking, boxes, scores, vectors)
 
     @staticmethod
-    def _fill_objects(result: pb.FrameResult, begun: "Begun", found: dict[str, np.ndarray | None]) -> None:
+    def _fill_objects(result: pb.FrameResult, begun: "Begun", found: dict[str, np.ndarray | None],
+                      vectors: np.ndarray | wire.AffineCodes | None) -> None:
+        """The frame's box fields and, when the stream sends them, its vectors (``_object_vectors``)."""
         request = begun.job.request
-        vectors = found["vectors"] if begun.options.send_vectors else None
+        vectors = vectors if begun.options.send_vectors else None
         wire.fill_objects(result, found["boxes"],
                           source=pb.BOX_SOURCE_CLIENT if begun.job.boxes is not None else pb.BOX_SOURCE_DETECTOR,
                           scores=found["scores"], classes=found["classes"], box_ids=begun.box_ids,

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..common.object_request import ObjectOptions
+from ..common.object_request import CODED, ObjectOptions
 from . import detections as det
 from .placement import TORCH_DTYPES
 
@@ -74,10 +74,11 @@ class FrameObjects:
 
     ``boxes`` (N, 4) float32 xyxy in original-frame pixels (unrounded, clipped); ``scores`` (N,) float32 and
     ``classes`` (N,) int64 for detections, None for client boxes; ``rows`` (N,) int64 anchor rows for
-    detections, None for client boxes; ``vectors`` (N, D) in the requested dtype, or None when no vectors were
-    asked for; ``slices`` per layer as in :class:`ObjectFeatures`; ``cells`` (N, 4) int64 (level, anchor, gy,
-    gx) of each detection's anchor (:func:`detections.row_cells` of ``rows``), None for client boxes: which
-    anchor made a detection, returned to the client (issue 21).
+    detections, None for client boxes; ``vectors`` (N, D) in the requested dtype (float32 for ``uint8``, whose codes
+    the device makes per frame from them), or None when no vectors were asked for; ``slices`` per layer as in
+    :class:`ObjectFeatures`; ``cells`` (N, 4) int64 (level, anchor, gy, gx) of each detection's anchor
+    (:func:`detections.row_cells` of ``rows``), None for client boxes: which anchor made a detection, returned to the
+    client (issue 21).
     """
 
     boxes: torch.Tensor
@@ -249,7 +250,8 @@ def object_features(features: Sequence[torch.Tensor], layers: Sequence[ObjectLay
     ``features`` (B, C, H, W) per layer of ``layers``; ``boxes`` one (N_b, 4) xyxy tensor in model-input pixels
     per image; ``input_hw`` the model input size; ``cells`` per image the (level, anchor, gy, gx) of each box's
     anchor (:func:`detections.row_cells`), or None for boxes without one (client boxes). Returns per image an
-    (N_b, D) tensor on the features' device, D = Σ layer widths, and each layer's column slice.
+    (N_b, D) tensor on the features' device in ``options.dtype`` (float32 for ``uint8``: its codes are per frame,
+    made by the caller), D = Σ layer widths, and each layer's column slice.
     """
     opts = (options or ObjectOptions()).validate()
     if len(features) != len(layers):
@@ -280,7 +282,8 @@ def object_features(features: Sequence[torch.Tensor], layers: Sequence[ObjectLay
         slices.append((layer.name, layer.index, stride, start, start + part.shape[1]))
         start += part.shape[1]
     joined = torch.cat(parts, 1) if parts else torch.zeros(len(image), 0, device=device)
-    joined = joined.to(TORCH_DTYPES[opts.dtype])
+    if opts.dtype != CODED:  # 8-bit codes are made per frame from these float32 values (device.quantize)
+        joined = joined.to(TORCH_DTYPES[opts.dtype])
     return ObjectFeatures(list(joined.split(counts)), slices)
 
 

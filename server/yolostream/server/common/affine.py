@@ -4,16 +4,21 @@ The device codes each frame's output on its own (``device/quantize.py``) and han
 
     [scales: float32 x P][offsets: float32 x P][codes: uint8 x prod(shape)]
 
-little-endian and packed (no padding), where ``shape`` is the frame's tensor as sent, (C, H, W) or (C,), and P its
-channel count by the wire's rule (``wire.affine_channel_axis``): C for a map, 1 for a pooled vector. One record per
-frame keeps the device's copy back to the host a single block, whatever the dtype, and lets the front-end send the
-codes as a view of shared memory (``unpack``), with the scales and offsets as Tensor.affine_scales/affine_offsets.
+little-endian and packed (no padding), where ``shape`` is the frame's tensor as sent, (C, H, W), (C,) or (N, D), and
+P its channel count by the wire's rule (``wire.affine_channel_axis``): C for a map, 1 for a pooled vector, D for
+object vectors (one channel per column; N may be 0, and the record is then the D zero scales and offsets alone).
+One record per frame keeps the device's copy back to the host a single block, whatever the dtype, and lets the
+front-end send the codes as a view of shared memory (``unpack``), with the scales and offsets as
+Tensor.affine_scales/affine_offsets. The codes are row-major, so the record of an (n, D) tensor is the first
+``record_bytes((n, D))`` bytes of room reserved for ``record_bytes((rows, D))``: the object slot
+(``common.object_request.ObjectLayout``) reserves room for the most boxes a frame may get and the device fills a
+prefix of it.
 
 A frame whose tensor cannot be coded (a NaN, an infinity or a magnitude above 2**126) has NaN scales: ``coded``
 says so, and the front-end fails that frame.
 
 numpy only (no torch, no grpc): the front-end sizes and reads records with it; the device writes them with torch
-in exactly this layout (``device.quantize.affine_records``).
+in exactly this layout (``device.quantize.affine_records`` and ``device.quantize.object_record``).
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ PARAM_DTYPE = np.dtype("<f4")
 
 
 def params(shape: Sequence[int]) -> int:
-    """P, the scales (and offsets) a record holds for one frame's tensor of ``shape``: C for (C, H, W), 1 for (C,).
+    """P, the scales (and offsets) a record holds for one frame's tensor of ``shape``: C for (C, H, W), 1 for (C,), D
+    for (N, D).
 
     Args:
         shape: the frame's tensor shape as sent.
