@@ -63,6 +63,7 @@ class LinkSpec:
     compression: str | None
     imgsz: int
     rate: float
+    max_in_flight: int = 2
     height: int = 480
     width: int = 640
 
@@ -94,7 +95,8 @@ def link_worker(spec: LinkSpec, window: ClientWindow | None, prepared: Any = Non
     sent, received, batch, values, dropped, failed = [], [], [], 0, 0, 0
     with client:
         for result in client.stream(camera(), layers=spec.layers, dtype=spec.dtype, compression=spec.compression,
-                                    imgsz=spec.imgsz, realtime=True, encoding="jpeg", quality=90):
+                                    imgsz=spec.imgsz, realtime=True, encoding="jpeg", quality=90,
+                                    max_in_flight=spec.max_in_flight):
             if not result.ok:
                 if window.inside(time.perf_counter()):
                     dropped += result.status == "dropped"
@@ -166,9 +168,8 @@ def _row(window: Any, shaped: ShapedLink, link: Link, layers: str, dtype: str, c
     values = window.extra.get("values", 0)
     down_pf = down / frames if frames else None
     up_pf = up / frames if frames else None
-    link_fps = None
-    if link.mbit_s is not None and down_pf:
-        link_fps = link.mbit_s * 1e6 / (8.0 * max(down_pf, up_pf or 0.0))
+    # the reply direction bounds the rate; the camera's JPEGs go up at its own rate whatever comes back
+    link_fps = link.mbit_s * 1e6 / (8.0 * down_pf) if link.mbit_s is not None and down_pf else None
     return {
         "link": link.name, "mbit_s": link.mbit_s, "rtt_ms": link.rtt_ms, "layers": layers, "dtype": dtype,
         "compression": compression, "mode": dtype + (f"+{compression}" if compression else ""), "rate": rate,
@@ -178,7 +179,8 @@ def _row(window: Any, shaped: ShapedLink, link: Link, layers: str, dtype: str, c
         "down_bytes_per_frame": down_pf, "up_bytes_per_frame": up_pf, "values_per_frame": values,
         "down_kb_per_frame": down_pf / 1e3 if down_pf else None, "up_kb_per_frame": up_pf / 1e3 if up_pf else None,
         "bits_per_value": 8.0 * down_pf / values if down_pf and values else None,
-        "link_bound_fps": link_fps,
+        "link_bound_fps": link_fps, "up_mbit_s": 8.0 * up / window.duration_s / 1e6,
+        "down_mbit_s": 8.0 * down / window.duration_s / 1e6,
         "server_cpu_ms_per_frame": window.cpu_s / frames * 1000.0 if window.cpu_s is not None and frames else None,
         "client_cpu_ms_per_frame": window.client_cpu_s / frames * 1000.0 if frames else None,
         "other_cpu_cores": max(0.0, window.machine_busy_s - window.client_cpu_s - (window.cpu_s or 0.0))

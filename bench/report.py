@@ -160,7 +160,7 @@ SAMEHOST_TARGET_COLUMNS = [
 LINK_COLUMNS = [
     ("link", "link", 0), ("RTT ms", "rtt_ms", 1), ("layers", "layers", 0), ("sent as", "mode", 0),
     ("frames/s", "fps", 1), ("p50 ms", "p50_ms", 0), ("p99 ms", "p99_ms", 0),
-    ("kB/frame down", "down_kb_per_frame", 1), ("kB/frame up", "up_kb_per_frame", 1),
+    ("kB/frame down", "down_kb_per_frame", 1), ("Mbit/s down", "down_mbit_s", 1), ("Mbit/s up", "up_mbit_s", 1),
     ("bits/value", "bits_per_value", 2), ("link bound frames/s", "link_bound_fps", 1),
     ("CPU bound frames/s", "cpu_bound_fps", 1), ("bound", "bound", 0), ("server CPU-ms/frame", "server_cpu_ms_per_frame", 0),
     ("client CPU-ms/frame", "client_cpu_ms_per_frame", 1), ("dropped", "dropped", 0),

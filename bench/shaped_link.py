@@ -19,12 +19,16 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
 
 #: Bytes read at once: 16 KB is 6.5 ms on a 20 Mbit/s line, fine-grained enough for frame latencies.
 CHUNK = 16 * 1024
+#: The proxy's own kernel receive buffers: small, so that what waits for the line waits in the sender's socket (as
+#: it would before a real bottleneck) instead of in a hidden queue of megabytes inside the proxy.
+RECEIVE_BUFFER = 64 * 1024
 UP, DOWN = "up", "down"
 
 
@@ -93,7 +97,10 @@ class ShapedLink:
 
         def run() -> None:
             asyncio.set_event_loop(self._loop)
-            self._server = self._loop.run_until_complete(asyncio.start_server(self._accept, "127.0.0.1", 0))
+            listener = socket.socket()
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)  # accepted sockets inherit it
+            listener.bind(("127.0.0.1", 0))
+            self._server = self._loop.run_until_complete(asyncio.start_server(self._accept, sock=listener))
             self.port = self._server.sockets[0].getsockname()[1]
             ready.set()
             self._loop.run_forever()
@@ -128,9 +135,14 @@ class ShapedLink:
         return line.total_at(t1) - line.total_at(t0)
 
     async def _accept(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        upstream = socket.socket()
+        upstream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+        upstream.setblocking(False)
         try:
-            server_r, server_w = await asyncio.open_connection(*self.target)
+            await asyncio.get_running_loop().sock_connect(upstream, self.target)
+            server_r, server_w = await asyncio.open_connection(sock=upstream)
         except OSError:
+            upstream.close()
             client_w.close()
             return
         for reader, writer, line in ((client_r, server_w, self.lines[UP]), (server_r, client_w, self.lines[DOWN])):

@@ -177,8 +177,9 @@ def test_link_rows_cover_every_link_and_mode_and_count_the_bytes_that_crossed(re
     # float32 replies carry 32 bits per value plus framing; the codes at most 8 plus their scales and framing
     assert plain["bits_per_value"] > 32 and coded["bits_per_value"] < plain["bits_per_value"] / 2
     shaped = rows[2]
-    assert shaped["link_bound_fps"] == pytest.approx(
-        8e6 / (8 * max(shaped["down_bytes_per_frame"], shaped["up_bytes_per_frame"])))
+    assert shaped["link_bound_fps"] == pytest.approx(8e6 / (8 * shaped["down_bytes_per_frame"]))
+    assert shaped["down_mbit_s"] == pytest.approx(8 * shaped["down_bytes_per_frame"] * shaped["frames"]
+                                                  / shaped["duration_s"] / 1e6)
     assert [q["met"] for q in results["sections"]["link_quality"] if "bound on" in q["measure"]] == ["yes"] * 4
 
 
