@@ -243,3 +243,78 @@ def test_a_frame_naming_shared_memory_on_a_stream_without_a_region_or_its_pixels
     finally:
         region.close()
         assert "/memfd:twice" not in _maps()
+
+
+# The device's side of a region it writes into itself (device/regions.py) and how its descriptor reaches it.
+
+
+def _target(region: int, offset: int, arrays: list[np.ndarray]) -> "OutputTarget":
+    from yolostream.server.common.memfd import packed_spans, spans_end
+    from yolostream.server.ipc.messages import OutputTarget
+
+    spans = packed_spans(offset, [a.nbytes for a in arrays])
+    return OutputTarget(region, offset, spans_end(offset, spans) - offset)
+
+
+def test_the_device_writes_tensors_where_the_front_end_points_and_refuses_any_write_outside_the_mapping():
+    from yolostream.server.device.regions import ClientRegions
+
+    regions = ClientRegions(limit=2)
+    fd = sealed_memfd(8192, "device-writes")
+    unsealed = os.memfd_create("device-unsealed", os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(unsealed, 8192)
+        regions.share(0, fd, 8192)
+        regions.share(1, unsealed, 8192)
+        regions.share(2, fd, 8192)  # over the limit: refused, nothing mapped
+        assert len(regions) == 2 and _maps().count("/memfd:device-writes") == 1
+        arrays = [np.arange(10, dtype=np.float32), np.full((3, 5), 7, np.float16)]
+        assert regions.write(_target(0, 100, arrays), arrays) is None
+        view = np.frombuffer(os.pread(fd, 8192, 0), np.uint8)
+        np.testing.assert_array_equal(view[128:168].view(np.float32), arrays[0])  # each 64-byte aligned
+        np.testing.assert_array_equal(view[192:222].view(np.float16).reshape(3, 5), arrays[1])
+        before = os.pread(fd, 8192, 0)
+        assert "past the end" in regions.write(_target(0, 8192 - 64, arrays), arrays)
+        assert "past the end" in regions.write(_target(0, 2**63, arrays), arrays)
+        assert "internal error" in regions.write(_target(0, 0, arrays)._replace(length=4), arrays)
+        assert "not sealed against shrinking" in regions.write(_target(1, 0, arrays), arrays)
+        assert "not shared with the device" in regions.write(_target(2, 0, arrays), arrays)
+        assert os.pread(fd, 8192, 0) == before
+        regions.release(0)
+        assert "/memfd:device-writes" not in _maps()
+        assert "not shared with the device" in regions.write(_target(0, 0, arrays), arrays)
+        regions.share(0, fd, 8192)
+        regions.release(1)
+        regions.share(3, fd, 16384)  # more than the memfd holds: refused (a mapping past its end could fault)
+        assert "the front-end mapped 16384" in regions.write(_target(3, 0, arrays), arrays)
+        regions.close()
+        assert "/memfd:device-writes" not in _maps() and len(regions) == 0
+    finally:
+        os.close(fd)
+        os.close(unsealed)
+
+
+def test_a_region_descriptor_follows_its_message_on_the_link_and_the_messages_after_it_stay_whole():
+    from multiprocessing import Pipe
+
+    from yolostream.server.ipc.messages import Cancel, ShareRegion, receive_descriptor, send_descriptor
+
+    front, device = Pipe()
+    fd = sealed_memfd(4096, "passed")
+    try:
+        front.send([ShareRegion(7, 4096)])
+        send_descriptor(front, fd)
+        front.send([Cancel(1)])
+        assert device.recv() == [ShareRegion(7, 4096)]
+        passed = receive_descriptor(device)
+        try:
+            assert passed != fd and os.fstat(passed).st_ino == os.fstat(fd).st_ino
+        finally:
+            os.close(passed)
+        assert device.recv() == [Cancel(1)]
+        front.close()
+        with pytest.raises(EOFError):
+            receive_descriptor(device)
+    finally:
+        os.close(fd)
+        device.close()

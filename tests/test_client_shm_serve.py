@@ -58,15 +58,47 @@ def _mapped_by(pid: int, name: str) -> bool:
         return False
 
 
-def _frontend_mapping(server: ServeProcess, name: str) -> int:
-    """The pid of the server process that maps region ``name`` (the front-end serving its stream)."""
+def _device_pid(server: ServeProcess) -> int:
+    """The device process: the one server process that mapped libtorch (as test_processes tells them apart)."""
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
         for child in psutil.Process(server.proc.pid).children(recursive=True):
-            if _mapped_by(child.pid, name):
+            try:
+                if "libtorch" in Path(f"/proc/{child.pid}/maps").read_text():
+                    return child.pid
+            except FileNotFoundError:
+                continue
+        time.sleep(0.05)
+    raise AssertionError("no server process maps libtorch")
+
+
+def _frontend_mapping(server: ServeProcess, name: str) -> int:
+    """The pid of the front-end that maps region ``name`` (the one serving its stream; the device maps it too)."""
+    device = _device_pid(server)
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        for child in psutil.Process(server.proc.pid).children(recursive=True):
+            if child.pid != device and _mapped_by(child.pid, name):
                 return child.pid
         time.sleep(0.05)
-    raise AssertionError(f"no server process maps {name}")
+    raise AssertionError(f"no front-end maps {name}")
+
+
+def _client_memfds(pid: int) -> list[str]:
+    """The client regions (memfds named by ``SharedRegion``) process ``pid`` maps."""
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+    except FileNotFoundError:
+        return []
+    return sorted({line.split("/memfd:", 1)[1].split()[0] for line in maps.splitlines()
+                   if "/memfd:yolostream-client-" in line})
+
+
+def _device_alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _wait_unmapped(pid: int, name: str) -> None:
@@ -377,18 +409,22 @@ def test_a_client_that_closes_and_unmaps_its_region_mid_stream_changes_nothing_f
     refs = [_shm_frame(region, k, images[k], k) for k in range(3)]
     try:
         stream.send(refs[0])
-        assert stream.recv().status == pb.FRAME_STATUS_OK
-        pid = _frontend_mapping(server, region.name)
+        first = stream.recv()
+        assert first.status == pb.FRAME_STATUS_OK and first.tensors[0].HasField("shared_memory")
+        pid, device = _frontend_mapping(server, region.name), _device_pid(server)
+        assert _mapped_by(device, region.name)  # the device writes the tensors into the region itself
         region.close()  # the descriptor
         region._map.close()  # and the client's mapping: the pixels of frames 1 and 2 were written before
         assert f"/memfd:{region.name}" not in Path("/proc/self/maps").read_text()
         stream.send(refs[1])
         stream.send(refs[2])
         assert [stream.recv().status for _ in range(2)] == [pb.FRAME_STATUS_OK] * 2
-        assert _mapped_by(pid, region.name)  # the server's own mapping carries on
+        assert _mapped_by(pid, region.name) and _mapped_by(device, region.name)  # the server's mappings carry on
         stream.end()
         assert list(stream.call) == []
         _wait_unmapped(pid, region.name)
+        _wait_unmapped(device, region.name)
+        assert _device_alive(device) and _device_pid(server) == device
     finally:
         stream.close()
 
@@ -446,7 +482,8 @@ def test_the_region_is_unmapped_when_the_stream_ends_however_it_ends(server, end
     try:
         stream.send(_shm_frame(region, 0, _frames(1)[0], 0))
         assert stream.recv().status == pb.FRAME_STATUS_OK
-        pid = _frontend_mapping(server, region.name)
+        pid, device = _frontend_mapping(server, region.name), _device_pid(server)
+        assert _mapped_by(device, region.name)
         if ending == "end":
             stream.end()
             assert list(stream.call) == []
@@ -458,6 +495,7 @@ def test_the_region_is_unmapped_when_the_stream_ends_however_it_ends(server, end
                 stream.recv()
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         _wait_unmapped(pid, region.name)
+        _wait_unmapped(device, region.name)
     finally:
         stream.close()
     assert _dev_shm_clients() == before
@@ -487,10 +525,12 @@ def test_the_region_is_unmapped_when_the_client_is_killed(server, tmp_path):
             assert selector.select(WAIT_S * 4), "the client printed no result"
         name = client.stdout.readline().strip()
         assert name.startswith("yolostream-client-"), client.stderr.read() if client.poll() is not None else name
-        pid = _frontend_mapping(server, name)
+        pid, device = _frontend_mapping(server, name), _device_pid(server)
         client.send_signal(signal.SIGKILL)
         client.wait(timeout=WAIT_S)
         _wait_unmapped(pid, name)
+        _wait_unmapped(device, name)
+        assert _device_alive(device)
     finally:
         if client.poll() is None:
             client.kill()
@@ -524,5 +564,86 @@ def test_a_stream_survives_its_front_end_and_registers_its_region_with_the_repla
         assert answered == list(range(12))
         assert mapped_after is not None and mapped_after != killed
         _wait_unmapped(mapped_after, stream.shared_memory.name)
+        _wait_unmapped(_device_pid(proc), stream.shared_memory.name)  # shared by both front-ends, released by both
     finally:
         proc.close()
+
+
+# The device writes the tensors into the client's region itself: what it maps, and what a client cannot do to it.
+
+
+def test_8bit_codes_take_the_copying_path_and_bfloat16_the_direct_one_both_as_grpc(server):
+    """8-bit codes carry their scales and offsets in the message, so the front-end copies the codes into the region
+    (the device never maps it); other dtypes are written there by the device. Both give the gRPC path's bits."""
+    frames, device = _frames(3), _device_pid(server)
+    for dtype, direct in (("uint8", False), ("bfloat16", True)):
+        with FeatureClient(server.address, shared_memory=True) as client:
+            stream = client.stream(frames, layers="backbone,P3", dtype=dtype, max_in_flight=1)
+            shared = []
+            for result in stream:
+                if not shared:  # the stream runs (its last answer may come once it has ended)
+                    assert _mapped_by(device, stream.shared_memory.name) == direct, dtype
+                shared.append(result)
+            region = stream.shared_memory
+        with FeatureClient(server.address) as client:
+            plain = list(client.stream(frames, layers="backbone,P3", dtype=dtype, encoding="raw", max_in_flight=1))
+        for a, b in zip(shared, plain, strict=True):
+            assert a.ok and b.ok, (a.error, b.error)
+            for name in ("backbone", "P3"):  # both decode to float32 copies: the bits must match
+                np.testing.assert_array_equal(a.features[name], b.features[name])
+        _wait_unmapped(device, region.name)
+
+
+def test_misbehaving_clients_never_touch_another_stream_and_the_device_process_never_dies(server):
+    """While a well-behaved shared-memory stream runs: a region too small for the output room, an output room past
+    the region's end, a stream cancelled with frames at the device whose client unmapped its region at once. Each
+    fails only its own frames; the other stream gets the gRPC path's bits; the device is the same process
+    throughout, and once the streams end it maps no client region."""
+    device = _device_pid(server)
+    frames = _frames(8)
+    with FeatureClient(server.address) as client:
+        expected = [r.features["backbone"] for r in client.stream(frames, layers="backbone", encoding="raw")]
+    good_client = FeatureClient(server.address, shared_memory=True)
+    try:
+        good = good_client.stream(frames, layers="backbone", max_in_flight=2)
+        answers = iter(good)
+
+        def take(result) -> np.ndarray:
+            assert result.ok and good.shared_memory.holds(result.features["backbone"]), result.error
+            return np.array(result.features["backbone"])  # a copy: the slot goes back
+
+        received = [take(next(answers))]
+        image = frames[0]
+
+        tiny = HandStream(server.address, _shm_config())  # a region whose slots have 64 bytes of output room
+        socket_name, token, _ = tiny.handshake()
+        small = SharedRegion(2, image.nbytes, 64)
+        register(small.fd, socket_name, token)
+        past = _shm_frame(small, 1, image, 2)
+        past.shared_memory.output_length = small.size - past.shared_memory.output_offset + 4096
+        tiny.send(_shm_frame(small, 0, image, 1))
+        tiny.send(past)
+        first, second = tiny.recv(), tiny.recv()
+        assert first.status == second.status == pb.FRAME_STATUS_ERROR
+        assert "bytes of output room" in first.error_message and "past the end" in second.error_message
+        tiny.close()
+
+        abrupt, region = _registered(server.address, slots=2)
+        for k in range(2):
+            abrupt.send(_shm_frame(region, k, image, k))
+        region.close()
+        region._map.close()
+        abrupt.call.cancel()  # mid-frame: both frames are at the front-end or the device
+        abrupt.close()
+
+        received += [take(result) for result in answers]
+    finally:
+        good_client.close()
+    assert len(received) == len(expected)
+    for got, want in zip(received, expected):
+        np.testing.assert_array_equal(got, want)
+    assert _device_alive(device) and _device_pid(server) == device
+    deadline = time.monotonic() + WAIT_S
+    while _client_memfds(device):
+        assert time.monotonic() < deadline, f"the device still maps {_client_memfds(device)}"
+        time.sleep(0.05)

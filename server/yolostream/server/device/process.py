@@ -3,7 +3,8 @@
 ``DeviceHost`` listens on a local ``multiprocessing.connection`` socket. Each front-end connects, names its shared-
 memory arena, and then sends one small message per frame (slot offsets, shape, requested outputs). Frames of every
 front-end go into the same micro-batcher queue, so batches mix streams of all front-ends. When a batch is done the
-host writes each frame's features into its front-end's arena and answers that front-end once for the whole batch.
+host writes each frame's features into its front-end's arena, or straight into the client's region of a stream
+whose front-end shared it (``regions``), and answers that front-end once for the whole batch.
 
 ``device_main`` is the process entry point used by the supervisor: it loads the model, reports the model card (or
 a one-line start-up error), serves front-ends, and stops when the supervisor says so. The same ``DeviceHost`` runs
@@ -29,8 +30,10 @@ from .batcher import BatchEngine, BatchResult, MicroBatcher, ServerBusy, WorkIte
 from ..common.errors import one_line
 from ..common.lifecycle import become_child
 from ..common.object_request import ObjectJob
-from ..ipc.messages import Cancel, FrameDone, FrameFailed, Hello, Ready, Results, Run, StartFailed, Stop, Stopped, Welcome
+from ..ipc.messages import Cancel, FrameDone, FrameFailed, Hello, Ready, ReleaseRegion, Results, Run, ShareRegion, \
+    StartFailed, Stop, Stopped, Welcome, receive_descriptor
 from ..ipc.shm import SharedArena
+from .regions import ClientRegions
 
 log = logging.getLogger(__name__)
 
@@ -45,36 +48,52 @@ def _one_line(err: BaseException) -> str:
 
 
 class _FrontEndPort:
-    """One connected front-end: its arena, its connection, and its frames at the device (a batcher sink)."""
+    """One connected front-end: its arena, the client regions it shared, its connection, and its frames at the
+    device (a batcher sink)."""
 
     def __init__(self, host: "DeviceHost", conn: Connection, arena: SharedArena) -> None:
         self.host = host
         self.conn = conn
         self.arena = arena
+        self.regions = ClientRegions()
         self.items: dict[int, WorkItem] = {}
         self._send_lock = threading.Lock()
         self._items_lock = threading.Lock()
 
     def serve(self) -> None:
-        """Read this front-end's messages until it disconnects; then withdraw its queued frames."""
+        """Read this front-end's messages until it disconnects; then withdraw its queued frames and unmap the
+        regions it shared (a frame being written finishes first)."""
         try:
             while True:
                 try:
                     messages = self.conn.recv()
+                    for message in messages:
+                        if isinstance(message, Run):
+                            self._run(message)
+                        elif isinstance(message, Cancel):
+                            self._cancel(message.rid)
+                        elif isinstance(message, ShareRegion):
+                            self._share(message)
+                        elif isinstance(message, ReleaseRegion):
+                            self.regions.release(message.region)
                 except (EOFError, OSError):
                     return
-                for message in messages:
-                    if isinstance(message, Run):
-                        self._run(message)
-                    elif isinstance(message, Cancel):
-                        self._cancel(message.rid)
         finally:
             with self._items_lock:
                 items, self.items = list(self.items.values()), {}
             for item in items:
                 self.host.batcher.cancel(item)
+            self.regions.close()
             self.conn.close()
             self.host.detach(self)
+
+    def _share(self, message: ShareRegion) -> None:
+        """Map the region whose descriptor follows the message (EOFError/OSError: the link is broken)."""
+        fd = receive_descriptor(self.conn)
+        try:
+            self.regions.share(message.region, fd, message.size)
+        finally:
+            os.close(fd)
 
     def _run(self, run: Run) -> None:
         image = self.arena.view(run.in_offset, tuple(run.in_shape))
@@ -93,7 +112,8 @@ class _FrontEndPort:
             self.deliver([(item, None)])
 
     def deliver(self, results: list[tuple[WorkItem, BatchResult | BaseException | None]]) -> None:
-        """Write each finished frame's features (and boxes) into the arena, then answer once for all of them."""
+        """Write each finished frame's features into the arena or its client's region (its boxes into the arena),
+        then answer once for all of them."""
         done: list[FrameDone] = []
         failed: list[FrameFailed] = []
         for item, outcome in results:
@@ -105,16 +125,22 @@ class _FrontEndPort:
                 failed.append(FrameFailed(rid, None if outcome is None else _one_line(outcome)))
                 continue
             job: ObjectJob | None = item.objects
-            feature_bytes = run.out_bytes - (job.layout.nbytes if job is not None else 0)
-            total = sum(a.nbytes for a in outcome.arrays)
-            if total != feature_bytes:
-                failed.append(FrameFailed(rid, f"internal error: the features are {total} bytes, the front-end "
-                                               f"expected {feature_bytes}"))
-                continue
             offset = run.out_offset
-            for array in outcome.arrays:
-                np.copyto(self.arena.view(offset, array.shape, array.dtype), array, casting="no")
-                offset += array.nbytes
+            if run.target is not None:
+                refused = self.regions.write(run.target, outcome.arrays)
+                if refused is not None:
+                    failed.append(FrameFailed(rid, refused))
+                    continue
+            else:
+                feature_bytes = run.out_bytes - (job.layout.nbytes if job is not None else 0)
+                total = sum(a.nbytes for a in outcome.arrays)
+                if total != feature_bytes:
+                    failed.append(FrameFailed(rid, f"internal error: the features are {total} bytes, the "
+                                                   f"front-end expected {feature_bytes}"))
+                    continue
+                for array in outcome.arrays:
+                    np.copyto(self.arena.view(offset, array.shape, array.dtype), array, casting="no")
+                    offset += array.nbytes
             boxes = -1
             if job is not None:
                 try:

@@ -7,20 +7,30 @@ see the proto comment on ``SharedMemoryOptions``); the client passes its memfd t
 token hands that descriptor to this stream and no other. Because the front-end that accepted the stream is the one
 that names the socket, the region reaches exactly the process serving it, however many front-ends share the port.
 
+Where the tensors go: the front-end's service shares a stream's region with the device process (``link.DeviceLink.
+share_region``, the same descriptor passed on), which maps it too and writes each frame's tensors straight into the
+frame's output room; the front-end only puts their offsets in the reply (``ClientRegion.pack`` says where they go,
+for both). Streams of 8-bit codes (DTYPE_UINT8_AFFINE), whose scales and offsets belong in the message, and streams
+beyond what the device maps for one front-end (``ipc.messages.MAX_SHARED_REGIONS``) take the path that copies:
+the device writes into the front-end's arena and ``ClientRegion.place`` copies the tensors into the room.
+
 Safety, in the order a region meets it:
 
-- Only memfds sealed against shrinking are mapped: ``F_GET_SEALS`` must include ``F_SEAL_SHRINK``, so the region
-  can never become shorter than the mapping and no access through the mapping can raise SIGBUS. A descriptor that
-  has no seals (a regular file, a pipe, a socket) or an unsealed memfd is refused at registration, and so is a
-  memfd on hugetlbfs (``MFD_HUGETLB``), whose pages come from a fixed pool: a write that finds the pool empty
-  raises SIGBUS; only shmem (tmpfs) memfds are taken. The size is read after the seal check (it cannot shrink
-  afterwards) and is bounded by ``MAX_REGION_BYTES``.
+- Only memfds sealed against shrinking are mapped (``common.memfd.check_region_fd``, which the device runs again
+  on the descriptor it gets): ``F_GET_SEALS`` must include ``F_SEAL_SHRINK``, so the region can never become
+  shorter than a mapping and no access through one can raise SIGBUS. A descriptor that has no seals (a regular
+  file, a pipe, a socket) or an unsealed memfd is refused at registration, and so is a memfd on hugetlbfs
+  (``MFD_HUGETLB``), whose pages come from a fixed pool: a write that finds the pool empty raises SIGBUS; only
+  shmem (tmpfs) memfds are taken. The size is read after the seal check (it cannot shrink afterwards) and is
+  bounded by ``MAX_REGION_BYTES``.
 - Every offset and length a frame names is checked against that size, in Python integers (no overflow), before a
-  byte is read or written (``ClientRegion.pixels``, ``ClientRegion.check_room``, ``ClientRegion.place``): a bad
-  one fails that frame, with a message of numbers only.
-- The received descriptor is closed once mapped, and the mapping is closed when its stream ends, however it ends
-  (``FeatureService.StreamFeatures``' finally). A client that closes or unmaps its side changes nothing here: the
-  memory lives until the last mapping goes.
+  byte is read or written, and before the frame goes to the device (``ClientRegion.pixels``,
+  ``ClientRegion.check_room``, ``ClientRegion.pack``): a bad one fails that frame, with a message of numbers
+  only. The device checks the span against its own mapping again before it writes.
+- The received descriptor is closed once mapped and shared, and the mappings are closed when the stream ends,
+  however it ends (``FeatureService.StreamFeatures``' finally releases the device's and closes this one); the
+  device also drops every region of a front-end that disconnects. A client that closes or unmaps its side
+  changes nothing here: the memory lives until the last mapping goes.
 
 A region gives the server nothing the client could not already reach (a descriptor passed over a socket is one the
 client holds), and a token gives a region to one stream only: it is random (128 bits), used once, and void when
@@ -32,8 +42,6 @@ Torch-free: this module runs in front-end processes.
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import fcntl
 import gc
 import logging
 import math
@@ -41,7 +49,6 @@ import mmap
 import os
 import secrets
 import socket
-import stat
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -51,15 +58,13 @@ import numpy as np
 from yolostream.v1 import feature_service_pb2 as pb
 from yolostream.v1 import vocab, wire
 
+from ..common.memfd import MAX_REGION_BYTES, RegionRefused, check_region_fd, packed_spans, spans_end
 from ..common.preprocess import input_shape
 from .frames import FrameError, FrameLimits, pixels_to_bgr, raw_channels
 from .pipeline import FrameOptions, Pipeline, Reply, error_result
 
 log = logging.getLogger(__name__)
 
-#: Largest region a stream may pass (reported in ModelInfo.shared_memory). The mapping costs address space only:
-#: pages are memory only once written, by either side.
-MAX_REGION_BYTES = 16 * 1024**3
 #: The flag that turns shared memory on, named in the refusal a client gets without it.
 FLAG = "--allow-client-shm"
 #: Seconds a registration connection may stay open without sending its message.
@@ -68,9 +73,6 @@ CONNECTION_TIMEOUT_S = 5.0
 _MAX_MESSAGE = 256
 #: Registration connections open at once; more are closed at once (a local process cannot exhaust descriptors).
 MAX_CONNECTIONS = 64
-#: statfs f_type of shmem (tmpfs), where memfds live unless created with MFD_HUGETLB.
-TMPFS_MAGIC = 0x01021994
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class RegionError(Exception):
@@ -80,42 +82,6 @@ class RegionError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
-
-
-class RegionRefused(ValueError):
-    """A descriptor that cannot be a region; the text says why (and never quotes what the client sent)."""
-
-
-def check_region_fd(fd: int, max_bytes: int = MAX_REGION_BYTES) -> int:
-    """The size of the region behind ``fd``, after checking that it can be mapped safely; RegionRefused if not.
-
-    Args:
-        fd: the descriptor a client passed.
-        max_bytes: the largest region accepted.
-    """
-    try:
-        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-    except OSError:
-        raise RegionRefused("the descriptor is not a sealable memfd (F_GET_SEALS fails): create the region with "
-                            "memfd_create(MFD_ALLOW_SEALING)") from None
-    if not seals & fcntl.F_SEAL_SHRINK:
-        raise RegionRefused("the memfd is not sealed against shrinking: add F_SEAL_SHRINK (fcntl F_ADD_SEALS) before "
-                            "passing it, so that it can never become shorter than the server's mapping")
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode) or _filesystem(fd) != TMPFS_MAGIC:
-        raise RegionRefused("the descriptor is not a shmem memfd (hugetlbfs memfds are refused: their pages come "
-                            "from a fixed pool)")
-    if not 0 < info.st_size <= max_bytes:
-        raise RegionRefused(f"the region is {info.st_size} bytes: it must be 1 to {max_bytes} bytes")
-    return info.st_size
-
-
-def _filesystem(fd: int) -> int:
-    """The statfs magic number of the file system ``fd`` lives on (``fstatfs``' first field, f_type)."""
-    buffer = ctypes.create_string_buffer(256)  # larger than struct statfs on every Linux ABI
-    if _libc.fstatfs(fd, buffer) != 0:
-        raise RegionRefused("the descriptor's file system cannot be read (fstatfs fails)")
-    return ctypes.c_long.from_buffer(buffer).value
 
 
 def room_bytes(sizes: Sequence[int]) -> int:
@@ -134,14 +100,22 @@ def output_room(pipeline: Pipeline, options: FrameOptions) -> int:
 class ClientRegion:
     """A client's region, mapped in this front-end for one stream. Build it with ``map``; ``close`` it once.
 
+    It keeps a descriptor of its own (``fd``) until ``close_descriptor``: the service passes it on to the device
+    process, which maps the region too, and then closes it, so that a stream holds no descriptor while it runs.
+
     Args:
-        fd: the checked descriptor (not closed here).
+        fd: the checked descriptor (duplicated here; the caller still closes its own).
         size: its size, from ``check_region_fd``.
     """
 
     def __init__(self, fd: int, size: int) -> None:
         self.size = size
         self._map: mmap.mmap | None = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        try:
+            self.fd: int | None = os.dup(fd)
+        except BaseException:
+            self._map.close()
+            raise
 
     @classmethod
     def map(cls, fd: int, max_bytes: int = MAX_REGION_BYTES) -> "ClientRegion":
@@ -161,6 +135,23 @@ class ClientRegion:
         """FrameError unless the frame's output room lies inside the region."""
         self._check_span(ref.output_offset, ref.output_length, "the output room")
 
+    def pack(self, room: pb.SharedMemoryFrame, sizes: Sequence[int]) -> list[tuple[int, int]]:
+        """(offset, length) in the region of each of a reply's tensors of ``sizes`` bytes, laid out in the frame's
+        output room as ``common.memfd.packed_spans`` lays them (the device writes them there itself on a shared
+        region); FrameError when they do not fit in the room or the region.
+
+        Args:
+            room: the frame's ``Frame.shared_memory``.
+            sizes: each tensor's bytes, in the reply's order.
+        """
+        spans = packed_spans(room.output_offset, sizes)
+        needed = spans_end(room.output_offset, spans) - room.output_offset
+        if needed > room.output_length:
+            raise FrameError(f"the reply needs {needed} bytes of output room from offset {room.output_offset} "
+                             f"(tensors 64-byte aligned), the frame gives {room.output_length}")
+        self._check_span(room.output_offset, needed, "the output room")
+        return spans
+
     def pixels(self, ref: pb.SharedMemoryImage, limits: FrameLimits) -> np.ndarray:
         """The frame's pixels as a BGR image: for BGR a view of the region, no copy. FrameError for a bad header,
         a size over the limits or bytes outside the region."""
@@ -173,25 +164,16 @@ class ClientRegion:
         return pixels_to_bgr(pixels.reshape(ref.height, ref.width, -1), ref.format)
 
     def place(self, reply: Reply, frame: pb.Frame) -> Reply:
-        """Copy a computed reply's tensor bytes into the frame's output room (the one copy from the front-end's
-        arena to the client) and point its tensors there; an ERROR reply when they do not fit. The arena's slot is
-        released either way. A reply without tensors, or a frame without output room, is returned as it is."""
+        """Copy a computed reply's tensor bytes into the frame's output room and point its tensors there: the path
+        of frames whose tensors the device could not write into the region itself (8-bit codes, or a region the
+        device does not share). An ERROR reply when they do not fit. The arena's slot is released either way. A
+        reply without tensors, or a frame without output room, is returned as it is."""
         room = frame.shared_memory
         if not room.output_length or not reply.payloads:
             return reply
         payloads = [memoryview(np.ascontiguousarray(p)).cast("B") for p in reply.payloads]
         try:
-            spans, cursor = [], room.output_offset
-            for payload in payloads:
-                start = vocab.shm_aligned(cursor)
-                spans.append((start, payload.nbytes))
-                cursor = start + payload.nbytes
-            needed = cursor - room.output_offset
-            if needed > room.output_length:
-                return Reply(error_result(frame, f"the reply needs {needed} bytes of output room from offset "
-                                                 f"{room.output_offset} (tensors 64-byte aligned), the frame gives "
-                                                 f"{room.output_length}"))
-            self._check_span(room.output_offset, needed, "the output room")
+            spans = self.pack(room, [payload.nbytes for payload in payloads])
             for tensor, payload, (start, length) in zip(reply.result.tensors, payloads, spans):
                 self._map[start:start + length] = payload
                 tensor.shared_memory.offset = start
@@ -202,9 +184,17 @@ class ClientRegion:
         finally:
             reply.release()
 
+    def close_descriptor(self) -> None:
+        """Close the region's own descriptor (idempotent): the device has its copy, or will never need one."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
     def close(self) -> None:
-        """Unmap the region (idempotent). A view still alive somewhere (a traceback holding a frame) is collected
-        first; only if one survives that is the mapping left to the garbage collector, and that is logged."""
+        """Close the descriptor and unmap the region (idempotent). A view still alive somewhere (a traceback holding
+        a frame) is collected first; only if one survives that is the mapping left to the garbage collector, and
+        that is logged."""
+        self.close_descriptor()
         if self._map is None:
             return
         try:

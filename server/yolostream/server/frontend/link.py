@@ -6,6 +6,10 @@ letterboxed uint8 input and one for the features, writes the input, and sends th
 device answers once per batch (``Results``) with the timings of every frame of this front-end in it, after writing
 the features into their slots. Only offsets and a few numbers are pickled, never arrays. See BENCHMARKS.md for why this channel and not pyzmq.
 
+A stream whose client shares a region with this front-end (``client_shm``) may have it shared with the device too
+(``share_region``): its frames then name an ``OutputTarget`` in that region, where the device writes their features
+itself, and only the input (and any boxes and object vectors) takes arena space.
+
 Slots are freed only when the device has answered for them (a cancelled frame is first withdrawn from the device
 queue, or finished), so the device never writes into memory the front-end has handed to another frame. The number
 of frames a front-end has at the device is bounded by ``capacity`` and by the arena itself; a frame that could
@@ -30,7 +34,8 @@ from yolostream.v1.vocab import DTYPES
 
 from ..common import affine
 from ..common.object_request import ObjectJob, ObjectLayout
-from ..ipc.messages import Cancel, FrontEndMessage, Hello, OutputKey, Results, Run, Welcome
+from ..ipc.messages import MAX_SHARED_REGIONS, Cancel, FrontEndMessage, Hello, OutputKey, OutputTarget, \
+    ReleaseRegion, Results, Run, ShareRegion, Welcome, send_descriptor
 from ..ipc.shm import ArenaFull, SharedArena, SlotAllocator
 
 log = logging.getLogger(__name__)
@@ -78,8 +83,9 @@ def layout_bytes(layout: Sequence[tuple[tuple[int, ...], np.dtype]]) -> int:
 
 @dataclass
 class Computed:
-    """A frame's features as views of the arena; ``release`` frees them (call it once the reply is built).
-    ``objects``: the frame's boxes, scores, classes and vectors (views, see ``ObjectLayout.views``), if asked."""
+    """A frame's features as views of the arena (none when the device wrote them to the frame's ``OutputTarget``);
+    ``release`` frees them (call it once the reply is built). ``objects``: the frame's boxes, scores, classes and
+    vectors (views, see ``ObjectLayout.views``), if asked."""
 
     arrays: list[np.ndarray]
     batch_size: int
@@ -92,22 +98,24 @@ class Computed:
 
 @dataclass(eq=False)
 class FrameSlot:
-    """A reserved place in the arena: ``input`` is the frame's (H,W,3) uint8 view to fill before ``submit``."""
+    """A reserved place in the arena: ``input`` is the frame's (H,W,3) uint8 view to fill before ``submit``. Its
+    features go to ``target`` when set (the arena's out part, if any, then holds the object results only)."""
 
     input: np.ndarray
     keys: tuple[OutputKey, ...]
     layout: list[tuple[tuple[int, ...], np.dtype]]
     in_offset: int
-    out_offset: int
+    out_offset: int | None
     out_bytes: int
     objects: ObjectLayout | None = None
+    target: OutputTarget | None = None
 
 
 @dataclass(eq=False)
 class _Pending:
     future: asyncio.Future
     in_offset: int
-    out_offset: int
+    out_offset: int | None
     out_shapes: Sequence[tuple[tuple[int, ...], np.dtype]]
     objects: ObjectLayout | None = None
 
@@ -142,6 +150,8 @@ class DeviceLink:
         self._pending: dict[int, _Pending] = {}
         self._outbox: list[FrontEndMessage] = []
         self._next_rid = 0
+        self._shared: set[int] = set()
+        self._next_region = 0
         self._credit: asyncio.Semaphore | None = None
         self._space: asyncio.Condition | None = None
         self.lost = False
@@ -186,17 +196,47 @@ class DeviceLink:
             self._conn = None
         self._fail_all(DeviceUnavailable("front-end is shutting down"))
 
+    def share_region(self, fd: int, size: int) -> int | None:
+        """Pass a stream's checked client region (its memfd ``fd``, ``size`` bytes) to the device, which maps it
+        and writes the features of frames that name it (``reserve``'s ``target``) straight into it. Returns the
+        region's id for their ``OutputTarget``; None when this front-end already shares ``MAX_SHARED_REGIONS``
+        (the stream's features then come through the arena) or the device is gone. ``release_region`` it when the
+        stream ends. The caller may close ``fd`` once this returns: the device has its own descriptor."""
+        if self.lost or self._conn is None or len(self._shared) >= MAX_SHARED_REGIONS:
+            return None
+        region = self._next_region
+        self._next_region += 1
+        self._flush()  # what is queued goes first, then the message and right behind it its descriptor
+        try:
+            self._conn.send([ShareRegion(region, size)])
+            send_descriptor(self._conn, fd)
+        except (OSError, ValueError) as err:
+            self._lost(err)
+            return None
+        self._shared.add(region)
+        return region
+
+    def release_region(self, region: int) -> None:
+        """The stream of a shared region has ended: the device unmaps it (after a write still under way; frames
+        naming it afterwards fail)."""
+        if region in self._shared:
+            self._shared.discard(region)
+            if not self.lost and self._conn is not None:
+                self._send(ReleaseRegion(region))
+
     async def reserve(self, in_shape: tuple[int, ...], keys: Sequence[OutputKey],
-                      out_shapes: Sequence[tuple[int, ...]], objects: ObjectLayout | None = None) -> "FrameSlot":
+                      out_shapes: Sequence[tuple[int, ...]], objects: ObjectLayout | None = None,
+                      target: OutputTarget | None = None) -> "FrameSlot":
         """Room for one frame: its (H,W,3) uint8 input (``slot.input``, to fill) and its outputs, whose shapes
         (``out_shapes``, in ``keys`` order) the caller derives from the model card, plus room for its boxes and
-        object vectors when ``objects`` is given. Waits while the arena or the front-end's share of the device
-        queue is full; FrameTooLarge when it could never fit."""
+        object vectors when ``objects`` is given. With ``target`` (in a region from ``share_region``, checked by
+        the caller) the device writes the outputs there and the arena holds none of them. Waits while the arena
+        or the front-end's share of the device queue is full; FrameTooLarge when it could never fit."""
         if self.lost or self._conn is None:
             raise DeviceUnavailable("the device process is not available")
         layout = output_layout(keys, out_shapes)
         in_bytes = math.prod(in_shape)
-        out_bytes = layout_bytes(layout)
+        out_bytes = layout_bytes(layout) if target is None else 0
         out_bytes += objects.nbytes if objects is not None else 0
         if not self.slots.fits(in_bytes) or not self.slots.fits(out_bytes) or \
                 not self.slots.fits(in_bytes + out_bytes):
@@ -210,7 +250,7 @@ class DeviceLink:
             self._credit.release()
             raise
         return FrameSlot(self.arena.view(in_offset, tuple(in_shape)), tuple(keys), layout, in_offset, out_offset,
-                         out_bytes, objects)
+                         out_bytes, objects, target)
 
     def unreserve(self, slot: "FrameSlot") -> None:
         """Give back a slot that will not be computed (its frame failed before reaching the device)."""
@@ -229,11 +269,13 @@ class DeviceLink:
         if (job.layout if job is not None else None) != slot.objects:
             self.unreserve(slot)
             raise ValueError("the object job does not match the slot it was reserved with")
-        pending = _Pending(self._loop.create_future(), slot.in_offset, slot.out_offset, slot.layout, slot.objects)
+        in_arena = slot.layout if slot.target is None else []
+        pending = _Pending(self._loop.create_future(), slot.in_offset, slot.out_offset, in_arena, slot.objects)
         pending.future.add_done_callback(_retrieve)
         self._pending[rid] = pending
         self.on_depth(len(self._pending))
-        self._send(Run(rid, slot.in_offset, slot.input.shape, slot.out_offset, slot.out_bytes, slot.keys, job))
+        self._send(Run(rid, slot.in_offset, slot.input.shape, slot.out_offset, slot.out_bytes, slot.keys, job,
+                       slot.target))
         return pending.future
 
     def withdraw(self, future: asyncio.Future) -> None:
@@ -261,7 +303,8 @@ class DeviceLink:
         except (OSError, ValueError) as err:
             self._lost(err)
 
-    async def _allocate(self, in_bytes: int, out_bytes: int) -> tuple[int, int]:
+    async def _allocate(self, in_bytes: int, out_bytes: int) -> tuple[int, int | None]:
+        """Offsets of the input's range and of the outputs' (None when nothing of them goes into the arena)."""
         async with self._space:
             while True:
                 if self.lost:
@@ -271,15 +314,18 @@ class DeviceLink:
                 except ArenaFull:
                     await self._space.wait()
                     continue
+                if not out_bytes:
+                    return in_offset, None
                 try:
                     return in_offset, self.slots.alloc(out_bytes)
                 except ArenaFull:
                     self.slots.free(in_offset)
                     await self._space.wait()
 
-    def _free(self, *offsets: int) -> None:
+    def _free(self, *offsets: int | None) -> None:
         for offset in offsets:
-            self.slots.free(offset)
+            if offset is not None:
+                self.slots.free(offset)
         self._loop.create_task(self._notify_space())
 
     async def _notify_space(self) -> None:
@@ -308,7 +354,7 @@ class DeviceLink:
                 objects = pending.objects.views(self.arena.view(offset, (pending.objects.nbytes,)), frame.boxes)
             released = [False]
 
-            def release(out_offset: int = pending.out_offset, flag: list = released) -> None:
+            def release(out_offset: int | None = pending.out_offset, flag: list = released) -> None:
                 if not flag[0]:
                     flag[0] = True
                     self._free(out_offset)
@@ -341,6 +387,7 @@ class DeviceLink:
         self.on_lost()
 
     def _fail_all(self, err: BaseException) -> None:
+        self._shared.clear()  # the device's link is gone, and with it every region it mapped for us
         pending, self._pending = self._pending, {}
         if pending:
             self.on_depth(0)

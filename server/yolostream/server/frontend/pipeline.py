@@ -11,11 +11,11 @@ choices, which the service turns into INVALID_ARGUMENT.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
-
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -28,7 +28,7 @@ from ..common.errors import one_line
 from ..common import affine
 from ..common.object_request import CODED, ObjectJob, ObjectRequest, client_boxes
 from ..common.preprocess import MAX_IMGSZ, Letterbox, apply_letterbox, input_shape, letterbox_geometry
-from ..ipc.messages import OutputKey
+from ..ipc.messages import OutputKey, OutputTarget
 from . import compression
 from .frames import FrameError, FrameLimits, decode_frame
 from .link import DeviceFrameError, DeviceLink, FrameTooLarge, layout_bytes, output_layout
@@ -76,6 +76,15 @@ def _enum(value: int, table: dict[int, str], enum, field: str, default: int) -> 
         choices = ", ".join(enum.Name(v) for v in table)
         raise ValueError(f"invalid {field} {value}: choose {choices} (or leave it unset for the server default)")
     return value
+
+
+class OutputRoom(Protocol):
+    """A frame's output room in a client's region that the device shares (``service``): the device writes the
+    frame's tensors there itself."""
+
+    def target(self, sizes: Sequence[int]) -> tuple[OutputTarget, list[tuple[int, int]]]:
+        """Where tensors of ``sizes`` bytes go: the device's ``OutputTarget`` and each tensor's (offset, length) in
+        the region; FrameError when they do not fit."""
 
 
 class Pipeline:
@@ -179,12 +188,14 @@ class Pipeline:
         8-bit codes, the codes and their float32 scales and offsets."""
         return layout_bytes(output_layout(options.output_keys, shapes))
 
-    async def begin(self, frame: pb.Frame, options: FrameOptions,
-                    pixels: np.ndarray | None = None) -> "Begun | pb.FrameResult":
+    async def begin(self, frame: pb.Frame, options: FrameOptions, pixels: np.ndarray | None = None,
+                    room: OutputRoom | None = None) -> "Begun | pb.FrameResult":
         """Decode, letterbox straight into a shared-memory slot and send the frame to the device, without waiting
         for its features: a ``Begun`` to ``complete``, or an ERROR result for a bad frame. Never raises for bad
         input (DeviceUnavailable when the device is gone). ``pixels``: the frame's BGR image when it is already in
-        memory (a client's shared-memory region, checked by ``client_shm``), letterboxed from there."""
+        memory (a client's shared-memory region, checked by ``client_shm``), letterboxed from there. ``room``:
+        where in a client's region the device is to write the frame's tensors (checked here, before the frame
+        goes), for a reply that carries their offsets only."""
         start = time.perf_counter()
         try:
             if pixels is not None:
@@ -212,10 +223,17 @@ class Pipeline:
             return error_result(frame, f"the reply would be {reply:,} bytes, over the server's message limit of "
                                        f"{self.max_reply_bytes:,}: ask for fewer or deeper layers, pooling, float16, "
                                        f"a smaller imgsz, or fewer boxes or object vector values")
+        target = spans = None
+        if room is not None:
+            try:
+                target, spans = room.target([math.prod(shape) * dtype.itemsize
+                                             for shape, dtype in output_layout(options.output_keys, shapes)])
+            except FrameError as err:
+                return error_result(frame, str(err))
         decoded = time.perf_counter()
         try:
             slot = await self.device.reserve((*letterbox.out_hw, 3), options.output_keys, shapes,
-                                             job.layout if job is not None else None)
+                                             job.layout if job is not None else None, target)
         except FrameTooLarge as err:
             return error_result(frame, str(err))
         waited = time.perf_counter()
@@ -228,7 +246,7 @@ class Pipeline:
         # The Begun lives until its reply is written: keep the frame's header, not its pixels, or a client that
         # never reads its replies keeps max_in_flight request messages alive (2.7 MB each for raw 720p).
         return Begun(_header(frame), options, letterbox, self.device.submit(slot, job), preprocess_us, job, box_ids,
-                     shapes, box_scores)
+                     shapes, box_scores, spans)
 
     def object_job(self, frame: pb.Frame, request: ObjectRequest,
                    orig_hw: tuple[int, int]) -> tuple[ObjectJob | None, np.ndarray | None]:
@@ -247,7 +265,8 @@ class Pipeline:
 
     async def complete(self, begun: "Begun", tracker: Tracker | None = None) -> "Reply":
         """Wait for a begun frame's features: an OK ``Reply`` whose tensor bytes are still in shared memory (its
-        ``serialize`` or ``to_message`` copies them out and frees them), or an ERROR one when its batch failed.
+        ``serialize`` or ``to_message`` copies them out and frees them; for a frame the device wrote into its
+        client's region, the tensors point there and carry no bytes), or an ERROR one when its batch failed.
 
         Args:
             begun: the frame, as ``begin`` sent it.
@@ -267,7 +286,10 @@ class Pipeline:
         result.letterbox.CopyFrom(wire.letterbox_to_proto(begun.letterbox.as_dict()))
         found = out.objects if begun.job is not None else None
         try:
-            payloads = self._fill_tensors(result, options, begun.shapes, out.arrays)
+            if begun.spans is not None:
+                payloads = self._point_tensors(result, options, begun.shapes, begun.spans)
+            else:
+                payloads = self._fill_tensors(result, options, begun.shapes, out.arrays)
             vectors = self._object_vectors(begun, found) if found is not None else None
             if compression.wants_compression(options.compression):
                 payloads = await self._compress(result, payloads, options.compression, out.release)
@@ -306,11 +328,21 @@ class Pipeline:
                 wire.affine_header(result.tensors.add(), layer.name, layer.index, layer.stride, shape, scales, offsets)
                 payloads.append(codes)
             else:
-                tensor = result.tensors.add(name=layer.name, layer_index=layer.index, stride=layer.stride,
-                                            dtype=options.dtype)
-                tensor.shape[:] = array.shape
+                _tensor_header(result, layer, options.dtype, array.shape)
                 payloads.append(array)
         return payloads
+
+    @staticmethod
+    def _point_tensors(result: pb.FrameResult, options: FrameOptions, shapes: list[tuple[int, ...]],
+                       spans: list[tuple[int, int]]) -> list[bytes]:
+        """Add one Tensor header per output to ``result``, pointing at the (offset, length) in the client's region
+        where the device wrote it, and return their (empty) payloads: no byte of theirs passes through here. Only
+        float outputs go this way (8-bit codes carry their scales and offsets in the header)."""
+        for layer, shape, (offset, length) in zip(options.layers, shapes, spans):
+            tensor = _tensor_header(result, layer, options.dtype, shape)
+            tensor.shared_memory.offset = offset
+            tensor.shared_memory.length = length
+        return [b""] * len(spans)
 
     async def _compress(self, result: pb.FrameResult, payloads: list[np.ndarray], codec: int,
                         release: Callable[[], None]) -> list:
@@ -434,6 +466,8 @@ class Begun:
     shapes: list[tuple[int, ...]] = field(default_factory=list)
     #: The client's box scores (Frame.box_scores), for tracking; None when it sent none.
     box_scores: np.ndarray | None = None
+    #: (offset, length) of each output in the client's region, when the device writes them there itself.
+    spans: list[tuple[int, int]] | None = None
 
 
 def _header(frame: pb.Frame) -> pb.Frame:
@@ -441,6 +475,13 @@ def _header(frame: pb.Frame) -> pb.Frame:
     without the pixels."""
     return pb.Frame(frame_id=frame.frame_id, capture_timestamp_us=frame.capture_timestamp_us,
                     shared_memory=frame.shared_memory if frame.HasField("shared_memory") else None)
+
+
+def _tensor_header(result: pb.FrameResult, layer: ResolvedLayer, dtype: int, shape: Sequence[int]) -> pb.Tensor:
+    """A new Tensor of ``result`` with everything but its bytes: the layer, the dtype and one frame's ``shape``."""
+    tensor = result.tensors.add(name=layer.name, layer_index=layer.index, stride=layer.stride, dtype=dtype)
+    tensor.shape[:] = shape
+    return tensor
 
 
 def _identify(result: pb.FrameResult, frame: pb.Frame, status: int) -> None:

@@ -14,7 +14,7 @@ import logging
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Sequence
 
 import grpc
 
@@ -23,8 +23,10 @@ from yolostream.v1 import feature_service_pb2_grpc as pb_grpc
 from yolostream.v1.vocab import LETTERBOX_POLICIES, ROLES
 
 from ..ipc.batching import BatcherConfig
+from ..ipc.messages import OutputTarget
 from ..common.card import ModelCard
 from ..common.errors import one_line
+from ..common.memfd import spans_end
 from .client_shm import ClientRegion, RegionBroker, RegionError, frame_pixels, open_region, output_room, \
     shared_memory_info
 from .frames import FrameError, FrameLimits
@@ -64,16 +66,34 @@ class _Latest:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+@dataclass(frozen=True)
+class _SharedRoom:
+    """A frame's output room in a region the device shares as ``shared``: the device writes the tensors there
+    (``pipeline.OutputRoom``)."""
+
+    region: ClientRegion
+    shared: int
+    ref: pb.SharedMemoryFrame
+
+    def target(self, sizes: Sequence[int]) -> tuple[OutputTarget, list[tuple[int, int]]]:
+        spans = self.region.pack(self.ref, sizes)
+        start = self.ref.output_offset
+        return OutputTarget(self.shared, start, spans_end(start, spans) - start), spans
+
+
 class StreamSession:
     """Runs one StreamFeatures call after its config has been validated. ``region``: the client's shared memory,
-    when the stream asked for it (frames may read their pixels from it and have their tensors written into it)."""
+    when the stream asked for it (frames may read their pixels from it and have their tensors written into it);
+    ``shared``: its id at the device when the device writes the tensors into it itself (None: the front-end
+    copies them there, ``ClientRegion.place``)."""
 
     def __init__(self, pipeline: Pipeline, options: FrameOptions, in_flight: int, realtime: bool,
                  limits: StreamLimits, draining: asyncio.Event,
                  observe: Callable[[pb.FrameResult], None] = lambda result: None, *,
-                 region: ClientRegion | None = None) -> None:
+                 region: ClientRegion | None = None, shared: int | None = None) -> None:
         self.pipeline = pipeline
         self.region = region
+        self.shared = shared
         self.observe = observe
         self.options = options
         self.in_flight = in_flight
@@ -137,7 +157,7 @@ class StreamSession:
             return item
         try:
             reply = await self.pipeline.complete(item, self.tracker)
-            if self.region is not None:
+            if self.region is not None and item.spans is None:  # the device did not write them there itself
                 reply = self.region.place(reply, item.frame)
         except (asyncio.CancelledError, DeviceUnavailable):
             raise
@@ -232,11 +252,19 @@ class StreamSession:
         else:
             await self._begin(frame, entry)
 
+    def _room(self, ref: pb.SharedMemoryFrame) -> _SharedRoom | None:
+        """Where the device writes a frame's tensors itself: its output room, when the stream's region is shared
+        with the device and the frame has one (``frame_pixels`` checked that it lies in the region)."""
+        if self.shared is None or not ref.output_length:
+            return None
+        return _SharedRoom(self.region, self.shared, ref)
+
     async def _begin(self, frame: pb.Frame, entry: _Entry) -> None:
         try:
             if frame.HasField("shared_memory"):
                 item = await self.pipeline.begin(frame, self.options,
-                                                 frame_pixels(frame, self.region, self.pipeline.limits))
+                                                 frame_pixels(frame, self.region, self.pipeline.limits),
+                                                 self._room(frame.shared_memory))
             else:
                 item = await self.pipeline.begin(frame, self.options)
         except asyncio.CancelledError:
@@ -332,14 +360,15 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
                                 f"on this server: {one_line(str(err), 300)}; ask for no compression")
         if self.draining.is_set():
             await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
-        region = None
+        region = shared = None
         if config.HasField("shared_memory"):
             try:
                 region = await open_region(self.regions, config, output_room(self.pipeline, options), context)
             except RegionError as err:
                 await context.abort(err.code, err.message)
+            shared = self._share(region, options)
         session = StreamSession(self.pipeline, options, in_flight, config.realtime, self.limits, self.draining,
-                                *([self.metrics.observe] if self.metrics else []), region=region)
+                                *([self.metrics.observe] if self.metrics else []), region=region, shared=shared)
         self._count_stream(+1)
         self._call(+1)
         self._sessions.add(session)
@@ -363,8 +392,22 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
         finally:
             self._call(-1)
             self._count_stream(-1)
-            if region is not None:  # however the stream ended: the client's region is unmapped now
+            if shared is not None:  # however the stream ended: the device unmaps the client's region
+                self.pipeline.device.release_region(shared)
+            if region is not None:  # and so does this front-end, now
                 region.close()
+
+    def _share(self, region: ClientRegion, options: FrameOptions) -> int | None:
+        """Share a stream's region with the device, which then writes the stream's tensors into it itself; its id
+        there, or None when the front-end copies them (8-bit codes, whose scales and offsets go in the message;
+        or this front-end shares as many regions as the device takes). The region's descriptor is closed either
+        way: the device holds its own."""
+        try:
+            if options.dtype == pb.DTYPE_UINT8_AFFINE:
+                return None
+            return self.pipeline.device.share_region(region.fd, region.size)
+        finally:
+            region.close_descriptor()
 
     def _in_flight(self, requested: int) -> int:
         if requested == 0:

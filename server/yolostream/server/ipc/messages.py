@@ -5,13 +5,17 @@ Every message is a NamedTuple: it pickles as a tuple (small and fast on the per-
 fields by name, so a change to a message is a change to one class here that both sides import. Only offsets, shapes
 and a few numbers cross; arrays travel through the shared-memory arena (``ipc.shm``).
 
-Front-end → device: one ``Hello`` after connecting, then lists of ``Run`` and ``Cancel`` (everything queued in one
-turn of the front-end's event loop goes out in one write). Device → front-end: ``Welcome`` once, then one
-``Results`` per finished batch.
+Front-end → device: one ``Hello`` after connecting, then lists of ``Run``, ``Cancel``, ``ShareRegion`` and
+``ReleaseRegion`` (everything queued in one turn of the front-end's event loop goes out in one write; a
+``ShareRegion``'s descriptor follows its list on the socket, ``send_descriptor``). Device → front-end: ``Welcome``
+once, then one ``Results`` per finished batch.
 """
 
 from __future__ import annotations
 
+import os
+import socket
+from multiprocessing.connection import Connection
 from typing import Any, NamedTuple
 
 from ..common.object_request import ObjectJob
@@ -30,17 +34,36 @@ class Welcome(NamedTuple):
     """The device mapped the arena and takes frames."""
 
 
+#: Client regions one front-end may have shared with the device at once: each is a mapping of up to
+#: ``common.memfd.MAX_REGION_BYTES`` of address space there. A front-end's streams beyond it take the path that
+#: copies (the device writes into the arena, the front-end copies into the region).
+MAX_SHARED_REGIONS = 256
+
+
+class OutputTarget(NamedTuple):
+    """Where a frame's features go instead of the arena: ``length`` bytes from ``offset`` of the client region the
+    front-end shared as ``region`` (``ShareRegion``), each tensor where ``common.memfd.packed_spans`` puts it.
+    ``length`` is exactly what the frame's tensors take there (the device checks its tensors against it)."""
+
+    region: int
+    offset: int
+    length: int
+
+
 class Run(NamedTuple):
-    """Compute one frame: its letterboxed (H, W, 3) uint8 input is in the arena at ``in_offset``; its features (and
-    object results, laid out as ``job`` says) go to ``out_offset``, ``out_bytes`` long, in ``keys`` order."""
+    """Compute one frame: its letterboxed (H, W, 3) uint8 input is in the arena at ``in_offset``; its features go
+    to ``target`` when set, else to the arena from ``out_offset``, in ``keys`` order, followed there by its object
+    results (laid out as ``job`` says); ``out_bytes`` is what the arena holds from ``out_offset`` (``out_offset``
+    is None when that is nothing)."""
 
     rid: int
     in_offset: int
     in_shape: tuple[int, ...]
-    out_offset: int
+    out_offset: int | None
     out_bytes: int
     keys: tuple[OutputKey, ...]
     job: ObjectJob | None = None
+    target: OutputTarget | None = None
 
 
 class Cancel(NamedTuple):
@@ -74,8 +97,44 @@ class Results(NamedTuple):
     failed: list[FrameFailed]
 
 
+class ShareRegion(NamedTuple):
+    """A stream's client region (already checked by the front-end), for the device to map as ``region``: ``size``
+    bytes of the memfd whose descriptor follows the message list (one per ShareRegion, in order)."""
+
+    region: int
+    size: int
+
+
+class ReleaseRegion(NamedTuple):
+    """The stream of shared region ``region`` has ended: the device unmaps it (after a write still under way)."""
+
+    region: int
+
+
 #: What a front-end sends after ``Hello``.
-FrontEndMessage = Run | Cancel
+FrontEndMessage = Run | Cancel | ShareRegion | ReleaseRegion
+
+
+def send_descriptor(conn: Connection, fd: int) -> None:
+    """Pass ``fd`` over the link's Unix socket (SCM_RIGHTS) right after the message list that holds its
+    ``ShareRegion``: one byte carries it, read by ``receive_descriptor`` before the next message. The socket of a
+    ``multiprocessing`` connection reads and writes whole messages, so the byte can never be taken for one."""
+    with socket.fromfd(conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        socket.send_fds(sock, [b"\x01"], [fd])
+
+
+def receive_descriptor(conn: Connection) -> int:
+    """The descriptor ``send_descriptor`` passed (close-on-exec; the caller closes it). EOFError when the link
+    closed first, OSError when the byte came without exactly one descriptor."""
+    with socket.fromfd(conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        data, fds, flags, _ = socket.recv_fds(sock, 1, 1, socket.MSG_CMSG_CLOEXEC)
+    if not data:
+        raise EOFError("the link closed before the region's descriptor came")
+    if len(fds) != 1 or flags & socket.MSG_CTRUNC:
+        for fd in fds:
+            os.close(fd)
+        raise OSError(f"a region's descriptor was expected, {len(fds)} came")
+    return fds[0]
 
 
 class Ready(NamedTuple):

@@ -7,7 +7,8 @@ every process, can leave a segment behind. Names carry the supervising server's 
 a start-up sweep removes any whose server is gone, which covers the instant between creating and unlinking.
 
 Only offsets cross processes. ``SlotAllocator`` hands out byte ranges of the arena: a frame's letterboxed input and
-the room for its features, both freed when the device has answered.
+the room for its features (none when the device writes them into a client's region instead), both freed when the
+device has answered.
 """
 
 from __future__ import annotations
