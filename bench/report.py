@@ -167,6 +167,13 @@ LINK_COLUMNS = [
     ("other load (cores)", "other_cpu_cores", 2),
 ]
 
+LINK_COST_COLUMNS = [
+    ("layers", "layers", 0), ("sent as", "mode", 0), ("frames/s offered", "rate", 1), ("rounds", "rounds", 0),
+    ("server CPU-ms/frame", "server_cpu_ms_per_frame", 1), ("of it device", "device_cpu_ms_per_frame", 1),
+    ("of it front-end", "frontend_cpu_ms_per_frame", 1), ("client CPU-ms/frame", "client_cpu_ms_per_frame", 1),
+    ("server CPU ÷ float16's", "vs_float16", 3),
+]
+
 LINK_TARGET_COLUMNS = [
     ("goal", "goal", 0), ("measured", "measured", 0), ("float16, same link", "float16", 0), ("ratio", "ratio", 2),
     ("limit", "limit", 0), ("met", "met", 0),
@@ -187,6 +194,7 @@ SECTIONS = {
     "samehost_camera": ("Same host: latency at camera rate, raw frames", SAMEHOST_CAMERA_COLUMNS),
     "samehost_targets": ("Same host: against the goals of issue 20", SAMEHOST_TARGET_COLUMNS),
     "link": ("Thin links: one camera over a shaped link", LINK_COLUMNS),
+    "link_cost": ("Thin links: server CPU per frame with every frame computed (no link)", LINK_COST_COLUMNS),
     "link_targets": ("Thin links: against the targets of issue 19", LINK_TARGET_COLUMNS),
     "link_quality": ("Thin links: the 8-bit codes against float32", LINK_QUALITY_COLUMNS),
 }

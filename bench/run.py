@@ -96,6 +96,7 @@ class Preset:
     link_warm_s: float = 3.0
     link_duration_s: float = 6.0
     link_min_frames: int = 3
+    link_cost_rounds: int = 3
     link_quality_frames: int = 4
 
 
@@ -302,12 +303,14 @@ def run_suite(preset: Preset, sections: Sequence[str], out_dir: Path | None,
         from link_bench import link_quality, run_link, targets as link_targets
 
         _log(f"thin links: one {preset.link_rate:.0f} fps camera, {preset.link_cfg} at {preset.link_imgsz}")
-        rows = run_link(preset.link_cfg, preset.link_imgsz, links=preset.links, layer_sets=preset.link_layers,
-                        modes=preset.link_modes, rate=preset.link_rate, warm_s=preset.link_warm_s,
-                        duration_s=preset.link_duration_s, min_frames=preset.link_min_frames, device=preset.device,
-                        half=preset.half, progress=_log)
+        rows, costs = run_link(preset.link_cfg, preset.link_imgsz, links=preset.links, layer_sets=preset.link_layers,
+                               modes=preset.link_modes, rate=preset.link_rate, warm_s=preset.link_warm_s,
+                               duration_s=preset.link_duration_s, min_frames=preset.link_min_frames,
+                               cost_rounds=preset.link_cost_rounds, device=preset.device, half=preset.half,
+                               progress=_log)
         _emit(results, "link", rows)
-        _emit(results, "link_targets", link_targets(rows, preset.link_rate))
+        _emit(results, "link_cost", costs)
+        _emit(results, "link_targets", link_targets(rows, costs, preset.link_rate))
         _log("thin links: the codes against float32, in-process")
         _emit(results, "link_quality", link_quality(preset.link_cfg, preset.link_imgsz, preset.link_quality_frames))
     results["machine"]["elapsed_s"] = time.perf_counter() - started

@@ -37,8 +37,8 @@ TINY = dataclasses.replace(
     samehost_cases=(TransportCase("tiny", "yolov5n", ("backbone",), imgsz=64),), samehost_inputs=("strip",),
     samehost_in_flight=2, samehost_warm_s=0.2, samehost_duration_s=0.3, samehost_rounds=1, samehost_camera_hw=(96, 128),
     link_cfg="yolov5n", link_imgsz=64, links=(Link("8 Mbit/s", 8.0, 2.0),), link_layers=("P3,P4,P5",),
-    link_modes=(("float32", None), ("uint8", "zstd")), link_warm_s=0.2, link_duration_s=0.4, link_min_frames=2,
-    link_quality_frames=1,
+    link_modes=(("float16", None), ("uint8", "zstd")), link_warm_s=0.2, link_duration_s=0.4, link_min_frames=2,
+    link_cost_rounds=2, link_quality_frames=1,
 )
 
 
@@ -132,7 +132,7 @@ def test_results_file_and_tables(results, capsys):
     assert path.name.startswith(stored["machine"]["hostname"]) and path.suffix == ".json"
     objects = {"objects_nms", "objects_overhead"}  # backends: derived from engine and e2e
     samehost = {"samehost_camera", "samehost_targets"}
-    link = {"link_targets", "link_quality"}
+    link = {"link_cost", "link_targets", "link_quality"}
     assert set(stored["sections"]) == {*run.SECTION_NAMES, "backends"} - {"objects"} | objects | samehost | link
     assert stored["machine"]["preset"] == "smoke" and stored["machine"]["cpu_model"]
     table = report.section_markdown("e2e", stored["sections"]["e2e"])
@@ -166,7 +166,7 @@ def test_samehost_moves_the_same_replies_through_shared_memory_a_unix_socket_and
 def test_link_rows_cover_every_link_and_mode_and_count_the_bytes_that_crossed(results):
     rows = results["sections"]["link"]
     assert [(r["link"], r["mode"]) for r in rows] == [(link, mode) for link in ("none", "8 Mbit/s")
-                                                      for mode in ("float32", "uint8+zstd")]
+                                                      for mode in ("float16", "uint8+zstd")]
     values = 64 * 8 * 8 + 128 * 4 * 4 + 256 * 2 * 2  # yolov5n's P3-P5 for a 64x64 input
     for r in rows:
         assert r["frames"] > 0 and r["errors"] == 0 and r["values_per_frame"] == values
@@ -174,13 +174,22 @@ def test_link_rows_cover_every_link_and_mode_and_count_the_bytes_that_crossed(re
         assert r["p50_ms"] <= r["p99_ms"] and r["bound"] in ("camera", "link", "CPU", "neither (load)")
         assert r["cpu_bound_fps"] == next(u["fps"] for u in rows if u["link"] == "none" and u["mode"] == r["mode"])
     plain, coded = rows[0], rows[1]
-    # float32 replies carry 32 bits per value plus framing; the codes at most 8 plus their scales and framing
-    assert plain["bits_per_value"] > 32 and coded["bits_per_value"] < plain["bits_per_value"] / 2
+    # float16 replies carry 16 bits per value plus framing; the codes 8 (before zstd) plus 64 bits of scale and
+    # offset per channel, which on these 2x2 to 8x8 maps is 10.7 bits per value in all
+    assert plain["bits_per_value"] > 16 and coded["bits_per_value"] < plain["bits_per_value"]
     shaped = rows[2]
     assert shaped["link_bound_fps"] == pytest.approx(8e6 / (8 * shaped["down_bytes_per_frame"]))
     assert shaped["down_mbit_s"] == pytest.approx(8 * shaped["down_bytes_per_frame"] * shaped["frames"]
                                                   / shaped["duration_s"] / 1e6)
     assert [q["met"] for q in results["sections"]["link_quality"] if "bound on" in q["measure"]] == ["yes"] * 4
+    costs = results["sections"]["link_cost"]
+    assert [c["mode"] for c in costs] == ["float16", "uint8+zstd"] and all(c["rounds"] == 2 for c in costs)
+    for c in costs:
+        assert c["server_cpu_ms_per_frame"] > 0 and c["device_cpu_ms_per_frame"] + c["frontend_cpu_ms_per_frame"] \
+            <= c["server_cpu_ms_per_frame"] * 1.0001
+        assert c["vs_float16"] == pytest.approx(c["server_cpu_ms_per_frame"] / costs[0]["server_cpu_ms_per_frame"])
+    goal = results["sections"]["link_targets"][-1]
+    assert goal["limit"] == "≤ 1.10" and goal["ratio"] == costs[1]["vs_float16"]
 
 
 def test_link_targets_read_the_rows():
@@ -189,13 +198,15 @@ def test_link_targets_read_the_rows():
                 "down_bytes_per_frame": 1000.0, "bound": "x", "server_cpu_ms_per_frame": cpu}
 
     from link_bench import targets
-    rows = [row("none", "P3,P4,P5", "float16", 5.0, None, 100.0), row("none", "P3,P4,P5", "uint8+zstd", 5.0, None, 104.0),
-            row("100 Mbit/s", "P3,P4,P5", "float16", 5.0, 6.0), row("100 Mbit/s", "P3,P4,P5", "uint8+zstd", 5.0, 16.0),
+    rows = [row("100 Mbit/s", "P3,P4,P5", "float16", 5.0, 6.0), row("100 Mbit/s", "P3,P4,P5", "uint8+zstd", 5.0, 16.0),
             row("20 Mbit/s", "backbone", "uint8+zstd", 21.0, 25.0)]
-    goals = {g["goal"].split(":")[0]: g for g in targets(rows)}
+    costs = [{"mode": mode, "rate": 3.0, "rounds": 3, "server_cpu_ms_per_frame": ms, "device_cpu_ms_per_frame": ms / 2,
+              "frontend_cpu_ms_per_frame": ms / 4, "vs_float16": ms / 100.0}
+             for mode, ms in (("float16", 100.0), ("uint8+zstd", 104.0))]
+    goals = {g["goal"].split(":")[0]: g for g in targets(rows, costs)}
     assert goals["P3,P4,P5 at 100 Mbit/s, uint8+zstd"]["met"] == "on the link's bound (CPU-bound here)"
     assert goals["backbone at 20 Mbit/s, uint8+zstd"]["met"] == "yes"
-    cost = goals["server CPU per frame, P3,P4,P5"]
+    cost = goals["server CPU per frame, P3,P4,P5, uint8+zstd"]
     assert cost["ratio"] == pytest.approx(1.04) and cost["met"] == "yes"
 
 
