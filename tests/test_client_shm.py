@@ -297,24 +297,54 @@ def test_the_device_writes_tensors_where_the_front_end_points_and_refuses_any_wr
 def test_a_region_descriptor_follows_its_message_on_the_link_and_the_messages_after_it_stay_whole():
     from multiprocessing import Pipe
 
-    from yolostream.server.ipc.messages import Cancel, ShareRegion, receive_descriptor, send_descriptor
+    from yolostream.server.ipc.messages import Cancel, ShareRegion, descriptor_socket, receive_descriptor, \
+        send_descriptor
 
     front, device = Pipe()
+    front_sock, device_sock = descriptor_socket(front), descriptor_socket(device)
     fd = sealed_memfd(4096, "passed")
     try:
         front.send([ShareRegion(7, 4096)])
-        send_descriptor(front, fd)
+        send_descriptor(front_sock, fd)
         front.send([Cancel(1)])
         assert device.recv() == [ShareRegion(7, 4096)]
-        passed = receive_descriptor(device)
+        passed = receive_descriptor(device_sock)
         try:
             assert passed != fd and os.fstat(passed).st_ino == os.fstat(fd).st_ino
         finally:
             os.close(passed)
         assert device.recv() == [Cancel(1)]
         front.close()
+        front_sock.close()
         with pytest.raises(EOFError):
-            receive_descriptor(device)
+            receive_descriptor(device_sock)
     finally:
         os.close(fd)
+        device_sock.close()
         device.close()
+
+
+def test_a_descriptor_that_never_arrives_refuses_its_region_alone_and_the_link_stays_in_step():
+    """The kernel drops passed descriptors a receiver has no room for (EMFILE) and delivers the byte alone: the
+    device reads it, refuses that region (its frames fail saying why) and reads the next message whole."""
+    from multiprocessing import Pipe
+
+    from yolostream.server.device.regions import ClientRegions
+    from yolostream.server.ipc.messages import Cancel, ShareRegion, descriptor_socket, receive_descriptor
+
+    front, device = Pipe()
+    front_sock, device_sock = descriptor_socket(front), descriptor_socket(device)
+    try:
+        front.send([ShareRegion(3, 4096)])
+        front_sock.sendall(b"\x01")  # the byte, as a receiver out of descriptors gets it
+        front.send([Cancel(2)])
+        assert device.recv() == [ShareRegion(3, 4096)]
+        assert receive_descriptor(device_sock) is None
+        assert device.recv() == [Cancel(2)]
+        regions = ClientRegions()
+        regions.refuse(3, "out of file descriptors")
+        arrays = [np.zeros(4, np.float32)]
+        assert regions.write(_target(3, 0, arrays), arrays) == "out of file descriptors"
+    finally:
+        for closing in (front_sock, device_sock, front, device):
+            closing.close()

@@ -31,7 +31,7 @@ from ..common.errors import one_line
 from ..common.lifecycle import become_child
 from ..common.object_request import ObjectJob
 from ..ipc.messages import Cancel, FrameDone, FrameFailed, Hello, Ready, ReleaseRegion, Results, Run, ShareRegion, \
-    StartFailed, Stop, Stopped, Welcome, receive_descriptor
+    StartFailed, Stop, Stopped, Welcome, descriptor_socket, receive_descriptor
 from ..ipc.shm import SharedArena
 from .regions import ClientRegions
 
@@ -56,6 +56,8 @@ class _FrontEndPort:
         self.conn = conn
         self.arena = arena
         self.regions = ClientRegions()
+        #: the link as a socket object, made once here so that reading a region's descriptor allocates nothing
+        self._fd_socket = descriptor_socket(conn)
         self.items: dict[int, WorkItem] = {}
         self._send_lock = threading.Lock()
         self._items_lock = threading.Lock()
@@ -84,12 +86,18 @@ class _FrontEndPort:
             for item in items:
                 self.host.batcher.cancel(item)
             self.regions.close()
+            self._fd_socket.close()
             self.conn.close()
             self.host.detach(self)
 
     def _share(self, message: ShareRegion) -> None:
-        """Map the region whose descriptor follows the message (EOFError/OSError: the link is broken)."""
-        fd = receive_descriptor(self.conn)
+        """Map the region whose descriptor follows the message (EOFError/OSError: the link is broken). A descriptor
+        that did not arrive (this process is out of them) refuses that region alone: its frames fail saying so."""
+        fd = receive_descriptor(self._fd_socket)
+        if fd is None:
+            self.regions.refuse(message.region, "the device process could not receive the stream's region (out "
+                                                "of file descriptors)")
+            return
         try:
             self.regions.share(message.region, fd, message.size)
         finally:

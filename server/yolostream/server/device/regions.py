@@ -82,6 +82,13 @@ class ClientRegions:
             entry: _Mapped | str = _Mapped(fd, size)
         except (RegionRefused, OSError, ValueError) as err:
             entry = f"the device could not map the stream's region: {err}"
+        self._hold(region, entry)
+
+    def refuse(self, region: int, why: str) -> None:
+        """Hold ``region`` as refused (it never came, say): the frames naming it fail with ``why``."""
+        self._hold(region, why)
+
+    def _hold(self, region: int, entry: "_Mapped | str") -> None:
         with self._lock:
             if region not in self._regions and len(self._regions) < self.limit:
                 self._regions[region] = entry

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import socket
 import logging
 from dataclasses import dataclass
 from multiprocessing.connection import Client, Connection
@@ -35,7 +36,7 @@ from yolostream.v1.vocab import DTYPES
 from ..common import affine
 from ..common.object_request import ObjectJob, ObjectLayout
 from ..ipc.messages import MAX_SHARED_REGIONS, Cancel, FrontEndMessage, Hello, OutputKey, OutputTarget, \
-    ReleaseRegion, Results, Run, ShareRegion, Welcome, send_descriptor
+    ReleaseRegion, Results, Run, ShareRegion, Welcome, descriptor_socket, send_descriptor
 from ..ipc.shm import ArenaFull, SharedArena, SlotAllocator
 
 log = logging.getLogger(__name__)
@@ -146,6 +147,8 @@ class DeviceLink:
         self.arena: SharedArena | None = None
         self.slots = SlotAllocator(arena_bytes)
         self._conn: Connection | None = None
+        #: the link's socket as a socket object, for passing client regions' descriptors (``share_region``)
+        self._fd_socket: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: dict[int, _Pending] = {}
         self._outbox: list[FrontEndMessage] = []
@@ -174,6 +177,7 @@ class DeviceLink:
             # The device has mapped it (or failed to): the name is no longer needed and must not outlive us.
             self.arena.unlink()
         self._conn = conn
+        self._fd_socket = descriptor_socket(conn)
         loop.add_reader(conn.fileno(), self._on_readable)
 
     def _connect(self) -> Connection:
@@ -194,6 +198,9 @@ class DeviceLink:
                 pass
             self._conn.close()
             self._conn = None
+            if self._fd_socket is not None:
+                self._fd_socket.close()
+                self._fd_socket = None
         self._fail_all(DeviceUnavailable("front-end is shutting down"))
 
     def share_region(self, fd: int, size: int) -> int | None:
@@ -209,7 +216,7 @@ class DeviceLink:
         self._flush()  # what is queued goes first, then the message and right behind it its descriptor
         try:
             self._conn.send([ShareRegion(region, size)])
-            send_descriptor(self._conn, fd)
+            send_descriptor(self._fd_socket, fd)
         except (OSError, ValueError) as err:
             self._lost(err)
             return None
@@ -223,6 +230,8 @@ class DeviceLink:
             self._shared.discard(region)
             if not self.lost and self._conn is not None:
                 self._send(ReleaseRegion(region))
+                self._flush()  # now, not on the loop's next turn: a late frame must not write into a region
+                # whose stream has ended (and whose client may reuse it) any longer than it has to
 
     async def reserve(self, in_shape: tuple[int, ...], keys: Sequence[OutputKey],
                       out_shapes: Sequence[tuple[int, ...]], objects: ObjectLayout | None = None,

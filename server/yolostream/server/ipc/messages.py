@@ -115,25 +115,33 @@ class ReleaseRegion(NamedTuple):
 FrontEndMessage = Run | Cancel | ShareRegion | ReleaseRegion
 
 
-def send_descriptor(conn: Connection, fd: int) -> None:
-    """Pass ``fd`` over the link's Unix socket (SCM_RIGHTS) right after the message list that holds its
-    ``ShareRegion``: one byte carries it, read by ``receive_descriptor`` before the next message. The socket of a
-    ``multiprocessing`` connection reads and writes whole messages, so the byte can never be taken for one."""
-    with socket.fromfd(conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        socket.send_fds(sock, [b"\x01"], [fd])
+def descriptor_socket(conn: Connection) -> socket.socket:
+    """A socket object on the link's own Unix socket, for passing descriptors (``send_descriptor``,
+    ``receive_descriptor``). Made once per link, when it connects: it duplicates a descriptor, which could fail
+    (EMFILE) if it were made for each region, after the ``ShareRegion`` had already gone out. The caller closes it
+    with the link."""
+    return socket.fromfd(conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM)
 
 
-def receive_descriptor(conn: Connection) -> int:
-    """The descriptor ``send_descriptor`` passed (close-on-exec; the caller closes it). EOFError when the link
-    closed first, OSError when the byte came without exactly one descriptor."""
-    with socket.fromfd(conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        data, fds, flags, _ = socket.recv_fds(sock, 1, 1, socket.MSG_CMSG_CLOEXEC)
+def send_descriptor(sock: socket.socket, fd: int) -> None:
+    """Pass ``fd`` over the link's Unix socket (SCM_RIGHTS; ``sock`` from ``descriptor_socket``) right after the
+    message list that holds its ``ShareRegion``: one byte carries it, read by ``receive_descriptor`` before the next
+    message. The socket of a ``multiprocessing`` connection reads and writes whole messages, so the byte can never
+    be taken for one."""
+    socket.send_fds(sock, [b"\x01"], [fd])
+
+
+def receive_descriptor(sock: socket.socket) -> int | None:
+    """The descriptor ``send_descriptor`` passed (close-on-exec; the caller closes it), or None when its byte came
+    without it (this process is out of descriptors: the kernel drops them and truncates): the byte is read either
+    way, so the link stays in step. EOFError when the link closed first."""
+    data, fds, flags, _ = socket.recv_fds(sock, 1, 1, socket.MSG_CMSG_CLOEXEC)
     if not data:
         raise EOFError("the link closed before the region's descriptor came")
     if len(fds) != 1 or flags & socket.MSG_CTRUNC:
         for fd in fds:
             os.close(fd)
-        raise OSError(f"a region's descriptor was expected, {len(fds)} came")
+        return None
     return fds[0]
 
 
