@@ -647,3 +647,39 @@ def test_misbehaving_clients_never_touch_another_stream_and_the_device_process_n
     while _client_memfds(device):
         assert time.monotonic() < deadline, f"the device still maps {_client_memfds(device)}"
         time.sleep(0.05)
+
+
+REFUSING_DEVICE = """
+from yolostream.server.device import regions
+
+regions.ClientRegions.share = lambda self, region, fd, size: self.refuse(region, "refused by the test")
+"""
+
+
+def test_a_region_the_device_cannot_map_sends_its_features_the_copying_way_and_loses_no_frame(tmp_path):
+    """Every process imports a sitecustomize with which the device refuses every region (as when its mmap fails): the
+    device answers so before the stream's first frame, and the front-end copies the features into the region
+    instead; every frame is answered with the gRPC path's bits, and the device never maps the client's memory."""
+    (tmp_path / "sitecustomize.py").write_text(REFUSING_DEVICE)
+    env = serve_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env["PYTHONPATH"]])
+    proc = ServeProcess(tmp_path, "--port", "0", "--imgsz", "64", "--device", "cpu", "--allow-client-shm",
+                        "--max-batch", "1", env=env)
+    try:
+        proc.wait_serving()
+        frames, device = _frames(4), _device_pid(proc)
+        with FeatureClient(proc.address, shared_memory=True) as client:
+            stream = client.stream(frames, layers="backbone,P3", max_in_flight=2)
+            shared = list(stream)
+            region = stream.shared_memory
+        with FeatureClient(proc.address) as client:
+            plain = list(client.stream(frames, layers="backbone,P3", encoding="raw", max_in_flight=2))
+        assert region is not None and not _mapped_by(device, region.name)
+        for a, b in zip(shared, plain, strict=True):
+            assert a.ok and b.ok, (a.error, b.error)
+            for name in ("backbone", "P3"):
+                assert region.holds(a.features[name])
+                np.testing.assert_array_equal(a.features[name], b.features[name])
+        assert "the device did not map a client's region (refused by the test)" in proc.stderr_path.read_text()
+    finally:
+        proc.close()

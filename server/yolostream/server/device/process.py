@@ -30,8 +30,8 @@ from .batcher import BatchEngine, BatchResult, MicroBatcher, ServerBusy, WorkIte
 from ..common.errors import one_line
 from ..common.lifecycle import become_child
 from ..common.object_request import ObjectJob
-from ..ipc.messages import Cancel, FrameDone, FrameFailed, Hello, Ready, ReleaseRegion, Results, Run, ShareRegion, \
-    StartFailed, Stop, Stopped, Welcome, descriptor_socket, receive_descriptor
+from ..ipc.messages import Cancel, FrameDone, FrameFailed, Hello, Ready, RegionAnswer, ReleaseRegion, Results, Run, \
+    ShareRegion, StartFailed, Stop, Stopped, Welcome, descriptor_socket, receive_descriptor
 from ..ipc.shm import SharedArena
 from .regions import ClientRegions
 
@@ -91,17 +91,20 @@ class _FrontEndPort:
             self.host.detach(self)
 
     def _share(self, message: ShareRegion) -> None:
-        """Map the region whose descriptor follows the message (EOFError/OSError: the link is broken). A descriptor
-        that did not arrive (this process is out of them) refuses that region alone: its frames fail saying so."""
+        """Map the region whose descriptor follows the message (EOFError/OSError: the link is broken), and answer
+        whether it is mapped. A descriptor that did not arrive (this process is out of them) refuses that region
+        alone."""
         fd = receive_descriptor(self._fd_socket)
         if fd is None:
-            self.regions.refuse(message.region, "the device process could not receive the stream's region (out "
-                                                "of file descriptors)")
-            return
-        try:
-            self.regions.share(message.region, fd, message.size)
-        finally:
-            os.close(fd)
+            refused = self.regions.refuse(message.region, "the device process could not receive the stream's "
+                                                          "region (out of file descriptors)")
+        else:
+            try:
+                refused = self.regions.share(message.region, fd, message.size)
+            finally:
+                os.close(fd)
+        with self._send_lock:
+            self.conn.send(RegionAnswer(message.region, refused or ""))
 
     def _run(self, run: Run) -> None:
         image = self.arena.view(run.in_offset, tuple(run.in_shape))

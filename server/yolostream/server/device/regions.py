@@ -72,9 +72,9 @@ class ClientRegions:
         with self._lock:
             return len(self._regions)
 
-    def share(self, region: int, fd: int, size: int) -> None:
-        """Map ``size`` bytes of the memfd ``fd`` (the caller closes it) as ``region``; a descriptor that fails the
-        checks is remembered as refused, so that the frames naming it fail saying why."""
+    def share(self, region: int, fd: int, size: int) -> str | None:
+        """Map ``size`` bytes of the memfd ``fd`` (the caller closes it) as ``region``; None when mapped, else why
+        not. A refused region is remembered as such, so that frames naming it all the same fail saying why."""
         try:
             held = check_region_fd(fd)
             if held < size:
@@ -82,20 +82,22 @@ class ClientRegions:
             entry: _Mapped | str = _Mapped(fd, size)
         except (RegionRefused, OSError, ValueError) as err:
             entry = f"the device could not map the stream's region: {err}"
-        self._hold(region, entry)
+        return self._hold(region, entry)
 
-    def refuse(self, region: int, why: str) -> None:
-        """Hold ``region`` as refused (it never came, say): the frames naming it fail with ``why``."""
-        self._hold(region, why)
+    def refuse(self, region: int, why: str) -> str:
+        """Hold ``region`` as refused (it never came, say): the frames naming it fail with ``why``; returns why."""
+        return self._hold(region, why) or why
 
-    def _hold(self, region: int, entry: "_Mapped | str") -> None:
+    def _hold(self, region: int, entry: "_Mapped | str") -> str | None:
+        """Keep ``entry`` as ``region``; None when it is a mapping now held, else why the region is refused."""
         with self._lock:
             if region not in self._regions and len(self._regions) < self.limit:
                 self._regions[region] = entry
-                return
+                return entry if isinstance(entry, str) else None
         if isinstance(entry, _Mapped):
             entry.close()
         log.error("a front-end shared region %d beyond the %d it may have (or twice): refused", region, self.limit)
+        return f"the device holds {self.limit} regions of this front-end already"
 
     def release(self, region: int) -> None:
         """Unmap ``region`` (once a write under way is done); nothing when it is not held."""

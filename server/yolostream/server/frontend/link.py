@@ -36,13 +36,16 @@ from yolostream.v1.vocab import DTYPES
 from ..common import affine
 from ..common.object_request import ObjectJob, ObjectLayout
 from ..ipc.messages import MAX_SHARED_REGIONS, Cancel, FrontEndMessage, Hello, OutputKey, OutputTarget, \
-    ReleaseRegion, Results, Run, ShareRegion, Welcome, descriptor_socket, send_descriptor
+    RegionAnswer, ReleaseRegion, Results, Run, ShareRegion, Welcome, descriptor_socket, send_descriptor
 from ..ipc.shm import ArenaFull, SharedArena, SlotAllocator
 
 log = logging.getLogger(__name__)
 
 #: Seconds a cancelled frame waits for the device to withdraw or finish it.
 CANCEL_WAIT_S = 30.0
+#: Seconds a stream waits, before its first frame, for the device to say it mapped the stream's region (it maps it
+#: between two batches' messages: milliseconds); past them the stream's features are copied instead.
+REGION_ANSWER_S = 10.0
 
 
 class DeviceUnavailable(ConnectionError):
@@ -149,6 +152,8 @@ class DeviceLink:
         self._conn: Connection | None = None
         #: the link's socket as a socket object, for passing client regions' descriptors (``share_region``)
         self._fd_socket: socket.socket | None = None
+        #: regions passed to the device and not answered yet: what the device says of each (``RegionAnswer``)
+        self._region_answers: dict[int, asyncio.Future] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: dict[int, _Pending] = {}
         self._outbox: list[FrontEndMessage] = []
@@ -203,12 +208,14 @@ class DeviceLink:
                 self._fd_socket = None
         self._fail_all(DeviceUnavailable("front-end is shutting down"))
 
-    def share_region(self, fd: int, size: int) -> int | None:
+    async def share_region(self, fd: int, size: int, timeout: float = REGION_ANSWER_S) -> int | None:
         """Pass a stream's checked client region (its memfd ``fd``, ``size`` bytes) to the device, which maps it
         and writes the features of frames that name it (``reserve``'s ``target``) straight into it. Returns the
-        region's id for their ``OutputTarget``; None when this front-end already shares ``MAX_SHARED_REGIONS``
-        (the stream's features then come through the arena) or the device is gone. ``release_region`` it when the
-        stream ends. The caller may close ``fd`` once this returns: the device has its own descriptor."""
+        region's id for their ``OutputTarget`` once the device says it mapped it; None when it did not (it could
+        not map it, or did not answer within ``timeout``), when this front-end already shares
+        ``MAX_SHARED_REGIONS``, or when the device is gone: the stream's features then come through the arena and
+        are copied into the region, and nothing fails. ``release_region`` an id when its stream ends. The caller
+        may close ``fd`` once this returns: the device has its own descriptor."""
         if self.lost or self._conn is None or len(self._shared) >= MAX_SHARED_REGIONS:
             return None
         region = self._next_region
@@ -220,7 +227,24 @@ class DeviceLink:
         except (OSError, ValueError) as err:
             self._lost(err)
             return None
+        answer = self._loop.create_future()
+        self._region_answers[region] = answer
         self._shared.add(region)
+        try:
+            refused = await asyncio.wait_for(answer, timeout)
+        except asyncio.TimeoutError:
+            refused = f"no answer from the device within {timeout:.0f} s"
+        except DeviceUnavailable:
+            refused = "the device process went away"
+        except asyncio.CancelledError:  # the stream ended meanwhile: the device must not keep its region
+            self.release_region(region)
+            raise
+        finally:
+            self._region_answers.pop(region, None)
+        if refused:
+            log.warning("the device did not map a client's region (%s): its features are copied", refused)
+            self.release_region(region)
+            return None
         return region
 
     def release_region(self, region: int) -> None:
@@ -344,9 +368,18 @@ class DeviceLink:
     def _on_readable(self) -> None:
         try:
             while self._conn is not None and self._conn.poll():
-                self._handle(self._conn.recv())
+                message = self._conn.recv()
+                if isinstance(message, RegionAnswer):
+                    self._answered(message)
+                else:
+                    self._handle(message)
         except (EOFError, OSError) as err:
             self._lost(err)
+
+    def _answered(self, message: RegionAnswer) -> None:
+        answer = self._region_answers.get(message.region)
+        if answer is not None and not answer.done():
+            answer.set_result(message.refused)
 
     def _handle(self, message: Results) -> None:
         for frame in message.done:
@@ -397,6 +430,10 @@ class DeviceLink:
 
     def _fail_all(self, err: BaseException) -> None:
         self._shared.clear()  # the device's link is gone, and with it every region it mapped for us
+        answers, self._region_answers = self._region_answers, {}
+        for answer in answers.values():
+            if not answer.done():
+                answer.set_exception(DeviceUnavailable("the device process went away"))
         pending, self._pending = self._pending, {}
         if pending:
             self.on_depth(0)

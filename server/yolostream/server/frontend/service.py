@@ -366,7 +366,11 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
                 region = await open_region(self.regions, config, output_room(self.pipeline, options), context)
             except RegionError as err:
                 await context.abort(err.code, err.message)
-            shared = self._share(region, options)
+            try:
+                shared = await self._share(region, options)
+            except BaseException:  # cancelled while the device maps it: nothing of the stream may stay mapped
+                region.close()
+                raise
         session = StreamSession(self.pipeline, options, in_flight, config.realtime, self.limits, self.draining,
                                 *([self.metrics.observe] if self.metrics else []), region=region, shared=shared)
         self._count_stream(+1)
@@ -397,15 +401,15 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
             if region is not None:  # and so does this front-end, now
                 region.close()
 
-    def _share(self, region: ClientRegion, options: FrameOptions) -> int | None:
+    async def _share(self, region: ClientRegion, options: FrameOptions) -> int | None:
         """Share a stream's region with the device, which then writes the stream's tensors into it itself; its id
         there, or None when the front-end copies them (8-bit codes, whose scales and offsets go in the message;
-        or this front-end shares as many regions as the device takes). The region's descriptor is closed either
-        way: the device holds its own."""
+        this front-end shares as many regions as the device takes; or the device could not map it). The region's
+        descriptor is closed either way: the device holds its own."""
         try:
             if options.dtype == pb.DTYPE_UINT8_AFFINE:
                 return None
-            return self.pipeline.device.share_region(region.fd, region.size)
+            return await self.pipeline.device.share_region(region.fd, region.size)
         finally:
             region.close_descriptor()
 

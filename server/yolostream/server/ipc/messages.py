@@ -105,6 +105,15 @@ class ShareRegion(NamedTuple):
     size: int
 
 
+class RegionAnswer(NamedTuple):
+    """Device → front-end, for each ``ShareRegion``: whether the device mapped ``region`` (``refused`` empty) or not,
+    and why. The front-end waits for it before a stream's first frame, so a region the device could not map sends
+    its features the copying way instead of failing them."""
+
+    region: int
+    refused: str
+
+
 class ReleaseRegion(NamedTuple):
     """The stream of shared region ``region`` has ended: the device unmaps it (after a write still under way)."""
 
