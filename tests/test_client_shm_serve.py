@@ -209,15 +209,22 @@ def test_tcp_loopback_and_float16_work_too_and_frames_larger_than_the_first_trav
         np.testing.assert_array_equal(a.features["P3"], b.features["P3"])
 
 
+def _shared_and_plain(address: str, frames: list, **options) -> tuple[list, SharedRegion | None, list]:
+    """The same frames streamed to ``address`` through shared memory and then as raw frames in the messages: the
+    results of each, and the shared stream's region."""
+    with FeatureClient(address, shared_memory=True) as client:
+        stream = client.stream(frames, **options)
+        shared = list(stream)
+        region = stream.shared_memory
+    with FeatureClient(address) as client:
+        plain = list(client.stream(frames, encoding="raw", **options))
+    return shared, region, plain
+
+
 def test_grey_and_bgra_frames_and_realtime_streams_go_through_shared_memory_too(server):
     colour = _frames(3)
     sequence = [np.dstack([colour[0], np.full(colour[0].shape[:2], 255, np.uint8)]), colour[1][:, :, 0], colour[2]]
-    with FeatureClient(server.address, shared_memory=True) as client:
-        stream = client.stream(sequence, layers="P3", max_in_flight=1)
-        shared = list(stream)
-        region = stream.shared_memory
-    with FeatureClient(server.address) as client:
-        plain = list(client.stream(sequence, layers="P3", encoding="raw", max_in_flight=1))
+    shared, region, plain = _shared_and_plain(server.address, sequence, layers="P3", max_in_flight=1)
     assert region.frame_bytes == vocab.shm_aligned(colour[0].nbytes)  # BGRA is sent as BGR
     for a, b in zip(shared, plain):
         assert a.ok and region.holds(a.features["P3"])
@@ -667,13 +674,8 @@ def test_a_region_the_device_cannot_map_sends_its_features_the_copying_way_and_l
                         "--max-batch", "1", env=env)
     try:
         proc.wait_serving()
-        frames, device = _frames(4), _device_pid(proc)
-        with FeatureClient(proc.address, shared_memory=True) as client:
-            stream = client.stream(frames, layers="backbone,P3", max_in_flight=2)
-            shared = list(stream)
-            region = stream.shared_memory
-        with FeatureClient(proc.address) as client:
-            plain = list(client.stream(frames, layers="backbone,P3", encoding="raw", max_in_flight=2))
+        device = _device_pid(proc)
+        shared, region, plain = _shared_and_plain(proc.address, _frames(4), layers="backbone,P3", max_in_flight=2)
         assert region is not None and not _mapped_by(device, region.name)
         for a, b in zip(shared, plain, strict=True):
             assert a.ok and b.ok, (a.error, b.error)
