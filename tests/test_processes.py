@@ -7,6 +7,7 @@ bounded, and every process a test starts is stopped (``ServeProcess.close`` kill
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import subprocess
 import threading
@@ -129,14 +130,40 @@ def test_two_frontends_serve_eight_streams_in_order_bit_equal_and_import_no_torc
         server.close()
 
 
-def test_frames_of_two_frontends_share_one_device_batch():
-    """Two front-ends (the same classes as ``serve``, in one process) feed one device host: one batch holds both."""
-    from yolostream.server.device.process import DeviceHost
+@contextlib.contextmanager
+def _frontends_on_one_device(runner: object, batching: object, count: int) -> Iterator[tuple[object, list[int]]]:
+    """``count`` front-ends (the classes ``serve`` runs, in this process, on one event loop thread) on one device
+    host running ``runner``: yields the host and the front-ends' ports; stops everything however the test ends."""
     from yolostream.server.common.settings import ServerSettings
+    from yolostream.server.device.process import DeviceHost
     from yolostream.server.frontend.link import DeviceLink
     from yolostream.server.frontend.server import FeatureServer
-    from yolostream.server.ipc.batching import BatcherConfig
     from yolostream.server.ipc.shm import arena_name, segment_prefix
+
+    host = DeviceHost(runner, batching).start()
+    loop = asyncio.new_event_loop()
+    settings = ServerSettings(port=0, shm_mb=16)
+    card = runner.card()
+    servers = [FeatureServer(settings, card, batching,
+                             DeviceLink(host.address, host.authkey, arena_name(segment_prefix(), k, 0),
+                                        settings.shm_bytes, batching.queue_capacity))
+               for k in range(count)]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield host, [asyncio.run_coroutine_threadsafe(s.start(), loop).result(WAIT) for s in servers]
+    finally:
+        for s in servers:
+            asyncio.run_coroutine_threadsafe(s.stop(1), loop).result(WAIT)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(WAIT)
+        loop.close()
+        host.stop(drain=False, timeout=5)
+
+
+def test_frames_of_two_frontends_share_one_device_batch():
+    """Two front-ends (the same classes as ``serve``, in one process) feed one device host: one batch holds both."""
+    from yolostream.server.ipc.batching import BatcherConfig
 
     runner = cpu_runner(64)
     gate = threading.Event()
@@ -154,39 +181,66 @@ def test_frames_of_two_frontends_share_one_device_batch():
                 assert gate.wait(WAIT)
             return runner.launch(images, keys)
 
-    batching = BatcherConfig(max_batch=4, workers=1)
-    host = DeviceHost(Gated(), batching).start()
-    loop = asyncio.new_event_loop()
-    settings = ServerSettings(port=0, shm_mb=16)
-    servers = [FeatureServer(settings, runner.card(), batching,
-                             DeviceLink(host.address, host.authkey, arena_name(segment_prefix(), k, 0),
-                                        settings.shm_bytes, batching.queue_capacity))
-               for k in range(2)]
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
     try:
-        ports = [asyncio.run_coroutine_threadsafe(s.start(), loop).result(WAIT) for s in servers]
-        channels = [grpc_channel(f"127.0.0.1:{port}") for port in ports]
-        stubs = [pb_grpc.FeatureServiceStub(c) for c in channels]
-        first = stubs[0].Extract.future(pb.ExtractRequest(frame=raw_frame(0)), timeout=WAIT)
-        _wait_for(lambda: batches, "the first batch")
-        pair = [stub.Extract.future(pb.ExtractRequest(frame=raw_frame(k + 1)), timeout=WAIT)
-                for k, stub in enumerate(stubs)]
-        _wait_for(lambda: host.batcher.queued == 2, "a frame from each front-end in the device queue")
-        gate.set()
-        assert first.result().batch_size == 1
-        assert [f.result().batch_size for f in pair] == [2, 2]
-        assert batches == [1, 2]
-        for c in channels:
-            c.close()
+        with _frontends_on_one_device(Gated(), BatcherConfig(max_batch=4, workers=1), 2) as (host, ports):
+            channels = [grpc_channel(f"127.0.0.1:{port}") for port in ports]
+            stubs = [pb_grpc.FeatureServiceStub(c) for c in channels]
+            first = stubs[0].Extract.future(pb.ExtractRequest(frame=raw_frame(0)), timeout=WAIT)
+            _wait_for(lambda: batches, "the first batch")
+            pair = [stub.Extract.future(pb.ExtractRequest(frame=raw_frame(k + 1)), timeout=WAIT)
+                    for k, stub in enumerate(stubs)]
+            _wait_for(lambda: host.batcher.queued == 2, "a frame from each front-end in the device queue")
+            gate.set()
+            assert first.result().batch_size == 1
+            assert [f.result().batch_size for f in pair] == [2, 2]
+            assert batches == [1, 2]
+            for c in channels:
+                c.close()
     finally:
         gate.set()
-        for s in servers:
-            asyncio.run_coroutine_threadsafe(s.stop(1), loop).result(WAIT)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(WAIT)
-        loop.close()
-        host.stop(drain=False, timeout=5)
+
+
+def test_frames_the_stopping_device_drops_end_their_call_unavailable_not_as_frame_errors():
+    """The device stops (its supervisor was killed, say) with a frame still queued: that frame is not the frame's
+    fault, so its call ends UNAVAILABLE (a client resumes it on another replica) instead of answering it ERROR."""
+    from yolostream.server.ipc.batching import BatcherConfig
+
+    runner = cpu_runner(64)
+    gate, started = threading.Event(), threading.Event()
+
+    class Gated:
+        """The runner, holding its first batch until the test lets it go."""
+
+        def __getattr__(self, name):
+            return getattr(runner, name)
+
+        def launch(self, images, keys):
+            started.set()
+            assert gate.wait(WAIT)
+            return runner.launch(images, keys)
+
+    stopper = None
+    try:
+        with _frontends_on_one_device(Gated(), BatcherConfig(max_batch=1, workers=1), 1) as (host, (port,)), \
+                grpc_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.FeatureServiceStub(channel)
+            first = stub.Extract.future(pb.ExtractRequest(frame=raw_frame(0)), timeout=WAIT)
+            assert started.wait(WAIT)
+            queued = stub.Extract.future(pb.ExtractRequest(frame=raw_frame(1)), timeout=WAIT)
+            _wait_for(lambda: host.batcher.queued == 1, "the second frame in the device queue")
+            # fails what is queued at once, then waits for the batch being computed
+            stopper = threading.Thread(target=host.batcher.close, kwargs={"drain": False, "timeout": WAIT})
+            stopper.start()
+            with pytest.raises(grpc.RpcError) as raised:
+                queued.result(WAIT)
+            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE, raised.value.details()
+            assert "the device process is stopping" in raised.value.details()
+            gate.set()
+            assert first.result(WAIT).status == pb.FRAME_STATUS_OK
+    finally:
+        gate.set()
+        if stopper is not None:
+            stopper.join(WAIT)
 
 
 def test_a_killed_frontend_is_replaced_and_streams_elsewhere_finish(tmp_path):

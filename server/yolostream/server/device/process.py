@@ -133,7 +133,8 @@ class _FrontEndPort:
             with self._items_lock:
                 self.items.pop(rid, None)
             if outcome is None or isinstance(outcome, BaseException):
-                failed.append(FrameFailed(rid, None if outcome is None else _one_line(outcome)))
+                failed.append(FrameFailed(rid, None if outcome is None else _one_line(outcome),
+                                          unavailable=isinstance(outcome, ServerBusy)))
                 continue
             job: ObjectJob | None = item.objects
             offset = run.out_offset

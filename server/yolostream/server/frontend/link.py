@@ -408,7 +408,9 @@ class DeviceLink:
             self._credit.release()
             self._free(pending.in_offset, pending.out_offset)
             if not pending.future.done():
-                pending.future.set_exception(DeviceFrameError(failure.message or "withdrawn"))
+                pending.future.set_exception(
+                    DeviceUnavailable(f"the device process is stopping ({failure.message})") if failure.unavailable
+                    else DeviceFrameError(failure.message or "withdrawn"))
         if message.done or message.failed:
             self.on_depth(len(self._pending))
         if message.done:

@@ -84,10 +84,14 @@ class FrameDone(NamedTuple):
 
 
 class FrameFailed(NamedTuple):
-    """Frame ``rid`` was not computed: ``message`` says why (None: it was withdrawn)."""
+    """Frame ``rid`` was not computed: ``message`` says why (None: it was withdrawn). ``unavailable``: because the
+    device is stopping (its batcher takes or keeps no work), not because of the frame: the front-end ends the
+    frame's stream with UNAVAILABLE, so that its client sends the frame again to a replica that runs, instead of
+    answering it with a frame error."""
 
     rid: int
     message: str | None
+    unavailable: bool = False
 
 
 class Results(NamedTuple):
