@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import gc
+import logging
+import mmap
 import os
 import stat
 from typing import Sequence
@@ -27,6 +30,8 @@ MAX_REGION_BYTES = 16 * 1024**3
 #: statfs f_type of shmem (tmpfs), where memfds live unless created with MFD_HUGETLB.
 TMPFS_MAGIC = 0x01021994
 _libc = ctypes.CDLL(None, use_errno=True)
+
+log = logging.getLogger(__name__)
 
 
 class RegionRefused(ValueError):
@@ -63,6 +68,25 @@ def _filesystem(fd: int) -> int:
     if _libc.fstatfs(fd, buffer) != 0:
         raise RegionRefused("the descriptor's file system cannot be read (fstatfs fails)")
     return ctypes.c_long.from_buffer(buffer).value
+
+
+def map_region(fd: int, size: int) -> mmap.mmap:
+    """Map ``size`` bytes of a region ``check_region_fd`` passed, shared and read-write (OSError if the kernel
+    refuses, e.g. a memfd sealed against writes)."""
+    return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+
+
+def unmap_region(mapping: mmap.mmap) -> None:
+    """Close a region's mapping. A view still alive somewhere (a traceback holding a frame) is collected first;
+    only if one survives that is the mapping left to the garbage collector, and that is logged."""
+    try:
+        mapping.close()
+    except BufferError:
+        gc.collect()
+        try:
+            mapping.close()
+        except BufferError:
+            log.warning("a client's shared-memory region is still referenced; it is unmapped when released")
 
 
 def packed_spans(offset: int, sizes: Sequence[int]) -> list[tuple[int, int]]:

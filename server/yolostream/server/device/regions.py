@@ -17,7 +17,6 @@ numpy and the standard library only: the worker threads write with ``np.copyto``
 
 from __future__ import annotations
 
-import gc
 import logging
 import mmap
 import threading
@@ -25,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..common.memfd import RegionRefused, check_region_fd, packed_spans, spans_end
+from ..common.memfd import RegionRefused, check_region_fd, map_region, packed_spans, spans_end, unmap_region
 from ..ipc.messages import MAX_SHARED_REGIONS, OutputTarget
 
 log = logging.getLogger(__name__)
@@ -37,21 +36,13 @@ class _Mapped:
     def __init__(self, fd: int, size: int) -> None:
         self.size = size
         self.lock = threading.Lock()
-        self.map: mmap.mmap | None = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.map: mmap.mmap | None = map_region(fd, size)
 
     def close(self) -> None:
         with self.lock:
-            if self.map is None:
-                return
-            try:
-                self.map.close()
-            except BufferError:  # a view a traceback still holds: collect it, else leave it to the collector
-                gc.collect()
-                try:
-                    self.map.close()
-                except BufferError:
-                    log.warning("a client's region is still referenced; it is unmapped when released")
-            self.map = None
+            if self.map is not None:
+                unmap_region(self.map)
+                self.map = None
 
 
 class ClientRegions:

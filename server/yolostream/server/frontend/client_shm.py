@@ -42,7 +42,6 @@ Torch-free: this module runs in front-end processes.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import math
 import mmap
@@ -58,7 +57,8 @@ import numpy as np
 from yolostream.v1 import feature_service_pb2 as pb
 from yolostream.v1 import vocab, wire
 
-from ..common.memfd import MAX_REGION_BYTES, RegionRefused, check_region_fd, packed_spans, spans_end
+from ..common.memfd import MAX_REGION_BYTES, RegionRefused, check_region_fd, map_region, packed_spans, \
+    spans_end, unmap_region
 from ..common.preprocess import input_shape
 from .frames import FrameError, FrameLimits, pixels_to_bgr, raw_channels
 from .pipeline import FrameOptions, Pipeline, Reply, error_result
@@ -110,7 +110,7 @@ class ClientRegion:
 
     def __init__(self, fd: int, size: int) -> None:
         self.size = size
-        self._map: mmap.mmap | None = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._map: mmap.mmap | None = map_region(fd, size)
         try:
             self.fd: int | None = os.dup(fd)
         except BaseException:
@@ -195,17 +195,9 @@ class ClientRegion:
         a frame) is collected first; only if one survives that is the mapping left to the garbage collector, and
         that is logged."""
         self.close_descriptor()
-        if self._map is None:
-            return
-        try:
-            self._map.close()
-        except BufferError:
-            gc.collect()
-            try:
-                self._map.close()
-            except BufferError:
-                log.warning("a client's shared-memory region is still referenced; it is unmapped when released")
-        self._map = None
+        if self._map is not None:
+            unmap_region(self._map)
+            self._map = None
 
 
 def frame_pixels(frame: pb.Frame, region: ClientRegion | None, limits: FrameLimits) -> np.ndarray | None:
