@@ -179,8 +179,7 @@ class ObjectLayout:
 
     def _arrays(self) -> list[tuple[str, tuple[int, ...], np.dtype]]:
         anchors = [("anchors", (self.rows, 4), np.dtype(np.int32))] if self.detections else []
-        vectors = (("vectors", (affine.record_bytes((self.rows, self.dim)),), np.dtype(np.uint8))
-                   if self.dtype == CODED else ("vectors", (self.rows, self.dim), _STORAGE[self.dtype]))
+        vectors = ("vectors", self._vector_shape(self.rows), _STORAGE[self.dtype])  # uint8: the record's bytes
         return [("boxes", (self.rows, 4), np.dtype(np.float32)), ("scores", (self.rows,), np.dtype(np.float32)),
                 ("classes", (self.rows,), np.dtype(np.int32)), *anchors, vectors]
 
