@@ -34,7 +34,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from e2e_bench import ClientWindow, run_clients, synthetic_frame
-from report import median, percentiles
+from report import median_row, percentiles, rotated
 from server_proc import ServerProcess, server_args
 from shaped_link import DOWN, UP, ShapedLink
 
@@ -179,26 +179,24 @@ def run_cost(server: ServerProcess, imgsz: int, *, layers: str, modes: Sequence[
     do not tell this: their server also decodes the frames it then drops, and the drops differ by mode."""
     measured: dict[str, list[dict]] = {}
     for r in range(rounds):
-        for dtype, compression in modes[r % len(modes):] + modes[:r % len(modes)]:
+        for dtype, compression in rotated(modes, r):
             spec = LinkSpec(server.address, LAYER_SETS[layers], dtype, compression, imgsz, rate, realtime=False)
             window = run_clients(link_worker, [spec], warm_s=warm_s, duration_s=duration_s, min_frames=min_frames,
                                  cpu_seconds=server.cpu_seconds, cpu_by_role=server.cpu_by_role,
                                  window_timeout_s=300.0)
-            frames = window.frames
+            ms_per_frame = 1000.0 / window.frames
             mode = dtype + (f"+{compression}" if compression else "")
             measured.setdefault(mode, []).append({
-                "fps": window.fps, "frames": frames,
-                "server": window.cpu_s / frames * 1000.0,
-                "device": window.cpu_by_role_s.get("device", 0.0) / frames * 1000.0,
-                "frontend": window.cpu_by_role_s.get("frontends", 0.0) / frames * 1000.0,
-                "client": window.client_cpu_s / frames * 1000.0})
+                "layers": layers, "mode": mode, "rate": rate, "fps": window.fps, "frames": window.frames,
+                "server_cpu_ms_per_frame": window.cpu_s * ms_per_frame,
+                "device_cpu_ms_per_frame": window.cpu_by_role_s.get("device", 0.0) * ms_per_frame,
+                "frontend_cpu_ms_per_frame": window.cpu_by_role_s.get("frontends", 0.0) * ms_per_frame,
+                "client_cpu_ms_per_frame": window.client_cpu_s * ms_per_frame})
     rows = []
-    for mode, runs in measured.items():
-        row = {"layers": layers, "mode": mode, "rate": rate, "rounds": len(runs),
-               "frames": sum(run["frames"] for run in runs), "fps": median([run["fps"] for run in runs])}
-        for key in ("server", "device", "frontend", "client"):
-            row[f"{key}_cpu_ms_per_frame"] = median([run[key] for run in runs])
-        row["server_cpu_ms_rounds"] = [run["server"] for run in runs]
+    for runs in measured.values():
+        row = median_row(runs)
+        row["frames"] = sum(run["frames"] for run in runs)
+        row["server_cpu_ms_rounds"] = [run["server_cpu_ms_per_frame"] for run in runs]
         rows.append(row)
     base = next((row for row in rows if row["mode"] == "float16"), None)
     for row in rows:

@@ -26,6 +26,26 @@ def median(values: Sequence[float]) -> float:
     return float(np.median(np.asarray(values, dtype=np.float64)))
 
 
+def rotated(items: Sequence[Any], by: int) -> list[Any]:
+    """``items`` starting at index ``by`` (modulo their count): the order of round ``by`` when cells are
+    interleaved and the first one rotates each round, so a loaded machine's load hits every cell alike."""
+    k = by % len(items) if items else 0
+    return [*items[k:], *items[:k]]
+
+
+def median_row(rounds: Sequence[dict]) -> dict:
+    """One row from several rounds of the same cell: the median of every number, the first value of the rest, and
+    ``rounds``, how many there were."""
+    row = dict(rounds[0])
+    for key, value in rounds[0].items():
+        values = [r[key] for r in rounds]
+        if isinstance(value, (int, float)) and not isinstance(value, bool) \
+                and all(isinstance(v, (int, float)) for v in values):
+            row[key] = median(values)
+    row["rounds"] = len(rounds)
+    return row
+
+
 def cpu_model() -> str:
     """The CPU's name from /proc/cpuinfo (Linux), else what ``platform`` says."""
     try:

@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from e2e_bench import TIMING_STAGES, ClientWindow, run_clients, synthetic_frame
-from report import median, percentiles
+from report import median, median_row, percentiles, rotated
 from server_proc import ServerProcess, server_args
 from transport_bench import TransportCase
 
@@ -136,19 +136,6 @@ def _row(window: Any, **fields: Any) -> dict[str, Any]:
             / window.duration_s}
 
 
-def _median_row(rounds: Sequence[dict]) -> dict:
-    """One row from several rounds of the same cell: the median of every number, the first value of the rest."""
-    row = dict(rounds[0])
-    for key, value in rounds[0].items():
-        values = [r[key] for r in rounds]
-        if isinstance(value, (int, float)) and not isinstance(value, bool) \
-                and all(isinstance(v, (int, float)) for v in values):
-            row[key] = median(values)
-    row["rounds"] = len(rounds)
-    row["msgs_s_rounds"] = [r["msgs_s"] for r in rounds]
-    return row
-
-
 def run_samehost(cases: Sequence[TransportCase], *, inputs: Sequence[str] = ("strip", "1080p"), in_flight: int = 8,
                  warm_s: float = 0.5, duration_s: float = 3.0, rounds: int = 1, min_frames: int = 1,
                  progress: Callable[[str], None] = lambda s: None) -> list[dict]:
@@ -167,7 +154,7 @@ def run_samehost(cases: Sequence[TransportCase], *, inputs: Sequence[str] = ("st
                     height, width = INPUTS[name]
                     measured: dict[str, list[dict]] = {way: [] for way in WAYS}
                     for r in range(rounds):
-                        for way in WAYS[r % len(WAYS):] + WAYS[:r % len(WAYS)]:
+                        for way in rotated(WAYS, r):
                             spec = ClientSpec(way, targets[way], height, width, case.layers, case.dtype, case.imgsz,
                                               True, in_flight, 0.0, warm_s, duration_s)
                             window = run_clients(client_worker, [spec], warm_s=warm_s, duration_s=duration_s,
@@ -176,7 +163,8 @@ def run_samehost(cases: Sequence[TransportCase], *, inputs: Sequence[str] = ("st
                             measured[way].append(_row(window, what=case.what, input=name, way=way,
                                                       in_flight=in_flight))
                     for way in WAYS:
-                        row = _median_row(measured[way])
+                        row = median_row(measured[way])
+                        row["msgs_s_rounds"] = [r["msgs_s"] for r in measured[way]]
                         rows.append(row)
                         progress(f"samehost {case.what}, {name}, {way}: {row['msgs_s']:.0f} msgs/s, server+client "
                                  f"{row['cpu_ms_per_msg'] or 0:.2f} CPU-ms/msg")
