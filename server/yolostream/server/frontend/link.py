@@ -21,9 +21,9 @@ Torch-free: this module runs in front-end processes.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import socket
-import logging
 from dataclasses import dataclass
 from multiprocessing.connection import Client, Connection
 from typing import Any, Callable, Sequence
@@ -253,9 +253,10 @@ class DeviceLink:
         if region in self._shared:
             self._shared.discard(region)
             if not self.lost and self._conn is not None:
+                # sent now, not on the loop's next turn: a late frame must not write into a region whose stream
+                # has ended (and whose client may reuse it) any longer than it has to
                 self._send(ReleaseRegion(region))
-                self._flush()  # now, not on the loop's next turn: a late frame must not write into a region
-                # whose stream has ended (and whose client may reuse it) any longer than it has to
+                self._flush()
 
     async def reserve(self, in_shape: tuple[int, ...], keys: Sequence[OutputKey],
                       out_shapes: Sequence[tuple[int, ...]], objects: ObjectLayout | None = None,
